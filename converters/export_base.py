@@ -1,0 +1,86 @@
+"""export-base: a Hugging Face folder or a GGUF file -> a base folder (ONNX + GGUF + manifest)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeadapt.fingerprint import fingerprint as weights_fingerprint
+from edgeadapt.manifest import BaseManifest
+
+from .hf import from_gguf_file, from_hf_folder
+
+Progress = Callable[[str, int, int], None]
+
+
+def _tokenizer_from_gguf(src: Path, out: Path) -> tuple[str | None, dict[str, Any]]:
+    """tokenizer.json from a GGUF's vocabulary, through transformers' GGUF tokenizer converter."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    tok.save_pretrained(str(out / "_tok"))
+    shutil.move(str(out / "_tok" / "tokenizer.json"), out / "tokenizer.json")
+    shutil.rmtree(out / "_tok")
+    return getattr(tok, "chat_template", None), _special(tok)
+
+
+def _tokenizer_from_hf(src: Path, out: Path) -> tuple[str | None, dict[str, Any]]:
+    if not (src / "tokenizer.json").is_file():
+        return None, {}
+    from transformers import AutoTokenizer
+
+    shutil.copy(src / "tokenizer.json", out / "tokenizer.json")
+    tok = AutoTokenizer.from_pretrained(str(src))
+    return getattr(tok, "chat_template", None), _special(tok)
+
+
+def _special(tok: Any) -> dict[str, Any]:
+    return {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "add_bos": bool(getattr(tok, "add_bos_token", False))}
+
+
+def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", onnx: bool = True,
+                progress: Progress | None = None) -> BaseManifest:
+    """Export ``source`` (HF folder or .gguf) to ``out``; returns the written manifest."""
+    import gguf
+
+    from .gguf_base import write_base_gguf
+    from .onnx_graph import build_onnx
+
+    source, out = Path(source), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    reader = None
+    if source.is_file() and source.suffix == ".gguf":
+        cfg, weights = from_gguf_file(source, progress)
+        reader = gguf.GGUFReader(str(source))
+        kind = "gguf"
+    else:
+        cfg, weights = from_hf_folder(source, progress)
+        kind = "hf"
+    fp = weights_fingerprint(weights)
+    if progress:
+        progress("fingerprint", 1, 1)
+    tensors: dict[str, dict[str, Any]] = {n: {} for n in weights}
+    files: dict[str, str] = {}
+    if onnx:
+        table = build_onnx(cfg, weights, out, progress=progress)
+        for n, e in table.items():
+            tensors.setdefault(n, {})["onnx"] = e
+        files["onnx"] = "model.onnx"
+    write_base_gguf(cfg, weights, out / "model.gguf", qtype=gguf_type, fingerprint=fp, source=reader,
+                    tokenizer_dir=None if reader is not None else source, progress=progress)
+    files["gguf"] = "model.gguf"
+    chat, special = (_tokenizer_from_gguf(source, out) if kind == "gguf" else _tokenizer_from_hf(source, out))
+    if (out / "tokenizer.json").is_file():
+        files["tokenizer"] = "tokenizer.json"
+    if kind == "hf" and (source / "config.json").is_file():
+        hf_cfg = json.loads((source / "config.json").read_text())
+        for i in ("bos_token_id", "eos_token_id"):
+            special.setdefault(i, hf_cfg.get(i))
+    manifest = BaseManifest(root=out, arch=cfg, fingerprint=fp, files=files, tensors=tensors, gguf_type=gguf_type,
+                            chat_template=chat, special_tokens=special,
+                            source={"kind": kind, "name": source.name})
+    manifest.save()
+    return manifest

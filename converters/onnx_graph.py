@@ -1,0 +1,221 @@
+"""Build the ONNX graph of a llama-family decoder straight from canonical weights (no tracing).
+
+Graph contract (a spec the runtime relies on; opset 17, default domain only)
+---------------------------------------------------------------------------
+Inputs
+  input_ids        int64   [batch, seq]
+  attention_mask   int64   [batch, total]   total = past + seq; 1 = real token, 0 = padding
+                                            (batches are LEFT padded)
+  position_ids     int64   [batch, seq]     absolute rope positions, < cfg.context_length
+  past.{i}.key     float32 [batch, n_kv_heads, past, head_dim]   for i in range(n_layers);
+  past.{i}.value   float32 [batch, n_kv_heads, past, head_dim]   past may be 0
+Outputs
+  logits           float32 [batch, seq, vocab]
+  present.{i}.key  float32 [batch, n_kv_heads, total, head_dim]  = concat(past, new) on axis 2
+  present.{i}.value
+  weight_sums      float32 [n_linear]   sum of each weight of cfg.linear_shapes(), in that order
+                                        (lets the runtime check that initializer overrides
+                                        took effect; see the note in "weight_sums" below)
+Attention: query at absolute position past+s may attend key j iff j <= past+s and
+attention_mask[b, j] == 1. Fully masked rows (pad queries) give finite garbage, never NaN.
+
+Initializers (all large ones in ONE external file ``model.onnx.data``)
+  token_embd.weight            [vocab, dim]  as-is: Gather, and Gemm(transB=1) when tied
+  blk.{i}.attn_q.weight, ...   [in, out]     linear weights TRANSPOSED from canonical [out, in],
+  output.weight                [in, out]     each feeding a MatMul directly (no node in between,
+                                             so SessionOptions.add_initializer overrides work)
+  *_norm.weight, *.bias        as-is         (q/k rows permuted for "norm" rope, as canonical)
+  rope.cos, rope.sin           [context_length, head_dim/2]   helpers, not model weights
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edgeadapt.arch import ArchConfig
+
+Progress = Callable[[str, int, int], None]
+
+OPSET = 17
+DATA_FILE = "model.onnx.data"
+NEG = float(np.finfo(np.float32).min)  # additive "minus infinity" that keeps softmax finite
+_ALIGN_BIG, _ALIGN_SMALL, _BIG = 65536, 64, 1 << 20  # offset alignment in the data file
+
+
+# ---- rope tables (exactly transformers' float32 arithmetic)
+def rope_tables(cfg: ArchConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [context_length, head_dim/2] of angle pos * inv_freq, all float32."""
+    hd = cfg.head_dim
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.int64)
+                                                       .astype(np.float32) / np.float32(hd))))
+    inv_freq = inv_freq.astype(np.float32)  # [hd/2]
+    pos = np.arange(cfg.context_length, dtype=np.float32)[:, None]  # [ctx, 1]
+    ang = (pos * inv_freq[None, :]).astype(np.float32)  # [ctx, hd/2]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+# ---- external data writer: tensors go to the file as they are made, never into one protobuf
+class _DataWriter:
+    def __init__(self, path: Path):
+        self.path, self.f, self.offset = path, open(path, "wb"), 0
+
+    def add(self, name: str, a: np.ndarray) -> TensorProto:
+        a = np.ascontiguousarray(a)
+        align = _ALIGN_BIG if a.nbytes >= _BIG else _ALIGN_SMALL
+        pad = -self.offset % align
+        self.f.write(b"\0" * pad)
+        self.offset += pad
+        a.tofile(self.f)
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", DATA_FILE), ("offset", str(self.offset)), ("length", str(a.nbytes))):
+            t.external_data.add(key=k, value=v)
+        self.offset += a.nbytes
+        return t
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# ---- graph builder: a thin helper around onnx.helper that names every intermediate
+class _G:
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self._n = 0
+        self._consts: dict[tuple, str] = {}
+
+    def op(self, op: str, *inputs: str, out: str | None = None, **attrs) -> str:
+        self._n += 1
+        name = out or f"{op.lower()}_{self._n}"
+        self.nodes.append(helper.make_node(op, list(inputs), [name], name=f"n{self._n}_{op}", **attrs))
+        return name
+
+    def ops(self, op: str, *inputs: str, n_out: int, **attrs) -> list[str]:
+        self._n += 1
+        outs = [f"{op.lower()}_{self._n}_{k}" for k in range(n_out)]
+        self.nodes.append(helper.make_node(op, list(inputs), outs, name=f"n{self._n}_{op}", **attrs))
+        return outs
+
+    def const(self, value, dtype=np.int64) -> str:
+        a = np.asarray(value, dtype=dtype)
+        key = (a.dtype.str, a.shape, a.tobytes())
+        if key not in self._consts:
+            name = f"const_{len(self._consts)}"
+            self.inits.append(onnx.numpy_helper.from_array(a, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+
+# ---- building blocks (x is [batch, seq, dim] unless said otherwise)
+def _rms_norm(g: _G, x: str, w: str, eps: float) -> str:
+    # the Pow/ReduceMean/Add/Sqrt/Div/Mul pattern onnxruntime fuses into SimplifiedLayerNorm
+    var = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), axes=[-1], keepdims=1)  # [B,S,1]
+    return g.op("Mul", g.op("Div", x, g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32)))), w)
+
+
+def _rope(g: _G, x: str, cos: str, sin: str, cfg: ArchConfig, n_heads: int) -> str:
+    """x [B,S,n_heads*hd] -> rotated [B,S,n_heads,hd]. cos/sin are [B,S,1,*] broadcastable pairs."""
+    hd = cfg.head_dim
+    # "norm": adjacent pairs (x[2i], x[2i+1]); "neox": halves (x[i], x[i+hd/2])
+    pairs = [0, 0, n_heads, hd // 2, 2] if cfg.rope == "norm" else [0, 0, n_heads, 2, hd // 2]
+    axis = 4 if cfg.rope == "norm" else 3
+    a, b = g.ops("Split", g.op("Reshape", x, g.const(pairs)), n_out=2, axis=axis)  # [B,S,H,hd/2,1] each (norm)
+    ra = g.op("Sub", g.op("Mul", a, cos), g.op("Mul", b, sin))  # a cos - b sin
+    rb = g.op("Add", g.op("Mul", b, cos), g.op("Mul", a, sin))  # b cos + a sin
+    return g.op("Reshape", g.op("Concat", ra, rb, axis=axis), g.const([0, 0, n_heads, hd]))  # [B,S,H,hd]
+
+
+def _linear(g: _G, x: str, prefix: str, bias: bool = False) -> str:
+    y = g.op("MatMul", x, f"{prefix}.weight")  # weight is [in, out]
+    return g.op("Add", y, f"{prefix}.bias") if bias else y
+
+
+def _attention(g: _G, cfg: ArchConfig, i: int, x: str, cos: str, sin: str, mask: str) -> str:
+    H, KV, hd, p = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, f"blk.{i}"
+    q = _rope(g, _linear(g, x, f"{p}.attn_q", cfg.qkv_bias), cos, sin, cfg, H)  # [B,S,H,hd]
+    k = _rope(g, _linear(g, x, f"{p}.attn_k", cfg.qkv_bias), cos, sin, cfg, KV)  # [B,S,KV,hd]
+    v = g.op("Reshape", _linear(g, x, f"{p}.attn_v", cfg.qkv_bias), g.const([0, 0, KV, hd]))
+    q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # [B,H,S,hd]
+    k = g.op("Concat", f"past.{i}.key", g.op("Transpose", k, perm=[0, 2, 1, 3]), axis=2,
+             out=f"present.{i}.key")  # [B,KV,T,hd]
+    v = g.op("Concat", f"past.{i}.value", g.op("Transpose", v, perm=[0, 2, 1, 3]), axis=2,
+             out=f"present.{i}.value")  # [B,KV,T,hd]
+    # grouped-query attention without repeating kv: query head h = kv*G + g uses kv head h // G,
+    # so [B,H,S,hd] viewed as [B,KV,G*S,hd] lines each group up with its kv head.
+    qg = g.op("Reshape", q, g.const([0, KV, -1, hd]))  # [B,KV,G*S,hd]
+    s = g.op("MatMul", qg, g.op("Transpose", k, perm=[0, 1, 3, 2]))  # [B,KV,G*S,T]
+    s = g.op("Mul", s, g.const(1.0 / np.sqrt(hd), np.float32))
+    s = g.op("Reshape", s, g.const([0, H, -1, 0]))  # [B,H,S,T]
+    s = g.op("Where", mask, s, g.const(NEG, np.float32))  # mask [B,1,S,T]
+    pr = g.op("Reshape", g.op("Softmax", s, axis=-1), g.const([0, KV, -1, 0]))  # [B,KV,G*S,T]
+    o = g.op("Reshape", g.op("MatMul", pr, v), g.const([0, H, -1, hd]))  # [B,H,S,hd]
+    o = g.op("Reshape", g.op("Transpose", o, perm=[0, 2, 1, 3]), g.const([0, 0, H * hd]))  # [B,S,H*hd]
+    return _linear(g, o, f"{p}.attn_output")  # [B,S,dim]
+
+
+def _mlp(g: _G, i: int, x: str) -> str:
+    gate = _linear(g, x, f"blk.{i}.ffn_gate")  # [B,S,ffn]
+    act = g.op("Mul", gate, g.op("Sigmoid", gate))  # silu
+    return _linear(g, g.op("Mul", act, _linear(g, x, f"blk.{i}.ffn_up")), f"blk.{i}.ffn_down")  # [B,S,dim]
+
+
+def _mask(g: _G) -> str:
+    """bool [B,1,S,T]: key j visible to query s iff j <= past+s and attention_mask[b,j] == 1."""
+    zero, one = g.const(0), g.const(1)
+    S = g.op("Gather", g.op("Shape", "input_ids"), one, axis=0)  # scalar
+    T = g.op("Gather", g.op("Shape", "attention_mask"), one, axis=0)  # scalar
+    q_pos = g.op("Range", g.op("Sub", T, S), T, one)  # [S] absolute positions past..total-1
+    k_pos = g.op("Range", zero, T, one)  # [T]
+    causal = g.op("LessOrEqual", g.op("Unsqueeze", k_pos, g.const([0])),
+                  g.op("Unsqueeze", q_pos, g.const([1])))  # [S,T]
+    real = g.op("Unsqueeze", g.op("Equal", "attention_mask", one), g.const([1, 2]))  # [B,1,1,T]
+    return g.op("And", causal, real)  # [B,1,S,T]
+
+
+# ---- weight_sums: a separate tiny model, so the decoder pays nothing for it
+# Measured (onnxruntime 1.31, SmolLM2-sized graph): a ReduceSum fed straight by a weight is
+# constant-folded with the ORIGINAL weight, so it ignores add_initializer overrides; a ReduceSum that
+# cannot be folded runs on every step (onnxruntime never prunes to the requested outputs), and
+# even behind an If it keeps every weight's unpacked original alive next to MatMul's prepacked copy
+# (+75% memory). So the sums live in ``weight_sums.onnx``: same initializer names, same bytes of
+# model.onnx.data (nothing copied), one ReduceSum each. Its ``reduce_axes`` input is an overridable
+# initializer (default: empty = all axes), which is what stops onnxruntime from folding the sums.
+def _write_verify_model(cfg: ArchConfig, weight_protos: dict[str, TensorProto], out_dir: Path) -> None:
+    g = _G()
+    names = list(cfg.linear_shapes())
+    g.inits += [weight_protos[n] for n in names]
+    g.inits.append(onnx.numpy_helper.from_array(np.zeros(0, np.int64), "reduce_axes"))
+    sums = [g.op("Reshape", g.op("ReduceSum", n, "reduce_axes", keepdims=1), g.const([1])) for n in names]
+    g.op("Concat", *sums, axis=0, out="weight_sums")  # [n_linear]
+    graph = helper.make_graph(
+        g.nodes, "edgeadapt_weight_sums",
+        [helper.make_tensor_value_info("reduce_axes", TensorProto.INT64, [0])],
+        [helper.make_tensor_value_info("weight_sums", TensorProto.FLOAT, [len(names)])], initializer=g.inits)
+    _save(graph, out_dir / VERIFY_FILE)
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> None:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeadapt")
+    model.ir_version = 8  # opset 17 needs IR >= 8; keep it low for older device runtimes
+    onnx.save_model(model, str(path))  # weights are already external: the protobuf stays small
+
+
+# ---- the manifest table, read back from what was written
+def _weight_table(out_dir: Path, layouts: dict[str, str]) -> dict:
+    model = onnx.load(str(out_dir / "model.onnx"), load_external_data=False)
+    table = {}
+    for t in model.graph.initializer:
+        if t.name not in layouts:
+            continue
+        ext = {e.key: e.value for e in t.external_data}
+        assert t.data_location == TensorProto.EXTERNAL and t.data_type == TensorProto.FLOAT, t.name
+        table[t.name] = {"onnx": t.name, "layout": layouts[t.name], "file": ext["location"],
+                         "offset": int(ext["offset"]), "length": int(ext["length"]),
+                         "dtype": "float32", "shape": [int(d) for d in t.dims]}
+    return table

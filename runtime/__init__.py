@@ -1,0 +1,1 @@
+"""Device-side runtime: numpy + gguf, onnxruntime when present; never torch."""

@@ -1,0 +1,564 @@
+"""A llama-family forward pass in plain numpy, straight from a GGUF base.
+
+Device-side: imports only numpy, gguf, the standard library and ``edgeadapt.arch`` /
+``edgeadapt.errors``; nothing is computed at import time. The I/O contract is the ONNX
+engine's (``input_ids``/``attention_mask``/``position_ids``/``past`` in, logits and present
+key/values out), so one generation loop drives both.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import gguf
+import numpy as np
+
+from edgeadapt.arch import ArchConfig
+from edgeadapt.errors import AdapterMismatchError, EdgeAdaptError, FormatError, UnsupportedError, collect
+
+_T = gguf.GGMLQuantizationType
+_F32 = np.float32
+_LINEAR_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# one lazily dequantized slab is at most this many bytes of fp32 (bounds the scratch memory of "lazy")
+_LAZY_CHUNK_BYTES = 4 << 20
+# the fp32 size under which "auto" dequantizes quantized / F16 weights once at load
+_AUTO_LOAD_LIMIT = 2 << 30
+
+
+# ---------------------------------------------------------------- dequantization
+# Fast paths for the common row-block types; each gives bit for bit what gguf.quants.dequantize
+# gives (same float32 operations), without gguf's 16-row split/concatenate round trip.
+def _deq_f16(rows: np.ndarray) -> np.ndarray:
+    return rows.astype(_F32)
+
+
+def _deq_q8_0(rows: np.ndarray) -> np.ndarray:
+    n = rows.shape[0]
+    b = rows.reshape(n, -1, 34)
+    d = b[..., :2].view(np.float16).astype(_F32)  # [n, nb, 1]
+    return (b[..., 2:].view(np.int8) * d).reshape(n, -1)
+
+
+def _deq_q4_0(rows: np.ndarray) -> np.ndarray:
+    n = rows.shape[0]
+    b = rows.reshape(n, -1, 18)
+    d = b[..., :2].view(np.float16).astype(_F32)
+    qs = b[..., 2:]
+    out = np.empty((n, b.shape[1], 32), _F32)
+    np.multiply(d, (qs & np.uint8(15)).view(np.int8) - np.int8(8), out=out[..., :16])
+    np.multiply(d, (qs >> np.uint8(4)).view(np.int8) - np.int8(8), out=out[..., 16:])
+    return out.reshape(n, -1)
+
+
+def _deq_q4_1(rows: np.ndarray) -> np.ndarray:
+    n = rows.shape[0]
+    b = rows.reshape(n, -1, 20)
+    d = b[..., :2].view(np.float16).astype(_F32)
+    m = b[..., 2:4].view(np.float16).astype(_F32)
+    qs = b[..., 4:]
+    out = np.empty((n, b.shape[1], 32), _F32)
+    lo, hi = out[..., :16], out[..., 16:]
+    np.multiply(d, qs & np.uint8(15), out=lo)
+    lo += m
+    np.multiply(d, qs >> np.uint8(4), out=hi)
+    hi += m
+    return out.reshape(n, -1)
+
+
+_FAST_DEQ: dict[Any, Callable[[np.ndarray], np.ndarray]] = {
+    _T.F16: _deq_f16, _T.Q8_0: _deq_q8_0, _T.Q4_0: _deq_q4_0, _T.Q4_1: _deq_q4_1}
+
+
+def _dequantizer(qtype: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """rows of stored blocks [n, bytes] (or [n, in] for F16/BF16) -> float32 [n, in]."""
+    fast = _FAST_DEQ.get(qtype)
+    if fast is not None:
+        return fast
+    return lambda rows: gguf.quants.dequantize(rows, qtype)
+
+
+class _Src:
+    """One tensor of the file: memmapped, in its stored type."""
+
+    __slots__ = ("name", "qtype", "shape", "data", "deq")
+
+    def __init__(self, t: Any):
+        self.name = t.name
+        self.qtype = t.tensor_type
+        self.shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # canonical [out, in]
+        self.data = t.data.view(np.ndarray)  # plain ndarray view of the read-only memmap, no copy
+        self.deq = None if self.qtype == _T.F32 else _dequantizer(self.qtype)
+
+    @property
+    def fp32_bytes(self) -> int:
+        return int(np.prod(self.shape)) * 4
+
+    def rows(self, idx: Any) -> np.ndarray:
+        """Dequantized rows (any index numpy takes on the first axis) of a 2-D tensor."""
+        r = self.data[idx]
+        return r if self.deq is None else self.deq(r)
+
+    def full(self) -> np.ndarray:
+        """The whole tensor as float32 canonical: a view for F32, else a fresh array."""
+        if self.deq is None:
+            return self.data.reshape(self.shape)
+        if len(self.shape) == 1:
+            return self.deq(self.data.reshape(1, -1)).reshape(self.shape)
+        out = np.empty(self.shape, _F32)
+        step = max(1, _LAZY_CHUNK_BYTES // (4 * self.shape[1]))
+        for r0 in range(0, self.shape[0], step):
+            out[r0:r0 + step] = self.deq(self.data[r0:r0 + step])
+        return out
+
+
+class _Lazy:
+    """A linear kept in its stored (quantized / F16) form; dequantized slab by slab at each use."""
+
+    __slots__ = ("src", "out", "step")
+
+    def __init__(self, src: _Src):
+        self.src = src
+        self.out, inn = src.shape
+        self.step = max(1, _LAZY_CHUNK_BYTES // (4 * inn))
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        y = np.empty((x.shape[0], self.out), _F32)
+        data, deq, step = self.src.data, self.src.deq, self.step
+        for r0 in range(0, self.out, step):
+            np.matmul(x, deq(data[r0:r0 + step]).T, out=y[:, r0:r0 + step])
+        return y
+
+
+def _lin(x: np.ndarray, w: Any, live: Any) -> np.ndarray:
+    """x [n, in] -> [n, out]; ``w`` is an fp32 [in, out] array (any strides) or a _Lazy."""
+    y = w.matmul(x) if type(w) is _Lazy else x @ w
+    if live is not None:
+        y += (x @ live[0]) @ live[1]
+    return y
+
+
+def _ro(a: np.ndarray) -> np.ndarray:
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+# ---------------------------------------------------------------- engine
+class NumpyEngine:
+    """Llama / Qwen2 forward pass in numpy from a GGUF base, with merged or live adapters.
+
+    Weights stay memory-mapped from the file. How non-F32 linear weights are held
+    (``dequantize=``):
+
+    - ``"load"``: every linear weight is dequantized (F16 upcast) once at load and kept as a
+      contiguous fp32 ``[in, out]`` array (W transposed: measured faster for numpy's matmul,
+      e.g. the 49152×576 SmolLM2 head 12 ms vs 26 ms per decode token). Fastest decode;
+      memory = fp32 size of the model. F32 tensors are also copied into that layout here —
+      "load" asks for the fastest decode, and the one copy buys ~1.3× (see below).
+    - ``"lazy"``: the stored blocks stay mmapped and each matmul dequantizes them in slabs of
+      ≤ 4 MiB fp32 just before use. Memory = stored size + one slab; every token pays a full
+      dequantization of the model (Q8_0/Q4_0/Q4_1/F16 have vectorised fast paths, the other
+      types go through ``gguf.quants.dequantize``, several times slower).
+    - ``"auto"`` (default): F32 tensors are used zero-copy from the memmap (``W.T`` view);
+      quantized and F16 tensors are treated as ``"load"`` when their fp32 total is below
+      ``auto_load_limit`` (min(2 GiB, a quarter of physical RAM)), else ``"lazy"``. F16 is
+      upcast once rather than per use because numpy's float16→float32 cast is slow: measured
+      1.9 ms for a 1536×576 tensor against 0.03 ms for the decode matmul it would feed.
+
+    Measured on a random SmolLM2-135M-shaped model (30 layers, dim 576, vocab 49152, tied),
+    batch 1, decode after a 16-token prefill, on a shared 2-core x86 VM (see the report in
+    tests/test_engine_numpy.py's module docstring for the numbers of that run).
+
+    Adapters: :meth:`set_weights` replaces whole linear weights (merge mode, the caller adds
+    the delta to :meth:`base_weight`); :meth:`set_live` adds ``scale·(x Aᵀ) Bᵀ`` beside the
+    frozen weight (unmerged mode, the only exact way to put a small delta on a 4-bit base).
+    Both validate everything before changing anything. Arrays passed in are used without a
+    copy when already float32 C-contiguous: do not mutate them afterwards.
+
+    KV cache: ``present`` arrays are read-only views of an internal buffer. When ``past`` is
+    exactly the ``present`` this engine returned last, new keys/values are written in place
+    after it (no O(context) copy per token); any other ``past`` is copied into a new buffer.
+    """
+
+    name = "numpy"
+    auto_load_limit: int | None = None  # bytes; None = min(2 GiB, physical RAM / 4)
+
+    def __init__(self, gguf_path: str | os.PathLike[str], cfg: ArchConfig | None = None, *,
+                 dequantize: str = "auto"):
+        if dequantize not in ("auto", "load", "lazy"):
+            raise UnsupportedError(f"dequantize={dequantize!r} is not an option; choose 'auto', 'load' or 'lazy'")
+        self.path = Path(gguf_path)
+        try:
+            reader = gguf.GGUFReader(str(self.path))
+        except Exception as e:  # gguf raises many kinds on a bad file
+            raise FormatError(f"{self.path} is not a readable GGUF file: {type(e).__name__}: {e}") from e
+        self._reader = reader  # keeps the memmap alive
+        if cfg is None:
+            try:
+                cfg = ArchConfig.from_gguf(reader)
+            except EdgeAdaptError:
+                raise
+            except Exception as e:  # a malformed metadata value
+                raise FormatError(f"{self.path}: unreadable architecture metadata: {type(e).__name__}: {e}") from e
+        if cfg.rope not in ("norm", "neox"):
+            raise UnsupportedError(f"rope kind {cfg.rope!r} is not supported; supported: 'norm', 'neox'")
+        arch = cfg.arch
+        scaling = reader.fields.get(f"{arch}.rope.scaling.type")
+        if scaling is not None and scaling.contents() not in ("none", ""):
+            raise UnsupportedError(f"{self.path}: rope scaling {scaling.contents()!r} is not supported yet (plain rope only)")
+        self.cfg = cfg
+        self.dequantize = dequantize
+
+        srcs: dict[str, _Src] = {}
+        bad_types: list[str] = []
+        for t in reader.tensors:
+            if t.name == "rope_freqs.weight":
+                raise UnsupportedError(f"{self.path}: has rope_freqs (llama3-style rope scaling), not supported yet")
+            try:
+                srcs[t.name] = _Src(t)
+            except Exception as e:  # pragma: no cover - exotic types gguf cannot view
+                bad_types.append(f"{t.name}: {e}")
+        expected = cfg.tensor_shapes()
+        problems = bad_types + [
+            f"{n}: expected shape {s}, found {'nothing' if n not in srcs else srcs[n].shape}"
+            for n, s in expected.items() if n not in srcs or srcs[n].shape != tuple(s)]
+        for n in expected:  # one row through the dequantizer proves gguf knows the type
+            if n in srcs and srcs[n].deq is not None and srcs[n].qtype not in _FAST_DEQ:
+                try:
+                    srcs[n].deq(srcs[n].data.reshape(srcs[n].data.shape[0] if srcs[n].data.ndim > 1 else 1, -1)[:1])
+                except Exception as e:
+                    problems.append(f"{n}: tensor type {srcs[n].qtype.name} cannot be dequantized by gguf: {e}")
+        collect(problems, FormatError, f"{self.path} does not hold the tensors of its {arch} architecture card:")
+        self._src = srcs
+
+        # ---- small tensors: always fp32 in memory
+        self._norm = {n: np.ascontiguousarray(srcs[n].full(), _F32) for n in expected
+                      if len(expected[n]) == 1}
+        # ---- linear weights
+        linear_names = list(cfg.linear_shapes())
+        head_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+        if cfg.tied_embeddings:
+            linear_names.append(head_name)
+        if dequantize == "auto":
+            limit = self.auto_load_limit if self.auto_load_limit is not None else _default_auto_limit()
+            total = sum(srcs[n].fp32_bytes for n in linear_names if srcs[n].deq is not None)
+            mode = "load" if total <= limit else "lazy"
+        else:
+            mode = dequantize
+        self._mode = mode
+        self._base: dict[str, Any] = {}  # name -> fp32 [in, out] array (maybe a view) or _Lazy
+        for n in linear_names:
+            s = srcs[n]
+            if dequantize == "load":
+                self._base[n] = np.ascontiguousarray(s.full().T)
+            elif s.deq is None:
+                self._base[n] = s.data.T  # zero-copy
+            elif mode == "load":
+                self._base[n] = np.ascontiguousarray(s.full().T)
+            else:
+                self._base[n] = _Lazy(s)
+        self._head_name = head_name
+        # token embedding lookups: from the loaded head when tied & loaded, else rows of the file
+        self._embd_t = self._base[head_name] if cfg.tied_embeddings and type(self._base[head_name]) is not _Lazy else None
+
+        # ---- rotary
+        hd = cfg.head_dim
+        self._inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta)
+                                             ** (np.arange(0, hd, 2, dtype=_F32) / np.float32(hd)))).astype(_F32)
+        self._scale = np.float32(hd ** -0.5)
+
+        self._overrides: dict[str, np.ndarray] = {}
+        self._live: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._kv: dict[str, Any] | None = None
+        self._rebuild()
+
+    # ------------------------------------------------------------ weights
+    def _rebuild(self) -> None:
+        eff = dict(self._base)
+        for n, a in self._overrides.items():
+            eff[n] = a.T
+        live = self._live
+        self._layers = [tuple((eff[f"blk.{i}.{k}.weight"], live.get(f"blk.{i}.{k}.weight")) for k in _LINEAR_KINDS)
+                        for i in range(self.cfg.n_layers)]
+        self._head = (eff[self._head_name], live.get(self._head_name))
+
+    def base_weight(self, name: str) -> np.ndarray:
+        """The dequantized base tensor, float32 canonical layout ([out, in] for linears).
+
+        A read-only view when the tensor is already fp32 in memory (F32 file, "load"), else a
+        fresh array."""
+        if name not in self._src or name not in self.cfg.tensor_shapes():
+            raise AdapterMismatchError(f"{name!r} is not a tensor of this {self.cfg.arch} base; expected a name "
+                                       f"like 'blk.0.attn_q.weight' or 'output_norm.weight'")
+        if name in self._norm:
+            return _ro(self._norm[name])
+        b = self._base.get(name)
+        if isinstance(b, np.ndarray):
+            return _ro(b.T)
+        return _ro(self._src[name].full())
+
+    def _check_tensor(self, label: str, a: Any, shape: tuple[int, ...], problems: list[str]) -> np.ndarray | None:
+        if not isinstance(a, np.ndarray):
+            problems.append(f"{label}: expected a float32 numpy array of shape {shape}, found {type(a).__name__}")
+            return None
+        if a.dtype != _F32 or tuple(a.shape) != tuple(shape):
+            problems.append(f"{label}: expected float32 {tuple(shape)}, found {a.dtype} {tuple(a.shape)}")
+            return None
+        if not np.isfinite(a).all():
+            problems.append(f"{label}: expected finite values, found {int(a.size - np.isfinite(a).sum())} NaN/inf")
+            return None
+        return a
+
+    def _unknown(self, name: Any, problems: list[str]) -> None:
+        hint = " (the head is tied to token_embd and is not adaptable)" if name == "output.weight" else ""
+        problems.append(f"{name!r}: not a linear weight of this {self.cfg.arch} base{hint}; "
+                        f"expected names like 'blk.0.attn_q.weight' … 'blk.{self.cfg.n_layers - 1}.ffn_down.weight'")
+
+    def set_weights(self, overrides: dict[str, np.ndarray]) -> None:
+        """Merge mode: ``overrides`` (GGUF name -> float32 [out, in]) replace the base weights.
+
+        Replaces every previous override; ``{}`` restores the pure base. All-or-nothing."""
+        shapes = self.cfg.linear_shapes()
+        problems: list[str] = []
+        new: dict[str, np.ndarray] = {}
+        for n, a in overrides.items():
+            if n not in shapes:
+                self._unknown(n, problems)
+                continue
+            ok = self._check_tensor(n, a, shapes[n], problems)
+            if ok is not None:
+                new[n] = np.ascontiguousarray(ok)
+        collect(problems, AdapterMismatchError, "weight overrides do not fit this base (nothing was changed):")
+        old = self._overrides
+        self._overrides = new
+        try:
+            self._rebuild()
+        except BaseException:
+            self._overrides = old
+            self._rebuild()
+            raise
+
+    def set_live(self, factors: dict[str, list[tuple[np.ndarray, np.ndarray, float]]]) -> None:
+        """Unmerged mode: for each GGUF linear name a list of (A [r, in], B [out, r], scale); the
+        layer computes ``x Wᵀ + Σ scale·(x Aᵀ) Bᵀ``. Replaces previous factors; ``{}`` clears.
+        Works on top of :meth:`set_weights` overrides. All-or-nothing."""
+        shapes = self.cfg.linear_shapes()
+        problems: list[str] = []
+        new: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for n, lst in factors.items():
+            if n not in shapes:
+                self._unknown(n, problems)
+                continue
+            out, inn = shapes[n]
+            if isinstance(lst, tuple) and len(lst) == 3 and isinstance(lst[0], np.ndarray):
+                lst = [lst]  # a single (A, B, scale) is accepted too
+            if not isinstance(lst, (list, tuple)) or not lst:
+                problems.append(f"{n}: expected a non-empty list of (A, B, scale), found {type(lst).__name__}")
+                continue
+            As, Bs, ok_all = [], [], True
+            for j, item in enumerate(lst):
+                if not isinstance(item, (list, tuple)) or len(item) != 3:
+                    problems.append(f"{n}[{j}]: expected (A [r, {inn}], B [{out}, r], scale), found {type(item).__name__}")
+                    ok_all = False
+                    continue
+                A, B, scale = item
+                r = A.shape[0] if isinstance(A, np.ndarray) and A.ndim == 2 else -1
+                if r < 1:
+                    problems.append(f"{n}[{j}].A: expected float32 (r, {inn}) with r ≥ 1, found "
+                                    f"{getattr(A, 'dtype', type(A).__name__)} {getattr(A, 'shape', '')}")
+                    ok_all = False
+                    continue
+                a_ok = self._check_tensor(f"{n}[{j}].A", A, (r, inn), problems)
+                b_ok = self._check_tensor(f"{n}[{j}].B", B, (out, r), problems)
+                try:
+                    s = float(scale)
+                    s_ok = bool(np.isfinite(s)) and not isinstance(scale, (bool, np.bool_))
+                except (TypeError, ValueError):
+                    s_ok = False
+                if not s_ok:
+                    problems.append(f"{n}[{j}].scale: expected a finite real number, found {scale!r}")
+                if a_ok is None or b_ok is None or not s_ok:
+                    ok_all = False
+                    continue
+                As.append(a_ok)
+                Bs.append(b_ok * np.float32(s))
+            if ok_all:
+                # all factors of one layer fused: x @ [A1;A2]ᵀ @ [s1 B1, s2 B2]ᵀ, both contiguous for matmul
+                new[n] = (np.ascontiguousarray(np.concatenate(As, axis=0).T),
+                          np.ascontiguousarray(np.concatenate(Bs, axis=1).T))
+        collect(problems, AdapterMismatchError, "live adapter factors do not fit this base (nothing was changed):")
+        old = self._live
+        self._live = new
+        try:
+            self._rebuild()
+        except BaseException:
+            self._live = old
+            self._rebuild()
+            raise
+
+    # ------------------------------------------------------------ forward
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        if self._embd_t is not None:
+            return np.ascontiguousarray(self._embd_t[:, ids].T)  # gathered rows [n, dim]
+        src = self._src["token_embd.weight"]
+        return np.ascontiguousarray(src.rows(ids), dtype=_F32)
+
+    def _kv_buffers(self, past: Any, B: int, past_len: int, T: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        cfg = self.cfg
+        st = self._kv
+        L = cfg.n_layers
+        if (past is not None and st is not None and st["B"] == B and st["len"] == past_len and len(past) == L
+                and all(past[i][0] is st["present"][i][0] and past[i][1] is st["present"][i][1] for i in range(L))):
+            if T <= st["cap"]:
+                return st["bufs"]
+            cap = _round_cap(max(T, 2 * st["cap"]))
+            bufs = []
+            for kb, vb in st["bufs"]:
+                nk = np.empty((B, cfg.n_kv_heads, cap, cfg.head_dim), _F32)
+                nv = np.empty_like(nk)
+                nk[:, :, :past_len] = kb[:, :, :past_len]
+                nv[:, :, :past_len] = vb[:, :, :past_len]
+                bufs.append((nk, nv))
+            st["bufs"], st["cap"] = bufs, cap
+            return bufs
+        cap = _round_cap(T)
+        shape = (B, cfg.n_kv_heads, cap, cfg.head_dim)
+        bufs = [(np.empty(shape, _F32), np.empty(shape, _F32)) for _ in range(L)]
+        if past is not None:
+            want = (B, cfg.n_kv_heads, past_len, cfg.head_dim)
+            bad = [f"layer {i}: expected key/value {want}, found "
+                   f"{getattr(k, 'shape', type(k).__name__)}/{getattr(v, 'shape', type(v).__name__)}"
+                   for i, (k, v) in enumerate(past) if getattr(k, "shape", None) != want or getattr(v, "shape", None) != want]
+            if bad:
+                raise ValueError("past key/values do not fit:\n  " + "\n  ".join(bad[:8]))
+            for (kb, vb), (k, v) in zip(bufs, past):
+                kb[:, :, :past_len] = k
+                vb[:, :, :past_len] = v
+        self._kv = {"B": B, "cap": cap, "len": past_len, "bufs": bufs, "present": None}
+        return bufs
+
+    def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: Sequence[tuple[np.ndarray, np.ndarray]] | None = None
+                ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        cfg = self.cfg
+        ids = np.asarray(input_ids)
+        am = np.asarray(attention_mask)
+        pos = np.asarray(position_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids: expected int64 [batch, seq], found shape {ids.shape}")
+        B, S = ids.shape
+        L = cfg.n_layers
+        if past is not None and len(past) != L:
+            raise ValueError(f"past: expected {L} layers of (key, value), found {len(past)}")
+        past_len = 0 if past is None else int(past[0][0].shape[2])
+        T = past_len + S
+        if am.shape != (B, T):
+            raise ValueError(f"attention_mask: expected [batch, past+seq] = {(B, T)}, found {am.shape}")
+        if pos.shape != (B, S):
+            raise ValueError(f"position_ids: expected {(B, S)}, found {pos.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+            raise ValueError(f"input_ids: expected token ids in [0, {cfg.vocab_size}), found {ids.min()}..{ids.max()}")
+
+        H, KV, hd, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
+        G = H // KV
+        half = hd // 2
+        eps = np.float32(cfg.rms_eps)
+        N = B * S
+        norm = self._norm
+        neox = cfg.rope == "neox"
+
+        x = self._embed(ids.reshape(-1))  # [N, D] float32
+        # rotary tables, float32 exactly as transformers: angle = pos * inv_freq
+        ang = pos.astype(_F32)[:, :, None] * self._inv_freq  # [B, S, half]
+        cos = np.cos(ang)[:, :, None, :]  # [B, S, 1, half], broadcast over heads
+        sin = np.sin(ang)[:, :, None, :]
+        # additive mask [B, 1, 1, S, T]: key j visible to query s iff j <= past_len+s and mask[b, j] == 1
+        allowed = (np.arange(T)[None, :] <= (past_len + np.arange(S))[:, None])[None] & (am[:, None, :] == 1)
+        bias = np.where(allowed, _F32(0), np.finfo(_F32).min).astype(_F32)[:, None, None]
+        bufs = self._kv_buffers(past, B, past_len, T)
+        qkv_bias = cfg.qkv_bias
+        scale = self._scale
+
+        with np.errstate(over="ignore"):
+            for i in range(L):
+                (wq, lq), (wk, lk), (wv, lv), (wo, lo), (wg, lg), (wu, lu), (wd, ld) = self._layers[i]
+                h = _rmsnorm(x, norm[f"blk.{i}.attn_norm.weight"], eps)
+                q = _lin(h, wq, lq)
+                k = _lin(h, wk, lk)
+                v = _lin(h, wv, lv)
+                if qkv_bias:
+                    q += norm[f"blk.{i}.attn_q.bias"]
+                    k += norm[f"blk.{i}.attn_k.bias"]
+                    v += norm[f"blk.{i}.attn_v.bias"]
+                kb, vb = bufs[i]
+                qr = np.empty((B, H, S, hd), _F32)
+                _rope(q.reshape(B, S, H, hd), qr.transpose(0, 2, 1, 3), cos, sin, half, neox)
+                _rope(k.reshape(B, S, KV, hd), kb[:, :, past_len:T].transpose(0, 2, 1, 3), cos, sin, half, neox)
+                vb[:, :, past_len:T] = v.reshape(B, S, KV, hd).transpose(0, 2, 1, 3)
+                K = kb[:, :, :T]
+                V = vb[:, :, :T]
+                # grouped-query attention: query head h uses kv head h // G
+                sc = np.matmul(qr.reshape(B, KV, G * S, hd), K.transpose(0, 1, 3, 2))  # [B, KV, G*S, T]
+                sc *= scale
+                sc5 = sc.reshape(B, KV, G, S, T)
+                sc5 += bias
+                sc -= sc.max(axis=-1, keepdims=True)
+                np.exp(sc, out=sc)
+                sc /= sc.sum(axis=-1, keepdims=True)
+                o = np.matmul(sc, V)  # [B, KV, G*S, hd]
+                o = o.reshape(B, H, S, hd).transpose(0, 2, 1, 3).reshape(N, H * hd)
+                x = x + _lin(o, wo, lo)
+                h = _rmsnorm(x, norm[f"blk.{i}.ffn_norm.weight"], eps)
+                g = _lin(h, wg, lg)
+                u = _lin(h, wu, lu)
+                # SiLU(g) * u = g * u / (1 + exp(-g))
+                e = np.negative(g)
+                np.exp(e, out=e)
+                e += _F32(1)
+                g *= u
+                g /= e
+                x += _lin(g, wd, ld)
+            h = _rmsnorm(x, norm["output_norm.weight"], eps)
+            logits = _lin(h, *self._head).reshape(B, S, -1)
+
+        present = [(_ro(kb[:, :, :T]), _ro(vb[:, :, :T])) for kb, vb in bufs]
+        st = self._kv
+        st["len"], st["present"] = T, present
+        return logits, present
+
+    __call__ = forward
+
+
+def _rmsnorm(x: np.ndarray, w: np.ndarray, eps: np.float32) -> np.ndarray:
+    ms = np.mean(x * x, axis=-1, keepdims=True)
+    ms += eps
+    np.sqrt(ms, out=ms)
+    np.divide(_F32(1), ms, out=ms)
+    return (x * ms) * w
+
+
+def _rope(x: np.ndarray, out: np.ndarray, cos: np.ndarray, sin: np.ndarray, half: int, neox: bool) -> None:
+    """Rotate ``x`` [B, S, heads, hd] into ``out`` (same shape, any strides)."""
+    if neox:  # halves (HF rotate_half)
+        x0, x1 = x[..., :half], x[..., half:]
+        o0, o1 = out[..., :half], out[..., half:]
+    else:  # adjacent pairs (llama.cpp "normal" rope; rows were permuted at conversion)
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        o0, o1 = out[..., 0::2], out[..., 1::2]
+    np.multiply(x0, cos, out=o0)
+    o0 -= x1 * sin
+    np.multiply(x1, cos, out=o1)
+    o1 += x0 * sin
+
+
+def _round_cap(n: int) -> int:
+    return max(256, -(-n // 256) * 256)
+
+
+def _default_auto_limit() -> int:
+    try:
+        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return _AUTO_LOAD_LIMIT
+    return min(_AUTO_LOAD_LIMIT, phys // 4) if phys > 0 else _AUTO_LOAD_LIMIT

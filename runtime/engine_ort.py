@@ -1,0 +1,149 @@
+"""The onnxruntime engine: runs a base folder's ``model.onnx``.
+
+Merge mode: the adapted linear weights W' = W + ΔW (float32, from the immutable base) replace
+the graph's initializers through ``SessionOptions.add_initializer`` in a new session, which takes
+over only once it is built and verified — a failed swap leaves the running session untouched.
+onnxruntime silently ignores an override of a weight it constant-folded, so every swap checks the
+graph's ``weight_sums`` output against the sums of the weights it was given.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeadapt.errors import AdapterMismatchError, EdgeAdaptError, FormatError, MissingDependencyError, collect
+from edgeadapt.manifest import BaseManifest
+
+PastKV = list[tuple[np.ndarray, np.ndarray]]
+
+
+class OverrideNotAppliedError(EdgeAdaptError, RuntimeError):
+    """onnxruntime built a session that does not use the weights it was given."""
+
+
+def import_ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise MissingDependencyError("engine 'ort' needs onnxruntime (pip install onnxruntime); "
+                                     "engine='numpy' runs without it") from e
+    return ort
+
+
+class OrtEngine:
+    name = "ort"
+
+    def __init__(self, manifest: BaseManifest, *, threads: int | None = None):
+        self._ort = import_ort()
+        path = manifest.path("onnx")
+        if path is None or not path.is_file():
+            raise FormatError(f"{manifest.root}: the manifest names no ONNX model, or {path} is missing; "
+                              "export the base again or use engine='numpy'")
+        self.cfg = manifest.arch
+        self._path, self._root, self._threads = path, manifest.root, threads
+        self._table = {n: e["onnx"] for n, e in manifest.tensors.items() if isinstance(e, dict) and "onnx" in e}
+        self._linear = list(self.cfg.linear_shapes())
+        self._session, self._keep = self._build({}), ()
+        self._out_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.cfg.n_layers) for kv in ("key", "value")]
+        self._has_sums = "weight_sums" in {o.name for o in self._session.get_outputs()}
+        self._base_sums = self._weight_sums(self._session) if self._has_sums else None
+        self._mm: dict[str, np.memmap] = {}
+
+    # ---- sessions
+    def _options(self) -> Any:
+        so = self._ort.SessionOptions()
+        so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self._threads:
+            so.intra_op_num_threads = self._threads
+        so.log_severity_level = 3
+        return so
+
+    def _build(self, overrides: dict[str, np.ndarray]) -> Any:
+        so = self._options()
+        keep = []
+        for name, w in overrides.items():
+            e = self._table[name]
+            arr = np.ascontiguousarray(w.T if e["layout"] == "in_out" else w, dtype=np.float32)
+            ov = self._ort.OrtValue.ortvalue_from_numpy(arr)
+            so.add_initializer(e["onnx"], ov)
+            keep += [arr, ov]  # must outlive the session (onnxruntime uses the buffer as is)
+        sess = self._ort.InferenceSession(str(self._path), so, providers=["CPUExecutionProvider"])
+        self._pending_keep = (keep, so)
+        return sess
+
+    def _weight_sums(self, sess: Any) -> np.ndarray:
+        b = 1
+        feeds = {"input_ids": np.zeros((b, 1), np.int64), "attention_mask": np.ones((b, 1), np.int64),
+                 "position_ids": np.zeros((b, 1), np.int64)}
+        for i in range(self.cfg.n_layers):
+            for kv in ("key", "value"):
+                feeds[f"past.{i}.{kv}"] = np.zeros((b, self.cfg.n_kv_heads, 0, self.cfg.head_dim), np.float32)
+        return sess.run(["weight_sums"], feeds)[0].astype(np.float64)
+
+    # ---- weights
+    def base_weight(self, name: str) -> np.ndarray:
+        """The base tensor, float32, canonical [out, in] (a fresh array)."""
+        e = self._table.get(name)
+        if e is None:
+            raise AdapterMismatchError(f"{name}: not a weight of this base's ONNX export")
+        mm = self._mm.get(e["file"])
+        if mm is None:
+            mm = self._mm[e["file"]] = np.memmap(self._root / e["file"], dtype=np.uint8, mode="r")
+        raw = mm[e["offset"]: e["offset"] + e["length"]].view(np.dtype(e["dtype"])).reshape(e["shape"])
+        return np.array(raw.T if e["layout"] == "in_out" else raw, dtype=np.float32)
+
+    def set_weights(self, overrides: dict[str, np.ndarray]) -> None:
+        """Replace these linear weights (float32 [out, in]) from the base; ``{}`` restores the base."""
+        problems = []
+        for n, w in overrides.items():
+            shape = self.cfg.linear_shapes().get(n)
+            if shape is None or n not in self._table:
+                problems.append(f"{n}: not an adaptable weight of this base")
+            elif tuple(w.shape) != shape or w.dtype != np.float32:
+                problems.append(f"{n}: expected float32 {list(shape)}, found {w.dtype} {list(w.shape)}")
+            elif not np.isfinite(w).all():
+                problems.append(f"{n}: holds NaN or Inf")
+        collect(problems, AdapterMismatchError, "cannot apply these weights:")
+        sess = self._build(overrides)
+        keep = self._pending_keep
+        if self._has_sums and overrides:
+            self._verify(sess, overrides)
+        self._session, self._keep = sess, keep
+
+    def _verify(self, sess: Any, overrides: dict[str, np.ndarray]) -> None:
+        got = self._weight_sums(sess)
+        bad = []
+        for i, n in enumerate(self._linear):
+            if n not in overrides:
+                continue
+            want = float(overrides[n].sum(dtype=np.float64))
+            moved = abs(want - self._base_sums[i])
+            noise = 1e-6 * float(np.abs(overrides[n]).sum(dtype=np.float64)) + 1e-6
+            if moved > 4 * noise and abs(got[i] - want) > 0.25 * moved:
+                bad.append(f"{n}: expected sum {want:.6g}, the session computes {got[i]:.6g} (base {self._base_sums[i]:.6g})")
+        if bad:
+            raise OverrideNotAppliedError("onnxruntime ignored weight overrides (constant-folded weights?); "
+                                          "the model was left as it was:\n  " + "\n  ".join(bad))
+
+    # ---- forward
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                past: PastKV | None = None) -> tuple[np.ndarray, PastKV]:
+        b = input_ids.shape[0]
+        feeds = {"input_ids": input_ids.astype(np.int64, copy=False),
+                 "attention_mask": attention_mask.astype(np.int64, copy=False),
+                 "position_ids": position_ids.astype(np.int64, copy=False)}
+        empty = np.zeros((b, self.cfg.n_kv_heads, 0, self.cfg.head_dim), np.float32)
+        for i in range(self.cfg.n_layers):
+            k, v = past[i] if past else (empty, empty)
+            feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = k, v
+        outs = self._session.run(self._out_names, feeds)
+        return outs[0], [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
+
+
+def default_threads() -> int | None:
+    env = os.environ.get("EDGEADAPT_THREADS")
+    return int(env) if env else None

@@ -1,0 +1,65 @@
+"""Text in, token ids out: a ``tokenizers`` JSON plus the model's chat template (Jinja, sandboxed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgeadapt.errors import FormatError, MissingDependencyError
+
+
+class Tokenizer:
+    def __init__(self, path: Path, *, chat_template: str | None = None, special: dict[str, Any] | None = None):
+        try:
+            from tokenizers import Tokenizer as _T
+        except ImportError as e:
+            raise MissingDependencyError("text needs the 'tokenizers' package: pip install tokenizers") from e
+        try:
+            self._tok = _T.from_file(str(path))
+        except Exception as e:
+            raise FormatError(f"{path}: not a readable tokenizers JSON file: {e}") from e
+        self.chat_template = chat_template
+        self.special = special or {}
+        self.add_bos = bool(self.special.get("add_bos", False))
+        self.bos_token = self.special.get("bos_token")
+        self.eos_token = self.special.get("eos_token")
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        bos = self.special.get("bos_token_id")
+        if self.add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise FormatError("this base has no chat template; pass chat=False and a plain prompt")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg: str) -> None:
+            raise TemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+class StreamDecoder:
+    """Turns a growing list of ids into new text pieces, holding back incomplete UTF-8."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok, self.ids, self.text = tok, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.text = text[len(self.text):], text
+        return piece

