@@ -1,31 +1,36 @@
 """Build the ONNX graph of a llama-family decoder straight from canonical weights (no tracing).
 
-Graph contract (a spec the runtime relies on; opset 17, default domain only)
----------------------------------------------------------------------------
-Inputs
-  input_ids        int64   [batch, seq]
-  attention_mask   int64   [batch, total]   total = past + seq; 1 = real token, 0 = padding
-                                            (batches are LEFT padded)
-  position_ids     int64   [batch, seq]     absolute rope positions, < cfg.context_length
-  past.{i}.key     float32 [batch, n_kv_heads, past, head_dim]   for i in range(n_layers);
-  past.{i}.value   float32 [batch, n_kv_heads, past, head_dim]   past may be 0
-Outputs
-  logits           float32 [batch, seq, vocab]
-  present.{i}.key  float32 [batch, n_kv_heads, total, head_dim]  = concat(past, new) on axis 2
-  present.{i}.value
-  weight_sums      float32 [n_linear]   sum of each weight of cfg.linear_shapes(), in that order
-                                        (lets the runtime check that initializer overrides
-                                        took effect; see the note in "weight_sums" below)
-Attention: query at absolute position past+s may attend key j iff j <= past+s and
-attention_mask[b, j] == 1. Fully masked rows (pad queries) give finite garbage, never NaN.
+Files written by :func:`build_onnx` into ``out_dir``
+  model.onnx         the decoder (opset 17, default domain only)
+  weight_sums.onnx   a tiny check model over the same initializers (see "weight_sums" below)
+  model.onnx.data    the ONE external data file of both; every model weight in it is a plain
+                     little-endian float32 array at the offset the returned table gives
 
-Initializers (all large ones in ONE external file ``model.onnx.data``)
-  token_embd.weight            [vocab, dim]  as-is: Gather, and Gemm(transB=1) when tied
+model.onnx contract (a spec the runtime relies on)
+  inputs   input_ids       int64   [batch, seq]
+           attention_mask  int64   [batch, total]   total = past + seq; 1 = real token, 0 = pad
+                                                    (batches are LEFT padded)
+           position_ids    int64   [batch, seq]     rope positions, 0 <= p < cfg.context_length
+           past.{i}.key    float32 [batch, n_kv_heads, past, head_dim]  i < n_layers; past may be 0
+           past.{i}.value  float32 [batch, n_kv_heads, past, head_dim]
+  outputs  logits          float32 [batch, seq, vocab]
+           present.{i}.key float32 [batch, n_kv_heads, total, head_dim]  = concat(past, new), axis 2
+           present.{i}.value
+  Query s (absolute position past+s) attends key j iff j <= past+s and attention_mask[b, j] == 1;
+  fully masked rows (pad queries) give finite, meaningless logits, never NaN.
+
+Initializers (names are the GGUF names; overridable with SessionOptions.add_initializer)
+  token_embd.weight            [vocab, dim]  as-is; Gather, and Gemm(transB=1) for tied logits
   blk.{i}.attn_q.weight, ...   [in, out]     linear weights TRANSPOSED from canonical [out, in],
-  output.weight                [in, out]     each feeding a MatMul directly (no node in between,
-                                             so SessionOptions.add_initializer overrides work)
-  *_norm.weight, *.bias        as-is         (q/k rows permuted for "norm" rope, as canonical)
-  rope.cos, rope.sin           [context_length, head_dim/2]   helpers, not model weights
+  output.weight (if untied)    [in, out]     each the direct input of a MatMul (no node between)
+  *_norm.weight, blk.{i}.attn_{q,k,v}.bias   as-is (q/k rows permuted for "norm" rope, as canonical)
+  rope.cos, rope.sin           [context_length, head_dim/2]  helpers, not model weights
+
+weight_sums.onnx contract
+  no input to feed (``reduce_axes`` is an overridable initializer: leave it alone);
+  output weight_sums float32 [n_linear]: the sum of each weight of cfg.linear_shapes(), in that
+  order, over the same initializer names, so a session given the same add_initializer overrides
+  shows whether they took effect.
 """
 
 from __future__ import annotations
@@ -38,12 +43,14 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgeadapt.arch import ArchConfig
+from edgeadapt.converters.hf import check_complete
 
 Progress = Callable[[str, int, int], None]
 
 OPSET = 17
 DATA_FILE = "model.onnx.data"
-NEG = float(np.finfo(np.float32).min)  # additive "minus infinity" that keeps softmax finite
+VERIFY_FILE = "weight_sums.onnx"
+NEG = float(np.finfo(np.float32).min)  # masked score: "minus infinity" that keeps softmax finite
 _ALIGN_BIG, _ALIGN_SMALL, _BIG = 65536, 64, 1 << 20  # offset alignment in the data file
 
 
@@ -62,10 +69,10 @@ def rope_tables(cfg: ArchConfig) -> tuple[np.ndarray, np.ndarray]:
 # ---- external data writer: tensors go to the file as they are made, never into one protobuf
 class _DataWriter:
     def __init__(self, path: Path):
-        self.path, self.f, self.offset = path, open(path, "wb"), 0
+        self.f, self.offset = open(path, "wb"), 0
 
     def add(self, name: str, a: np.ndarray) -> TensorProto:
-        a = np.ascontiguousarray(a)
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))  # ONNX data is little-endian
         align = _ALIGN_BIG if a.nbytes >= _BIG else _ALIGN_SMALL
         pad = -self.offset % align
         self.f.write(b"\0" * pad)
@@ -183,7 +190,7 @@ def _mask(g: _G) -> str:
 # constant-folded with the ORIGINAL weight, so it ignores add_initializer overrides; a ReduceSum that
 # cannot be folded runs on every step (onnxruntime never prunes to the requested outputs), and
 # even behind an If it keeps every weight's unpacked original alive next to MatMul's prepacked copy
-# (+75% memory). So the sums live in ``weight_sums.onnx``: same initializer names, same bytes of
+# (+407 MB = +59% RSS on SmolLM2 size). So the sums live in ``weight_sums.onnx``: same initializer names, same bytes of
 # model.onnx.data (nothing copied), one ReduceSum each. Its ``reduce_axes`` input is an overridable
 # initializer (default: empty = all axes), which is what stops onnxruntime from folding the sums.
 def _write_verify_model(cfg: ArchConfig, weight_protos: dict[str, TensorProto], out_dir: Path) -> None:
@@ -206,8 +213,94 @@ def _save(graph: onnx.GraphProto, path: Path) -> None:
     onnx.save_model(model, str(path))  # weights are already external: the protobuf stays small
 
 
+# ---- the public builder
+def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *,
+               progress: Progress | None = None) -> dict:
+    """Write ``model.onnx``, ``weight_sums.onnx`` and their one data file ``model.onnx.data`` into
+    ``out_dir``; return the weight table (see :func:`_weight_table`). ``progress(step, done, total)``
+    is called after each layer and once after saving."""
+    check_complete(cfg, weights)  # names and shapes, with a readable error
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    linear = cfg.linear_shapes()
+    g = _G()
+    protos: dict[str, TensorProto] = {}
+    writer = _DataWriter(out_dir / DATA_FILE)
+
+    def put(name: str, a: np.ndarray) -> None:
+        protos[name] = writer.add(name, a)
+        g.inits.append(protos[name])
+
+    def put_weight(name: str) -> None:  # linear: canonical [out,in] -> [in,out]; others as-is
+        w = np.asarray(weights[name], dtype=np.float32)
+        put(name, w.T if name in linear else w)
+
+    try:
+        # ---- embeddings, rope angles for these positions, mask
+        put_weight("token_embd.weight")
+        cos, sin = rope_tables(cfg)
+        put("rope.cos", cos)
+        put("rope.sin", sin)
+        x = g.op("Gather", "token_embd.weight", "input_ids", axis=0)  # [B,S,dim]
+        pair_axis = [2, 4] if cfg.rope == "norm" else [2, 3]  # [B,S,hd/2] -> [B,S,1,hd/2,1] | [B,S,1,1,hd/2]
+        cos_t = g.op("Unsqueeze", g.op("Gather", "rope.cos", "position_ids", axis=0), g.const(pair_axis))
+        sin_t = g.op("Unsqueeze", g.op("Gather", "rope.sin", "position_ids", axis=0), g.const(pair_axis))
+        mask = _mask(g)
+
+        # ---- decoder blocks (each block's weights are written as it is built)
+        for i in range(cfg.n_layers):
+            for name in cfg.tensor_shapes():
+                if name.startswith(f"blk.{i}."):
+                    put_weight(name)
+            h = _rms_norm(g, x, f"blk.{i}.attn_norm.weight", cfg.rms_eps)
+            x = g.op("Add", x, _attention(g, cfg, i, h, cos_t, sin_t, mask))
+            h = _rms_norm(g, x, f"blk.{i}.ffn_norm.weight", cfg.rms_eps)
+            x = g.op("Add", x, _mlp(g, i, h))  # [B,S,dim]
+            if progress:
+                progress("build graph", i + 1, cfg.n_layers)
+
+        # ---- head
+        put_weight("output_norm.weight")
+        x = _rms_norm(g, x, "output_norm.weight", cfg.rms_eps)
+        if cfg.tied_embeddings:  # logits = x @ token_embd^T via Gemm(transB=1): no copy, no Transpose
+            x2 = g.op("Reshape", x, g.const([-1, cfg.dim]))  # [B*S,dim]
+            y2 = g.op("Gemm", x2, "token_embd.weight", transB=1)  # [B*S,vocab]
+            bs = g.op("Slice", g.op("Shape", "input_ids"), g.const([0]), g.const([2]))  # [2] = (B,S)
+            g.op("Reshape", y2, g.op("Concat", bs, g.const([cfg.vocab_size]), axis=0), out="logits")
+        else:
+            put_weight("output.weight")
+            g.op("MatMul", x, "output.weight", out="logits")  # [B,S,vocab]
+    finally:
+        writer.close()
+
+    # ---- inputs / outputs
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    kv_in = ["batch", cfg.n_kv_heads, "past", cfg.head_dim]
+    kv_out = ["batch", cfg.n_kv_heads, "total", cfg.head_dim]
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", i64, ["batch", "total"]),
+              helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", cfg.vocab_size])]
+    for i in range(cfg.n_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past.{i}.{kind}", f32, kv_in))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, kv_out))
+
+    _save(helper.make_graph(g.nodes, f"edgeadapt_{cfg.arch}", inputs, outputs, initializer=g.inits),
+          out_dir / "model.onnx")
+    _write_verify_model(cfg, protos, out_dir)
+    if progress:
+        progress("save", 1, 1)
+    return _weight_table(out_dir, {n: "in_out" if n in linear else "as_is" for n in cfg.tensor_shapes()})
+
+
 # ---- the manifest table, read back from what was written
 def _weight_table(out_dir: Path, layouts: dict[str, str]) -> dict:
+    """``{gguf_name: {"onnx": initializer name, "layout": "in_out" (stored transposed) | "as_is",
+    "file": "model.onnx.data", "offset": bytes, "length": bytes, "dtype": "float32",
+    "shape": shape as stored}}`` for every model weight (not the rope helpers), taken from the
+    external-data records of the model.onnx just written: np.memmap(file, "<f4", "r", offset,
+    shape) is the initializer."""
     model = onnx.load(str(out_dir / "model.onnx"), load_external_data=False)
     table = {}
     for t in model.graph.initializer:

@@ -8,6 +8,7 @@ key/values out), so one generation loop drives both.
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -41,14 +42,21 @@ def _deq_q8_0(rows: np.ndarray) -> np.ndarray:
     return (b[..., 2:].view(np.int8) * d).reshape(n, -1)
 
 
+def _nibbles(b: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Low nibbles then high nibbles of each block's 16 bytes, as float32 [n, nb, 32]."""
+    out = np.empty((b.shape[0], b.shape[1], 2, 16), _F32)
+    out[..., 0, :] = qs & np.uint8(15)
+    out[..., 1, :] = qs >> np.uint8(4)
+    return out.reshape(b.shape[0], b.shape[1], 32)
+
+
 def _deq_q4_0(rows: np.ndarray) -> np.ndarray:
     n = rows.shape[0]
     b = rows.reshape(n, -1, 18)
-    d = b[..., :2].view(np.float16).astype(_F32)
-    qs = b[..., 2:]
-    out = np.empty((n, b.shape[1], 32), _F32)
-    np.multiply(d, (qs & np.uint8(15)).view(np.int8) - np.int8(8), out=out[..., :16])
-    np.multiply(d, (qs >> np.uint8(4)).view(np.int8) - np.int8(8), out=out[..., 16:])
+    d = b[..., :2].view(np.float16).astype(_F32)  # [n, nb, 1]
+    out = _nibbles(b, b[..., 2:])
+    out -= _F32(8)
+    out *= d
     return out.reshape(n, -1)
 
 
@@ -57,13 +65,9 @@ def _deq_q4_1(rows: np.ndarray) -> np.ndarray:
     b = rows.reshape(n, -1, 20)
     d = b[..., :2].view(np.float16).astype(_F32)
     m = b[..., 2:4].view(np.float16).astype(_F32)
-    qs = b[..., 4:]
-    out = np.empty((n, b.shape[1], 32), _F32)
-    lo, hi = out[..., :16], out[..., 16:]
-    np.multiply(d, qs & np.uint8(15), out=lo)
-    lo += m
-    np.multiply(d, qs >> np.uint8(4), out=hi)
-    hi += m
+    out = _nibbles(b, b[..., 4:])
+    out *= d
+    out += m
     return out.reshape(n, -1)
 
 
@@ -82,10 +86,11 @@ def _dequantizer(qtype: Any) -> Callable[[np.ndarray], np.ndarray]:
 class _Src:
     """One tensor of the file: memmapped, in its stored type."""
 
-    __slots__ = ("name", "qtype", "shape", "data", "deq")
+    __slots__ = ("name", "qtype", "shape", "data", "deq", "offset", "nbytes")
 
     def __init__(self, t: Any):
         self.name = t.name
+        self.offset, self.nbytes = int(t.data_offset), int(t.n_bytes)
         self.qtype = t.tensor_type
         self.shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # canonical [out, in]
         self.data = t.data.view(np.ndarray)  # plain ndarray view of the read-only memmap, no copy
@@ -111,6 +116,14 @@ class _Src:
         for r0 in range(0, self.shape[0], step):
             out[r0:r0 + step] = self.deq(self.data[r0:r0 + step])
         return out
+
+
+    def fill_t(self, out: np.ndarray) -> None:
+        """Write the tensor transposed ([in, out]) into ``out`` (any strides), slab by slab, so no
+        full-size temporary is made."""
+        step = max(1, _LAZY_CHUNK_BYTES // (4 * self.shape[1]))
+        for r0 in range(0, self.shape[0], step):
+            out[:, r0:r0 + step] = self.rows(slice(r0, r0 + step)).T
 
 
 class _Lazy:
@@ -249,14 +262,33 @@ class NumpyEngine:
             mode = dequantize
         self._mode = mode
         self._base: dict[str, Any] = {}  # name -> fp32 [in, out] array (maybe a view) or _Lazy
+        self._fused: dict[tuple[int, str], np.ndarray] = {}  # (layer, "qkv"|"gu") -> [in, Σout] fp32
+        in_memory = {n: dequantize == "load" or (srcs[n].deq is not None and mode == "load") for n in linear_names}
+        for i in range(cfg.n_layers):
+            # weights the engine holds anyway are fused per input: q|k|v and gate|up are one matmul each
+            for group, kinds in (("qkv", ("attn_q", "attn_k", "attn_v")), ("gu", ("ffn_gate", "ffn_up"))):
+                names = [f"blk.{i}.{k}.weight" for k in kinds]
+                if not all(in_memory[n] for n in names):
+                    continue
+                fused = np.empty((cfg.dim, sum(srcs[n].shape[0] for n in names)), _F32)
+                c = 0
+                for n in names:
+                    o = srcs[n].shape[0]
+                    self._base[n] = fused[:, c:c + o]
+                    srcs[n].fill_t(self._base[n])
+                    self._drop_pages(srcs[n])
+                    c += o
+                self._fused[(i, group)] = fused
         for n in linear_names:
+            if n in self._base:
+                continue
             s = srcs[n]
-            if dequantize == "load":
-                self._base[n] = np.ascontiguousarray(s.full().T)
+            if in_memory[n]:
+                self._base[n] = np.empty(s.shape[::-1], _F32)
+                s.fill_t(self._base[n])
+                self._drop_pages(s)
             elif s.deq is None:
-                self._base[n] = s.data.T  # zero-copy
-            elif mode == "load":
-                self._base[n] = np.ascontiguousarray(s.full().T)
+                self._base[n] = s.data.T  # zero-copy view of the memmap
             else:
                 self._base[n] = _Lazy(s)
         self._head_name = head_name
@@ -274,14 +306,39 @@ class NumpyEngine:
         self._kv: dict[str, Any] | None = None
         self._rebuild()
 
+    def _drop_pages(self, src: _Src) -> None:
+        """Tell the kernel the file pages of a tensor now copied to memory are not needed, so
+        "load" costs the fp32 size in resident memory, not fp32 + file. Best effort."""
+        mm = getattr(self._reader.data, "_mmap", None)
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if mm is None or advice is None:
+            return
+        page = mmap.PAGESIZE
+        a = -(-src.offset // page) * page
+        b = (src.offset + src.nbytes) // page * page
+        if b > a:
+            try:
+                mm.madvise(advice, a, b - a)
+            except (OSError, ValueError):  # pragma: no cover
+                pass
+
     # ------------------------------------------------------------ weights
     def _rebuild(self) -> None:
         eff = dict(self._base)
         for n, a in self._overrides.items():
             eff[n] = a.T
         live = self._live
-        self._layers = [tuple((eff[f"blk.{i}.{k}.weight"], live.get(f"blk.{i}.{k}.weight")) for k in _LINEAR_KINDS)
-                        for i in range(self.cfg.n_layers)]
+        layers = []
+        for i in range(self.cfg.n_layers):
+            lin = [(eff[f"blk.{i}.{k}.weight"], live.get(f"blk.{i}.{k}.weight")) for k in _LINEAR_KINDS]
+            qkv = self._fused.get((i, "qkv"))
+            if qkv is not None and any(f"blk.{i}.{k}.weight" in self._overrides for k in _LINEAR_KINDS[:3]):
+                qkv = None
+            gu = self._fused.get((i, "gu"))
+            if gu is not None and any(f"blk.{i}.{k}.weight" in self._overrides for k in _LINEAR_KINDS[4:6]):
+                gu = None
+            layers.append((qkv, gu, *lin))
+        self._layers = layers
         self._head = (eff[self._head_name], live.get(self._head_name))
 
     def base_weight(self, name: str) -> np.ndarray:
@@ -462,6 +519,7 @@ class NumpyEngine:
 
         H, KV, hd, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
         G = H // KV
+        qd, kvd, F = cfg.q_dim, cfg.kv_dim, cfg.ffn_dim
         half = hd // 2
         eps = np.float32(cfg.rms_eps)
         N = B * S
@@ -476,17 +534,27 @@ class NumpyEngine:
         # additive mask [B, 1, 1, S, T]: key j visible to query s iff j <= past_len+s and mask[b, j] == 1
         allowed = (np.arange(T)[None, :] <= (past_len + np.arange(S))[:, None])[None] & (am[:, None, :] == 1)
         bias = np.where(allowed, _F32(0), np.finfo(_F32).min).astype(_F32)[:, None, None]
+        # a query that sees no key at all (a pad row) gets a zero attention output, not NaN
+        seen = allowed.any(axis=-1)  # [B, S]
+        keep = None if seen.all() else seen.astype(_F32)[:, None, None, :, None]
         bufs = self._kv_buffers(past, B, past_len, T)
         qkv_bias = cfg.qkv_bias
         scale = self._scale
 
         with np.errstate(over="ignore"):
             for i in range(L):
-                (wq, lq), (wk, lk), (wv, lv), (wo, lo), (wg, lg), (wu, lu), (wd, ld) = self._layers[i]
+                qkv, gu, (wq, lq), (wk, lk), (wv, lv), (wo, lo), (wg, lg), (wu, lu), (wd, ld) = self._layers[i]
                 h = _rmsnorm(x, norm[f"blk.{i}.attn_norm.weight"], eps)
-                q = _lin(h, wq, lq)
-                k = _lin(h, wk, lk)
-                v = _lin(h, wv, lv)
+                if qkv is not None:  # one matmul, split into views
+                    y = h @ qkv
+                    q, k, v = y[:, :qd], y[:, qd:qd + kvd], y[:, qd + kvd:]
+                    for t, lv_ in ((q, lq), (k, lk), (v, lv)):
+                        if lv_ is not None:
+                            t += (h @ lv_[0]) @ lv_[1]
+                else:
+                    q = _lin(h, wq, lq)
+                    k = _lin(h, wk, lk)
+                    v = _lin(h, wv, lv)
                 if qkv_bias:
                     q += norm[f"blk.{i}.attn_q.bias"]
                     k += norm[f"blk.{i}.attn_k.bias"]
@@ -506,12 +574,22 @@ class NumpyEngine:
                 sc -= sc.max(axis=-1, keepdims=True)
                 np.exp(sc, out=sc)
                 sc /= sc.sum(axis=-1, keepdims=True)
+                if keep is not None:
+                    sc5 *= keep
                 o = np.matmul(sc, V)  # [B, KV, G*S, hd]
                 o = o.reshape(B, H, S, hd).transpose(0, 2, 1, 3).reshape(N, H * hd)
                 x = x + _lin(o, wo, lo)
                 h = _rmsnorm(x, norm[f"blk.{i}.ffn_norm.weight"], eps)
-                g = _lin(h, wg, lg)
-                u = _lin(h, wu, lu)
+                if gu is not None:
+                    z = h @ gu
+                    g, u = z[:, :F], z[:, F:]
+                    if lg is not None:
+                        g += (h @ lg[0]) @ lg[1]
+                    if lu is not None:
+                        u += (h @ lu[0]) @ lu[1]
+                else:
+                    g = _lin(h, wg, lg)
+                    u = _lin(h, wu, lu)
                 # SiLU(g) * u = g * u / (1 + exp(-g))
                 e = np.negative(g)
                 np.exp(e, out=e)

@@ -3,8 +3,12 @@
 Merge mode: the adapted linear weights W' = W + ΔW (float32, from the immutable base) replace
 the graph's initializers through ``SessionOptions.add_initializer`` in a new session, which takes
 over only once it is built and verified — a failed swap leaves the running session untouched.
-onnxruntime silently ignores an override of a weight it constant-folded, so every swap checks the
-graph's ``weight_sums`` output against the sums of the weights it was given.
+
+onnxruntime silently ignores an override of a weight it constant-folded, and silently accepts an
+override under a name the graph does not have. So every swap is verified twice: the base folder's
+``weight_sums.onnx`` (same initializer names, nothing to fold) is run with the same overrides and
+must report the sum of every weight it was given; and the new decoder session must answer a
+one-token probe differently from the old one whenever the weights changed.
 """
 
 from __future__ import annotations
@@ -47,10 +51,10 @@ class OrtEngine:
         self._path, self._root, self._threads = path, manifest.root, threads
         self._table = {n: e["onnx"] for n, e in manifest.tensors.items() if isinstance(e, dict) and "onnx" in e}
         self._linear = list(self.cfg.linear_shapes())
+        self._sums_path = path.parent / "weight_sums.onnx"
         self._session, self._keep = self._build({}), ()
         self._out_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.cfg.n_layers) for kv in ("key", "value")]
-        self._has_sums = "weight_sums" in {o.name for o in self._session.get_outputs()}
-        self._base_sums = self._weight_sums(self._session) if self._has_sums else None
+        self._probe = self._probe_logits(self._session)
         self._mm: dict[str, np.memmap] = {}
 
     # ---- sessions
@@ -62,27 +66,26 @@ class OrtEngine:
         so.log_severity_level = 3
         return so
 
-    def _build(self, overrides: dict[str, np.ndarray]) -> Any:
+    def _build(self, overrides: dict[str, np.ndarray], path: Path | None = None) -> Any:
         so = self._options()
-        keep = []
+        arrays, values = {}, []
         for name, w in overrides.items():
             e = self._table[name]
-            arr = np.ascontiguousarray(w.T if e["layout"] == "in_out" else w, dtype=np.float32)
-            ov = self._ort.OrtValue.ortvalue_from_numpy(arr)
-            so.add_initializer(e["onnx"], ov)
-            keep += [arr, ov]  # must outlive the session (onnxruntime uses the buffer as is)
-        sess = self._ort.InferenceSession(str(self._path), so, providers=["CPUExecutionProvider"])
-        self._pending_keep = (keep, so)
+            arrays[name] = np.ascontiguousarray(w.T if e["layout"] == "in_out" else w, dtype=np.float32)
+            values.append(self._ort.OrtValue.ortvalue_from_numpy(arrays[name]))
+            so.add_initializer(e["onnx"], values[-1])
+        sess = self._ort.InferenceSession(str(path or self._path), so, providers=["CPUExecutionProvider"])
+        self._pending_keep = (arrays, values, so)  # must outlive the session: onnxruntime uses the buffers as they are
         return sess
 
-    def _weight_sums(self, sess: Any) -> np.ndarray:
-        b = 1
-        feeds = {"input_ids": np.zeros((b, 1), np.int64), "attention_mask": np.ones((b, 1), np.int64),
-                 "position_ids": np.zeros((b, 1), np.int64)}
+    def _probe_logits(self, sess: Any) -> np.ndarray:
+        """Logits of a fixed two-token input: a fingerprint of the weights a session really uses."""
+        feeds = {"input_ids": np.array([[1, 2]], np.int64) % self.cfg.vocab_size,
+                 "attention_mask": np.ones((1, 2), np.int64), "position_ids": np.array([[0, 1]], np.int64)}
         for i in range(self.cfg.n_layers):
             for kv in ("key", "value"):
-                feeds[f"past.{i}.{kv}"] = np.zeros((b, self.cfg.n_kv_heads, 0, self.cfg.head_dim), np.float32)
-        return sess.run(["weight_sums"], feeds)[0].astype(np.float64)
+                feeds[f"past.{i}.{kv}"] = np.zeros((1, self.cfg.n_kv_heads, 0, self.cfg.head_dim), np.float32)
+        return sess.run(["logits"], feeds)[0]
 
     # ---- weights
     def base_weight(self, name: str) -> np.ndarray:
@@ -110,24 +113,42 @@ class OrtEngine:
         collect(problems, AdapterMismatchError, "cannot apply these weights:")
         sess = self._build(overrides)
         keep = self._pending_keep
-        if self._has_sums and overrides:
-            self._verify(sess, overrides)
-        self._session, self._keep = sess, keep
+        probe = self._probe_logits(sess)
+        if overrides:
+            self._verify_sums(overrides)
+        changed = self._changed(overrides)
+        if changed and np.array_equal(probe, self._probe):
+            raise OverrideNotAppliedError(
+                f"onnxruntime built a session whose output did not change although {len(changed)} weights did "
+                f"(e.g. {changed[0]}); the model was left as it was")
+        self._session, self._keep, self._probe = sess, keep, probe
 
-    def _verify(self, sess: Any, overrides: dict[str, np.ndarray]) -> None:
-        got = self._weight_sums(sess)
+    def _changed(self, overrides: dict[str, np.ndarray]) -> list[str]:
+        """Names whose weight differs from what the running session uses."""
+        cur = self._keep[0] if self._keep else {}  # name -> array in the graph's layout
+        out = []
+        for n in sorted(set(cur) | set(overrides)):
+            a = cur[n].T if n in cur and self._table[n]["layout"] == "in_out" else cur.get(n)
+            a = self.base_weight(n) if a is None else a
+            b = overrides[n] if n in overrides else self.base_weight(n)
+            if not np.array_equal(a, b):
+                out.append(n)
+        return out
+
+    def _verify_sums(self, overrides: dict[str, np.ndarray]) -> None:
+        if not self._sums_path.is_file():
+            raise FormatError(f"{self._sums_path} is missing: the base folder is incomplete; export it again")
+        got = self._build(overrides, self._sums_path).run(["weight_sums"], {})[0].astype(np.float64)
         bad = []
         for i, n in enumerate(self._linear):
-            if n not in overrides:
-                continue
-            want = float(overrides[n].sum(dtype=np.float64))
-            moved = abs(want - self._base_sums[i])
-            noise = 1e-6 * float(np.abs(overrides[n]).sum(dtype=np.float64)) + 1e-6
-            if moved > 4 * noise and abs(got[i] - want) > 0.25 * moved:
-                bad.append(f"{n}: expected sum {want:.6g}, the session computes {got[i]:.6g} (base {self._base_sums[i]:.6g})")
+            if n in overrides:
+                want = float(overrides[n].sum(dtype=np.float64))
+                tol = 1e-5 * float(np.abs(overrides[n]).sum(dtype=np.float64)) + 1e-6
+                if abs(got[i] - want) > tol:
+                    bad.append(f"{n}: expected sum {want:.7g}, onnxruntime sees {got[i]:.7g}")
         if bad:
-            raise OverrideNotAppliedError("onnxruntime ignored weight overrides (constant-folded weights?); "
-                                          "the model was left as it was:\n  " + "\n  ".join(bad))
+            raise OverrideNotAppliedError("onnxruntime did not take these weight overrides; the model was left "
+                                          "as it was:\n  " + "\n  ".join(bad))
 
     # ---- forward
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,

@@ -17,7 +17,7 @@ from conftest import make_model
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    make_model("qwen2", seed=3).save_pretrained(d / "hf")
+    make_model("qwen2", seed=3, intermediate_size=96).save_pretrained(d / "hf")
     return d
 
 
@@ -44,7 +44,7 @@ def test_export_base_adapter_inspect(hf_dir, tiny):
 
 
 def test_export_adapter_for_wrong_base_is_refused(hf_dir, tiny):
-    """A llama adapter converted against a qwen2 base: refused by name, exit code 2, no traceback."""
+    """An adapter converted against a base of other shapes: refused by name, exit code 2, no traceback."""
     r = CliRunner()
     if not (hf_dir / "base" / "manifest.json").exists():
         r.invoke(main, ["export-base", str(hf_dir / "hf"), str(hf_dir / "base")])
@@ -52,12 +52,16 @@ def test_export_adapter_for_wrong_base_is_refused(hf_dir, tiny):
                           "-o", str(hf_dir / "x.gguf")])
     assert res.exit_code == 2
     assert "error: the PEFT adapter does not fit this base" in res.output
-    assert "model.layers.0.mlp.down_proj: expected lora_A [6, 128] and lora_B [64, 6]" not in res.output or True
+    assert "model.layers.0.mlp.down_proj: expected lora_A [6, 96] and lora_B [64, 6] (r from the config), found [6, 128] and [64, 6]" in res.output
+    assert "Traceback" not in res.output and not (hf_dir / "x.gguf").exists()
 
 
-def test_generate_from_ids_cli(tiny):
-    res = CliRunner().invoke(main, ["inspect", str(tiny["a"])])
-    assert res.exit_code == 0
+def test_inspect_refuses_a_damaged_file(tiny, tmp_path):
+    data = bytearray(tiny["a"].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "d.gguf").write_bytes(bytes(data))
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "d.gguf")])
+    assert res.exit_code == 2 and "integrity check failed" in res.output
 
 
 def test_runtime_imports_without_torch_or_onnx():

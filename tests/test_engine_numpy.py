@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from edgeadapt.arch import unpermute_qk  # noqa: E402
 from edgeadapt.converters.gguf_base import _hf_fields, write_base_gguf  # noqa: E402
-from edgeadapt.converters.hf import from_transformers  # noqa: E402
+from edgeadapt.converters.hf import from_gguf_file, from_transformers  # noqa: E402
 from edgeadapt.errors import AdapterMismatchError, FormatError, UnsupportedError  # noqa: E402
 from edgeadapt.runtime import engine_numpy  # noqa: E402
 from edgeadapt.runtime.engine_numpy import NumpyEngine  # noqa: E402
@@ -274,8 +274,13 @@ def test_other_types_load_and_lazy(base, tmp_path, qtype):
     lo, _ = NumpyEngine(f, dequantize="load").forward(ids, mask, pos)
     la, _ = NumpyEngine(f, dequantize="lazy").forward(ids, mask, pos)
     np.testing.assert_allclose(lo, la, atol=1e-5, rtol=0)
-    tol = 1e-2 if qtype == "F16" else 0.25
-    assert np.abs(_real(lo, mask) - _real(ref, mask)).max() < tol * np.abs(_real(ref, mask)).max()
+    # exact against gguf's own dequantization of the file run through the F32 path (4-bit noise on a
+    # random tiny model moves logits by up to ~50 %, so closeness to the F32 model says little)
+    _, wq = from_gguf_file(f)
+    indep = _write(cfg, wq, tmp_path / f"{qtype}-dequantized.gguf", "F32")
+    np.testing.assert_allclose(lo, NumpyEngine(indep).forward(ids, mask, pos)[0], atol=1e-4, rtol=0)
+    if qtype == "F16":
+        np.testing.assert_allclose(_real(lo, mask), _real(ref, mask), atol=1e-2, rtol=0)
 
 
 @pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0", "Q4_1"])
@@ -315,7 +320,7 @@ def test_bad_overrides_and_factors_change_nothing(base):
     msg = str(ei.value)
     for n in ("blk.0.ffn_down.weight", "blk.1.attn_v.weight", "blk.9.attn_q.weight", "blk.0.attn_k.weight"):
         assert n in msg
-    assert "(128, 64)" in msg and "(3, 3)" in msg and "float64" in msg and "blk.1.ffn_up" not in msg
+    assert "(64, 128)" in msg and "(3, 3)" in msg and "float64" in msg and "blk.1.ffn_up" not in msg
     with pytest.raises(AdapterMismatchError) as ei:
         eng.set_live({"blk.0.ffn_up.weight": [(np.zeros((2, 64), np.float32), np.zeros((128, 3), np.float32), 1.0)],
                       "output_norm.weight": [(np.zeros((2, 64), np.float32), np.zeros((64, 2), np.float32), 1.0)],

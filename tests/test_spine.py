@@ -194,3 +194,17 @@ def test_every_refusal_is_an_edgeadapt_error():
     for cls in (AdapterMismatchError, AdapterNotFoundError, FormatError, IntegrityError):
         assert issubclass(cls, EdgeAdaptError)
     assert issubclass(AdapterMismatchError, ValueError) and issubclass(AdapterNotFoundError, KeyError)
+
+
+def test_ort_refuses_a_session_that_ignores_overrides(tiny, ids, monkeypatch):
+    """onnxruntime silently ignores overrides of folded weights: the engine must notice and keep the old model."""
+    from edgeadapt.runtime.engine_ort import OrtEngine, OverrideNotAppliedError
+
+    m = edgeadapt.load(tiny["base"], engine="ort")
+    m.add_adapter(tiny["a"], name="a")
+    before = m.logits(ids)
+    real_build = OrtEngine._build
+    monkeypatch.setattr(OrtEngine, "_build", lambda self, overrides, path=None: real_build(self, {}, path))
+    with pytest.raises(OverrideNotAppliedError, match="did not take these weight overrides"):
+        m.use("a")
+    assert m.active == {} and np.array_equal(m.logits(ids), before)
