@@ -146,5 +146,20 @@ def demo_cmd(out: Path, engine: str, prompt: str) -> None:
     run_demo(out, engine=engine, prompt=prompt, echo=click.echo, progress=_Progress)
 
 
+# ---- commands that live in their own modules (each module: ``COMMANDS = [click.Command, ...]``;
+# they import only click at module level, the real work lazily inside each command)
+_COMMAND_MODULES: list[str] = []
+
+
+def _register() -> None:
+    import importlib
+
+    for mod in _COMMAND_MODULES:
+        for cmd in importlib.import_module(mod).COMMANDS:
+            main.add_command(cmd)
+
+
+_register()
+
 if __name__ == "__main__":
     main()

@@ -117,7 +117,6 @@ class _Src:
             out[r0:r0 + step] = self.deq(self.data[r0:r0 + step])
         return out
 
-
     def fill_t(self, out: np.ndarray) -> None:
         """Write the tensor transposed ([in, out]) into ``out`` (any strides), slab by slab, so no
         full-size temporary is made."""
@@ -162,37 +161,58 @@ def _ro(a: np.ndarray) -> np.ndarray:
 class NumpyEngine:
     """Llama / Qwen2 forward pass in numpy from a GGUF base, with merged or live adapters.
 
-    Weights stay memory-mapped from the file. How non-F32 linear weights are held
-    (``dequantize=``):
+    Weights stay memory-mapped from the file. How linear weights are held (``dequantize=``):
 
-    - ``"load"``: every linear weight is dequantized (F16 upcast) once at load and kept as a
-      contiguous fp32 ``[in, out]`` array (W transposed: measured faster for numpy's matmul,
-      e.g. the 49152×576 SmolLM2 head 12 ms vs 26 ms per decode token). Fastest decode;
-      memory = fp32 size of the model. F32 tensors are also copied into that layout here —
-      "load" asks for the fastest decode, and the one copy buys ~1.3× (see below).
-    - ``"lazy"``: the stored blocks stay mmapped and each matmul dequantizes them in slabs of
-      ≤ 4 MiB fp32 just before use. Memory = stored size + one slab; every token pays a full
-      dequantization of the model (Q8_0/Q4_0/Q4_1/F16 have vectorised fast paths, the other
-      types go through ``gguf.quants.dequantize``, several times slower).
-    - ``"auto"`` (default): F32 tensors are used zero-copy from the memmap (``W.T`` view);
-      quantized and F16 tensors are treated as ``"load"`` when their fp32 total is below
-      ``auto_load_limit`` (min(2 GiB, a quarter of physical RAM)), else ``"lazy"``. F16 is
-      upcast once rather than per use because numpy's float16→float32 cast is slow: measured
-      1.9 ms for a 1536×576 tensor against 0.03 ms for the decode matmul it would feed.
+    - ``"load"``: every linear weight (F32 included) is dequantized / upcast once into fp32
+      ``[in, out]`` (W transposed), with q|k|v and gate|up concatenated so each is one
+      matmul. Done slab by slab straight into the target, and each tensor's file pages are
+      then released (madvise), so resident memory ≈ the fp32 size, not fp32 + file.
+      Fastest decode.
+    - ``"lazy"``: the stored blocks stay mmapped and every matmul dequantizes them in
+      ≤ 4 MiB fp32 slabs just before use. Memory ≈ stored size + one slab, but every
+      token pays a full dequantization of the model. Q8_0, Q4_0, Q4_1 and F16 have
+      vectorised fast paths that are bit-identical to gguf's. Other types go through
+      ``gguf.quants.dequantize``, which is 1.5–3× slower. F32 tensors are used zero-copy.
+    - ``"auto"`` (default): F32 tensors are used zero-copy from the memmap (``x @ W.T`` on a
+      view). Quantized and F16 tensors follow ``"load"`` when their fp32 total is at most
+      ``auto_load_limit`` (default min(2 GiB, physical RAM / 4)), else ``"lazy"``. F16 is
+      upcast once rather than per use: numpy's float16→float32 cast took 1.9 ms for a
+      1536×576 tensor, against 0.03 ms for the decode matmul it would feed.
 
-    Measured on a random SmolLM2-135M-shaped model (30 layers, dim 576, vocab 49152, tied),
-    batch 1, decode after a 16-token prefill, on a shared 2-core x86 VM (see the report in
-    tests/test_engine_numpy.py's module docstring for the numbers of that run).
+    Measured (random SmolLM2-135M-shaped model: 30 layers, dim 576, 9/3 heads, ffn 1536,
+    vocab 49152, tied). Batch 1, 16-token prefill, then the median of 32 decode steps, on a
+    shared 2-vCPU x86 VM with ``OPENBLAS_NUM_THREADS=1``. Peak RSS is ``ru_maxrss``.
 
-    Adapters: :meth:`set_weights` replaces whole linear weights (merge mode, the caller adds
-    the delta to :meth:`base_weight`); :meth:`set_live` adds ``scale·(x Aᵀ) Bᵀ`` beside the
+    ============  ========  =========  ========  ===========
+    file (size)   mode      decode     peak RSS  load time
+    ============  ========  =========  ========  ===========
+    F32 538 MB    auto      21 tok/s   558 MB    0.03 s
+    F32           load      32 tok/s   656 MB    1.1 s
+    F16 269 MB    auto      36 tok/s   605 MB    1.1 s
+    F16           lazy       4 tok/s   307 MB    0.02 s
+    Q8_0 143 MB   load      35 tok/s   580 MB    0.8 s
+    Q8_0          lazy      12 tok/s   187 MB    0.02 s
+    Q4_1 84 MB    load      35 tok/s   569 MB    0.7 s
+    Q4_1          lazy       5 tok/s   130 MB    0.02 s
+    ============  ========  =========  ========  ===========
+
+    The same model in onnxruntime (fp32, one intra-op thread) ran 31–32 tok/s at 1.0 GB
+    peak RSS. Decode is memory-bandwidth bound: 540 MB of fp32 weights are read per token.
+    In ``"auto"`` on F32 the transposed-view matmul is the slow part, e.g. the 49152×576 head
+    takes 26 ms as ``x @ W.T`` against 12 ms as ``x @ Wt`` in isolation. With 2 BLAS threads
+    on an oversubscribed CPU, OpenBLAS's spinning threads made decode 2–25× slower, so set
+    ``OPENBLAS_NUM_THREADS`` to the number of cores the app can actually use.
+
+    Adapters: :meth:`set_weights` replaces whole linear weights (merge mode; the caller adds
+    the delta to :meth:`base_weight`). :meth:`set_live` adds ``scale·(x Aᵀ) Bᵀ`` beside the
     frozen weight (unmerged mode, the only exact way to put a small delta on a 4-bit base).
     Both validate everything before changing anything. Arrays passed in are used without a
-    copy when already float32 C-contiguous: do not mutate them afterwards.
+    copy when they are already float32 C-contiguous, so do not mutate them afterwards.
 
     KV cache: ``present`` arrays are read-only views of an internal buffer. When ``past`` is
     exactly the ``present`` this engine returned last, new keys/values are written in place
-    after it (no O(context) copy per token); any other ``past`` is copied into a new buffer.
+    after it, with no O(context) copy per token. Any other ``past`` is copied into a new
+    buffer, so forking from an older ``past`` is safe.
     """
 
     name = "numpy"
@@ -498,6 +518,14 @@ class NumpyEngine:
 
     def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: Sequence[tuple[np.ndarray, np.ndarray]] | None = None
                 ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        """input_ids int [batch, seq]; attention_mask int [batch, past+seq] (1 real, 0 pad);
+        position_ids int [batch, seq]; past None or per layer (key, value) float32
+        [batch, n_kv_heads, past_len, head_dim]. Returns logits float32 [batch, seq, vocab]
+        and present per layer [batch, n_kv_heads, past_len+seq, head_dim].
+
+        A query at absolute position past_len+s attends key j iff j ≤ past_len+s and
+        attention_mask[b, j] == 1. A query that sees no key (a pad row) gets a zero attention
+        output, so its logits are finite and do not depend on the cache length."""
         cfg = self.cfg
         ids = np.asarray(input_ids)
         am = np.asarray(attention_mask)
@@ -609,7 +637,8 @@ class NumpyEngine:
 
 
 def _rmsnorm(x: np.ndarray, w: np.ndarray, eps: np.float32) -> np.ndarray:
-    ms = np.mean(x * x, axis=-1, keepdims=True)
+    ms = np.add.reduce(x * x, axis=-1, keepdims=True)
+    ms /= _F32(x.shape[-1])
     ms += eps
     np.sqrt(ms, out=ms)
     np.divide(_F32(1), ms, out=ms)

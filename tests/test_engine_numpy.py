@@ -263,11 +263,16 @@ def test_q8_0_load_and_lazy(base, tmp_path):
     np.testing.assert_allclose(e_load.forward(ids, mask, pos)[0], e_lazy.forward(ids, mask, pos)[0], atol=1e-5, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    model = _make("llama")
+    cfg, w = from_transformers(model)
+    return cfg, w, _write(cfg, w, tmp_path_factory.mktemp("llama-only") / "m.gguf", "F32")
+
+
 @pytest.mark.parametrize("qtype", ["F16", "Q4_0", "Q4_1", "Q5_0"])
-def test_other_types_load_and_lazy(base, tmp_path, qtype):
-    kind, model, cfg, w, path = base
-    if kind != "llama":
-        pytest.skip("one architecture is enough here")
+def test_other_types_load_and_lazy(llama, tmp_path, qtype):
+    cfg, w, path = llama
     f = _write(cfg, w, tmp_path / f"{qtype}.gguf", qtype)
     ids, mask, pos = _batch(7)
     ref, _ = NumpyEngine(path).forward(ids, mask, pos)
@@ -298,6 +303,38 @@ def test_auto_goes_lazy_above_limit(base, tmp_path, monkeypatch):
     q8 = _write(cfg, w, tmp_path / "q8.gguf", "Q8_0")
     monkeypatch.setattr(NumpyEngine, "auto_load_limit", 1000)
     assert NumpyEngine(q8)._mode == "lazy"
+
+
+def test_fused_load_mode_with_partial_overrides_and_live(llama):
+    """"load" fuses q|k|v and gate|up; overriding one member of a group unfuses that group only,
+    and live factors apply to views of a fused output: all equal the zero-copy engine."""
+    cfg, w, path = llama
+    ref_eng, fused = NumpyEngine(path), NumpyEngine(path, dequantize="load")
+    assert (0, "qkv") in fused._fused and (1, "gu") in fused._fused and not ref_eng._fused
+    ids, mask, pos = _batch(9)
+    np.testing.assert_allclose(fused.forward(ids, mask, pos)[0], ref_eng.forward(ids, mask, pos)[0], atol=1e-4, rtol=0)
+    rng = np.random.default_rng(10)
+    shapes = cfg.linear_shapes()
+    over = {n: ref_eng.base_weight(n) + np.float32(0.05) * rng.standard_normal(shapes[n]).astype(np.float32)
+            for n in ("blk.0.attn_k.weight", "blk.1.ffn_up.weight")}
+    live = {n: [((0.1 * rng.standard_normal((2, shapes[n][1]))).astype(np.float32),
+                 (0.1 * rng.standard_normal((shapes[n][0], 2))).astype(np.float32), 0.7)]
+            for n in ("blk.0.attn_q.weight", "blk.1.attn_v.weight", "blk.1.ffn_gate.weight", "blk.0.ffn_up.weight",
+                      "output.weight")}
+    for e in (ref_eng, fused):
+        e.set_weights(over)
+        e.set_live(live)
+    a, _ = ref_eng.forward(ids, mask, pos)
+    b, _ = fused.forward(ids, mask, pos)
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    assert fused._layers[0][0] is None and fused._layers[1][0] is not None  # blk.0 qkv unfused, blk.1 fused
+    assert fused._layers[1][1] is None and fused._layers[0][1] is not None
+    fused.set_weights({})
+    fused.set_live({})
+    np.testing.assert_allclose(fused.forward(ids, mask, pos)[0], NumpyEngine(path).forward(ids, mask, pos)[0],
+                               atol=1e-4, rtol=0)
+    for n in ("blk.0.attn_k.weight", "blk.1.ffn_gate.weight", "output.weight"):
+        assert np.array_equal(fused.base_weight(n), w[n])
 
 
 # ---------------------------------------------------------------- 5. bad adapters leave the engine unchanged
