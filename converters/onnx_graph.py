@@ -50,6 +50,7 @@ Progress = Callable[[str, int, int], None]
 OPSET = 17
 DATA_FILE = "model.onnx.data"
 VERIFY_FILE = "weight_sums.onnx"
+LORA_FILE = "model_lora.onnx"
 NEG = float(np.finfo(np.float32).min)  # masked score: "minus infinity" that keeps softmax finite
 _ALIGN_BIG, _ALIGN_SMALL, _BIG = 65536, 64, 1 << 20  # offset alignment in the data file
 
@@ -96,6 +97,7 @@ class _G:
         self.inits: list[TensorProto] = []
         self._n = 0
         self._consts: dict[tuple, str] = {}
+        self.slots: dict[str, tuple[int, int]] | None = None  # weight -> (out, in) for the slotted graph
 
     def op(self, op: str, *inputs: str, out: str | None = None, **attrs) -> str:
         self._n += 1
@@ -138,9 +140,18 @@ def _rope(g: _G, x: str, cos: str, sin: str, cfg: ArchConfig, n_heads: int) -> s
     return g.op("Reshape", g.op("Concat", ra, rb, axis=axis), g.const([0, 0, n_heads, hd]))  # [B,S,H,hd]
 
 
-def _linear(g: _G, x: str, prefix: str, bias: bool = False) -> str:
-    y = g.op("MatMul", x, f"{prefix}.weight")  # weight is [in, out]
-    return g.op("Add", y, f"{prefix}.bias") if bias else y
+def _linear(g: _G, x: str, prefix: str, bias: bool = False, out: str | None = None) -> str:
+    name = f"{prefix}.weight"
+    y = g.op("MatMul", x, name, out=None if (bias or g.slots is not None) else out)  # weight is [in, out]
+    if g.slots is not None and name in g.slots:  # LoRA slot: + (x @ A) @ B, A [n,in,r], B [n,r,out], n in {1, batch}
+        a, b = lora_input_names(name)
+        y = g.op("Add", y, g.op("MatMul", g.op("MatMul", x, a), b), out=None if bias else out)
+    return g.op("Add", y, f"{prefix}.bias", out=out) if bias else y
+
+
+def lora_input_names(weight: str) -> tuple[str, str]:
+    """Graph inputs of the LoRA slot beside ``weight``: A [n, in, r] and B [n, r, out] (scale in B)."""
+    return f"lora.{weight}.a", f"lora.{weight}.b"
 
 
 def _attention(g: _G, cfg: ArchConfig, i: int, x: str, cos: str, sin: str, mask: str) -> str:
@@ -215,64 +226,63 @@ def _save(graph: onnx.GraphProto, path: Path) -> None:
 
 # ---- the public builder
 def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *,
-               progress: Progress | None = None) -> dict:
-    """Write ``model.onnx``, ``weight_sums.onnx`` and their one data file ``model.onnx.data`` into
-    ``out_dir``; return the weight table (see :func:`_weight_table`). ``progress(step, done, total)``
-    is called after each layer and once after saving."""
+               progress: Progress | None = None, slots: bool = True) -> dict:
+    """Write ``model.onnx``, ``weight_sums.onnx`` (and, with ``slots``, ``model_lora.onnx``) and
+    their one data file ``model.onnx.data`` into ``out_dir``; return the weight table (see
+    :func:`_weight_table`). ``progress(step, done, total)`` is called per layer and after saving."""
     check_complete(cfg, weights)  # names and shapes, with a readable error
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     linear = cfg.linear_shapes()
-    g = _G()
     protos: dict[str, TensorProto] = {}
     writer = _DataWriter(out_dir / DATA_FILE)
-
-    def put(name: str, a: np.ndarray) -> None:
-        protos[name] = writer.add(name, a)
-        g.inits.append(protos[name])
-
-    def put_weight(name: str) -> None:  # linear: canonical [out,in] -> [in,out]; others as-is
-        w = np.asarray(weights[name], dtype=np.float32)
-        put(name, w.T if name in linear else w)
-
-    try:
-        # ---- embeddings, rope angles for these positions, mask
-        put_weight("token_embd.weight")
+    try:  # every weight written once, in layer order; linear: canonical [out,in] -> [in,out]
+        names = list(cfg.tensor_shapes())
+        for k, name in enumerate(names):
+            w = np.asarray(weights[name], dtype=np.float32)
+            protos[name] = writer.add(name, w.T if name in linear else w)
+            if progress and name.endswith("ffn_down.weight"):
+                progress("write weights", int(name.split(".")[1]) + 1, cfg.n_layers)
         cos, sin = rope_tables(cfg)
-        put("rope.cos", cos)
-        put("rope.sin", sin)
-        x = g.op("Gather", "token_embd.weight", "input_ids", axis=0)  # [B,S,dim]
-        pair_axis = [2, 4] if cfg.rope == "norm" else [2, 3]  # [B,S,hd/2] -> [B,S,1,hd/2,1] | [B,S,1,1,hd/2]
-        cos_t = g.op("Unsqueeze", g.op("Gather", "rope.cos", "position_ids", axis=0), g.const(pair_axis))
-        sin_t = g.op("Unsqueeze", g.op("Gather", "rope.sin", "position_ids", axis=0), g.const(pair_axis))
-        mask = _mask(g)
-
-        # ---- decoder blocks (each block's weights are written as it is built)
-        for i in range(cfg.n_layers):
-            for name in cfg.tensor_shapes():
-                if name.startswith(f"blk.{i}."):
-                    put_weight(name)
-            h = _rms_norm(g, x, f"blk.{i}.attn_norm.weight", cfg.rms_eps)
-            x = g.op("Add", x, _attention(g, cfg, i, h, cos_t, sin_t, mask))
-            h = _rms_norm(g, x, f"blk.{i}.ffn_norm.weight", cfg.rms_eps)
-            x = g.op("Add", x, _mlp(g, i, h))  # [B,S,dim]
-            if progress:
-                progress("build graph", i + 1, cfg.n_layers)
-
-        # ---- head
-        put_weight("output_norm.weight")
-        x = _rms_norm(g, x, "output_norm.weight", cfg.rms_eps)
-        if cfg.tied_embeddings:  # logits = x @ token_embd^T via Gemm(transB=1): no copy, no Transpose
-            x2 = g.op("Reshape", x, g.const([-1, cfg.dim]))  # [B*S,dim]
-            y2 = g.op("Gemm", x2, "token_embd.weight", transB=1)  # [B*S,vocab]
-            bs = g.op("Slice", g.op("Shape", "input_ids"), g.const([0]), g.const([2]))  # [2] = (B,S)
-            g.op("Reshape", y2, g.op("Concat", bs, g.const([cfg.vocab_size]), axis=0), out="logits")
-        else:
-            put_weight("output.weight")
-            g.op("MatMul", x, "output.weight", out="logits")  # [B,S,vocab]
+        protos["rope.cos"], protos["rope.sin"] = writer.add("rope.cos", cos), writer.add("rope.sin", sin)
     finally:
         writer.close()
+    _save(_decoder(cfg, protos, None), out_dir / "model.onnx")
+    if slots:
+        _save(_decoder(cfg, protos, linear), out_dir / LORA_FILE)
+    _write_verify_model(cfg, protos, out_dir)
+    if progress:
+        progress("save", 1, 1)
+    return _weight_table(out_dir, {n: "in_out" if n in linear else "as_is" for n in cfg.tensor_shapes()})
 
+
+def _decoder(cfg: ArchConfig, protos: dict[str, TensorProto], slots: dict[str, tuple[int, int]] | None
+             ) -> onnx.GraphProto:
+    """The decoder graph over the written weights; with ``slots``, a LoRA slot beside each of them."""
+    g = _G()
+    g.slots = slots
+    g.inits += list(protos.values())
+    # ---- embeddings, rope angles for these positions, mask
+    x = g.op("Gather", "token_embd.weight", "input_ids", axis=0)  # [B,S,dim]
+    pair_axis = [2, 4] if cfg.rope == "norm" else [2, 3]  # [B,S,hd/2] -> [B,S,1,hd/2,1] | [B,S,1,1,hd/2]
+    cos_t = g.op("Unsqueeze", g.op("Gather", "rope.cos", "position_ids", axis=0), g.const(pair_axis))
+    sin_t = g.op("Unsqueeze", g.op("Gather", "rope.sin", "position_ids", axis=0), g.const(pair_axis))
+    mask = _mask(g)
+    # ---- decoder blocks
+    for i in range(cfg.n_layers):
+        h = _rms_norm(g, x, f"blk.{i}.attn_norm.weight", cfg.rms_eps)
+        x = g.op("Add", x, _attention(g, cfg, i, h, cos_t, sin_t, mask))
+        h = _rms_norm(g, x, f"blk.{i}.ffn_norm.weight", cfg.rms_eps)
+        x = g.op("Add", x, _mlp(g, i, h))  # [B,S,dim]
+    # ---- head
+    x = _rms_norm(g, x, "output_norm.weight", cfg.rms_eps)
+    if cfg.tied_embeddings:  # logits = x @ token_embd^T via Gemm(transB=1): no copy, no Transpose
+        x2 = g.op("Reshape", x, g.const([-1, cfg.dim]))  # [B*S,dim]
+        y2 = g.op("Gemm", x2, "token_embd.weight", transB=1)  # [B*S,vocab]
+        bs = g.op("Slice", g.op("Shape", "input_ids"), g.const([0]), g.const([2]))  # [2] = (B,S)
+        g.op("Reshape", y2, g.op("Concat", bs, g.const([cfg.vocab_size]), axis=0), out="logits")
+    else:
+        _linear(g, x, "output", out="logits")  # [B,S,vocab]
     # ---- inputs / outputs
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     kv_in = ["batch", cfg.n_kv_heads, "past", cfg.head_dim]
@@ -285,13 +295,15 @@ def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past.{i}.{kind}", f32, kv_in))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, kv_out))
-
-    _save(helper.make_graph(g.nodes, f"edgeadapt_{cfg.arch}", inputs, outputs, initializer=g.inits),
-          out_dir / "model.onnx")
-    _write_verify_model(cfg, protos, out_dir)
-    if progress:
-        progress("save", 1, 1)
-    return _weight_table(out_dir, {n: "in_out" if n in linear else "as_is" for n in cfg.tensor_shapes()})
+    for k, (name, (out, inp)) in enumerate((slots or {}).items()):
+        a, b = lora_input_names(name)
+        # empty defaults (rank 0): the slotted graph runs the bare base when nothing is fed
+        g.inits += [onnx.numpy_helper.from_array(np.zeros((1, inp, 0), np.float32), a),
+                    onnx.numpy_helper.from_array(np.zeros((1, 0, out), np.float32), b)]
+        inputs += [helper.make_tensor_value_info(a, f32, ["lora_rows", inp, f"rank_{k}"]),
+                   helper.make_tensor_value_info(b, f32, ["lora_rows", f"rank_{k}", out])]
+    return helper.make_graph(g.nodes, f"edgeadapt_{cfg.arch}{'_lora' if slots else ''}", inputs, outputs,
+                             initializer=g.inits)
 
 
 # ---- the manifest table, read back from what was written

@@ -143,12 +143,25 @@ class _Lazy:
         return y
 
 
-def _lin(x: np.ndarray, w: Any, live: Any) -> np.ndarray:
-    """x [n, in] -> [n, out]; ``w`` is an fp32 [in, out] array (any strides) or a _Lazy."""
+def _lin(x: np.ndarray, w: Any, live: Any, rows: Any = None, nb: int = 1) -> np.ndarray:
+    """x [N, in] -> [N, out]; ``w`` is an fp32 [in, out] array (any strides) or a _Lazy; ``live``
+    the engine's fused (Aᵀ, Bᵀ); ``rows`` this call's per-row factors (see :func:`_add_rows`)."""
     y = w.matmul(x) if type(w) is _Lazy else x @ w
     if live is not None:
         y += (x @ live[0]) @ live[1]
+    if rows is not None:
+        _add_rows(y, x, rows, nb)
     return y
+
+
+def _add_rows(y: np.ndarray, x: np.ndarray, f: tuple[np.ndarray, np.ndarray], nb: int) -> None:
+    """y [N, out] += (x A) B, N = nb·seq. ``f`` = (A [in, r], B [r, out]) shared by every row, or
+    (A [nb, in, r], B [nb, r, out]) with row b of the batch using slice b (batched matmul)."""
+    a, b = f
+    if a.ndim == 2:
+        y += (x @ a) @ b
+    else:
+        y += np.matmul(np.matmul(x.reshape(nb, -1, x.shape[1]), a), b).reshape(y.shape)  # [nb, seq, out]
 
 
 def _ro(a: np.ndarray) -> np.ndarray:
@@ -217,6 +230,7 @@ class NumpyEngine:
 
     name = "numpy"
     auto_load_limit: int | None = None  # bytes; None = min(2 GiB, physical RAM / 4)
+    auto_reason: str | None = None  # set by load(engine="auto"): why onnxruntime was not used
 
     def __init__(self, gguf_path: str | os.PathLike[str], cfg: ArchConfig | None = None, *,
                  dequantize: str = "auto"):
@@ -321,6 +335,8 @@ class NumpyEngine:
                                              ** (np.arange(0, hd, 2, dtype=_F32) / np.float32(hd)))).astype(_F32)
         self._scale = np.float32(hd ** -0.5)
 
+        self._shapes = cfg.linear_shapes()
+        self._names = [tuple(f"blk.{i}.{k}.weight" for k in _LINEAR_KINDS) for i in range(cfg.n_layers)]
         self._overrides: dict[str, np.ndarray] = {}
         self._live: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._kv: dict[str, Any] | None = None
@@ -475,6 +491,50 @@ class NumpyEngine:
             self._rebuild()
             raise
 
+    def _check_rows(self, lora: Any, batch: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Validate :meth:`forward`'s ``lora`` (every problem named at once) without copying.
+
+        Returns name -> (A, B): 2-D [in, r] / [r, out] when shared by the batch (n = 1), else 3-D
+        [batch, in, r] / [batch, r, out]. Rank-0 entries (an ONNX-style empty default) are dropped."""
+        if not isinstance(lora, dict):
+            raise AdapterMismatchError(f"lora: expected a dict {{gguf linear name: (A [n, in, r], B [n, r, out])}}, "
+                                       f"found {type(lora).__name__}")
+        shapes = self._shapes
+        problems: list[str] = []
+        out_f: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        ns = "1" if batch == 1 else f"1 or {batch}"
+        for name, f in lora.items():
+            if name not in shapes:
+                self._unknown(name, problems)
+                continue
+            o, i = shapes[name]
+            if not (isinstance(f, (tuple, list)) and len(f) == 2):
+                problems.append(f"{name}: expected a pair (A [n, {i}, r], B [n, r, {o}]), found {type(f).__name__}")
+                continue
+            a, b = f
+            bad = False
+            for label, t, want in (("A", a, f"[n, {i}, r]"), ("B", b, f"[n, r, {o}]")):
+                if not isinstance(t, np.ndarray) or t.dtype != _F32 or t.ndim != 3:
+                    problems.append(f"{name}.{label}: expected float32 {want} with n = {ns}, found "
+                                    f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', ()))}")
+                    bad = True
+            if bad:
+                continue
+            n, r = a.shape[0], a.shape[2]
+            if n not in (1, batch) or a.shape[1] != i or b.shape != (n, r, o):
+                problems.append(f"{name}: expected A [n, {i}, r] and B [n, r, {o}] with n = {ns} and one r, "
+                                f"found A {list(a.shape)} and B {list(b.shape)}")
+                continue
+            if not (np.isfinite(a).all() and np.isfinite(b).all()):
+                which = " and ".join(lb for lb, t in (("A", a), ("B", b)) if not np.isfinite(t).all())
+                problems.append(f"{name}: expected finite values, found NaN/inf in {which}")
+                continue
+            if r:
+                out_f[name] = (a[0], b[0]) if n == 1 else (a, b)
+        collect(problems, AdapterMismatchError, f"per-row adapter factors do not fit this base and batch of {batch} "
+                "(nothing was computed):")
+        return out_f
+
     # ------------------------------------------------------------ forward
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         if self._embd_t is not None:
@@ -516,7 +576,8 @@ class NumpyEngine:
         self._kv = {"B": B, "cap": cap, "len": past_len, "bufs": bufs, "present": None}
         return bufs
 
-    def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: Sequence[tuple[np.ndarray, np.ndarray]] | None = None
+    def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+                lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
                 ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
         """input_ids int [batch, seq]; attention_mask int [batch, past+seq] (1 real, 0 pad);
         position_ids int [batch, seq]; past None or per layer (key, value) float32
@@ -525,7 +586,17 @@ class NumpyEngine:
 
         A query at absolute position past_len+s attends key j iff j ≤ past_len+s and
         attention_mask[b, j] == 1. A query that sees no key (a pad row) gets a zero attention
-        output, so its logits are finite and do not depend on the cache length."""
+        output, so its logits are finite and do not depend on the cache length.
+
+        ``lora`` (this call only; the live contract shared with the onnxruntime engine, whose
+        graph takes the same tensors as inputs ``lora.{name}.a`` / ``lora.{name}.b``):
+        ``{gguf linear name: (A, B)}``, A float32 [n, in, r], B float32 [n, r, out], scales
+        already folded into B, n = 1 (one adapter for every row) or n = batch (row b uses
+        A[b], B[b]; a row without an adapter has zero slices; ranks of different adapters are
+        zero-padded to one r). Each named linear computes ``x Wᵀ (+ set_weights / set_live
+        state) + (x A) B`` per row. Checked in full, raising :class:`AdapterMismatchError`
+        naming every bad tensor, before anything is computed or the KV cache is touched.
+        The arrays are used as given (no copies)."""
         cfg = self.cfg
         ids = np.asarray(input_ids)
         am = np.asarray(attention_mask)
@@ -554,6 +625,9 @@ class NumpyEngine:
         norm = self._norm
         neox = cfg.rope == "neox"
 
+        rows = self._check_rows(lora, B) if lora else {}
+        no_rows = (None,) * len(_LINEAR_KINDS)
+
         x = self._embed(ids.reshape(-1))  # [N, D] float32
         # rotary tables, float32 exactly as transformers: angle = pos * inv_freq
         ang = pos.astype(_F32)[:, :, None] * self._inv_freq  # [B, S, half]
@@ -572,17 +646,20 @@ class NumpyEngine:
         with np.errstate(over="ignore"):
             for i in range(L):
                 qkv, gu, (wq, lq), (wk, lk), (wv, lv), (wo, lo), (wg, lg), (wu, lu), (wd, ld) = self._layers[i]
+                rq, rk, rv, ro, rg, ru, rd = [rows.get(n) for n in self._names[i]] if rows else no_rows
                 h = _rmsnorm(x, norm[f"blk.{i}.attn_norm.weight"], eps)
                 if qkv is not None:  # one matmul, split into views
                     y = h @ qkv
                     q, k, v = y[:, :qd], y[:, qd:qd + kvd], y[:, qd + kvd:]
-                    for t, lv_ in ((q, lq), (k, lk), (v, lv)):
+                    for t, lv_, rw in ((q, lq, rq), (k, lk, rk), (v, lv, rv)):
                         if lv_ is not None:
                             t += (h @ lv_[0]) @ lv_[1]
+                        if rw is not None:
+                            _add_rows(t, h, rw, B)
                 else:
-                    q = _lin(h, wq, lq)
-                    k = _lin(h, wk, lk)
-                    v = _lin(h, wv, lv)
+                    q = _lin(h, wq, lq, rq, B)
+                    k = _lin(h, wk, lk, rk, B)
+                    v = _lin(h, wv, lv, rv, B)
                 if qkv_bias:
                     q += norm[f"blk.{i}.attn_q.bias"]
                     k += norm[f"blk.{i}.attn_k.bias"]
@@ -606,7 +683,7 @@ class NumpyEngine:
                     sc5 *= keep
                 o = np.matmul(sc, V)  # [B, KV, G*S, hd]
                 o = o.reshape(B, H, S, hd).transpose(0, 2, 1, 3).reshape(N, H * hd)
-                x = x + _lin(o, wo, lo)
+                x = x + _lin(o, wo, lo, ro, B)
                 h = _rmsnorm(x, norm[f"blk.{i}.ffn_norm.weight"], eps)
                 if gu is not None:
                     z = h @ gu
@@ -615,18 +692,22 @@ class NumpyEngine:
                         g += (h @ lg[0]) @ lg[1]
                     if lu is not None:
                         u += (h @ lu[0]) @ lu[1]
+                    if rg is not None:
+                        _add_rows(g, h, rg, B)
+                    if ru is not None:
+                        _add_rows(u, h, ru, B)
                 else:
-                    g = _lin(h, wg, lg)
-                    u = _lin(h, wu, lu)
+                    g = _lin(h, wg, lg, rg, B)
+                    u = _lin(h, wu, lu, ru, B)
                 # SiLU(g) * u = g * u / (1 + exp(-g))
                 e = np.negative(g)
                 np.exp(e, out=e)
                 e += _F32(1)
                 g *= u
                 g /= e
-                x += _lin(g, wd, ld)
+                x += _lin(g, wd, ld, rd, B)
             h = _rmsnorm(x, norm["output_norm.weight"], eps)
-            logits = _lin(h, *self._head).reshape(B, S, -1)
+            logits = _lin(h, *self._head, rows.get(self._head_name), B).reshape(B, S, -1)
 
         present = [(_ro(kb[:, :, :T]), _ro(vb[:, :, :T])) for kb, vb in bufs]
         st = self._kv

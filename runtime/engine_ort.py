@@ -39,9 +39,13 @@ def import_ort() -> Any:
 
 
 class OrtEngine:
+    """``live=False``: the plain graph, adapters merged into its weights (a swap builds a session).
+    ``live=True``: the slotted graph ``model_lora.onnx``; adapters are run inputs (``lora=`` of
+    :meth:`forward`), a swap binds other arrays, and empty slots run the bare base."""
+
     name = "ort"
 
-    def __init__(self, manifest: BaseManifest, *, threads: int | None = None):
+    def __init__(self, manifest: BaseManifest, *, threads: int | None = None, live: bool = False):
         self._ort = import_ort()
         path = manifest.path("onnx")
         if path is None or not path.is_file():
@@ -52,6 +56,13 @@ class OrtEngine:
         self._table = {n: e["onnx"] for n, e in manifest.tensors.items() if isinstance(e, dict) and "onnx" in e}
         self._linear = list(self.cfg.linear_shapes())
         self._sums_path = path.parent / "weight_sums.onnx"
+        lora_path = path.parent / "model_lora.onnx"
+        self.live = live
+        if live:
+            if not lora_path.is_file():
+                raise FormatError(f"{manifest.root} has no model_lora.onnx (the graph with LoRA slots); "
+                                  "export the base again with this edgeadapt, or use mode='merge'")
+            self._path = lora_path
         self._session, self._keep = self._build({}), ()
         self._out_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.cfg.n_layers) for kv in ("key", "value")]
         self._probe = self._probe_logits(self._session)
@@ -152,7 +163,9 @@ class OrtEngine:
 
     # ---- forward
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: PastKV | None = None) -> tuple[np.ndarray, PastKV]:
+                past: PastKV | None = None, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+                ) -> tuple[np.ndarray, PastKV]:
+        """``lora`` (live engines only): {weight: (A [n, in, r], B [n, r, out])}, n = 1 or batch, scale in B."""
         b = input_ids.shape[0]
         feeds = {"input_ids": input_ids.astype(np.int64, copy=False),
                  "attention_mask": attention_mask.astype(np.int64, copy=False),
@@ -161,6 +174,11 @@ class OrtEngine:
         for i in range(self.cfg.n_layers):
             k, v = past[i] if past else (empty, empty)
             feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = k, v
+        if lora:
+            if not self.live:
+                raise AdapterMismatchError("live LoRA factors need the slotted graph: load with mode='live' or 'auto'")
+            for name, (a, bb) in lora.items():
+                feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = a, bb
         outs = self._session.run(self._out_names, feeds)
         return outs[0], [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
 

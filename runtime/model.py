@@ -8,7 +8,9 @@ every adapted weight from the immutable base in float32 — a swap never subtrac
 from __future__ import annotations
 
 import os
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -26,57 +28,165 @@ ENGINES = ("auto", "ort", "numpy")
 UseSpec = str | Mapping[str, float] | Sequence[str] | None
 
 
-def _make_engine(manifest: BaseManifest, engine: str, threads: int | None) -> Any:
+def _make_engine(manifest: BaseManifest, engine: str, threads: int | None, *, dequantize: str = "auto",
+                 live: bool = False) -> Any:
+    """"ort": onnxruntime on model.onnx, or an error saying why not. "numpy": model.gguf in numpy
+    (``dequantize`` = its "auto" | "load" | "lazy"). "auto": onnxruntime when it imports and builds
+    a session on model.onnx, else numpy; the numpy engine then says why in ``auto_reason``."""
     if engine not in ENGINES:
         raise UnsupportedError(f"engine {engine!r} is not one of {ENGINES}")
-    if engine in ("ort", "auto") and manifest.path("onnx") is not None:
-        try:
-            from .engine_ort import OrtEngine
-            return OrtEngine(manifest, threads=threads)
-        except EdgeAdaptError:
+    why = None
+    if engine != "numpy":
+        onnx_path = manifest.path("onnx")
+        if onnx_path is None or not onnx_path.is_file():
             if engine == "ort":
-                raise
+                found = "no ONNX file in manifest.json" if onnx_path is None else f"{onnx_path.name} is missing"
+                raise FormatError(f"{manifest.root}: engine 'ort' needs model.onnx, found {found}; export the base "
+                                  "without --no-onnx, or use engine='numpy' (runs model.gguf)")
+            why = "the base folder has no model.onnx"
+        else:
+            try:
+                from .engine_ort import OrtEngine
+                return OrtEngine(manifest, threads=threads, live=live)
+            except ImportError as e:  # MissingDependencyError included: the expected case on a device
+                if engine == "ort":
+                    raise
+                why = f"onnxruntime does not import ({e})"
+            except Exception as e:  # installed but broken (bad wheel, session build failure): say so
+                if engine == "ort":
+                    raise
+                why = f"onnxruntime failed on {onnx_path.name}: {type(e).__name__}: {e}"
+                import warnings
+                warnings.warn(f"engine='auto' falls back to numpy: {why}", RuntimeWarning, stacklevel=3)
     gguf_path = manifest.path("gguf")
     if gguf_path is None or not gguf_path.is_file():
-        raise FormatError(f"{manifest.root}: engine {engine!r} needs model.gguf (numpy) or model.onnx with "
-                          "onnxruntime installed (ort); neither is available")
+        raise FormatError(f"{manifest.root}: engine {engine!r} needs model.gguf (numpy)"
+                          + (f" because {why}" if why else "") + ", and the folder has none; export the base again")
     from .engine_numpy import NumpyEngine
-    return NumpyEngine(gguf_path, manifest.arch)
+    eng = NumpyEngine(gguf_path, manifest.arch, dequantize=dequantize)
+    eng.auto_reason = why
+    return eng
 
 
-def load(base: str | os.PathLike, engine: str = "auto", *, threads: int | None = None) -> "Model":
+MODES = ("auto", "merge", "live")
+
+
+def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", threads: int | None = None) -> "Model":
     """Load a base folder made by ``edgeadapt export-base``.
 
     ``engine``: "ort" (onnxruntime), "numpy" (pure numpy, from model.gguf) or "auto"
     (onnxruntime when it imports and the folder has model.onnx, else numpy); ``m.engine`` says which.
+    ``mode``: how adapters are applied — see :class:`Model`.
     """
+    if mode not in MODES:
+        raise UnsupportedError(f"mode {mode!r} is not one of {MODES}")
     manifest = read_manifest(base)
-    return Model(manifest, _make_engine(manifest, engine, threads))
+    live = mode in ("live", "auto") and (manifest.root / "model_lora.onnx").is_file()
+    if mode == "live" and engine == "ort" and not live:
+        raise FormatError(f"{manifest.root} has no model_lora.onnx (the graph with LoRA slots); "
+                          "export the base again with this edgeadapt, or use mode='merge'")
+    return Model(manifest, _make_engine(manifest, engine, threads, live=live), mode=mode)
+
+
+class _RWLock:
+    """Many generations at once, or one weight change: a merge never lands mid-generation."""
+
+    def __init__(self) -> None:
+        self._cond, self._readers, self._writer = threading.Condition(), 0, False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+Live = dict[str, tuple[np.ndarray, np.ndarray]]  # weight -> (A [n, in, r], B [n, r, out]), scale in B
 
 
 class Model:
-    def __init__(self, manifest: BaseManifest, engine: Any):
+    """A base with adapters. Modes (``load(..., mode=)``):
+
+    - ``"merge"``: ``use()`` folds the adapters into the weights (W + Σ wᵢ·ΔWᵢ, float32, from the
+      immutable base): full speed afterwards, but every swap rebuilds weights (on onnxruntime, a new
+      session: about a second on SmolLM2-135M).
+    - ``"live"``: adapters run beside the frozen weights, ``(x·A)·B`` in every adapted layer.
+      ``use()`` only binds arrays (microseconds), strengths change without touching files,
+      several adapters stack (ranks concatenated), and each row of a batch may have its own
+      adapter (``adapters=[...]`` of :meth:`logits` / :meth:`generate`). Idle slots cost nothing.
+    - ``"auto"`` (default): live — swaps are instant and mixed batches work — and, on the numpy
+      engine, once one adapter set has generated ``auto_merge_tokens`` tokens without a change or a
+      mixed batch, it is merged (a numpy merge takes a fraction of a second and saves the live
+      matmuls). On onnxruntime auto stays live: its measured live cost is a few percent, while a
+      merge costs a session rebuild on every later swap.
+    """
+
+    auto_merge_tokens = 1024
+
+    def __init__(self, manifest: BaseManifest, engine: Any, mode: str = "auto"):
         self.manifest, self._engine = manifest, engine
         self.config: ArchConfig = manifest.arch
         self.fingerprint: str = manifest.fingerprint
         self.adapters: dict[str, LoraDelta] = {}
         self.active: dict[str, float] = {}
+        self.requested_mode = mode
+        self._live_ok = engine.name == "numpy" or bool(getattr(engine, "live", False))
         self._tokenizer: Tokenizer | None = None
+        self._lock, self._use_lock = _RWLock(), threading.Lock()
+        self._live: Live = {}  # factors of the active set (live mode), replaced whole, never mutated
+        self._merged: dict[str, float] = {}  # the set folded into the engine's weights
+        self._stable_tokens = 0
+        self._factor_cache: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.last_swap_seconds = 0.0
 
     @property
     def engine(self) -> str:
         return self._engine.name
 
+    @property
+    def mode(self) -> str:
+        """What is applied right now: "merge" (weights folded) or "live" (factors beside them)."""
+        if self.requested_mode == "merge" or not self._live_ok or (self._merged and self._merged == self.active):
+            return "merge"
+        return "live"
+
     # ---- adapters
     def add_adapter(self, source: str | os.PathLike | LoraDelta, name: str | None = None) -> str:
         """Read, verify against this base, and keep an adapter (not yet active). Returns its name."""
-        delta = source if isinstance(source, LoraDelta) else read_delta(source)
+        if isinstance(source, LoraDelta):
+            delta = source
+        elif str(source).endswith(".onnx_adapter"):
+            from .onnx_adapter import read_onnx_adapter
+            delta = read_onnx_adapter(source, arch=self.config.arch, fingerprint=self.fingerprint, name=name)
+        else:
+            delta = read_delta(source)
         delta.check_base(self.config, self.fingerprint)
         name = name or delta.name
-        if name in self.active:
-            raise AdapterMismatchError(f"adapter {name!r} is active; call use() without it before replacing it")
-        self.adapters[name] = delta
+        with self._use_lock:
+            if name in self.active:
+                raise AdapterMismatchError(f"adapter {name!r} is active; call use() without it before replacing it")
+            self.adapters[name] = delta
+            self._factor_cache.pop(name, None)
         return name
 
     def remove_adapter(self, name: str) -> None:
@@ -84,23 +194,38 @@ class Model:
             raise AdapterNotFoundError(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
         if name in self.active:
             self.use({k: w for k, w in self.active.items() if k != name} or None)
-        del self.adapters[name]
+        with self._use_lock:
+            del self.adapters[name]
+            self._factor_cache.pop(name, None)
 
     def use(self, spec: UseSpec) -> None:
         """Activate adapters: a name, a list of names (weight 1 each), ``{name: weight}``, or None for the base."""
-        want = self._normalise(spec)
-        if want == self.active:
-            return
-        t0 = time.perf_counter()
+        with self._use_lock:
+            want = self._normalise(spec)
+            if want == self.active:
+                return
+            t0 = time.perf_counter()
+            if self.requested_mode == "merge" or not self._live_ok:
+                self._merge(want)
+            else:
+                live = self._factors([want])  # built before anything changes
+                if self._merged:  # leave a merge: back to the pure base weights first
+                    self._merge({})
+                self._live = live
+            self.active, self._stable_tokens = want, 0
+            self.last_swap_seconds = time.perf_counter() - t0
+
+    def _merge(self, want: dict[str, float]) -> None:
         deltas: dict[str, np.ndarray] = {}
         for name, weight in want.items():
             for target in self.adapters[name].targets:
                 d = self.adapters[name].delta(target) * np.float32(weight)
                 deltas[target] = deltas[target] + d if target in deltas else d
         merged = {t: self._engine.base_weight(t) + d for t, d in deltas.items()}
-        self._engine.set_weights(merged)  # atomic: raises and keeps the old weights on failure
-        self.active = want
-        self.last_swap_seconds = time.perf_counter() - t0
+        with self._lock.write():  # waits for running generations; atomic in the engine
+            self._engine.set_weights(merged)
+            self._merged = dict(want)
+            self._live = {}
 
     def _normalise(self, spec: UseSpec) -> dict[str, float]:
         if spec is None:
@@ -112,22 +237,98 @@ class Model:
         missing = [n for n in spec if n not in self.adapters]
         if missing:
             raise AdapterNotFoundError(f"no adapter named {missing}; loaded: {sorted(self.adapters)}")
-        bad = [f"{n}={w!r}" for n, w in spec.items() if not isinstance(w, (int, float)) or not np.isfinite(w)]
+        bad = [f"{n}={w!r}" for n, w in spec.items()
+               if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w)]
         if bad:
             raise AdapterMismatchError(f"adapter weights must be finite numbers, found {bad}")
         return {n: float(w) for n, w in spec.items() if w != 0}
 
+    # ---- live factors
+    def _adapter_factors(self, name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per target (Aᵀ [in, r], Bᵀ [r, out]), contiguous, made once per adapter."""
+        f = self._factor_cache.get(name)
+        if f is None:
+            f = {t: (np.ascontiguousarray(a.T), np.ascontiguousarray(b.T))
+                 for t, (a, b) in ((t, self.adapters[name].live_factors(t)) for t in self.adapters[name].targets)}
+            self._factor_cache[name] = f
+        return f
+
+    def _factors(self, rows: Sequence[Mapping[str, float]]) -> Live:
+        """Slot inputs for one set per row (one entry = every row alike): ranks of a row's adapters are
+        concatenated, rows are zero-padded to the widest rank, weights folded into B."""
+        per_row: list[dict[str, tuple[list[np.ndarray], list[np.ndarray]]]] = []
+        for want in rows:
+            row: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+            for name, w in want.items():
+                for t, (at, bt) in self._adapter_factors(name).items():
+                    a_list, b_list = row.setdefault(t, ([], []))
+                    a_list.append(at)
+                    b_list.append(bt if w == 1.0 else bt * np.float32(w))
+            per_row.append(row)
+        out: Live = {}
+        shapes = self.config.linear_shapes()
+        for t in sorted({t for row in per_row for t in row}):
+            n_out, n_in = shapes[t]
+            ranks = [sum(a.shape[1] for a in row[t][0]) if t in row else 0 for row in per_row]
+            if len(per_row) == 1 and len(per_row[0][t][0]) == 1:  # one adapter: its arrays, no copy
+                a, b = per_row[0][t][0][0], per_row[0][t][1][0]
+                out[t] = (a[None], b[None])
+                continue
+            A = np.zeros((len(per_row), n_in, max(ranks)), np.float32)
+            B = np.zeros((len(per_row), max(ranks), n_out), np.float32)
+            for i, row in enumerate(per_row):
+                if t in row:
+                    A[i, :, : ranks[i]] = np.concatenate(row[t][0], axis=1)
+                    B[i, : ranks[i]] = np.concatenate(row[t][1], axis=0)
+            out[t] = (A, B)
+        return out
+
+    def _plan(self, adapters: Sequence[UseSpec] | None, batch: int) -> Live | None:
+        """The live factors for one request, captured once: later swaps do not touch a running request."""
+        if adapters is None:
+            return self._live or None
+        if len(adapters) != batch:
+            raise FormatError(f"adapters= names one entry per row: expected {batch}, found {len(adapters)}")
+        if not self._live_ok:
+            raise UnsupportedError("per-row adapters need live mode: load with mode='live' or 'auto' "
+                                   "(and, on onnxruntime, a base folder with model_lora.onnx)")
+        rows = [self._normalise(a) for a in adapters]
+        with self._lock.read():
+            if self._merged:  # per-row runs from the pure base
+                pass
+        if self._merged:
+            with self._use_lock:
+                self._merge({})
+                self._live = self._factors([self.active]) if self.active else {}
+        self._stable_tokens = 0
+        return self._factors(rows) or None
+
     # ---- inference
-    def logits(self, ids: Sequence[Sequence[int]] | np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-        """Logits [batch, seq, vocab] (float32) for a batch of equal-length rows (left-pad + mask otherwise)."""
+    def logits(self, ids: Sequence[Sequence[int]] | np.ndarray, attention_mask: np.ndarray | None = None, *,
+               adapters: Sequence[UseSpec] | None = None) -> np.ndarray:
+        """Logits [batch, seq, vocab] (float32) for a batch of equal-length rows (left-pad + mask otherwise).
+        ``adapters``: one entry per row (a name, ``{name: weight}`` or None for the bare base)."""
+        ids = self._check_ids(ids)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if mask.shape != ids.shape:
+            raise FormatError(f"attention_mask must have the shape of ids {list(ids.shape)}, found {list(mask.shape)}")
+        pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+        plan = self._plan(adapters, ids.shape[0])
+        with self._lock.read():
+            return self._forward(ids, mask, pos, None, plan)[0]
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Any, plan: Live | None) -> Any:
+        if plan:
+            return self._engine.forward(ids, mask, pos, past, lora=plan)
+        return self._engine.forward(ids, mask, pos, past)
+
+    def _check_ids(self, ids: Any) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise FormatError(f"expected token ids [batch, seq], found shape {list(ids.shape)}")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise FormatError(f"token ids must lie in [0, {self.config.vocab_size}); found {ids.min()}…{ids.max()}")
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
-        pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
-        return self._engine.forward(ids, mask, pos, None)[0]
+        return ids
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -139,51 +340,99 @@ class Model:
                                         special=self.manifest.special_tokens)
         return self._tokenizer
 
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stream: bool = False,
-                 chat: bool | None = None, system: str | None = None) -> str | Iterator[str]:
-        """Generate text (or continue token ids). ``chat`` (default: when the base has a template) wraps
-        the prompt in the model's chat template. ``stream=True`` yields text pieces as they come."""
+    def encode_prompt(self, prompt: str, chat: bool | None = None, system: str | None = None) -> list[int]:
+        tok = self.tokenizer
+        if bool(tok.chat_template) if chat is None else chat:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            return tok.encode_raw(tok.render_chat(msgs))
+        return tok.encode(prompt)
+
+    def generate(self, prompt: str | Sequence[int] | Sequence[str], max_new_tokens: int = 64, *,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stream: bool = False, chat: bool | None = None, system: str | None = None,
+                 adapters: Sequence[UseSpec] | None = None) -> str | list[str] | Iterator[str]:
+        """Generate text. ``prompt``: a string, token ids, or a list of strings (a batch, one forward pass
+        per step; ``adapters`` then gives each row its own adapter). ``chat`` (default: when the base has a
+        template) wraps prompts in the model's chat template. ``stream=True`` yields text pieces
+        (single prompt only)."""
         sampler = Sampler(temperature, top_k, top_p, seed)
-        if isinstance(prompt, str):
-            tok = self.tokenizer
-            use_chat = bool(tok.chat_template) if chat is None else chat
-            if use_chat:
-                msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-                prompt_text = tok.render_chat(msgs)
-                ids = tok._tok.encode(prompt_text, add_special_tokens=False).ids
-            else:
-                ids = tok.encode(prompt)
-        else:
-            ids = list(prompt)
-        pieces = self._stream(ids, max_new_tokens, sampler)
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str):
+            if stream:
+                raise UnsupportedError("stream=True takes one prompt; a batch returns a list of strings")
+            rows = [self.encode_prompt(p, chat, system) for p in prompt]
+            outs = self.generate_batch(rows, max_new_tokens, sampler, adapters=adapters)
+            return [self.tokenizer.decode(o) for o in outs]
+        ids = self.encode_prompt(prompt, chat, system) if isinstance(prompt, str) else list(prompt)
+        plan = self._plan(adapters, 1)
+        pieces = self._stream(ids, max_new_tokens, sampler, plan)
         return pieces if stream else "".join(pieces)
 
-    def generate_ids(self, ids: Sequence[int], max_new_tokens: int = 64, sampler: Sampler | None = None) -> list[int]:
+    def generate_ids(self, ids: Sequence[int], max_new_tokens: int = 64, sampler: Sampler | None = None, *,
+                     adapter: UseSpec = None) -> list[int]:
         """Token ids in, generated token ids out (stops at EOS, which is not included)."""
-        return list(self._tokens(list(ids), max_new_tokens, sampler or Sampler()))
+        plan = self._plan([adapter], 1) if adapter is not None else self._plan(None, 1)
+        return self.generate_batch([list(ids)], max_new_tokens, sampler, plan=plan)[0]
 
-    def _stream(self, ids: list[int], max_new_tokens: int, sampler: Sampler) -> Iterator[str]:
+    def generate_batch(self, rows: Sequence[Sequence[int]], max_new_tokens: int = 64, sampler: Sampler | None = None,
+                       *, adapters: Sequence[UseSpec] | None = None, plan: Live | None = None) -> list[list[int]]:
+        """Several prompts (token ids) at once, left-padded, one forward pass per step; each row may
+        have its own adapter. Returns the generated ids of each row (up to its EOS)."""
+        if plan is None:
+            plan = self._plan(adapters, len(rows))
+        sampler = sampler or Sampler()
+        outs: list[list[int]] = [[] for _ in rows]
+        for step in self._steps(rows, max_new_tokens, sampler, plan):
+            for i, t in step:
+                outs[i].append(t)
+        return outs
+
+    def _stream(self, ids: list[int], max_new_tokens: int, sampler: Sampler, plan: Live | None) -> Iterator[str]:
         dec = StreamDecoder(self.tokenizer)
-        for t in self._tokens(ids, max_new_tokens, sampler):
-            piece = dec.push(t)
-            if piece:
-                yield piece
+        for step in self._steps([ids], max_new_tokens, sampler, plan):
+            for _, t in step:
+                piece = dec.push(t)
+                if piece:
+                    yield piece
 
-    def _tokens(self, ids: list[int], max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
-        if not ids:
+    def _steps(self, rows: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler, plan: Live | None
+               ) -> Iterator[list[tuple[int, int]]]:
+        """Decode loop: yields [(row, token)] for the rows still running, step by step."""
+        if not rows or any(len(r) == 0 for r in rows):
             raise FormatError("cannot generate from an empty prompt")
+        self._maybe_auto_merge(plan)
+        plan = plan if plan is not None else (self._live or None)
         eos = set(self.config.eos_token_ids)
-        x = np.asarray([ids], np.int64)
-        mask = np.ones_like(x)
-        pos = np.arange(len(ids), dtype=np.int64)[None]
+        width = max(len(r) for r in rows)
+        x = self._check_ids([[0] * (width - len(r)) + list(r) for r in rows])
+        mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int64)
+        pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+        running = np.ones(len(rows), bool)
         past = None
-        for _ in range(max_new_tokens):
-            logits, past = self._engine.forward(x, mask, pos, past)
-            t = int(sampler(logits[:, -1])[0])
-            if t in eos:
-                return
-            yield t
-            x = np.asarray([[t]], np.int64)
-            pos = pos[:, -1:] + 1
-            mask = np.ones((1, mask.shape[1] + 1), np.int64)
+        with self._lock.read():  # a merge waits for this request; a live swap never touches it
+            for _ in range(max_new_tokens):
+                logits, past = self._forward(x, mask, pos, past, plan)
+                nxt = sampler(logits[:, -1])
+                step = []
+                for i, t in enumerate(nxt.tolist()):
+                    if running[i]:
+                        if t in eos:
+                            running[i] = False
+                        else:
+                            step.append((i, int(t)))
+                if plan is None or len(rows) == 1:
+                    self._stable_tokens += len(step)
+                if not running.any():
+                    return
+                yield step
+                x = np.where(running, nxt, 0).astype(np.int64)[:, None]
+                pos = pos[:, -1:] + 1
+                mask = np.concatenate([mask, running.astype(np.int64)[:, None]], axis=1)
+
+    def _maybe_auto_merge(self, plan: Live | None) -> None:
+        """auto mode, numpy engine: merge a set that has been used alone for long enough."""
+        if (self.requested_mode != "auto" or self.engine != "numpy" or not self.active or self._merged
+                or self._stable_tokens < self.auto_merge_tokens or plan is not self._live and plan is not None):
+            return
+        with self._use_lock:
+            if not self._merged and self.active:
+                self._merge(self.active)

@@ -31,6 +31,10 @@ class Tokenizer:
             ids = [bos] + ids
         return ids
 
+    def encode_raw(self, text: str) -> list[int]:
+        """Ids of text that already carries its special tokens (a rendered chat template)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 

@@ -229,6 +229,143 @@ def test_live_equals_merged_equals_transformers(base):
     assert np.array_equal(restored, base_logits)
 
 
+# ---------------------------------------------------------------- 3b. per-row adapters (forward(lora=...))
+def _factors(rng, shapes, targets, r):
+    """{name: (A [r, in], B [out, r])}: PEFT orientation, scale already in B."""
+    return {n: ((0.1 * rng.standard_normal((r, shapes[n][1]))).astype(np.float32),
+                (0.1 * rng.standard_normal((shapes[n][0], r))).astype(np.float32)) for n in targets}
+
+
+def _per_row(rows, shapes):
+    """Adapters (or None) per batch row -> the forward(lora=) dict: ranks zero-padded to one r,
+    zero slices for rows without that target."""
+    names = sorted({n for f in rows if f for n in f})
+    r = max(a.shape[0] for f in rows if f for a, _ in f.values())
+    out = {}
+    for n in names:
+        o, i = shapes[n]
+        A = np.zeros((len(rows), i, r), np.float32)
+        Bm = np.zeros((len(rows), r, o), np.float32)
+        for b, f in enumerate(rows):
+            if f and n in f:
+                a, bb = f[n]
+                A[b, :, :a.shape[0]] = a.T
+                Bm[b, :a.shape[0], :] = bb.T
+        out[n] = (A, Bm)
+    return out
+
+
+def _shared(f):
+    return {n: (np.ascontiguousarray(a.T)[None], np.ascontiguousarray(b.T)[None]) for n, (a, b) in f.items()}
+
+
+def _batch3(seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, 256, size=(3, 7), dtype=np.int64)
+    mask = np.ones((3, 7), np.int64)
+    mask[1, :3] = 0  # row 1 left-padded by 3
+    ids[1, :3] = 0
+    return ids, mask, np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+
+
+@pytest.mark.parametrize("mode", ["auto", "load"])
+def test_per_row_lora_equals_each_row_alone(base, mode):
+    """Rows: adapter X (rank 4), adapter Y (rank 2, other targets), no adapter — one forward."""
+    kind, _, cfg, _, path = base
+    eng = NumpyEngine(path, dequantize=mode)
+    shapes = cfg.linear_shapes()
+    rng = np.random.default_rng(11)
+    tx = ["blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.1.ffn_up.weight", "blk.1.ffn_down.weight",
+          "blk.0.attn_output.weight"] + (["output.weight"] if "output.weight" in shapes else [])
+    ty = ["blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.0.ffn_gate.weight", "blk.1.attn_output.weight"]
+    X, Y = _factors(rng, shapes, tx, 4), _factors(rng, shapes, ty, 2)
+    ids, mask, pos = _batch3(12)
+    got, _ = eng.forward(ids, mask, pos, lora=_per_row([X, Y, None], shapes))
+    plain, _ = eng.forward(ids, mask, pos)
+    for b, f in enumerate((X, Y, None)):
+        alone, _ = eng.forward(ids[b:b + 1], mask[b:b + 1], pos[b:b + 1], lora=_shared(f) if f else None)
+        real = mask[b].astype(bool)
+        np.testing.assert_allclose(got[b][real], alone[0][real], atol=1e-5, rtol=0)
+        if f:  # the adapter does something
+            assert np.abs(got[b][real] - plain[b][real]).max() > 1e-2
+    assert np.array_equal(eng.forward(ids, mask, pos)[0], plain)  # nothing stays behind
+
+
+def test_shared_lora_equals_set_live_and_merged(base):
+    kind, model, cfg, _, path = base
+    eng = NumpyEngine(path)
+    shapes = cfg.linear_shapes()
+    rng = np.random.default_rng(13)
+    f = _factors(rng, shapes, list(shapes), 3)  # every linear, the head too when untied
+    ids, mask, pos = _batch(14)
+    got, _ = eng.forward(ids, mask, pos, lora=_shared(f))
+    eng.set_live({n: [(a, b, 1.0)] for n, (a, b) in f.items()})
+    live, _ = eng.forward(ids, mask, pos)
+    eng.set_live({})
+    eng.set_weights({n: eng.base_weight(n) + b @ a for n, (a, b) in f.items()})
+    merged, _ = eng.forward(ids, mask, pos)
+    np.testing.assert_allclose(_real(got, mask), _real(live, mask), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_real(got, mask), _real(merged, mask), atol=1e-4, rtol=0)
+    # on top of a merged adapter: W' = W + ΔX, then + ΔY per call
+    g = _factors(rng, shapes, ["blk.1.attn_v.weight", "blk.0.ffn_down.weight"], 2)
+    both, _ = eng.forward(ids, mask, pos, lora=_shared(g))
+    eng.set_weights({n: eng.base_weight(n) + b @ a + (g[n][1] @ g[n][0] if n in g else 0) for n, (a, b) in f.items()})
+    np.testing.assert_allclose(_real(both, mask), _real(eng.forward(ids, mask, pos)[0], mask), atol=1e-4, rtol=0)
+
+
+def test_per_row_lora_decode_with_cache_equals_full_forward(base):
+    _, _, cfg, _, path = base
+    eng = NumpyEngine(path, dequantize="load")
+    shapes = cfg.linear_shapes()
+    rng = np.random.default_rng(15)
+    X = _factors(rng, shapes, ["blk.0.attn_k.weight", "blk.1.ffn_gate.weight", "blk.1.attn_output.weight"], 4)
+    Y = _factors(rng, shapes, ["blk.0.attn_k.weight", "blk.0.ffn_up.weight"], 1)
+    ids, mask, pos = _batch3(16)
+    lora = _per_row([None, X, Y], shapes)
+    full, _ = eng.forward(ids, mask, pos, lora=lora)
+    P = 4
+    step, past = eng.forward(ids[:, :P], mask[:, :P], pos[:, :P], lora=lora)
+    np.testing.assert_allclose(step, full[:, :P], atol=1e-4, rtol=0)
+    for s in range(P, 7):
+        step, past = eng.forward(ids[:, s:s + 1], mask[:, :s + 1], pos[:, s:s + 1], past, lora=lora)
+        real = mask[:, s].astype(bool)
+        np.testing.assert_allclose(step[real, 0], full[real, s], atol=1e-4, rtol=0)
+
+
+def test_bad_per_row_lora_names_every_tensor_and_computes_nothing(base):
+    _, _, cfg, _, path = base
+    eng = NumpyEngine(path)
+    shapes = cfg.linear_shapes()
+    ids, mask, pos = _batch3(17)
+    want, _ = NumpyEngine(path).forward(ids[:, :6], mask[:, :6], pos[:, :6])
+    _, past = eng.forward(ids[:, :5], mask[:, :5], pos[:, :5])
+    nxt = (ids[:, 5:6], mask[:, :6], pos[:, 5:6])
+    z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    nan = z(3, 64, 2)
+    nan[1, 0, 0] = np.nan
+    bad = {"blk.0.attn_q.weight": (z(2, 64, 2), z(2, 2, 64)),  # n = 2 with a batch of 3
+           "blk.0.ffn_up.weight": (z(1, 32, 2), z(1, 2, 128)),  # in does not match
+           "blk.1.ffn_down.weight": (z(1, 128, 2), z(1, 3, 64)),  # ranks of A and B differ
+           "blk.1.attn_v.weight": (nan, z(3, 2, 32)),  # NaN
+           "blk.0.attn_k.weight": (z(1, 64, 2).astype(np.float64), z(1, 2, 32)),  # float64
+           "blk.1.attn_q.weight": (z(64, 2), z(2, 64)),  # 2-D
+           "output_norm.weight": (z(1, 64, 2), z(1, 2, 64)),  # not a linear
+           "blk.0.ffn_gate.weight": (z(3, 64, 2), z(3, 2, 128))}  # fine on its own
+    with pytest.raises(AdapterMismatchError) as ei:
+        eng.forward(*nxt[:3], past, lora=bad)
+    msg = str(ei.value)
+    for n in bad:
+        assert (n in msg) == (n != "blk.0.ffn_gate.weight"), n
+    assert "A [2, 64, 2]" in msg and "n = 1 or 3" in msg and "NaN/inf in A" in msg and "float64" in msg
+    with pytest.raises(AdapterMismatchError, match="expected a dict"):
+        eng.forward(*nxt[:3], past, lora=[("blk.0.attn_q.weight", None)])
+    got, _ = eng.forward(*nxt[:3], past)  # the refused calls left the cache as it was
+    np.testing.assert_allclose(got[:, 0], want[:, 5], atol=1e-4, rtol=0)
+    # rank 0 (an ONNX-style empty default) is allowed and changes nothing
+    empty = {n: (z(1, shapes[n][1], 0), z(1, 0, shapes[n][0])) for n in list(shapes)[:3]}
+    assert np.array_equal(eng.forward(ids, mask, pos, lora=empty)[0], eng.forward(ids, mask, pos)[0])
+
+
 # ---------------------------------------------------------------- 4. quantized bases
 def test_q8_0_load_and_lazy(base, tmp_path):
     kind, model, cfg, w, path = base

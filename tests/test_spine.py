@@ -22,6 +22,11 @@ def engine(request):
     return request.param
 
 
+@pytest.fixture(params=["merge", "live"])
+def mode(request):
+    return request.param
+
+
 def test_base_matches_transformers(tiny, ids, engine):
     m = edgeadapt.load(tiny["base"], engine=engine)
     assert m.engine == engine
@@ -37,9 +42,9 @@ def test_left_padded_batch_matches_transformers(tiny, engine):
     np.testing.assert_allclose(got[real], want[real], atol=TOL, rtol=0)
 
 
-def test_lora_matches_peft(tiny, ids, engine):
+def test_lora_matches_peft(tiny, ids, engine, mode):
     """rsLoRA, rank_pattern and alpha_pattern, all linear layers, non-zero B."""
-    m = edgeadapt.load(tiny["base"], engine=engine)
+    m = edgeadapt.load(tiny["base"], engine=engine, mode=mode)
     m.add_adapter(tiny["a"], name="a")
     m.use("a")
     want = torch_logits(tiny["peft_a"], ids)
@@ -47,8 +52,8 @@ def test_lora_matches_peft(tiny, ids, engine):
     np.testing.assert_allclose(m.logits(ids), want, atol=TOL, rtol=0)
 
 
-def test_second_adapter_matches_peft(tiny, ids, engine):
-    m = edgeadapt.load(tiny["base"], engine=engine)
+def test_second_adapter_matches_peft(tiny, ids, engine, mode):
+    m = edgeadapt.load(tiny["base"], engine=engine, mode=mode)
     m.add_adapter(tiny["b"])
     m.use("b")
     np.testing.assert_allclose(m.logits(ids), torch_logits(tiny["peft_b"], ids), atol=TOL, rtol=0)
@@ -68,8 +73,8 @@ def _weighted_reference(tiny, weights):
     return ref
 
 
-def test_stacking_with_weights(tiny, ids, engine):
-    m = edgeadapt.load(tiny["base"], engine=engine)
+def test_stacking_with_weights(tiny, ids, engine, mode):
+    m = edgeadapt.load(tiny["base"], engine=engine, mode=mode)
     m.add_adapter(tiny["a"], name="a")
     m.add_adapter(tiny["b"], name="b")
     m.use({"a": 0.7, "b": 0.3})
@@ -77,8 +82,8 @@ def test_stacking_with_weights(tiny, ids, engine):
     np.testing.assert_allclose(m.logits(ids), torch_logits(ref, ids), atol=TOL, rtol=0)
 
 
-def test_swaps_are_bit_identical(tiny, ids, engine):
-    m = edgeadapt.load(tiny["base"], engine=engine)
+def test_swaps_are_bit_identical(tiny, ids, engine, mode):
+    m = edgeadapt.load(tiny["base"], engine=engine, mode=mode)
     base = m.logits(ids)
     m.add_adapter(tiny["a"], name="a")
     m.add_adapter(tiny["b"], name="b")
@@ -86,7 +91,7 @@ def test_swaps_are_bit_identical(tiny, ids, engine):
     first_a = m.logits(ids)
     m.use("b")
     m.use("a")
-    fresh = edgeadapt.load(tiny["base"], engine=engine)
+    fresh = edgeadapt.load(tiny["base"], engine=engine, mode=mode)
     fresh.add_adapter(tiny["a"], name="a")
     fresh.use("a")
     assert np.array_equal(m.logits(ids), fresh.logits(ids))
@@ -105,8 +110,8 @@ def test_engines_agree(tiny, ids):
     np.testing.assert_allclose(a.logits(ids), b.logits(ids), atol=TOL, rtol=0)
 
 
-def test_greedy_generation_matches_transformers(tiny, engine):
-    m = edgeadapt.load(tiny["base"], engine=engine)
+def test_greedy_generation_matches_transformers(tiny, engine, mode):
+    m = edgeadapt.load(tiny["base"], engine=engine, mode=mode)
     m.add_adapter(tiny["a"], name="a")
     prompt = [5, 17, 42, 99, 7]
     for spec, ref in ((None, tiny["model"]), ("a", tiny["peft_a"])):
@@ -138,8 +143,8 @@ def _other_base_delta(tiny, tmp_path):
     return path
 
 
-def test_refuses_adapter_for_another_base(tiny, ids, tmp_path, engine):
-    m = edgeadapt.load(tiny["base"], engine=engine)
+def test_refuses_adapter_for_another_base(tiny, ids, tmp_path, engine, mode):
+    m = edgeadapt.load(tiny["base"], engine=engine, mode=mode)
     m.add_adapter(tiny["a"], name="a")
     m.use("a")
     before = m.logits(ids)
@@ -200,7 +205,7 @@ def test_ort_refuses_a_session_that_ignores_overrides(tiny, ids, monkeypatch):
     """onnxruntime silently ignores overrides of folded weights: the engine must notice and keep the old model."""
     from edgeadapt.runtime.engine_ort import OrtEngine, OverrideNotAppliedError
 
-    m = edgeadapt.load(tiny["base"], engine="ort")
+    m = edgeadapt.load(tiny["base"], engine="ort", mode="merge")
     m.add_adapter(tiny["a"], name="a")
     before = m.logits(ids)
     real_build = OrtEngine._build

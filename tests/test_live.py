@@ -1,0 +1,162 @@
+"""Live adapters: per-row adapters in one batch, strengths, stacking, thread-safe swaps,
+onnxruntime's own LoraAdapter mechanism on our slotted graph, and .onnx_adapter files."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import edgeadapt
+from edgeadapt.delta import read_delta
+from edgeadapt.errors import AdapterMismatchError
+
+from conftest import ENGINES, torch_logits
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    return request.param
+
+
+def test_per_row_batch_equals_each_row_alone(tiny, ids, engine):
+    m = edgeadapt.load(tiny["base"], engine=engine, mode="live")
+    m.add_adapter(tiny["a"], name="a")
+    m.add_adapter(tiny["b"], name="b")
+    rows = ids + [ids[0], ids[1]]
+    per_row = ["a", "b", None, {"a": 0.5, "b": 2.0}]
+    got = m.logits(rows, adapters=per_row)
+    for i, spec in enumerate(per_row):
+        m.use(spec)
+        np.testing.assert_allclose(got[i], m.logits([rows[i]])[0], atol=1e-5, rtol=0)
+    m.use(None)
+    np.testing.assert_allclose(got[2], torch_logits(tiny["model"], [rows[2]])[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got[0], torch_logits(tiny["peft_a"], [rows[0]])[0], atol=1e-4, rtol=0)
+
+
+def test_live_strength_equals_merged(tiny, ids, engine):
+    live = edgeadapt.load(tiny["base"], engine=engine, mode="live")
+    merged = edgeadapt.load(tiny["base"], engine=engine, mode="merge")
+    for m in (live, merged):
+        m.add_adapter(tiny["a"], name="a")
+        m.add_adapter(tiny["b"], name="b")
+    for spec in ({"a": 0.5}, {"a": 0.7, "b": 0.3}, {"b": -1.0}):
+        live.use(spec)
+        merged.use(spec)
+        assert live.mode == "live" and merged.mode == "merge"
+        np.testing.assert_allclose(live.logits(ids), merged.logits(ids), atol=1e-4, rtol=0)
+
+
+def test_live_swap_binds_only(tiny, ids, engine):
+    m = edgeadapt.load(tiny["base"], engine=engine, mode="live")
+    m.add_adapter(tiny["a"], name="a")
+    m.use("a")
+    factors = m._live
+    m.use(None)
+    m.use("a")
+    for t, (a, b) in m._live.items():  # the same arrays again: nothing re-read or re-computed
+        assert np.shares_memory(a, factors[t][0]) and np.shares_memory(b, factors[t][1])
+
+
+def test_batched_generation_per_row(tiny, engine):
+    m = edgeadapt.load(tiny["base"], engine=engine, mode="live")
+    m.add_adapter(tiny["a"], name="a")
+    m.add_adapter(tiny["b"], name="b")
+    prompts = [[5, 17, 42, 99, 7], [8, 9], [100, 101, 102]]
+    per_row = ["a", None, "b"]
+    got = m.generate_batch(prompts, 10, adapters=per_row)
+    for p, spec, g in zip(prompts, per_row, got):
+        m.use(spec)
+        assert g == m.generate_ids(p, 10)
+
+
+def test_swapping_thread_never_mixes_adapters(tiny, engine):
+    """1,000 swaps while other threads generate: every output is exactly one adapter's (or the base's)."""
+    for mode in ("live", "merge") if engine == "numpy" else ("live",):
+        m = edgeadapt.load(tiny["base"], engine=engine, mode=mode)
+        m.add_adapter(tiny["a"], name="a")
+        m.add_adapter(tiny["b"], name="b")
+        prompt = [5, 17, 42, 99, 7]
+        expected = {}
+        for spec in (None, "a", "b"):
+            m.use(spec)
+            expected[spec] = m.generate_ids(prompt, 6)
+        assert len({tuple(v) for v in expected.values()}) == 3
+        seen, errors, stop = [], [], threading.Event()
+
+        def swapper():
+            specs = [None, "a", "b"]
+            for i in range(1000):
+                m.use(specs[i % 3])
+            stop.set()
+
+        def generator():
+            try:
+                while not stop.is_set():
+                    seen.append(tuple(m.generate_ids(prompt, 6)))
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=swapper)] + [threading.Thread(target=generator) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert seen and set(seen) <= {tuple(v) for v in expected.values()}, (mode, len(seen))
+
+
+def test_onnxruntime_lora_adapter_on_our_graph(tiny, ids, tmp_path):
+    """Our .onnx_adapter through onnxruntime's own LoraAdapter / RunOptions equals our live path."""
+    ort = pytest.importorskip("onnxruntime")
+    from edgeadapt.runtime.onnx_adapter import write_onnx_adapter
+
+    delta = read_delta(tiny["a"])
+    path = write_onnx_adapter(delta, tmp_path / "a.onnx_adapter")
+    sess = ort.InferenceSession(str(tiny["base"] / "model_lora.onnx"), providers=["CPUExecutionProvider"])
+    cfg = tiny["manifest"].arch
+    x = np.asarray(ids, np.int64)
+    feeds = {"input_ids": x, "attention_mask": np.ones_like(x), "position_ids": np.tile(np.arange(x.shape[1]), (2, 1))}
+    for i in range(cfg.n_layers):
+        for kv in ("key", "value"):
+            feeds[f"past.{i}.{kv}"] = np.zeros((2, cfg.n_kv_heads, 0, cfg.head_dim), np.float32)
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(path))
+    ro = ort.RunOptions()
+    ro.add_active_adapter(adapter)
+    theirs = sess.run(["logits"], feeds, ro)[0]
+    m = edgeadapt.load(tiny["base"], engine="ort", mode="live")
+    m.add_adapter(path, name="a")  # our runtime reads it too
+    m.use("a")
+    np.testing.assert_allclose(m.logits(ids), theirs, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(theirs, torch_logits(tiny["peft_a"], ids), atol=1e-4, rtol=0)
+
+
+def test_onnx_adapter_for_another_base_is_refused(tiny, tmp_path):
+    from dataclasses import replace
+
+    from edgeadapt.runtime.onnx_adapter import write_onnx_adapter
+
+    other = replace(read_delta(tiny["a"]), fingerprint="sha256:" + "f" * 64)
+    path = write_onnx_adapter(other, tmp_path / "x.onnx_adapter")
+    m = edgeadapt.load(tiny["base"], engine="ort", mode="live")
+    with pytest.raises(AdapterMismatchError, match=r"base fingerprint: the adapter was made for unknown \(model_version"):
+        m.add_adapter(path)
+    assert m.adapters == {}
+
+
+def test_auto_mode_merges_a_long_lived_adapter_on_numpy(tiny, ids):
+    m = edgeadapt.load(tiny["base"], engine="numpy", mode="auto")
+    m.auto_merge_tokens = 20
+    m.add_adapter(tiny["a"], name="a")
+    m.use("a")
+    live = m.logits(ids)
+    assert m.mode == "live"
+    for _ in range(3):
+        m.generate_ids([5, 6, 7], 10)
+    assert m.mode == "merge"
+    np.testing.assert_allclose(m.logits(ids), live, atol=1e-4, rtol=0)
+    m.use(None)  # back to live, instantly, from the pure base
+    assert m.mode == "live"
+    np.testing.assert_allclose(m.logits(ids), torch_logits(tiny["model"], ids), atol=1e-4, rtol=0)
