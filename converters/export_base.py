@@ -69,6 +69,8 @@ def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", 
         for n, e in table.items():
             tensors.setdefault(n, {})["onnx"] = e
         files["onnx"] = "model.onnx"
+        files["onnx_lora"] = "model_lora.onnx"  # the same weights with LoRA slots (live mode)
+        files["onnx_check"] = "weight_sums.onnx"  # verifies initializer overrides (merge mode)
     write_base_gguf(cfg, weights, out / "model.gguf", qtype=gguf_type, fingerprint=fp, source=reader,
                     tokenizer_dir=None if reader is not None else source, progress=progress)
     files["gguf"] = "model.gguf"

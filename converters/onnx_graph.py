@@ -2,6 +2,8 @@
 
 Files written by :func:`build_onnx` into ``out_dir``
   model.onnx         the decoder (opset 17, default domain only)
+  model_lora.onnx    the same decoder over the same weights with a LoRA slot beside every linear
+                     layer (see "LoRA slots" below)
   weight_sums.onnx   a tiny check model over the same initializers (see "weight_sums" below)
   model.onnx.data    the ONE external data file of both; every model weight in it is a plain
                      little-endian float32 array at the offset the returned table gives
@@ -25,6 +27,15 @@ Initializers (names are the GGUF names; overridable with SessionOptions.add_init
   output.weight (if untied)    [in, out]     each the direct input of a MatMul (no node between)
   *_norm.weight, blk.{i}.attn_{q,k,v}.bias   as-is (q/k rows permuted for "norm" rope, as canonical)
   rope.cos, rope.sin           [context_length, head_dim/2]  helpers, not model weights
+
+LoRA slots (model_lora.onnx): extra optional inputs, two per weight W of cfg.linear_shapes()
+           lora.<W>.a      float32 [lora_rows, in, r]   default: empty [1, in, 0]
+           lora.<W>.b      float32 [lora_rows, r, out]  default: empty [1, 0, out]
+  and the layer computes x @ W + (x @ a) @ b (scale folded into b). lora_rows is 1 (every row
+  alike) or batch (row b uses a[b], b[b]: per-row adapters in one pass); r is free per weight, so
+  one session takes any rank, stacked adapters concatenate ranks, and nothing fed = the bare base.
+  The names are onnxruntime LoraAdapter parameter names: a .onnx_adapter holding them works
+  with RunOptions.add_active_adapter on this graph.
 
 weight_sums.onnx contract
   no input to feed (``reduce_axes`` is an overridable initializer: leave it alone);

@@ -69,12 +69,31 @@ def export_base_cmd(source: Path, out: Path, gguf_type: str, no_onnx: bool) -> N
 @click.option("--name", default=None, help="Adapter name (default: the folder's name).")
 @click.option("--version", "version", default=1, show_default=True, type=click.IntRange(0, 2**32 - 1))
 @click.option("--dtype", default="F32", show_default=True, type=click.Choice(["F32", "F16"]))
-def export_adapter_cmd(adapter: Path, base: Path, out: Path, name: str | None, version: int, dtype: str) -> None:
-    """Convert a PEFT LoRA folder into a delta file pinned to BASE."""
+@click.option("--format", "fmt", default="gguf", show_default=True, type=click.Choice(["gguf", "onnx_adapter"]),
+              help="gguf: our delta file (llama.cpp LoRA layout); onnx_adapter: onnxruntime's .onnx_adapter "
+                   "for the base's model_lora.onnx (LoraAdapter / onnxruntime-genai users).")
+def export_adapter_cmd(adapter: Path, base: Path, out: Path, name: str | None, version: int, dtype: str,
+                       fmt: str) -> None:
+    """Convert a PEFT LoRA folder (or a delta .gguf) into a file pinned to BASE."""
     from edgeadapt.converters.peft_lora import convert_peft
     from edgeadapt.manifest import read_manifest
 
-    path = convert_peft(adapter, read_manifest(base), out, name=name, version=version, dtype=dtype)
+    if fmt == "onnx_adapter":
+        import tempfile
+
+        from edgeadapt.delta import read_delta
+        from edgeadapt.runtime.onnx_adapter import write_onnx_adapter
+
+        man = read_manifest(base)
+        if adapter.is_file():
+            delta = read_delta(adapter)
+            delta.check_base(man.arch, man.fingerprint)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                delta = read_delta(convert_peft(adapter, man, Path(tmp) / "d.gguf", name=name, version=version))
+        path = write_onnx_adapter(delta, out)
+    else:
+        path = convert_peft(adapter, read_manifest(base), out, name=name, version=version, dtype=dtype)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
@@ -107,27 +126,37 @@ def inspect_cmd(path: Path) -> None:
                f"source        {d.source or '-'}")
 
 
+def _file_weight(spec: str) -> tuple[str, float]:
+    """``FILE[:WEIGHT]`` -> (file, weight); a colon that is not followed by a number is part of the path."""
+    path, sep, w = spec.rpartition(":")
+    try:
+        return (path, float(w)) if sep else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
 @main.command("generate")
 @click.argument("base", type=click.Path(exists=True, path_type=Path))
 @click.argument("prompt")
 @click.option("--adapter", "adapters", multiple=True, help="Delta file, optionally with a weight: FILE[:WEIGHT]. Repeatable.")
 @click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "ort", "numpy"]))
+@click.option("--mode", default="auto", show_default=True, type=click.Choice(["auto", "merge", "live"]))
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True)
 @click.option("--top-k", default=0, show_default=True)
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", default=None, type=int)
 @click.option("--chat/--no-chat", default=None, help="Wrap the prompt in the chat template (default: when the base has one).")
-def generate_cmd(base: Path, prompt: str, adapters: tuple[str, ...], engine: str, max_new_tokens: int,
+def generate_cmd(base: Path, prompt: str, adapters: tuple[str, ...], engine: str, mode: str, max_new_tokens: int,
                  temperature: float, top_k: int, top_p: float, seed: int | None, chat: bool | None) -> None:
     """Generate text from BASE, with adapters applied."""
     import edgeadapt
 
-    m = edgeadapt.load(base, engine=engine)
+    m = edgeadapt.load(base, engine=engine, mode=mode)
     weights = {}
     for spec in adapters:
-        file, _, w = spec.rpartition(":") if ":" in spec and spec.rsplit(":", 1)[1].replace(".", "").isdigit() else (spec, "", "1")
-        weights[m.add_adapter(file)] = float(w)
+        file, w = _file_weight(spec)
+        weights[m.add_adapter(file)] = w
     m.use(weights or None)
     for piece in m.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stream=True, chat=chat):

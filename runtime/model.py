@@ -81,7 +81,8 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
     if mode not in MODES:
         raise UnsupportedError(f"mode {mode!r} is not one of {MODES}")
     manifest = read_manifest(base)
-    live = mode in ("live", "auto") and (manifest.root / "model_lora.onnx").is_file()
+    lora_graph = manifest.path("onnx_lora")
+    live = mode in ("live", "auto") and lora_graph is not None and lora_graph.is_file()
     if mode == "live" and engine == "ort" and not live:
         raise FormatError(f"{manifest.root} has no model_lora.onnx (the graph with LoRA slots); "
                           "export the base again with this edgeadapt, or use mode='merge'")

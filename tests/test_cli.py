@@ -73,3 +73,33 @@ def test_runtime_imports_without_torch_or_onnx():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_export_onnx_adapter(tiny, tmp_path):
+    import numpy as np
+
+    import edgeadapt
+
+    r = CliRunner()
+    res = r.invoke(main, ["export-adapter", str(tiny["root"] / "peft_a"), "--base", str(tiny["base"]),
+                          "-o", str(tmp_path / "a.onnx_adapter"), "--format", "onnx_adapter"])
+    assert res.exit_code == 0, res.output
+    res2 = r.invoke(main, ["export-adapter", str(tiny["a"]), "--base", str(tiny["base"]),
+                           "-o", str(tmp_path / "b.onnx_adapter"), "--format", "onnx_adapter"])
+    assert res2.exit_code == 0, res2.output
+    m = edgeadapt.load(tiny["base"], engine="ort", mode="live")
+    m.add_adapter(tmp_path / "a.onnx_adapter", name="x")
+    m.add_adapter(tiny["a"], name="y")
+    m.use("x")
+    one = m.logits([[5, 6, 7]])
+    m.use("y")
+    np.testing.assert_allclose(one, m.logits([[5, 6, 7]]), atol=1e-6, rtol=0)
+
+
+def test_adapter_weight_spec():
+    from edgeadapt.cli import _file_weight
+
+    assert _file_weight("a.gguf:0.5") == ("a.gguf", 0.5)
+    assert _file_weight("a.gguf:-1") == ("a.gguf", -1.0)
+    assert _file_weight("a.gguf") == ("a.gguf", 1.0)
+    assert _file_weight("C:/x/a.gguf") == ("C:/x/a.gguf", 1.0)
