@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from edgeadapt.errors import UnsupportedError
 from edgeadapt.fingerprint import fingerprint as weights_fingerprint
 from edgeadapt.manifest import BaseManifest
 
@@ -42,8 +43,12 @@ def _special(tok: Any) -> dict[str, Any]:
 
 
 def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", onnx: bool = True,
-                progress: Progress | None = None) -> BaseManifest:
-    """Export ``source`` (HF folder or .gguf) to ``out``; returns the written manifest."""
+                onnx_weights: tuple[str, ...] = ("fp32",), progress: Progress | None = None) -> BaseManifest:
+    """Export ``source`` (HF folder or .gguf) to ``out``; returns the written manifest.
+
+    ``onnx_weights``: which ONNX graphs to write — "fp32" (model.onnx, model_lora.onnx, weight_sums.onnx),
+    "int4" (model_int4.onnx: llama.cpp Q4_1 blocks), "int8" (model_int8.onnx: Q8_0 blocks); a GGUF
+    source's blocks of that type are copied bit for bit, anything else is quantized from float32."""
     import gguf
 
     from .gguf_base import write_base_gguf
@@ -64,13 +69,23 @@ def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", 
         progress("fingerprint", 1, 1)
     tensors: dict[str, dict[str, Any]] = {n: {} for n in weights}
     files: dict[str, str] = {}
-    if onnx:
+    unknown = sorted(set(onnx_weights) - {"fp32", "int4", "int8"})
+    if unknown:
+        raise UnsupportedError(f"onnx_weights {unknown} unknown: expected any of fp32, int4, int8")
+    if onnx and "fp32" in onnx_weights:
         table = build_onnx(cfg, weights, out, progress=progress)
         for n, e in table.items():
             tensors.setdefault(n, {})["onnx"] = e
         files["onnx"] = "model.onnx"
         files["onnx_lora"] = "model_lora.onnx"  # the same weights with LoRA slots (live mode)
         files["onnx_check"] = "weight_sums.onnx"  # verifies initializer overrides (merge mode)
+    for kind in ("int4", "int8"):
+        if onnx and kind in onnx_weights:  # the quantized bases, adapters live beside them
+            from .onnx_fast import build_quant_onnx, gguf_source
+
+            info = build_quant_onnx(cfg, weights, out, kind, source=gguf_source(reader) if reader else None,
+                                    progress=progress)
+            files[f"onnx_{kind}"] = info["file"]
     write_base_gguf(cfg, weights, out / "model.gguf", qtype=gguf_type, fingerprint=fp, source=reader,
                     tokenizer_dir=None if reader is not None else source, progress=progress)
     files["gguf"] = "model.gguf"

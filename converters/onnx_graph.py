@@ -81,7 +81,7 @@ def rope_tables(cfg: ArchConfig) -> tuple[np.ndarray, np.ndarray]:
 # ---- external data writer: tensors go to the file as they are made, never into one protobuf
 class _DataWriter:
     def __init__(self, path: Path):
-        self.f, self.offset = open(path, "wb"), 0
+        self.f, self.offset, self.location = open(path, "wb"), 0, path.name
 
     def add(self, name: str, a: np.ndarray) -> TensorProto:
         a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))  # ONNX data is little-endian
@@ -92,10 +92,17 @@ class _DataWriter:
         a.tofile(self.f)
         t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape)
         t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", DATA_FILE), ("offset", str(self.offset)), ("length", str(a.nbytes))):
+        for k, v in (("location", self.location), ("offset", str(self.offset)), ("length", str(a.nbytes))):
             t.external_data.add(key=k, value=v)
         self.offset += a.nbytes
         return t
+
+    @staticmethod
+    def alias(name: str, t: TensorProto, shape: tuple[int, ...]) -> TensorProto:
+        """The bytes of an initializer already written, under another name and shape (no second copy)."""
+        a = TensorProto(name=name, data_type=t.data_type, dims=shape, data_location=TensorProto.EXTERNAL)
+        a.external_data.extend(t.external_data)
+        return a
 
     def close(self) -> None:
         self.f.close()
@@ -237,7 +244,7 @@ def _save(graph: onnx.GraphProto, path: Path) -> None:
 
 # ---- the public builder
 def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *,
-               progress: Progress | None = None, slots: bool = True) -> dict:
+               progress: Progress | None = None, slots: bool = True, fused: bool = False) -> dict:
     """Write ``model.onnx``, ``weight_sums.onnx`` (and, with ``slots``, ``model_lora.onnx``) and
     their one data file ``model.onnx.data`` into ``out_dir``; return the weight table (see
     :func:`_weight_table`). ``progress(step, done, total)`` is called per layer and after saving."""
@@ -258,9 +265,18 @@ def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *
         protos["rope.cos"], protos["rope.sin"] = writer.add("rope.cos", cos), writer.add("rope.sin", sin)
     finally:
         writer.close()
-    _save(_decoder(cfg, protos, None), out_dir / "model.onnx")
-    if slots:
-        _save(_decoder(cfg, protos, linear), out_dir / LORA_FILE)
+    if fused:
+        from .onnx_fast import _F32Linears, fused_decoder, save_fused
+
+        inits = list(protos.values())
+        save_fused(fused_decoder(cfg, _F32Linears(cfg, None), inits, f"edgeadapt_{cfg.arch}"), out_dir / "model.onnx")
+        if slots:
+            save_fused(fused_decoder(cfg, _F32Linears(cfg, linear), inits, f"edgeadapt_{cfg.arch}_lora"),
+                       out_dir / LORA_FILE)
+    else:
+        _save(_decoder(cfg, protos, None), out_dir / "model.onnx")
+        if slots:
+            _save(_decoder(cfg, protos, linear), out_dir / LORA_FILE)
     _write_verify_model(cfg, protos, out_dir)
     if progress:
         progress("save", 1, 1)

@@ -37,13 +37,16 @@ def pattern_key(patterns: list[str], module: str) -> str | None:
 
 
 def read_peft_config(folder: Path) -> dict[str, Any]:
-    p = folder / "adapter_config.json"
+    """``adapter_config.json``, validated: strict JSON (1 MiB at most), the types of every option we use,
+    and rank/alpha patterns that are plain regular expressions (no quantified groups: no ReDoS)."""
+    from edgeadapt.manifest import load_json
+
+    p = Path(folder) / "adapter_config.json"
     if not p.is_file():
         raise FormatError(f"{folder} is not a PEFT adapter folder: expected adapter_config.json")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{p}: not valid JSON: {e}") from e
+    cfg = load_json(p, 1 << 20)
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{p}: expected a JSON object, found {type(cfg).__name__}")
     kind = cfg.get("peft_type")
     if kind != "LORA":
         raise UnsupportedError(f"{p}: peft_type {kind!r} is not supported yet (this version converts LORA)")
@@ -54,23 +57,95 @@ def read_peft_config(folder: Path) -> dict[str, Any]:
         raise UnsupportedError(f"{p}: modules_to_save={cfg['modules_to_save']!r} is not supported yet")
     if cfg.get("trainable_token_indices"):
         raise UnsupportedError(f"{p}: trainable_token_indices is not supported yet")
+
+    def rank_ok(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 1 << 16
+
+    def alpha_ok(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    problems = []
+    if not rank_ok(cfg.get("r", 8)):
+        problems.append(f"r: expected an integer in 1…65536, found {cfg.get('r')!r}")
+    if not alpha_ok(cfg.get("lora_alpha", 8)):
+        problems.append(f"lora_alpha: expected a finite number, found {cfg.get('lora_alpha')!r}")
+    if cfg.get("use_rslora") not in (None, True, False):
+        problems.append(f"use_rslora: expected true or false, found {cfg.get('use_rslora')!r}")
+    for key, ok in (("rank_pattern", rank_ok), ("alpha_pattern", alpha_ok)):
+        pats = cfg.get(key) or {}
+        if not isinstance(pats, dict):
+            problems.append(f"{key}: expected an object of pattern -> value, found {type(pats).__name__}")
+            continue
+        for pat, val in pats.items():
+            if not ok(val):
+                problems.append(f"{key}[{pat!r}]: bad value {val!r}")
+            if len(pat) > 512 or re.search(r"\)[*+{]", pat):
+                problems.append(f"{key}[{pat[:60]!r}]: patterns with quantified groups or over 512 characters are "
+                                "not supported (they can take exponential time to match)")
+                continue
+            try:
+                re.compile(pat)
+            except re.error as e:
+                problems.append(f"{key}[{pat!r}]: not a regular expression ({e})")
+    collect(problems, FormatError, f"{p}: bad LoRA options:")
     return cfg
 
 
 def read_peft_tensors(folder: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+    """``adapter_model.safetensors`` as float32 arrays, without torch and without trusting the header:
+    header size capped, offsets contiguous and inside the file, sizes = shape × dtype, names unique,
+    values finite."""
+    from edgeadapt.manifest import _no_duplicates
 
-    st = folder / "adapter_model.safetensors"
+    st = Path(folder) / "adapter_model.safetensors"
     if not st.is_file():
-        found = "adapter_model.bin (pickle; convert it with safetensors first)" if (folder / "adapter_model.bin").exists() else "nothing"
+        found = "adapter_model.bin (pickle; convert it with safetensors first)" if (Path(folder) / "adapter_model.bin").exists() else "nothing"
         raise FormatError(f"{folder}: expected adapter_model.safetensors, found {found}")
-    out = {}
+    data = st.read_bytes()
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if n < 2 or n > min(100 << 20, len(data) - 8):
+        raise FormatError(f"{st}: expected a safetensors header of at most {max(0, len(data) - 8)} bytes, found a "
+                          f"claimed size of {n} (truncated or not a safetensors file)")
     try:
-        with safe_open(str(st), framework="pt") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k).float().numpy()
-    except Exception as e:
-        raise FormatError(f"{st}: not a readable safetensors file: {e}") from e
+        header = json.loads(data[8:8 + n].decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise FormatError(f"{st}: header JSON nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"{st}: header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{st}: expected a header object, found {type(header).__name__}")
+    header.pop("__metadata__", None)
+    dtypes = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
+    body, problems, spans, out = memoryview(data)[8 + n:], [], [], {}
+    for name, e in header.items():
+        ok = (isinstance(e, dict) and isinstance(e.get("dtype"), str) and e["dtype"] in dtypes
+              and isinstance(e.get("shape"), list)
+              and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 40 for x in e["shape"])
+              and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
+              and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in e["data_offsets"]))
+        if not ok:
+            problems.append(f"{name}: expected dtype in {sorted(dtypes)}, a shape and data_offsets, found "
+                            f"{str(e)[:120]}")
+            continue
+        (b0, b1), dt = e["data_offsets"], np.dtype(dtypes[e["dtype"]])
+        if b1 - b0 != math.prod(e["shape"]) * dt.itemsize or b1 > len(body):
+            problems.append(f"{name}: {e['shape']} {e['dtype']} needs {math.prod(e['shape']) * dt.itemsize} bytes, "
+                            f"found offsets {b0}…{b1} in a {len(body)}-byte buffer")
+            continue
+        spans.append((b0, b1, name))
+        a = np.frombuffer(body[b0:b1], dtype=dt).reshape(e["shape"])
+        a = (a.astype(np.uint32) << 16).view(np.float32) if e["dtype"] == "BF16" else a.astype(np.float32)
+        if not np.isfinite(a).all():
+            problems.append(f"{name}: holds NaN or Inf")
+        out[name] = a
+    pos = 0
+    for b0, b1, name in sorted(spans):
+        if b0 != pos:
+            problems.append(f"{name}: data starts at {b0}, expected {pos} (tensors must be contiguous, no overlap)")
+        pos = max(pos, b1)
+    if not problems and pos != len(body):
+        problems.append(f"the tensors cover {pos} bytes of a {len(body)}-byte buffer")
+    collect(problems, FormatError, f"{st}: not a valid safetensors file:")
     return out
 
 

@@ -24,7 +24,8 @@ PROMPTS = ("Where is my invoice?", "My app keeps crashing when I open it.", "How
            "Write a haiku about the sea.", "Explain what a CPU cache is.", "What is 17 times 23?",
            "Summarise the plot of Romeo and Juliet.", "Give me three tips for better sleep.",
            "My internet is slow in the evenings.", "Translate 'good morning' into Spanish.")
-N_NEW = 32
+N_NEW = 24
+N_PROMPTS = 8
 
 
 @dataclass
@@ -62,7 +63,7 @@ class ErrorReport:
 
 
 # ---- prompts
-def default_prompts(model: Any, n: int | None = None, seed: int = 0) -> list[list[int]]:
+def default_prompts(model: Any, n: int = N_PROMPTS, seed: int = 0) -> list[list[int]]:
     """Token ids: the built-in prompt set through the chat template, or seeded random ids when
     the base has no tokenizer."""
     try:
@@ -72,9 +73,9 @@ def default_prompts(model: Any, n: int | None = None, seed: int = 0) -> list[lis
     if tok is None:
         rng = np.random.default_rng(seed)
         hi = model.config.vocab_size
-        return rng.integers(min(3, hi - 1), hi, size=(n or 8, 8)).tolist()
+        return rng.integers(min(3, hi - 1), hi, size=(n, 8)).tolist()
     out = []
-    for p in PROMPTS[: n or len(PROMPTS)]:
+    for p in PROMPTS[:n]:
         text = tok.render_chat([{"role": "user", "content": p}]) if tok.chat_template else p
         out.append(tok._tok.encode(text, add_special_tokens=False).ids if tok.chat_template else tok.encode(p))
     return out
@@ -121,11 +122,12 @@ def compare_models(reference: Any, candidate: Any, prompts: Sequence[Sequence[in
 
 def compare_deltas(base: str | os.PathLike | Any, reference: LoraDelta, candidate: LoraDelta, *,
                    label: str, against: str = "the fp32 adapter", prompts: Sequence[Sequence[int]] | None = None,
-                   n_new: int = N_NEW) -> ErrorReport:
-    """The same base with ``reference`` and then ``candidate`` in use (numpy engine)."""
+                   n_new: int = N_NEW, engine: str = "auto") -> ErrorReport:
+    """The same base (a folder, or a model loaded with mode="merge") with ``reference`` and then
+    ``candidate`` merged in."""
     import edgeadapt
 
-    m = edgeadapt.load(base, engine="numpy") if isinstance(base, (str, os.PathLike)) else base
+    m = edgeadapt.load(base, engine=engine, mode="merge") if isinstance(base, (str, os.PathLike)) else base
     m.add_adapter(reference, name="__reference__")
     m.add_adapter(candidate, name="__candidate__")
     try:
@@ -138,3 +140,31 @@ def compare_deltas(base: str | os.PathLike | Any, reference: LoraDelta, candidat
         m.use(None)
         m.remove_adapter("__reference__")
         m.remove_adapter("__candidate__")
+
+
+def adapter_report(peft_dir: str | os.PathLike, base: str | os.PathLike, delta_path: str | os.PathLike, *,
+                   engine: str = "auto", prompts: Sequence[Sequence[int]] | None = None, n_new: int = N_NEW
+                   ) -> ErrorReport:
+    """A delta file converted from a PEFT folder vs that adapter in float32: sizes and output error."""
+    import tempfile
+
+    from edgeadapt.delta import read_delta, write_delta
+    from edgeadapt.manifest import read_manifest
+
+    from .peft_lora import lora_factors, read_peft_config, read_peft_tensors
+
+    man, peft_dir = read_manifest(base), Path(peft_dir)
+    factors = lora_factors(man.arch, read_peft_config(peft_dir), read_peft_tensors(peft_dir))
+    cand = read_delta(delta_path)
+    ref = LoraDelta(name=cand.name, version=cand.version, arch=man.arch.arch, fingerprint=man.fingerprint,
+                    factors=factors)
+    with tempfile.TemporaryDirectory() as tmp:
+        f32 = Path(tmp) / "f32.gguf"
+        write_delta(f32, arch=man.arch.arch, fingerprint=man.fingerprint, name=cand.name, version=cand.version,
+                    factors=factors, source=cand.source, description=cand.description)
+        f32_size = f32.stat().st_size
+    rep = compare_deltas(base, ref, cand, label=f"{cand.quant} delta", engine=engine, prompts=prompts, n_new=n_new)
+    rep.size = Path(delta_path).stat().st_size
+    rep.sizes = (("adapter_model.safetensors (fp32 PEFT)", (peft_dir / "adapter_model.safetensors").stat().st_size),
+                 ("the F32 delta", f32_size))
+    return rep

@@ -50,14 +50,19 @@ def main() -> None:
               type=click.Choice(["auto", "F32", "F16", "Q8_0", "source"]),
               help="Tensor type of model.gguf; auto = the source's own types for a GGUF source, F32 otherwise.")
 @click.option("--no-onnx", is_flag=True, help="Write only model.gguf (numpy engine / llama.cpp).")
-def export_base_cmd(source: Path, out: Path, gguf_type: str, no_onnx: bool) -> None:
+@click.option("--onnx-quant", default="", metavar="int4,int8",
+              help="Also write quantized ONNX bases (model_int4.onnx: Q4_1 blocks, model_int8.onnx: Q8_0) for "
+                   "edgeadapt.load(..., weights='int4'); a GGUF source's blocks of that type are kept bit for bit.")
+def export_base_cmd(source: Path, out: Path, gguf_type: str, no_onnx: bool, onnx_quant: str) -> None:
     """Export a base once: SOURCE (HF model folder or .gguf) -> OUT (ONNX + GGUF + manifest)."""
     from edgeadapt.converters.export_base import export_base
 
     if gguf_type == "auto":
         gguf_type = "source" if source.suffix == ".gguf" else "F32"
+    quant = tuple(q.strip() for q in onnx_quant.split(",") if q.strip())
     t0 = time.perf_counter()
-    m = export_base(source, out, gguf_type=gguf_type, onnx=not no_onnx, progress=_Progress("export"))
+    m = export_base(source, out, gguf_type=gguf_type, onnx=not no_onnx, onnx_weights=("fp32",) + quant,
+                    progress=_Progress("export"))
     click.echo(f"base {m.arch.arch} {m.arch.n_layers} layers dim {m.arch.dim} -> {out} "
                f"({', '.join(m.files.values())}) fingerprint {m.fingerprint[:19]}… in {time.perf_counter() - t0:.1f}s")
 
@@ -72,8 +77,11 @@ def export_base_cmd(source: Path, out: Path, gguf_type: str, no_onnx: bool) -> N
 @click.option("--format", "fmt", default="gguf", show_default=True, type=click.Choice(["gguf", "onnx_adapter"]),
               help="gguf: our delta file (llama.cpp LoRA layout); onnx_adapter: onnxruntime's .onnx_adapter "
                    "for the base's model_lora.onnx (LoraAdapter / onnxruntime-genai users).")
+@click.option("--quant", default=None, type=click.Choice(["F32", "F16", "Q8_0", "int8", "int4"]),
+              help="Factor storage (overrides --dtype; llama.cpp reads F32/F16/Q8_0); prints the size and the "
+                   "measured output error against the fp32 adapter.")
 def export_adapter_cmd(adapter: Path, base: Path, out: Path, name: str | None, version: int, dtype: str,
-                       fmt: str) -> None:
+                       fmt: str, quant: str | None) -> None:
     """Convert a PEFT LoRA folder (or a delta .gguf) into a file pinned to BASE."""
     from edgeadapt.converters.peft_lora import convert_peft
     from edgeadapt.manifest import read_manifest
@@ -93,8 +101,12 @@ def export_adapter_cmd(adapter: Path, base: Path, out: Path, name: str | None, v
                 delta = read_delta(convert_peft(adapter, man, Path(tmp) / "d.gguf", name=name, version=version))
         path = write_onnx_adapter(delta, out)
     else:
-        path = convert_peft(adapter, read_manifest(base), out, name=name, version=version, dtype=dtype)
+        path = convert_peft(adapter, read_manifest(base), out, name=name, version=version, dtype=quant or dtype)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    if quant and fmt == "gguf":
+        from edgeadapt.converters.quant_report import adapter_report
+
+        click.echo("\n".join(adapter_report(adapter, base, path).lines()))
 
 
 @main.command("inspect")
@@ -177,7 +189,7 @@ def demo_cmd(out: Path, engine: str, prompt: str) -> None:
 
 # ---- commands that live in their own modules (each module: ``COMMANDS = [click.Command, ...]``;
 # they import only click at module level, the real work lazily inside each command)
-_COMMAND_MODULES: list[str] = []
+_COMMAND_MODULES: list[str] = ["edgeadapt.cli_ship"]
 
 
 def _register() -> None:

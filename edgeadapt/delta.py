@@ -520,7 +520,12 @@ def read_delta(path: str | os.PathLike) -> LoraDelta:
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such delta file")
-    data = path.read_bytes()
+    return delta_from_bytes(path.read_bytes(), path)
+
+
+def delta_from_bytes(data: bytes, path: str | os.PathLike = "<bytes>") -> LoraDelta:
+    """:func:`read_delta` of a file's bytes already in memory (``path`` names it in messages)."""
+    path = Path(path)
     buf = memoryview(data)
     c = parse_gguf(buf, str(path))
     f = c.fields
@@ -623,7 +628,7 @@ def _factors(path: Path, buf: memoryview, c: _Container, allowed: tuple[Any, ...
             continue
         want = SCALE_TYPES if role[1] else allowed
         if t.ttype not in want:
-            problems.append(f"{t.name}: expected type {' or '.join(x.name for x in want)} in a {quant} file, "
+            problems.append(f"{t.name}: expected type {' or '.join(x.name for x in want)} for {quant} factors, "
                             f"found {t.ttype.name}")
             continue
         if len(t.shape) != 2:

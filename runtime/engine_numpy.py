@@ -83,6 +83,144 @@ def _dequantizer(qtype: Any) -> Callable[[np.ndarray], np.ndarray]:
     return lambda rows: gguf.quants.dequantize(rows, qtype)
 
 
+# ---------------------------------------------------------------- the file
+# A lean GGUF reader: gguf.GGUFReader builds one numpy view per element of every metadata array,
+# which for a 49k-token vocabulary took 4.2 s and 160 MB before the first weight was touched.
+# The engine needs the scalars and the tensor table; large arrays are stepped over and kept as
+# their length. Every count, length and offset is checked against the file size first.
+_GGUF_MAGIC = 0x46554747  # b"GGUF" little-endian
+_MAX_COUNT = 1 << 20  # tensors or key/values in one file
+_SMALL_ARRAY = 1024  # arrays up to this many elements are read; longer ones are skipped
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NP_ITEM = {_T.F32: np.float32, _T.F16: np.float16}  # other types are viewed as bytes, rows of blocks
+
+
+class _Field:
+    """One metadata value (``contents()``, like gguf's); a skipped long array keeps only its length."""
+
+    __slots__ = ("value", "count")
+
+    def __init__(self, value: Any, count: int = 1):
+        self.value, self.count = value, count
+
+    def contents(self) -> Any:
+        return self.value
+
+    @property
+    def data(self) -> Any:
+        return self.value if isinstance(self.value, list) else range(self.count)
+
+
+class _TensorInfo:
+    __slots__ = ("name", "tensor_type", "shape", "data_offset", "n_bytes", "data")
+
+
+class _GGUF:
+    """``fields`` {key: _Field}, ``tensors`` [_TensorInfo] (shape in ggml order, ``data`` a
+    read-only view of the memmap), ``data`` the memmap itself."""
+
+    def __init__(self, path: Path):
+        import struct
+
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        self.data = mm
+        buf, size = memoryview(mm), len(mm)
+        pos = 0
+
+        def need(n: int, what: str) -> None:
+            if n < 0 or pos + n > size:
+                raise FormatError(f"{path}: {what} runs past the end of the file (offset {pos}, {n} bytes, file {size})")
+
+        def unpack(fmt: str, what: str) -> Any:
+            nonlocal pos
+            n = struct.calcsize(fmt)
+            need(n, what)
+            v = struct.unpack_from(fmt, buf, pos)[0]
+            pos += n
+            return v
+
+        def string(what: str) -> str:
+            nonlocal pos
+            n = unpack("<Q", what)
+            need(n, what)
+            v = bytes(buf[pos:pos + n]).decode("utf-8", errors="replace")
+            pos += n
+            return v
+
+        def value(vtype: int, what: str, depth: int = 0) -> _Field:
+            nonlocal pos
+            if vtype in _SCALARS:
+                return _Field(unpack(_SCALARS[vtype], what))
+            if vtype == 8:
+                return _Field(string(what))
+            if vtype != 9 or depth > 1:
+                raise FormatError(f"{path}: {what}: unknown or too deeply nested value type {vtype}")
+            etype, count = unpack("<I", what), unpack("<Q", what)
+            if etype in _SCALARS and count > _SMALL_ARRAY:  # step over without reading
+                n = count * struct.calcsize(_SCALARS[etype])
+                need(n, what)
+                pos += n
+                return _Field(None, count)
+            if count > size:
+                raise FormatError(f"{path}: {what}: {count} elements cannot fit in {size} bytes")
+            items = [value(etype, what, depth + 1).value for _ in range(count)]
+            return _Field(items if count <= _SMALL_ARRAY else None, count)
+
+        if size < 24 or unpack("<I", "magic") != _GGUF_MAGIC:
+            raise FormatError(f"{path}: expected a GGUF file (magic 'GGUF'), found {bytes(buf[:4])!r}")
+        version = unpack("<I", "version")
+        if version not in (2, 3):
+            raise UnsupportedError(f"{path}: GGUF version {version} (byte-swapped or too new); this reader takes 2 and 3")
+        n_tensors, n_kv = unpack("<Q", "tensor count"), unpack("<Q", "key/value count")
+        if n_tensors > _MAX_COUNT or n_kv > _MAX_COUNT:
+            raise FormatError(f"{path}: {n_tensors} tensors / {n_kv} key/values is over the {_MAX_COUNT} limit")
+        self.fields: dict[str, _Field] = {}
+        for _ in range(n_kv):
+            key = string("a metadata key")
+            if key in self.fields:
+                raise FormatError(f"{path}: metadata key {key!r} appears twice")
+            self.fields[key] = value(unpack("<I", key), key)
+        infos = []
+        for _ in range(n_tensors):
+            name = string("a tensor name")
+            n_dims = unpack("<I", name)
+            if not 1 <= n_dims <= 4:
+                raise FormatError(f"{path}: tensor {name!r}: expected 1 to 4 dimensions, found {n_dims}")
+            dims = [unpack("<Q", name) for _ in range(n_dims)]
+            infos.append((name, dims, unpack("<I", name), unpack("<Q", name)))
+        align = self.fields["general.alignment"].value if "general.alignment" in self.fields else 32
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise FormatError(f"{path}: general.alignment must be a power of two, found {align!r}")
+        start = -(-pos // align) * align
+        self.tensors: list[_TensorInfo] = []
+        seen: set[str] = set()
+        for name, dims, ttype, offset in infos:
+            if name in seen:
+                raise FormatError(f"{path}: tensor {name!r} appears twice")
+            seen.add(name)
+            try:
+                qt = _T(ttype)
+                block, tsize = gguf.GGML_QUANT_SIZES[qt]
+            except (ValueError, KeyError):
+                raise FormatError(f"{path}: tensor {name!r}: unknown tensor type {ttype}") from None
+            if any(d <= 0 or d >= 1 << 40 for d in dims) or dims[0] % block:
+                raise FormatError(f"{path}: tensor {name!r}: bad shape {dims} for {qt.name} (blocks of {block})")
+            n_elems = int(np.prod(dims, dtype=object))
+            n_bytes = n_elems // block * tsize
+            at = start + offset
+            if offset % align or at + n_bytes > size:
+                raise FormatError(f"{path}: tensor {name!r}: data at {at} (+{n_bytes} bytes) is misaligned or past "
+                                  f"the end of the file ({size} bytes)")
+            t = _TensorInfo()
+            t.name, t.tensor_type, t.shape, t.data_offset, t.n_bytes = name, qt, np.array(dims), at, n_bytes
+            rows = list(reversed(dims))  # numpy order
+            raw = mm[at:at + n_bytes]
+            item = _NP_ITEM.get(qt)
+            t.data = (raw.view(item).reshape(rows) if item is not None
+                      else raw.reshape(*rows[:-1], rows[-1] // block * tsize))
+            self.tensors.append(t)
+
+
 class _Src:
     """One tensor of the file: memmapped, in its stored type."""
 
@@ -125,19 +263,87 @@ class _Src:
             out[:, r0:r0 + step] = self.rows(slice(r0, r0 + step)).T
 
 
-class _Lazy:
-    """A linear kept in its stored (quantized / F16) form; dequantized slab by slab at each use."""
+# ---------------------------------------------------------------- x Wᵀ straight from the blocks
+# For a few rows of x (decode), W = d·q (+ m) is never materialised: per 32-wide block b,
+# y = Σ_b d_b (q_b · x_b) + Σ_b m_b Σ x_b. The integer quants are widened to float32 in long
+# contiguous passes (no per-block inner loops: numpy's broadcasting over 32-wide blocks costs
+# ~15 ns per block per operation, which dominated the dequantize-then-matmul path) and the
+# block dot products are one stacked matmul. Q4_0: m = -8·d.
+_MATVEC_MAX_ROWS = 8  # above this many rows of x, dequantize + one GEMM is faster
 
-    __slots__ = ("src", "out", "step")
+
+def _nibble_planes(u32: np.ndarray, r: int, nb: int) -> np.ndarray:
+    """4-bit quants of [r, nb, 4] uint32 words (16 bytes per block) -> float32 [2, r, nb, 16]:
+    plane 0 the low nibbles (elements 0..15 of each block), plane 1 the high ones (16..31)."""
+    q = np.empty((2, r, nb, 16), _F32)
+    q[0] = (u32 & np.uint32(0x0F0F0F0F)).view(np.uint8).reshape(r, nb, 16)
+    u32 >>= np.uint32(4)
+    u32 &= np.uint32(0x0F0F0F0F)
+    q[1] = u32.view(np.uint8).reshape(r, nb, 16)
+    return q
+
+
+def _mv_q4(x: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+    """x [N, in], nibble planes q [2, r, nb, 16], d / m [r, nb] float32 -> [N, r]."""
+    N, nb = x.shape[0], q.shape[2]
+    xv = x.reshape(N, nb, 2, 16).transpose(2, 1, 3, 0)  # [2, nb, 16, N]
+    p = np.matmul(q.transpose(0, 2, 1, 3), xv)  # [2, nb, r, N] block dot products
+    p[0] += p[1]
+    y = np.einsum("brn,rb->nr", p[0], d)
+    if m is not None:
+        y += x.reshape(N, nb, 32).sum(axis=-1) @ m.T
+    return y
+
+
+def _mv_q4_1(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    r, nb = rows.shape[0], rows.shape[1] // 20
+    b = rows.reshape(r, nb, 20)
+    d = b[..., 0:2].view(np.float16)[..., 0].astype(_F32)
+    m = b[..., 2:4].view(np.float16)[..., 0].astype(_F32)
+    u32 = np.ascontiguousarray(rows.view(np.uint32).reshape(r, nb, 5)[..., 1:])
+    return _mv_q4(x, _nibble_planes(u32, r, nb), d, m)
+
+
+def _mv_q4_0(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    r, nb = rows.shape[0], rows.shape[1] // 18
+    d = rows.reshape(r, nb, 18)[..., 0:2].view(np.float16)[..., 0].astype(_F32)
+    u32 = np.ascontiguousarray(rows.view(np.uint16).reshape(r, nb, 9)[..., 1:]).view(np.uint32)
+    return _mv_q4(x, _nibble_planes(u32, r, nb), d, d * _F32(-8))
+
+
+def _mv_q8_0(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    r, nb = rows.shape[0], rows.shape[1] // 34
+    N = x.shape[0]
+    d = rows.reshape(r, nb, 34)[..., 0:2].view(np.float16)[..., 0].astype(_F32)
+    q = np.ascontiguousarray(rows.view(np.uint16).reshape(r, nb, 17)[..., 1:]).view(np.int8).astype(_F32)  # [r, nb, 32]
+    p = np.matmul(q.transpose(1, 0, 2), x.reshape(N, nb, 32).transpose(1, 2, 0))  # [nb, r, N]
+    return np.einsum("brn,rb->nr", p, d)
+
+
+_FAST_MV: dict[Any, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    _T.Q4_0: _mv_q4_0, _T.Q4_1: _mv_q4_1, _T.Q8_0: _mv_q8_0}
+
+
+class _Lazy:
+    """A linear kept in its stored (quantized / F16) form; used slab by slab at each use: for a
+    few rows of x straight from the blocks (Q4_0 / Q4_1 / Q8_0), else dequantized then multiplied."""
+
+    __slots__ = ("src", "out", "step", "mv")
 
     def __init__(self, src: _Src):
         self.src = src
         self.out, inn = src.shape
         self.step = max(1, _LAZY_CHUNK_BYTES // (4 * inn))
+        self.mv = _FAST_MV.get(src.qtype)
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
         y = np.empty((x.shape[0], self.out), _F32)
         data, deq, step = self.src.data, self.src.deq, self.step
+        if self.mv is not None and x.shape[0] <= _MATVEC_MAX_ROWS:
+            mv = self.mv
+            for r0 in range(0, self.out, step):
+                y[:, r0:r0 + step] = mv(x, data[r0:r0 + step])
+            return y
         for r0 in range(0, self.out, step):
             np.matmul(x, deq(data[r0:r0 + step]).T, out=y[:, r0:r0 + step])
         return y
@@ -238,8 +444,10 @@ class NumpyEngine:
             raise UnsupportedError(f"dequantize={dequantize!r} is not an option; choose 'auto', 'load' or 'lazy'")
         self.path = Path(gguf_path)
         try:
-            reader = gguf.GGUFReader(str(self.path))
-        except Exception as e:  # gguf raises many kinds on a bad file
+            reader = _GGUF(self.path)
+        except EdgeAdaptError:
+            raise
+        except Exception as e:  # numpy / the OS on an unreadable file
             raise FormatError(f"{self.path} is not a readable GGUF file: {type(e).__name__}: {e}") from e
         self._reader = reader  # keeps the memmap alive
         if cfg is None:

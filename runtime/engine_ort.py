@@ -9,6 +9,11 @@ override under a name the graph does not have. So every swap is verified twice: 
 ``weight_sums.onnx`` (same initializer names, nothing to fold) is run with the same overrides and
 must report the sum of every weight it was given; and the new decoder session must answer a
 one-token probe differently from the old one whenever the weights changed.
+
+Quantized weights (``weights="int4"`` / ``"int8"``): the base folder's ``model_int4.onnx`` /
+``model_int8.onnx`` (llama.cpp Q4_1 / Q8_0 blocks in onnxruntime's MatMulNBits, fused operators;
+see ``edgeadapt.converters.onnx_fast``). Adapters run live only, in float32 beside the quantized
+weights: merging would mean re-quantizing, which loses most of a small delta.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from edgeadapt.errors import AdapterMismatchError, EdgeAdaptError, FormatError, MissingDependencyError, collect
+from edgeadapt.errors import (AdapterMismatchError, EdgeAdaptError, FormatError, MissingDependencyError,
+                              UnsupportedError, collect)
 from edgeadapt.manifest import BaseManifest
 
 PastKV = list[tuple[np.ndarray, np.ndarray]]
+WEIGHTS = {"fp32": None, "int4": "onnx_int4", "int8": "onnx_int8"}  # weights= -> manifest file kind (None: onnx)
 
 
 class OverrideNotAppliedError(EdgeAdaptError, RuntimeError):
@@ -45,9 +52,20 @@ class OrtEngine:
 
     name = "ort"
 
-    def __init__(self, manifest: BaseManifest, *, threads: int | None = None, live: bool = False):
+    def __init__(self, manifest: BaseManifest, *, threads: int | None = None, live: bool = False,
+                 weights: str = "fp32"):
         self._ort = import_ort()
-        path = manifest.path("onnx")
+        if weights not in WEIGHTS:
+            raise UnsupportedError(f"weights {weights!r} is not one of {tuple(WEIGHTS)}")
+        self.weights = weights
+        if weights != "fp32":  # the quantized graph carries its own LoRA slots: live only
+            path = manifest.path(WEIGHTS[weights])
+            if path is None or not path.is_file():
+                raise FormatError(f"{manifest.root} has no {weights} ONNX graph (model_{weights}.onnx); export the "
+                                  f"base with `edgeadapt export-base … --onnx-quant {weights}`, or use weights='fp32'")
+            live = True
+        else:
+            path = manifest.path("onnx")
         if path is None or not path.is_file():
             raise FormatError(f"{manifest.root}: the manifest names no ONNX model, or {path} is missing; "
                               "export the base again or use engine='numpy'")
@@ -58,14 +76,16 @@ class OrtEngine:
         self._sums_path = manifest.path("onnx_check") or path.parent / "weight_sums.onnx"
         lora_path = manifest.path("onnx_lora") or path.parent / "model_lora.onnx"
         self.live = live
-        if live:
+        if live and weights == "fp32":
             if not lora_path.is_file():
                 raise FormatError(f"{manifest.root} has no model_lora.onnx (the graph with LoRA slots); "
                                   "export the base again with this edgeadapt, or use mode='merge'")
             self._path = lora_path
         self._session, self._keep = self._build({}), ()
         self._out_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.cfg.n_layers) for kv in ("key", "value")]
-        self._probe = self._probe_logits(self._session)
+        meta = self._session.get_modelmeta().custom_metadata_map
+        self._one_step_past = meta.get("edgeadapt.attention") == "GroupQueryAttention"  # see forward
+        self._probe: np.ndarray | None = None  # made at the first set_weights: a cold start does not pay for it
         self._mm: dict[str, np.memmap] = {}
 
     # ---- sessions
@@ -112,6 +132,12 @@ class OrtEngine:
 
     def set_weights(self, overrides: dict[str, np.ndarray]) -> None:
         """Replace these linear weights (float32 [out, in]) from the base; ``{}`` restores the base."""
+        if self.weights != "fp32":
+            raise UnsupportedError(f"cannot merge into {self.weights} weights (it would re-quantize them and lose most "
+                                   "of a small delta); run adapters live (mode='live' or 'auto'), or load "
+                                   "weights='fp32' to merge")
+        if self._probe is None:
+            self._probe = self._probe_logits(self._session)
         problems = []
         for n, w in overrides.items():
             shape = self.cfg.linear_shapes().get(n)
@@ -179,6 +205,15 @@ class OrtEngine:
                 raise AdapterMismatchError("live LoRA factors need the slotted graph: load with mode='live' or 'auto'")
             for name, (a, bb) in lora.items():
                 feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = a, bb
+        s = input_ids.shape[1]
+        if self._one_step_past and past and b > 1 and s > 1 and past[0][0].shape[2] > 0:
+            # GroupQueryAttention takes several new tokens after a past only for batch 1: one at a time
+            logits = []
+            for t in range(s):
+                lg, past = self.forward(input_ids[:, t:t + 1], attention_mask[:, :attention_mask.shape[1] - s + t + 1],
+                                        position_ids[:, t:t + 1], past, lora)
+                logits.append(lg)
+            return np.concatenate(logits, axis=1), past
         outs = self._session.run(self._out_names, feeds)
         return outs[0], [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
 

@@ -29,25 +29,33 @@ UseSpec = str | Mapping[str, float] | Sequence[str] | None
 
 
 def _make_engine(manifest: BaseManifest, engine: str, threads: int | None, *, dequantize: str = "auto",
-                 live: bool = False) -> Any:
-    """"ort": onnxruntime on model.onnx, or an error saying why not. "numpy": model.gguf in numpy
-    (``dequantize`` = its "auto" | "load" | "lazy"). "auto": onnxruntime when it imports and builds
-    a session on model.onnx, else numpy; the numpy engine then says why in ``auto_reason``."""
+                 live: bool = False, weights: str = "fp32") -> Any:
+    """"ort": onnxruntime on model.onnx (``weights`` "int4" | "int8": on model_int4.onnx | model_int8.onnx),
+    or an error saying why not. "numpy": model.gguf in numpy (``dequantize`` = its "auto" | "load" | "lazy").
+    "auto": onnxruntime when it imports and builds a session on that graph, else numpy; the numpy engine
+    then says why in ``auto_reason``."""
     if engine not in ENGINES:
         raise UnsupportedError(f"engine {engine!r} is not one of {ENGINES}")
+    if weights not in WEIGHTS:
+        raise UnsupportedError(f"weights {weights!r} is not one of {WEIGHTS}")
+    if weights != "fp32" and engine == "numpy":
+        raise UnsupportedError(f"weights={weights!r} picks an ONNX graph for onnxruntime; the numpy engine runs "
+                               f"model.gguf as it is ({manifest.gguf_type or 'its own types'}): use engine='ort'")
     why = None
     if engine != "numpy":
-        onnx_path = manifest.path("onnx")
+        onnx_path = manifest.path("onnx" if weights == "fp32" else f"onnx_{weights}")
         if onnx_path is None or not onnx_path.is_file():
+            want = "model.onnx" if weights == "fp32" else f"model_{weights}.onnx"
             if engine == "ort":
-                found = "no ONNX file in manifest.json" if onnx_path is None else f"{onnx_path.name} is missing"
-                raise FormatError(f"{manifest.root}: engine 'ort' needs model.onnx, found {found}; export the base "
-                                  "without --no-onnx, or use engine='numpy' (runs model.gguf)")
-            why = "the base folder has no model.onnx"
+                found = f"no {want} in manifest.json" if onnx_path is None else f"{onnx_path.name} is missing"
+                fix = ("without --no-onnx" if weights == "fp32" else f"with --onnx-quant {weights}")
+                raise FormatError(f"{manifest.root}: engine 'ort' needs {want}, found {found}; export the base "
+                                  f"{fix}, or use engine='numpy' (runs model.gguf)")
+            why = f"the base folder has no {want}"
         else:
             try:
                 from .engine_ort import OrtEngine
-                return OrtEngine(manifest, threads=threads, live=live)
+                return OrtEngine(manifest, threads=threads, live=live, weights=weights)
             except ImportError as e:  # MissingDependencyError included: the expected case on a device
                 if engine == "ort":
                     raise
@@ -69,24 +77,32 @@ def _make_engine(manifest: BaseManifest, engine: str, threads: int | None, *, de
 
 
 MODES = ("auto", "merge", "live")
+WEIGHTS = ("fp32", "int4", "int8")
 
 
-def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", threads: int | None = None) -> "Model":
+def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", threads: int | None = None,
+         weights: str = "fp32") -> "Model":
     """Load a base folder made by ``edgeadapt export-base``.
 
     ``engine``: "ort" (onnxruntime), "numpy" (pure numpy, from model.gguf) or "auto"
     (onnxruntime when it imports and the folder has model.onnx, else numpy); ``m.engine`` says which.
     ``mode``: how adapters are applied — see :class:`Model`.
+    ``weights`` (onnxruntime): "fp32" (model.onnx), or "int4" / "int8" (model_int4.onnx / model_int8.onnx,
+    written by ``export-base --onnx-quant``): the quantized base with adapters live beside it, in float32.
     """
     if mode not in MODES:
         raise UnsupportedError(f"mode {mode!r} is not one of {MODES}")
+    if weights != "fp32" and mode == "merge":
+        raise UnsupportedError(f"mode='merge' folds adapters into float32 weights; a {weights} base would have to be "
+                               "re-quantized, losing most of a small delta. Use mode='live' or 'auto' (adapters run in "
+                               "float32 beside the quantized weights), or weights='fp32' to merge")
     manifest = read_manifest(base)
     lora_graph = manifest.path("onnx_lora")
-    live = mode in ("live", "auto") and lora_graph is not None and lora_graph.is_file()
+    live = weights != "fp32" or mode in ("live", "auto") and lora_graph is not None and lora_graph.is_file()
     if mode == "live" and engine == "ort" and not live:
         raise FormatError(f"{manifest.root} has no model_lora.onnx (the graph with LoRA slots); "
                           "export the base again with this edgeadapt, or use mode='merge'")
-    return Model(manifest, _make_engine(manifest, engine, threads, live=live), mode=mode)
+    return Model(manifest, _make_engine(manifest, engine, threads, live=live, weights=weights), mode=mode)
 
 
 class _RWLock:

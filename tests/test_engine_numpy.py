@@ -435,6 +435,38 @@ def test_fast_dequantizers_match_gguf(qtype):
     assert fast.dtype == np.float32 and np.array_equal(fast, gguf.quants.dequantize(q, t))
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_block_matvec_matches_dequantize_then_matmul(qtype):
+    """The lazy decode path (x Wᵀ straight from the blocks) against gguf's dequantization, in float64."""
+    rng = np.random.default_rng(1)
+    t = Q[qtype]
+    a = (rng.standard_normal((40, 96)) * np.linspace(0.05, 2, 96)).astype(np.float32)
+    q = gguf.quants.quantize(a, t)
+    w = gguf.quants.dequantize(q, t).astype(np.float64)
+    for n in (1, 2, engine_numpy._MATVEC_MAX_ROWS):
+        x = rng.standard_normal((n, 96)).astype(np.float32)
+        y = engine_numpy._FAST_MV[t](x, q)
+        assert y.dtype == np.float32 and y.shape == (n, 40)
+        np.testing.assert_allclose(y, x.astype(np.float64) @ w.T, atol=2e-5, rtol=1e-5)
+
+
+def test_lazy_decode_equals_load_decode(llama, tmp_path):
+    """Decode steps (few rows: the block matvec path) on a lazy Q4_1 base equal the loaded base."""
+    cfg, w, _ = llama
+    f = _write(cfg, w, tmp_path / "q41.gguf", "Q4_1")
+    ids, mask, pos = _batch(18, S=9)
+    outs = []
+    for mode in ("load", "lazy"):
+        eng = NumpyEngine(f, dequantize=mode)
+        _, past = eng.forward(ids[:, :5], mask[:, :5], pos[:, :5])
+        steps = []
+        for s in range(5, 9):
+            step, past = eng.forward(ids[:, s:s + 1], mask[:, :s + 1], pos[:, s:s + 1], past)
+            steps.append(step)
+        outs.append(np.concatenate(steps, axis=1))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4, rtol=0)
+
+
 def test_auto_goes_lazy_above_limit(base, tmp_path, monkeypatch):
     _, _, cfg, w, _ = base
     q8 = _write(cfg, w, tmp_path / "q8.gguf", "Q8_0")

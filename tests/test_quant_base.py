@@ -1,0 +1,317 @@
+"""The quantized ONNX bases (int4 = llama.cpp Q4_1 blocks, int8 = Q8_0, in onnxruntime's MatMulNBits) and
+the fused graph, on tiny in-memory models.
+
+Tolerances, measured on these tiny models (3 seeds × llama/qwen2, weights ~ N(0, 0.1), logits std ~0.8):
+- with ``accuracy_level=0`` (float activations) a quantized graph equals the float graph built from its
+  own dequantized weights within 3.2e-6: the stored blocks are exactly what is computed with (TOL_EXACT 1e-5);
+- the default ``accuracy_level=4`` quantizes activations to int8 per 32-block (as llama.cpp's 4-bit dot
+  products do): max |Δlogit| 0.09 against that same float graph (TOL_ACT 0.2);
+- against the unquantized fp32 base, int4 weights of Gaussian std-0.1 matrices (a Q4_1 step is ~1/15 of
+  a block's range) give max |Δlogit| 1.44, mean 0.15; int8 0.16, mean 0.018 (TOL_INT4 2.0 / 0.25,
+  TOL_INT8 0.3 / 0.03).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import gguf
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+import edgeadapt  # noqa: E402
+from edgeadapt.converters.hf import from_transformers  # noqa: E402
+from edgeadapt.converters.onnx_fast import GROUPS, _group_name, build_quant_onnx, quantize_base  # noqa: E402
+from edgeadapt.converters.onnx_graph import build_onnx  # noqa: E402
+from edgeadapt.converters.onnx_quant import Q, quantize  # noqa: E402
+from edgeadapt.delta import read_delta  # noqa: E402
+from edgeadapt.errors import FormatError, UnsupportedError  # noqa: E402
+
+from conftest import make_model  # noqa: E402
+
+TOL_EXACT, TOL_ACT = 1e-5, 0.2
+TOL = {"int4": (2.0, 0.25), "int8": (0.3, 0.03)}  # (max, mean) |Δlogit| against the fp32 base
+TOL_MODEL = {"int4": (1.5, 0.25), "int8": (1.0, 0.06)}  # the same through edgeadapt.load, with adapters
+
+
+# ---- helpers
+def _session(path):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _feeds(cfg, ids, mask=None, pos=None, lora=None):
+    ids = np.asarray(ids, np.int64)
+    mask = np.ones_like(ids) if mask is None else np.asarray(mask, np.int64)
+    pos = np.clip(np.cumsum(mask, -1) - 1, 0, None) if pos is None else pos
+    f = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    for i in range(cfg.n_layers):
+        for kv in ("key", "value"):
+            f[f"past.{i}.{kv}"] = np.zeros((ids.shape[0], cfg.n_kv_heads, 0, cfg.head_dim), np.float32)
+    for t, (a, b) in (lora or {}).items():
+        f[f"lora.{t}.a"], f[f"lora.{t}.b"] = a, b
+    return f
+
+
+def _logits(path, feeds):
+    return _session(path).run(["logits"], feeds)[0]
+
+
+def _dequantized(cfg, w, kind):
+    """The canonical float weights a ``kind`` graph computes with."""
+    q, out = quantize_base(cfg, w, kind), dict(w)
+    for i in range(cfg.n_layers):
+        for parts in GROUPS:
+            full, row = q[f"blk.{i}.{_group_name(parts)}"].dequantize(), 0
+            for p in parts:
+                n = cfg.linear_shapes()[f"blk.{i}.{p}.weight"][0]
+                out[f"blk.{i}.{p}.weight"], row = full[row:row + n], row + n
+    out["token_embd.weight"] = q["token_embd"].dequantize()
+    if "output" in q:
+        out["output.weight"] = q["output"].dequantize()
+    return out
+
+
+def _lora_feeds(delta):
+    return {t: (np.ascontiguousarray(a.T[None]), np.ascontiguousarray(b.T[None]))
+            for t, (a, b) in ((t, delta.live_factors(t)) for t in delta.targets)}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def graphs(request, tmp_path_factory):
+    """fp32 graphs, fused fp32 graphs, and int4/int8 graphs at accuracy levels 0 and 4, plus float graphs
+    built from the quantized weights themselves."""
+    model = make_model(request.param)
+    cfg, w = from_transformers(model)
+    root = tmp_path_factory.mktemp(f"q_{request.param}")
+    build_onnx(cfg, w, root / "fp32")
+    build_onnx(cfg, w, root / "fused", fused=True)
+    for kind in ("int4", "int8"):
+        for acc in (0, 4):
+            build_quant_onnx(cfg, w, root / f"{kind}_{acc}", kind, accuracy_level=acc)
+        build_onnx(cfg, _dequantized(cfg, w, kind), root / f"deq_{kind}")
+    return dict(cfg=cfg, w=w, root=root, kind=request.param)
+
+
+# ---- 1. the blocks: bit for bit
+@pytest.mark.parametrize("qtype,kind", [(Q.Q4_1, "int4"), (Q.Q4_0, "int4"), (Q.Q8_0, "int8")])
+def test_gguf_blocks_are_repacked_bit_for_bit(qtype, kind):
+    w = np.random.default_rng(0).normal(0, 0.1, (96, 128)).astype(np.float32)
+    raw = gguf.quants.quantize(w, qtype)
+    q = quantize(kind, None, (qtype, raw))
+    assert q.exact and q.blocks.dtype == np.uint8 and q.blocks.shape == (96, 4, 16 if kind == "int4" else 32)
+    np.testing.assert_array_equal(q.dequantize(), gguf.quants.dequantize(raw, qtype).reshape(w.shape))
+    assert (q.offsets is None) == (qtype != Q.Q4_1)  # Q4_0 / Q8_0 need no per-block offset
+
+
+def test_float_weights_quantize_like_llama_cpp():
+    """From float32, int4 is gguf-py's Q4_1 (llama.cpp's algorithm), int8 its Q8_0."""
+    w = np.random.default_rng(1).normal(0, 0.1, (64, 96)).astype(np.float32)
+    for kind, qtype in (("int4", Q.Q4_1), ("int8", Q.Q8_0)):
+        q = quantize(kind, w)
+        assert not q.exact
+        want = gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype).reshape(w.shape)
+        np.testing.assert_array_equal(q.dequantize(), want)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_onnxruntime_reads_the_blocks_as_we_wrote_them(kind):
+    """One MatMulNBits node fed the identity returns Wᵀ: the packing is the layout onnxruntime reads."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(2).normal(0, 0.1, (48, 64)).astype(np.float32)
+    q = quantize(kind, w)
+    n, k = q.shape
+    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=k, N=n, bits=q.bits,
+                            block_size=32, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [k, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [k, n])],
+                              initializer=[numpy_helper.from_array(q.blocks, "B"), numpy_helper.from_array(q.scales, "S")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.eye(k, dtype=np.float32)})[0]
+    offsets = 0 if q.offsets is None else np.repeat(q.offsets, 32, axis=0)  # [K, N]
+    np.testing.assert_allclose(y + offsets, q.dequantize().T, atol=1e-6, rtol=0)
+
+
+def test_refuses_rows_not_a_multiple_of_the_block():
+    with pytest.raises(UnsupportedError, match="multiple of 32"):
+        quantize("int4", np.zeros((8, 40), np.float32))
+
+
+# ---- 2. the graph computes with exactly those weights; error budgets
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_matmulnbits_computes_the_stored_weights(graphs, kind):
+    """accuracy_level 0: the quantized graph = the fp32 graph built from its dequantized weights."""
+    cfg, root = graphs["cfg"], graphs["root"]
+    f = _feeds(cfg, np.random.default_rng(0).integers(0, 256, (3, 11)))
+    got = _logits(root / f"{kind}_0" / f"model_{kind}.onnx", f)
+    want = _logits(root / f"deq_{kind}" / "model.onnx", f)
+    assert np.abs(got - want).max() < TOL_EXACT
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_quantized_logits_are_close_to_fp32(graphs, kind):
+    cfg, root = graphs["cfg"], graphs["root"]
+    f = _feeds(cfg, np.random.default_rng(0).integers(0, 256, (4, 16)))
+    got = _logits(root / f"{kind}_4" / f"model_{kind}.onnx", f)
+    assert np.abs(got - _logits(root / f"deq_{kind}" / "model.onnx", f)).max() < TOL_ACT  # activation rounding only
+    err = np.abs(got - _logits(root / "fp32" / "model.onnx", f))
+    assert err.max() < TOL[kind][0] and err.mean() < TOL[kind][1], (err.max(), err.mean())
+
+
+# ---- 3. adapters run in float beside the quantized weights
+def _delta(tiny_like_cfg, seed, rank=4):
+    from edgeadapt.delta import LoraDelta
+
+    rng = np.random.default_rng(seed)
+    factors = {t: (rng.normal(0, 0.2, (rank, i)).astype(np.float32), rng.normal(0, 0.2, (o, rank)).astype(np.float32))
+               for t, (o, i) in tiny_like_cfg.linear_shapes().items()}
+    return LoraDelta(name="r", version=1, arch=tiny_like_cfg.arch, fingerprint="sha256:" + "0" * 64, factors=factors)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_live_adapter_is_exact_delta_beside_quantized_weights(graphs, kind, tmp_path):
+    """int4/int8 graph + live LoRA == float graph of (dequantized base + ΔW merged in float32)."""
+    cfg, root, w = graphs["cfg"], graphs["root"], graphs["w"]
+    d = _delta(cfg, 3)
+    merged = _dequantized(cfg, w, kind)
+    for t in d.targets:
+        merged[t] = merged[t] + d.delta(t)
+    build_onnx(cfg, merged, tmp_path, slots=False)
+    ids = np.random.default_rng(0).integers(0, 256, (2, 9))
+    want = _logits(tmp_path / "model.onnx", _feeds(cfg, ids))
+    for acc, tol in ((0, TOL_EXACT * 10), (4, TOL_ACT)):
+        got = _logits(root / f"{kind}_{acc}" / f"model_{kind}.onnx", _feeds(cfg, ids, lora=_lora_feeds(d)))
+        assert np.abs(got - want).max() < tol, (acc, np.abs(got - want).max())
+    bare = _logits(root / f"{kind}_0" / f"model_{kind}.onnx", _feeds(cfg, ids))
+    assert np.abs(bare - want).max() > 0.1  # the adapter matters
+
+
+# ---- 4. the fused graph (contrib operators) equals the plain one
+def test_fused_graph_matches_plain_graph_with_padding_cache_and_lora(graphs):
+    cfg, root = graphs["cfg"], graphs["root"]
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 256, (2, 8))
+    mask = np.ones((2, 8), np.int64)
+    mask[0, :3] = 0  # left padding
+    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    lora = _lora_feeds(_delta(cfg, 5))
+    rows = {k: (np.concatenate([a, a * 0.5]), np.concatenate([b, -b])) for k, (a, b) in lora.items()}  # per-row
+    for graph, slots in (("model.onnx", None), ("model_lora.onnx", lora), ("model_lora.onnx", rows)):
+        plain, fused = _session(root / "fp32" / graph), _session(root / "fused" / graph)
+        names = [o.name for o in plain.get_outputs()]
+        f = _feeds(cfg, ids[:, :5], mask[:, :5], pos[:, :5], slots)
+        a, b = (dict(zip(names, s.run(names, f))) for s in (plain, fused))
+        real = mask[:, :5].astype(bool)
+        assert np.abs(a["logits"][real] - b["logits"][real]).max() < 1e-4
+        assert np.isfinite(b["logits"]).all()
+        for t in range(5, 8):  # one token at a time through the kv cache
+            f = _feeds(cfg, ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], slots)
+            fa, fb = dict(f), dict(f)
+            for i in range(cfg.n_layers):
+                for kv in ("key", "value"):
+                    fa[f"past.{i}.{kv}"], fb[f"past.{i}.{kv}"] = a[f"present.{i}.{kv}"], b[f"present.{i}.{kv}"]
+            a, b = (dict(zip(names, s.run(names, ff))) for s, ff in ((plain, fa), (fused, fb)))
+            assert np.abs(a["logits"] - b["logits"]).max() < 1e-4
+            assert b["present.0.key"].shape == a["present.0.key"].shape == (2, cfg.n_kv_heads, t + 1, cfg.head_dim)
+            real = mask[:, :t + 1].astype(bool)  # pad slots of the cache are never read: compare the real ones
+            assert np.abs(a["present.1.value"][real[:, None, :, None].repeat(cfg.n_kv_heads, 1).repeat(
+                cfg.head_dim, 3)] - b["present.1.value"][real[:, None, :, None].repeat(cfg.n_kv_heads, 1).repeat(
+                    cfg.head_dim, 3)]).max() < 1e-5
+
+
+# ---- 5. through edgeadapt.load(weights=...)
+@pytest.fixture(scope="module")
+def qbase(tiny, tmp_path_factory):
+    from edgeadapt.converters.export_base import export_base
+
+    out = tmp_path_factory.mktemp("qbase") / "base"
+    man = export_base(tiny["root"] / "hf", out, gguf_type="F32", onnx_weights=("fp32", "int4", "int8"))
+    assert man.files["onnx_int4"] == "model_int4.onnx" and man.files["onnx_int8"] == "model_int8.onnx"
+    assert man.fingerprint == tiny["manifest"].fingerprint  # the same base: the same adapters fit
+    return out
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_load_quantized_base_runs_adapters_live(tiny, qbase, ids, kind):
+    m = edgeadapt.load(qbase, engine="ort", weights=kind)
+    ref = edgeadapt.load(qbase, engine="ort", mode="live")
+    for x in (m, ref):
+        x.add_adapter(tiny["a"], name="a")
+        x.add_adapter(tiny["b"], name="b")
+    assert m.mode == "live"
+    for spec in (None, "a", {"a": 0.5, "b": 0.5}):
+        m.use(spec)
+        ref.use(spec)
+        err = np.abs(m.logits(ids) - ref.logits(ids))
+        # with these 3×-scaled test adapters activations grow, and with them int8 activation rounding:
+        # measured max 0.71 / mean 0.13 (int4), max 0.53 / mean 0.027 (int8, one outlier logit)
+        assert err.max() < TOL_MODEL[kind][0] and err.mean() < TOL_MODEL[kind][1], (spec, err.max(), err.mean())
+    # per-row adapters and left padding, one pass == each row alone
+    rows = [[0, 0] + ids[0][:7], ids[1]]
+    mask = np.array([[0, 0] + [1] * 7, [1] * 9])
+    got = m.logits(rows, attention_mask=mask, adapters=["a", "b"])
+    for i, spec in enumerate(["a", "b"]):
+        m.use(spec)
+        alone = m.logits([[t for t, k in zip(rows[i], mask[i]) if k]])[0]
+        np.testing.assert_allclose(got[i][mask[i].astype(bool)], alone, atol=TOL_ACT, rtol=0)
+    # batch > 1 prefill after a past goes one token at a time inside the engine (GroupQueryAttention's limit)
+    eng, x = m._engine, np.asarray(ids, np.int64)
+    full, _ = eng.forward(x, np.ones_like(x), np.tile(np.arange(9), (2, 1)))
+    _, past = eng.forward(x[:, :4], np.ones((2, 4), np.int64), np.tile(np.arange(4), (2, 1)))
+    rest, _ = eng.forward(x[:, 4:], np.ones_like(x), np.tile(np.arange(4, 9), (2, 1)), past)
+    np.testing.assert_allclose(rest, full[:, 4:], atol=TOL_ACT, rtol=0)
+
+
+def test_quantized_base_refuses_merge_and_numpy(qbase, tiny):
+    with pytest.raises(UnsupportedError, match="re-quantized"):
+        edgeadapt.load(qbase, engine="ort", weights="int4", mode="merge")
+    with pytest.raises(UnsupportedError, match="use engine='ort'"):
+        edgeadapt.load(qbase, engine="numpy", weights="int4")
+    m = edgeadapt.load(qbase, engine="ort", weights="int4")
+    with pytest.raises(UnsupportedError, match="cannot merge into int4"):
+        m._engine.set_weights({})
+    with pytest.raises(FormatError, match="--onnx-quant int4"):
+        edgeadapt.load(tiny["base"], engine="ort", weights="int4")  # exported without it
+
+
+def test_quantized_swaps_in_threads_never_mix(qbase, tiny):
+    m = edgeadapt.load(qbase, engine="ort", weights="int4")
+    m.add_adapter(tiny["a"], name="a")
+    m.add_adapter(tiny["b"], name="b")
+    prompt = [5, 17, 42, 99, 7]
+    expected = {}
+    for spec in (None, "a", "b"):
+        m.use(spec)
+        expected[spec] = tuple(m.generate_ids(prompt, 6))
+    assert len(set(expected.values())) == 3
+    seen, errors, stop = [], [], threading.Event()
+
+    def swapper():
+        for i in range(300):
+            m.use([None, "a", "b"][i % 3])
+            time.sleep(0.0002)
+        stop.set()
+
+    def generator():
+        try:
+            while True:
+                seen.append(tuple(m.generate_ids(prompt, 6)))
+                if stop.is_set():
+                    break
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=swapper)] + [threading.Thread(target=generator) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and seen and set(seen) <= set(expected.values())
