@@ -4,19 +4,20 @@
     python bench/numpy_vs_ort.py --rounds 1 --configs numpy-f32-auto,ort-f32
     python bench/numpy_vs_ort.py --profile numpy-q41-lazy   # cProfile top lines of 32 decode steps
 
-Configurations: onnxruntime on the fp32 ONNX graph; numpy on the same weights as an F32 GGUF
-("auto" = zero-copy memmap views, "load" = transposed + fused copies); numpy straight from the
-original Q4_1 file ("load" = dequantized once to fp32, "lazy" = 4-bit blocks kept, dequantized
-at every use). Each run is its own process (so ``ru_maxrss`` is its own), configurations
+Configurations: onnxruntime on the fp32 ONNX graph (merge mode) and on the graph with LoRA
+slots (live mode); numpy on the same weights as an F32 GGUF ("auto" = zero-copy memmap views,
+"load" = transposed + fused copies); numpy straight from the original Q4_1 file ("load" =
+dequantized once to fp32, "lazy" = 4-bit blocks kept, used at every step); onnxruntime on
+model_int4.onnx (the same Q4_1 blocks, adapters live beside them). Each run is its own process (so ``ru_maxrss`` is its own), configurations
 alternate inside every round (so drift on a shared machine hits them alike), medians are
 reported. One BLAS / intra-op thread by default (``--threads``): on a shared 2-core machine
 spinning BLAS threads cost more than they give.
 
 Per run: load, prefill of a 64-token prompt, 32 greedy decode steps with the KV cache — for
-the base, then with the billing adapter merged (``use``), then (numpy) the same adapter live
-through ``forward(lora=)`` with the base unchanged. Peak RSS is read after the base decode
-(``rss_base``) and at the end (``rss_end``); ``rss_import`` is the interpreter with numpy, gguf
-and edgeadapt imported, before the model is touched.
+the base, then with the billing adapter live through ``forward(lora=)`` (numpy, and onnxruntime's
+slotted graph), then merged (``use`` in merge mode). Peak RSS (``ru_maxrss``) is read after each
+of the three; ``rss_import`` is the interpreter with numpy, gguf and edgeadapt imported, before
+the model is touched.
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ PROMPT = ("Where is my invoice? I paid last month, the money left my account, bu
 PREFILL = 64
 CONFIGS = {  # name: (engine, base folder, numpy dequantize mode)
     "ort-f32": ("ort", "base", None),
+    "ort-f32-slots": ("ort", "base", "live"),  # model_lora.onnx: the graph with LoRA slot inputs
     "numpy-f32-auto": ("numpy", "base", "auto"),
     "numpy-f32-load": ("numpy", "base", "load"),
     "numpy-q41-load": ("numpy", "base_q41", "load"),
     "numpy-q41-lazy": ("numpy", "base_q41", "lazy"),
+    "ort-int4": ("ort", "base_q41", "int4"),  # model_int4.onnx: the same Q4_1 blocks, adapters live
 }
 
 
@@ -57,7 +60,7 @@ def prepare(cache: Path) -> list[int]:
     from edgeadapt.manifest import read_manifest
     from edgeadapt.runtime.tokenizer import Tokenizer
 
-    for folder, kw in (("base", dict(gguf_type="F32")), ("base_q41", dict(gguf_type="source", onnx=False))):
+    for folder, kw in (("base", dict(gguf_type="F32")), ("base_q41", dict(gguf_type="source", onnx_weights=("int4",)))):
         if not (cache / folder / "manifest.json").is_file():
             export_base(smollm2_gguf(), cache / folder, **kw)
         man = read_manifest(cache / folder)
@@ -86,10 +89,11 @@ def worker(config: str, cache: Path, ids: list[int], n_new: int, threads: int) -
     r: dict = {"config": config, "rss_import": _rss_mb()}
     t = time.perf_counter()
     if engine == "ort":
-        m = load(cache / folder, engine="ort", threads=threads)
+        m = load(cache / folder, engine="ort", threads=threads, mode="merge" if mode is None else "live",
+                 weights="int4" if mode == "int4" else "fp32")
     else:
         man = read_manifest(cache / folder)
-        m = Model(man, NumpyEngine(man.path("gguf"), man.arch, dequantize=mode))
+        m = Model(man, NumpyEngine(man.path("gguf"), man.arch, dequantize=mode), mode="merge")
     r["load_s"] = time.perf_counter() - t
     eng = m._engine
     x0 = np.asarray([ids], np.int64)
@@ -112,17 +116,18 @@ def worker(config: str, cache: Path, ids: list[int], n_new: int, threads: int) -
     r["prefill_base"], r["decode_base"] = run()
     r["rss_base"] = _rss_mb()
     billing = cache / f"billing_{folder}.gguf"
-    m.add_adapter(billing, name="billing")
-    t = time.perf_counter()
-    m.use("billing")
-    r["swap_s"] = time.perf_counter() - t
-    r["prefill_merged"], r["decode_merged"] = run()
-    m.use(None)
-    if engine == "numpy":
+    if engine == "numpy" or mode is not None:
         d = read_delta(billing)
         lora = {n: (np.ascontiguousarray(a.T)[None], np.ascontiguousarray(b.T)[None]) for n, (a, b) in d.factors.items()}
         r["prefill_live"], r["decode_live"] = run(lora)
-    r["rss_end"] = _rss_mb()
+        r["rss_live"] = _rss_mb()
+    if m.requested_mode == "merge":
+        m.add_adapter(billing, name="billing")
+        t = time.perf_counter()
+        m.use("billing")
+        r["swap_s"] = time.perf_counter() - t
+        r["prefill_merged"], r["decode_merged"] = run()
+        r["rss_end"] = _rss_mb()
     r["weights_mb"] = (cache / folder / "model.gguf").stat().st_size / 2**20
     return r
 
@@ -163,12 +168,21 @@ def main() -> None:
     ap.add_argument("--worker", default=None)
     ap.add_argument("--ids", default=None)
     ap.add_argument("--profile", default=None)
+    ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(a.worker, a.cache, json.loads(a.ids), a.new_tokens, a.threads)))
         return
     a.cache.mkdir(parents=True, exist_ok=True)
-    ids = prepare(a.cache)
+    if a.prepare:
+        print(json.dumps(prepare(a.cache)))
+        return
+    # the exports (torch, transformers) run in a child too: on Linux ru_maxrss survives fork + exec,
+    # so a big driver would set every worker's peak from the start
+    out = subprocess.run([sys.executable, __file__, "--prepare", "--cache", str(a.cache)], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"export failed:\n{out.stderr}")
+    ids = json.loads(out.stdout.strip().splitlines()[-1])
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads),
                MKL_NUM_THREADS=str(a.threads))
     if a.profile:
@@ -186,15 +200,17 @@ def main() -> None:
                 sys.exit(f"{c} failed:\n{out.stderr}")
             runs[c].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {rnd + 1}/{a.rounds} {c}: decode {runs[c][-1]['decode_base']:.1f} tok/s", file=sys.stderr)
-    keys = ["weights_mb", "load_s", "prefill_base", "decode_base", "swap_s", "prefill_merged", "decode_merged",
-            "prefill_live", "decode_live", "rss_import", "rss_base", "rss_end"]
+    keys = ["weights_mb", "load_s", "prefill_base", "decode_base", "prefill_live", "decode_live", "swap_s",
+            "prefill_merged", "decode_merged", "rss_import", "rss_base", "rss_live", "rss_end"]
     label = {"weights_mb": "model.gguf (MiB)", "load_s": "load (s)", "prefill_base": f"prefill {PREFILL} tok, base (tok/s)",
              "decode_base": f"decode, base (tok/s)", "swap_s": "use('billing') merge (s)",
              "prefill_merged": "prefill, billing merged (tok/s)", "decode_merged": "decode, billing merged (tok/s)",
              "prefill_live": "prefill, billing live lora= (tok/s)", "decode_live": "decode, billing live lora= (tok/s)",
-             "rss_import": "RSS after imports (MiB)", "rss_base": "peak RSS, base runs (MiB)",
-             "rss_end": "peak RSS, end (MiB)"}
+             "rss_import": "RSS after imports (MiB)", "rss_base": "peak RSS after the base runs (MiB)",
+             "rss_live": "peak RSS after the live runs (MiB)", "rss_end": "peak RSS after the merge (MiB)"}
     med = {c: {k: statistics.median(r[k] for r in runs[c]) if k in runs[c][0] else None for k in keys} for c in configs}
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "numpy_vs_ort.json").write_text(json.dumps(runs, indent=1))
     lines = [f"# numpy engine vs onnxruntime engine: SmolLM2-135M-Instruct, {a.rounds} rounds, medians",
              "", f"{a.threads} thread(s); prefill {PREFILL} tokens; decode {a.new_tokens} greedy steps with the KV cache; "
              "billing = rank-8 LoRA on q/k/v/o of all 30 layers. F32 = the Q4_1 file dequantized once at export "
@@ -204,8 +220,12 @@ def main() -> None:
         lines.append(f"| {label[k]} | " + " | ".join("–" if med[c][k] is None else f"{med[c][k]:.3g}" for c in configs) + " |")
     if "ort-f32" in configs:
         for k in ("decode_base", "decode_merged"):
-            lines.append(f"| {label[k].split(' (')[0]}, ÷ ort | " + " | ".join(
-                f"{med[c][k] / med['ort-f32'][k]:.2f}×" for c in configs) + " |")
+            lines.append(f"| {label[k].split(' (')[0]}, ÷ ort-f32 | " + " | ".join(
+                "–" if med[c][k] is None else f"{med[c][k] / med['ort-f32'][k]:.2f}×" for c in configs) + " |")
+    if "ort-f32-slots" in configs:
+        lines.append("| decode, billing live, ÷ ort-f32-slots | " + " | ".join(
+            "–" if med[c]["decode_live"] is None else f"{med[c]['decode_live'] / med['ort-f32-slots']['decode_live']:.2f}×"
+            for c in configs) + " |")
     text = "\n".join(lines)
     print(text)
     (HERE / "results").mkdir(exist_ok=True)

@@ -244,7 +244,7 @@ def _save(graph: onnx.GraphProto, path: Path) -> None:
 
 # ---- the public builder
 def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *,
-               progress: Progress | None = None, slots: bool = True, fused: bool = False) -> dict:
+               progress: Progress | None = None, slots: bool = True, fused: bool = True) -> dict:
     """Write ``model.onnx``, ``weight_sums.onnx`` (and, with ``slots``, ``model_lora.onnx``) and
     their one data file ``model.onnx.data`` into ``out_dir``; return the weight table (see
     :func:`_weight_table`). ``progress(step, done, total)`` is called per layer and after saving."""

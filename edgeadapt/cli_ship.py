@@ -47,8 +47,10 @@ def keygen_cmd(out: Path, comment: str) -> None:
 
 @click.command("sign")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--key", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="OUT.key from keygen.")
-@click.option("-o", "--out", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Write here instead of in place.")
+@click.option("--key", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="OUT.key from keygen.")
+@click.option("-o", "--out", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Write here instead of in place.")
 def sign_cmd(file: Path, key: Path, out: Path | None) -> None:
     """Sign a delta file (checked first; a version-1 file is re-written as version 2)."""
     from edgeadapt.signing import sign_delta
@@ -58,17 +60,23 @@ def sign_cmd(file: Path, key: Path, out: Path | None) -> None:
 
 
 @click.command("verify")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(exists=True, path_type=Path))
 @_TRUST
 def verify_cmd(file: Path, trust: tuple[Path, ...]) -> None:
-    """Check a delta file: integrity always, the signature against --trust when given."""
+    """Check a delta file (integrity always, the signature against --trust when given), or a base
+    folder (its fingerprint recomputed from the float32 weights)."""
     from edgeadapt.delta import read_delta
-    from edgeadapt.signing import verify_delta
+    from edgeadapt.signing import verify_base, verify_delta
 
+    if file.is_dir():
+        source = verify_base(file)
+        click.echo(f"{file}: base fingerprint ok (recomputed from {source})")
+        return
     d = read_delta(file)
     head = f"{file}: adapter {d.name!r} version {d.version} ({d.quant}), integrity ok"
     if not trust:
-        click.echo(f"{head}, {'signed by key ' + d.signature.split(':')[1] + ' (not checked: no --trust)' if d.signature else 'unsigned'}")
+        signed = f"signed by key {d.signature.split(':')[1]} (not checked: no --trust)" if d.signature else "unsigned"
+        click.echo(f"{head}, {signed}")
         return
     info = verify_delta(d, _trust_store(trust))
     click.echo(f"{head}, signature ok: key {info.key_id} ({info.signer or 'no comment'})")
@@ -88,7 +96,8 @@ def install_cmd(file: Path, store: Path, trust: tuple[Path, ...], require_signat
     got = AdapterStore(store).install(file, trust=_trust_store(trust), require_signature=require_signature,
                                       allow_downgrade=allow_downgrade)
     prev = f", previous version {got.previous} kept" if got.previous is not None else ""
-    click.echo(f"installed {got.name} version {got.version}{prev} ({'signed by ' + got.signature if got.signature else 'unsigned'})")
+    signed = f"signed by {got.signature}" if got.signature else "unsigned"
+    click.echo(f"installed {got.name} version {got.version}{prev} ({signed})")
 
 
 @click.command("list")

@@ -284,9 +284,11 @@ def parse_gguf(buf: bytes | memoryview, where: str) -> _Container:
     n_tensors, n_kv = cur.scalar("<Q", "the tensor count"), cur.scalar("<Q", "the key count")
     size = len(buf)
     if n_tensors > MAX_TENSORS or n_tensors * 24 > size:
-        raise FormatError(f"{where}: header claims {n_tensors} tensors; a {size}-byte file holds at most {min(MAX_TENSORS, size // 24)}")
+        raise FormatError(f"{where}: header claims {n_tensors} tensors; a {size}-byte file holds at most "
+                          f"{min(MAX_TENSORS, size // 24)}")
     if n_kv > MAX_KV or n_kv * 12 > size:
-        raise FormatError(f"{where}: header claims {n_kv} metadata keys; a {size}-byte file holds at most {min(MAX_KV, size // 12)}")
+        raise FormatError(f"{where}: header claims {n_kv} metadata keys; a {size}-byte file holds at most "
+                          f"{min(MAX_KV, size // 12)}")
     fields: dict[str, _Field] = {}
     for i in range(n_kv):
         key = cur.string(f"key #{i}", MAX_KEY)[0]
@@ -523,38 +525,38 @@ def read_delta(path: str | os.PathLike) -> LoraDelta:
     return delta_from_bytes(path.read_bytes(), path)
 
 
-def delta_from_bytes(data: bytes, path: str | os.PathLike = "<bytes>") -> LoraDelta:
-    """:func:`read_delta` of a file's bytes already in memory (``path`` names it in messages)."""
-    path = Path(path)
+def delta_from_bytes(data: bytes, path: str | os.PathLike | None = None) -> LoraDelta:
+    """:func:`read_delta` of a file's bytes already in memory (``path``, if any, names it in messages)."""
+    where = Path(path) if path is not None else Path("<bytes>")
     buf = memoryview(data)
-    c = parse_gguf(buf, str(path))
+    c = parse_gguf(buf, str(where))
     f = c.fields
     problems = [f"missing key {k!r}" if k not in f else f"key {k!r}: expected {t}, found {f[k].vtype}"
                 for k, t in REQUIRED.items() if k not in f or f[k].vtype != t]
     if K_ALPHA in f and f[K_ALPHA].vtype != "FLOAT32":
         problems.append(f"key {K_ALPHA!r}: expected FLOAT32, found {f[K_ALPHA].vtype}")
-    collect(problems, FormatError, f"{path}: not an edgeadapt delta file:")
+    collect(problems, FormatError, f"{where}: not an edgeadapt delta file:")
     v = {k: x.value for k, x in f.items()}
     if v[K_FORMAT] != MAGIC or v[K_TYPE] != "adapter":
-        raise FormatError(f"{path}: expected {K_FORMAT}={MAGIC!r} and general.type='adapter'; "
+        raise FormatError(f"{where}: expected {K_FORMAT}={MAGIC!r} and general.type='adapter'; "
                           f"found {v[K_FORMAT]!r}, {v[K_TYPE]!r}")
     if v[K_VERSION] not in READS:
-        raise UnsupportedError(f"{path}: delta format version {v[K_VERSION]}; this edgeadapt reads versions "
+        raise UnsupportedError(f"{where}: delta format version {v[K_VERSION]}; this edgeadapt reads versions "
                                f"{list(READS)} — upgrade edgeadapt")
     if v[K_KIND] != "lora":
-        raise UnsupportedError(f"{path}: adapter kind {v[K_KIND]!r} is not supported by this version")
+        raise UnsupportedError(f"{where}: adapter kind {v[K_KIND]!r} is not supported by this version")
     if float(v.get(K_ALPHA, 0.0)) != 0.0:
-        raise FormatError(f"{path}: expected {K_ALPHA} = 0 (scales folded into lora_b), found {v[K_ALPHA]}")
+        raise FormatError(f"{where}: expected {K_ALPHA} = 0 (scales folded into lora_b), found {v[K_ALPHA]}")
     if v[K_VERSION] == 1:
-        quant, group, signature, signed = _check_v1(path, buf, c), 0, "", None
+        quant, group, signature, signed = _check_v1(where, buf, c), 0, "", None
         allowed: tuple[Any, ...] = (_T.F32, _T.F16)
     else:
-        quant, group, signature, signed = _check_v2(path, buf, c)
+        quant, group, signature, signed = _check_v2(where, buf, c)
         allowed = QUANTS[quant][1]
-    factors = _factors(path, buf, c, allowed, quant, group)
+    factors = _factors(where, buf, c, allowed, quant, group)
     return LoraDelta(name=v[K_NAME], version=int(v[K_ADAPTER_VERSION]), arch=v[K_ARCH], fingerprint=v[K_FINGERPRINT],
                      factors=factors, source=str(v.get(K_SOURCE, "")), description=str(v.get(K_DESCRIPTION, "")),
-                     path=str(path), metadata=v, quant=quant, format_version=int(v[K_VERSION]),
+                     path=None if path is None else str(path), metadata=v, quant=quant, format_version=int(v[K_VERSION]),
                      integrity=v[K_INTEGRITY], signature=signature, signed_digest=signed)
 
 

@@ -159,7 +159,8 @@ def _check_tensors(root: Path, arch: ArchConfig, tensors: dict[str, Any], proble
             problems.append(f"tensors[{name!r}].onnx: expected an object, found {type(o).__name__}")
             continue
         bad = [k for k, ok in (("onnx", isinstance(o.get("onnx"), str)), ("layout", o.get("layout") in LAYOUTS),
-                               ("dtype", isinstance(o.get("dtype"), str) and o["dtype"] in DTYPES), ("file", _inside(root, o.get("file"))),
+                               ("dtype", isinstance(o.get("dtype"), str) and o["dtype"] in DTYPES),
+                               ("file", _inside(root, o.get("file"))),
                                ("offset", _uint(o.get("offset"))), ("length", _uint(o.get("length"))),
                                ("shape", isinstance(o.get("shape"), list) and 1 <= len(o["shape"]) <= 4
                                 and all(_uint(x) and x > 0 for x in o["shape"]))) if not ok]
@@ -195,7 +196,8 @@ def read_manifest(folder: str | os.PathLike) -> BaseManifest:
                           "make one with `edgeadapt export-base`")
     d = load_json(p, MAX_BYTES)
     if not isinstance(d, dict) or d.get("format") != MAGIC:
-        raise FormatError(f"{p}: expected format {MAGIC!r}, found {d.get('format') if isinstance(d, dict) else type(d).__name__!r}")
+        found = d.get("format") if isinstance(d, dict) else type(d).__name__
+        raise FormatError(f"{p}: expected format {MAGIC!r}, found {found!r}")
     v = d.get("format_version")
     if not isinstance(v, int) or isinstance(v, bool) or v > VERSION:
         raise UnsupportedError(f"{p}: base format version {v!r}; this edgeadapt reads up to {VERSION}")

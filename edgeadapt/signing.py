@@ -10,6 +10,10 @@ Keys: ``keygen`` writes ``NAME.key`` (PKCS#8 PEM, mode 0600) and ``NAME.pub``, o
 a file of such lines, or a folder of ``*.pub`` files. A key id is the first 8 bytes (16 hex) of
 sha256 of the raw public key.
 
+Base pinning: every delta carries its base's fingerprint under the integrity and the signature;
+:func:`verify_base` makes the other end tamper-evident by recomputing a base folder's fingerprint
+from its float32 weights and comparing it with ``manifest.json`` and ``model.gguf``.
+
 Device-safe: standard library and numpy/gguf (through :mod:`edgeadapt.delta`) only; the
 ``cryptography`` package is imported when a signature is made or checked.
 """
@@ -24,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .delta import SIGNATURE_TAG, LoraDelta, read_delta, signature_message, with_signature, write_delta
-from .errors import FormatError, IntegrityError, MissingDependencyError, collect
+from .errors import FormatError, IntegrityError, MissingDependencyError, UnsupportedError, collect
 
 KEY_PREFIX = "edgeadapt-ed25519"
 MAX_TRUST_BYTES = 1 << 20
@@ -220,3 +224,64 @@ def check_trust(source: str | os.PathLike | LoraDelta, trust: TrustStore | None,
     if not delta.signature and not require:
         return None
     return verify_delta(delta, trust)
+
+
+# ---- base folders
+class _LazyWeights(dict):
+    """name -> float32 canonical array, read when the fingerprint asks for it (one tensor at a time)."""
+
+    def __init__(self, names: list[str], load: Any):
+        super().__init__((n, None) for n in names)
+        self._load = load
+
+    def __getitem__(self, name: str) -> Any:
+        return self._load(name)
+
+
+def verify_base(folder: str | os.PathLike) -> str:
+    """Recompute a base folder's fingerprint from its float32 weights (``model.onnx.data``, or an F32
+    ``model.gguf``); raise :class:`IntegrityError` unless it equals the manifest's — and model.gguf's.
+    Returns where the weights were read from."""
+    import gguf
+    import numpy as np
+
+    from .fingerprint import fingerprint
+    from .manifest import read_manifest
+
+    man = read_manifest(folder)
+    gguf_path = man.path("gguf")
+    reader = gguf.GGUFReader(str(gguf_path)) if gguf_path is not None and gguf_path.is_file() else None
+    problems = []
+    if reader is not None:
+        f = reader.fields.get("edgeadapt.base.fingerprint")
+        claimed = f.contents() if f is not None else None
+        if claimed != man.fingerprint:
+            problems.append(f"model.gguf says fingerprint {claimed}, manifest.json says {man.fingerprint}")
+    names = list(man.arch.tensor_shapes())
+    if names and all("onnx" in man.tensors.get(n, {}) for n in names):
+        source = "model.onnx.data"
+
+        def load(n: str) -> Any:
+            o = man.tensors[n]["onnx"]
+            a = np.memmap(man.root / o["file"], dtype="<" + {"float32": "f4", "float16": "f2"}[o["dtype"]], mode="r",
+                          offset=o["offset"], shape=tuple(o["shape"]))
+            return a.T if o["layout"] == "in_out" else a
+    elif reader is not None and all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in reader.tensors):
+        source = "model.gguf"
+        by_name = {t.name: t for t in reader.tensors}
+
+        def load(n: str) -> Any:
+            t = by_name[n]
+            return t.data.reshape(tuple(int(x) for x in reversed(t.shape.tolist())))
+    else:
+        raise UnsupportedError(f"{man.root}: no float32 copy of the weights (model.onnx.data or an F32 model.gguf) "
+                               "to recompute the fingerprint from; a quantized-only base can only be pinned by signing it")
+    try:
+        got = fingerprint(_LazyWeights(names, load))
+    except (KeyError, ValueError, OSError) as e:
+        raise FormatError(f"{man.root}: cannot read the weights from {source}: {type(e).__name__}: {e}") from None
+    if got != man.fingerprint:
+        problems.append(f"the weights in {source} hash to {got}, manifest.json says {man.fingerprint}")
+    collect(problems, IntegrityError, f"{man.root}: the base folder was changed or damaged after export "
+                                      "(export it again):")
+    return source

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -120,8 +121,6 @@ class _GGUF:
     read-only view of the memmap), ``data`` the memmap itself."""
 
     def __init__(self, path: Path):
-        import struct
-
         mm = np.memmap(path, dtype=np.uint8, mode="r")
         self.data = mm
         buf, size = memoryview(mm), len(mm)
@@ -163,6 +162,12 @@ class _GGUF:
                 return _Field(None, count)
             if count > size:
                 raise FormatError(f"{path}: {what}: {count} elements cannot fit in {size} bytes")
+            if etype == 8 and count > _SMALL_ARRAY:  # step over the strings: lengths only
+                for _ in range(count):
+                    n = unpack("<Q", what)
+                    need(n, what)
+                    pos += n
+                return _Field(None, count)
             items = [value(etype, what, depth + 1).value for _ in range(count)]
             return _Field(items if count <= _SMALL_ARRAY else None, count)
 
@@ -387,46 +392,33 @@ class NumpyEngine:
       matmul. Done slab by slab straight into the target, and each tensor's file pages are
       then released (madvise), so resident memory ≈ the fp32 size, not fp32 + file.
       Fastest decode.
-    - ``"lazy"``: the stored blocks stay mmapped and every matmul dequantizes them in
-      ≤ 4 MiB fp32 slabs just before use. Memory ≈ stored size + one slab, but every
-      token pays a full dequantization of the model. Q8_0, Q4_0, Q4_1 and F16 have
-      vectorised fast paths that are bit-identical to gguf's. Other types go through
-      ``gguf.quants.dequantize``, which is 1.5–3× slower. F32 tensors are used zero-copy.
+    - ``"lazy"``: the stored blocks stay mmapped and are used slab by slab (≤ 4 MiB of fp32
+      scratch) at every matmul: for decode (≤ 8 rows of x) Q4_0 / Q4_1 / Q8_0 are multiplied
+      straight from the blocks (``_FAST_MV``, ~2× faster than dequantize-then-matmul), else
+      dequantized first (Q8_0, Q4_0, Q4_1, F16 bit-identical to gguf's; other types through
+      ``gguf.quants.dequantize``). Memory ≈ stored size + KV cache, but every token widens
+      the whole model to fp32 again. F32 tensors are used zero-copy.
     - ``"auto"`` (default): F32 tensors are used zero-copy from the memmap (``x @ W.T`` on a
       view). Quantized and F16 tensors follow ``"load"`` when their fp32 total is at most
       ``auto_load_limit`` (default min(2 GiB, physical RAM / 4)), else ``"lazy"``. F16 is
       upcast once rather than per use: numpy's float16→float32 cast took 1.9 ms for a
       1536×576 tensor, against 0.03 ms for the decode matmul it would feed.
 
-    Measured (random SmolLM2-135M-shaped model: 30 layers, dim 576, 9/3 heads, ffn 1536,
-    vocab 49152, tied). Batch 1, 16-token prefill, then the median of 32 decode steps, on a
-    shared 2-vCPU x86 VM with ``OPENBLAS_NUM_THREADS=1``. Peak RSS is ``ru_maxrss``.
-
-    ============  ========  =========  ========  ===========
-    file (size)   mode      decode     peak RSS  load time
-    ============  ========  =========  ========  ===========
-    F32 538 MB    auto      21 tok/s   558 MB    0.03 s
-    F32           load      32 tok/s   656 MB    1.1 s
-    F16 269 MB    auto      36 tok/s   605 MB    1.1 s
-    F16           lazy       4 tok/s   307 MB    0.02 s
-    Q8_0 143 MB   load      35 tok/s   580 MB    0.8 s
-    Q8_0          lazy      12 tok/s   187 MB    0.02 s
-    Q4_1 84 MB    load      35 tok/s   569 MB    0.7 s
-    Q4_1          lazy       5 tok/s   130 MB    0.02 s
-    ============  ========  =========  ========  ===========
-
-    The same model in onnxruntime (fp32, one intra-op thread) ran 31–32 tok/s at 1.0 GB
-    peak RSS. Decode is memory-bandwidth bound: 540 MB of fp32 weights are read per token.
-    In ``"auto"`` on F32 the transposed-view matmul is the slow part, e.g. the 49152×576 head
-    takes 26 ms as ``x @ W.T`` against 12 ms as ``x @ Wt`` in isolation. With 2 BLAS threads
-    on an oversubscribed CPU, OpenBLAS's spinning threads made decode 2–25× slower, so set
-    ``OPENBLAS_NUM_THREADS`` to the number of cores the app can actually use.
+    Measured on SmolLM2-135M against onnxruntime (``bench/numpy_vs_ort.py``, the figures and
+    the profile that explains them are in docs/NUMPY_ENGINE.md): "load" decodes at onnxruntime's
+    speed, "auto" on F32 at ~0.75× (the zero-copy ``x @ W.T`` kernel is slower than ``x @ Wt``),
+    "lazy" on Q4_1 at ~0.3× in a third of the memory. Set ``OPENBLAS_NUM_THREADS`` to the cores
+    the app can really use: on an oversubscribed CPU OpenBLAS's spinning threads made decode
+    2–25× slower. The file is read with a lean GGUF parser (:class:`_GGUF`) that steps over the
+    tokenizer arrays: gguf.GGUFReader took 4.2 s and 160 MB on SmolLM2's metadata.
 
     Adapters: :meth:`set_weights` replaces whole linear weights (merge mode; the caller adds
     the delta to :meth:`base_weight`). :meth:`set_live` adds ``scale·(x Aᵀ) Bᵀ`` beside the
     frozen weight (unmerged mode, the only exact way to put a small delta on a 4-bit base).
-    Both validate everything before changing anything. Arrays passed in are used without a
-    copy when they are already float32 C-contiguous, so do not mutate them afterwards.
+    ``forward(..., lora=)`` adds per-call factors, one adapter per batch row if wanted (the
+    contract the onnxruntime engine's slotted graph shares). All validate everything before
+    changing anything. Arrays passed in are used without a copy when they are already float32
+    C-contiguous, so do not mutate them afterwards.
 
     KV cache: ``present`` arrays are read-only views of an internal buffer. When ``past`` is
     exactly the ``present`` this engine returned last, new keys/values are written in place

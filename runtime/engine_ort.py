@@ -84,7 +84,16 @@ class OrtEngine:
         self._session, self._keep = self._build({}), ()
         self._out_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.cfg.n_layers) for kv in ("key", "value")]
         meta = self._session.get_modelmeta().custom_metadata_map
-        self._one_step_past = meta.get("edgeadapt.attention") == "GroupQueryAttention"  # see forward
+        self._fused = self._gqa = meta.get("edgeadapt.attention") == "GroupQueryAttention"  # see forward
+        inputs = {i.name for i in self._session.get_inputs()}
+        defaults = {i.name for i in self._session.get_overridable_initializers()}
+        self._slots = [n for n in self._linear if f"lora.{n}.a" in inputs | defaults]
+        # in-place kv cache (KVCache) needs IOBinding, which cannot bind slots that have defaults (model_lora.onnx)
+        self._gqa = self._gqa and not any(f"lora.{n}.a" in defaults for n in self._slots)
+        self._required = [n for n in self._slots if f"lora.{n}.a" not in defaults]  # quantized graphs: no defaults
+        shapes = self.cfg.linear_shapes()
+        self._empty_slot = {n: (np.zeros((1, shapes[n][1], 0), np.float32), np.zeros((1, 0, shapes[n][0]), np.float32))
+                            for n in self._slots}  # what an idle slot is bound to (the graph's own defaults)
         self._probe: np.ndarray | None = None  # made at the first set_weights: a cold start does not pay for it
         self._mm: dict[str, np.memmap] = {}
 
@@ -189,33 +198,111 @@ class OrtEngine:
 
     # ---- forward
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: PastKV | None = None, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
-                ) -> tuple[np.ndarray, PastKV]:
-        """``lora`` (live engines only): {weight: (A [n, in, r], B [n, r, out])}, n = 1 or batch, scale in B."""
-        b = input_ids.shape[0]
-        feeds = {"input_ids": input_ids.astype(np.int64, copy=False),
-                 "attention_mask": attention_mask.astype(np.int64, copy=False),
-                 "position_ids": position_ids.astype(np.int64, copy=False)}
+                past: Any = None, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, Any]:
+        """Logits [B, S, vocab] float32 and the cache to pass back as ``past`` for the next tokens.
+
+        ``lora`` (live engines only): {weight: (A [n, in, r], B [n, r, out])}, n = 1 or batch, scale in B.
+        On a fused graph (GroupQueryAttention) the cache is a :class:`KVCache` updated in place: pass each
+        one back once. On an older plain graph it is the list of (key, value) arrays of model.onnx."""
+        if lora and not self.live:
+            raise AdapterMismatchError("live LoRA factors need the slotted graph: load with mode='live' or 'auto'")
+        ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids))
+        if self._gqa:
+            return self._forward_gqa(ids, mask, pos, past, lora)
+        b = ids.shape[0]
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
         empty = np.zeros((b, self.cfg.n_kv_heads, 0, self.cfg.head_dim), np.float32)
         for i in range(self.cfg.n_layers):
             k, v = past[i] if past else (empty, empty)
             feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = k, v
-        if lora:
-            if not self.live:
-                raise AdapterMismatchError("live LoRA factors need the slotted graph: load with mode='live' or 'auto'")
-            for name, (a, bb) in lora.items():
-                feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = a, bb
-        s = input_ids.shape[1]
-        if self._one_step_past and past and b > 1 and s > 1 and past[0][0].shape[2] > 0:
-            # GroupQueryAttention takes several new tokens after a past only for batch 1: one at a time
-            logits = []
-            for t in range(s):
-                lg, past = self.forward(input_ids[:, t:t + 1], attention_mask[:, :attention_mask.shape[1] - s + t + 1],
-                                        position_ids[:, t:t + 1], past, lora)
-                logits.append(lg)
-            return np.concatenate(logits, axis=1), past
+        for name in self._required:
+            feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = self._empty_slot[name]
+        for name, (a, bb) in (lora or {}).items():
+            feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = a, bb
+        s = ids.shape[1]
+        if self._fused and past and b > 1 and s > 1 and past[0][0].shape[2] > 0:
+            # GroupQueryAttention takes several new tokens after a past only at batch 1: one at a time
+            out = []
+            for k in range(s):
+                lg, past = self.forward(ids[:, k:k + 1], mask[:, :mask.shape[1] - s + k + 1], pos[:, k:k + 1], past, lora)
+                out.append(lg)
+            return np.concatenate(out, axis=1), past
         outs = self._session.run(self._out_names, feeds)
         return outs[0], [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
+
+    def _forward_gqa(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Any, lora: Any
+                     ) -> tuple[np.ndarray, "KVCache"]:
+        b, s = ids.shape
+        t = mask.shape[1]
+        if past is None:
+            past = KVCache(self, b, t)
+        elif not isinstance(past, KVCache) or past.batch != b or past.length != t - s:
+            found = (f"a KVCache of {past.length} tokens for batch {past.batch}" if isinstance(past, KVCache)
+                     else type(past).__name__)
+            raise FormatError(f"past: expected the KVCache this engine returned, holding {t - s} tokens for batch {b} "
+                              f"(attention_mask covers past + new tokens), found {found}; a KVCache is updated in "
+                              "place, so pass each one back once")
+        if s > 1 and b > 1 and past.length:  # GroupQueryAttention takes several new tokens after a past only at batch 1
+            out = [self._forward_gqa(ids[:, k:k + 1], mask[:, :t - s + k + 1], pos[:, k:k + 1], past, lora)[0]
+                   for k in range(s)]
+            return np.concatenate(out, axis=1), past
+        return past.run(ids, mask, pos, lora), past
+
+
+class KVCache:
+    """The keys and values of a running batch, for a fused graph: per layer two buffers
+    [batch, n_kv_heads, capacity, head_dim] bound as both ``past.{i}.*`` and ``present.{i}.*`` of one
+    IOBinding, so GroupQueryAttention writes each step's keys in place (nothing is copied per token).
+    Grows by doubling. Bound LoRA inputs stay bound until the plan (the ``lora`` dict) changes."""
+
+    def __init__(self, engine: OrtEngine, batch: int, tokens: int):
+        cfg = engine.cfg
+        self._engine, self.sess, self.batch, self.length = engine, engine._session, batch, 0
+        self.io = self.sess.io_binding()
+        self.io.bind_output("logits", "cpu")
+        self._shape = (batch, cfg.n_kv_heads, 0, cfg.head_dim)
+        self._arrays: list[np.ndarray] = []
+        self.capacity = 0
+        self._grow(tokens + 64)
+        self._lora: Any = KVCache  # nothing bound yet
+        self._inputs: tuple = ()
+
+    def _grow(self, tokens: int) -> None:
+        cap = max(tokens, 2 * self.capacity)
+        cap = -(-cap // 64) * 64
+        ort = self._engine._ort
+        arrays = []
+        for i, old in enumerate(self._arrays or [None] * (2 * self._engine.cfg.n_layers)):
+            a = np.zeros(self._shape[:2] + (cap,) + self._shape[3:], np.float32)  # pages stay untouched until written
+            if old is not None:
+                a[:, :, : self.length] = old[:, :, : self.length]
+            arrays.append(a)
+            v = ort.OrtValue.ortvalue_from_numpy(a)  # shares a's memory
+            name = f"{i // 2}.{('key', 'value')[i % 2]}"
+            self.io.bind_ortvalue_input(f"past.{name}", v)
+            self.io.bind_ortvalue_output(f"present.{name}", v)
+        self._arrays, self.capacity = arrays, cap
+
+    def _bind_lora(self, lora: Any) -> None:
+        for name in self._engine._slots:
+            a, b = (lora or {}).get(name) or self._engine._empty_slot[name]
+            self.io.bind_cpu_input(f"lora.{name}.a", a)
+            self.io.bind_cpu_input(f"lora.{name}.b", b)
+        self._lora = lora  # keeps the bound arrays alive
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, lora: Any) -> np.ndarray:
+        if mask.shape[1] > self.capacity:
+            self._grow(mask.shape[1])
+        if self._engine._slots and lora is not self._lora:
+            self._bind_lora(lora)
+        self._inputs = (ids, mask, pos)  # bound by pointer: alive until the next step rebinds them
+        self.io.bind_cpu_input("input_ids", ids)
+        self.io.bind_cpu_input("attention_mask", mask)
+        self.io.bind_cpu_input("position_ids", pos)
+        self.io.bind_output("logits", "cpu")
+        self.sess.run_with_iobinding(self.io)
+        self.length = mask.shape[1]
+        return self.io.get_outputs()[0].numpy()
 
 
 def default_threads() -> int | None:

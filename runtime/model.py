@@ -188,9 +188,9 @@ class Model:
         return "live"
 
     # ---- adapters
-    def add_adapter(self, source: str | os.PathLike | LoraDelta, name: str | None = None) -> str:
+    def add_adapter(self, source: Any, name: str | None = None) -> str:
         """Read, verify against this base, and keep an adapter (not yet active). Returns its name."""
-        if isinstance(source, LoraDelta):
+        if not isinstance(source, (str, os.PathLike)):  # an adapter object (LoraDelta, edgeadapt.kinds.*)
             delta = source
         elif str(source).endswith(".onnx_adapter"):
             from .onnx_adapter import read_onnx_adapter
@@ -222,7 +222,7 @@ class Model:
             if want == self.active:
                 return
             t0 = time.perf_counter()
-            if self.requested_mode == "merge" or not self._live_ok:
+            if self.requested_mode == "merge" or not self._live_ok or not self._low_rank(want):
                 self._merge(want)
             else:
                 live = self._factors([want])  # built before anything changes
@@ -232,13 +232,25 @@ class Model:
             self.active, self._stable_tokens = want, 0
             self.last_swap_seconds = time.perf_counter() - t0
 
+    def _low_rank(self, want: Mapping[str, float]) -> bool:
+        """Can this set run live (every adapter a low-rank x·A·B)? Others (DoRA, IA3, LoHa, LoKr) merge."""
+        return all(hasattr(self.adapters[n], "live_factors") for n in want)
+
     def _merge(self, want: dict[str, float]) -> None:
         deltas: dict[str, np.ndarray] = {}
+        bases: dict[str, np.ndarray] = {}
         for name, weight in want.items():
-            for target in self.adapters[name].targets:
-                d = self.adapters[name].delta(target) * np.float32(weight)
+            a = self.adapters[name]
+            for target in a.targets:
+                if getattr(a, "needs_base", False):  # DoRA, IA3: the change depends on the immutable base
+                    base = bases.get(target)
+                    if base is None:
+                        base = bases[target] = self._engine.base_weight(target)
+                    d = a.delta(target, base) * np.float32(weight)
+                else:
+                    d = a.delta(target) * np.float32(weight)
                 deltas[target] = deltas[target] + d if target in deltas else d
-        merged = {t: self._engine.base_weight(t) + d for t, d in deltas.items()}
+        merged = {t: (bases[t] if t in bases else self._engine.base_weight(t)) + d for t, d in deltas.items()}
         with self._lock.write():  # waits for running generations; atomic in the engine
             self._engine.set_weights(merged)
             self._merged = dict(want)
@@ -306,15 +318,19 @@ class Model:
             return self._live or None
         if len(adapters) != batch:
             raise FormatError(f"adapters= names one entry per row: expected {batch}, found {len(adapters)}")
-        if not self._live_ok:
+        if not self._live_ok or self.requested_mode == "merge":
             raise UnsupportedError("per-row adapters need live mode: load with mode='live' or 'auto' "
                                    "(and, on onnxruntime, a base folder with model_lora.onnx)")
         rows = [self._normalise(a) for a in adapters]
-        with self._lock.read():
-            if self._merged:  # per-row runs from the pure base
-                pass
-        if self._merged:
+        odd = sorted({n for r in rows for n in r if not self._low_rank({n: 1.0})})
+        if odd:
+            raise UnsupportedError(f"per-row adapters must be low rank (LoRA family); {odd} merge into the weights "
+                                   "instead: serve them with use()")
+        if self._merged:  # per-row rows run beside the pure base
             with self._use_lock:
+                if not self._low_rank(self.active):
+                    raise UnsupportedError(f"the active set {sorted(self.active)} is merged into the weights; "
+                                           "call use(None) (or use a LoRA-family set) before per-row requests")
                 self._merge({})
                 self._live = self._factors([self.active]) if self.active else {}
         self._stable_tokens = 0

@@ -111,7 +111,7 @@ def test_no_onnx_base_loads_with_auto(tiny, ids, tmp_path):
     m.add_adapter(tiny["a"], name="a")  # same weights, same fingerprint: the adapter fits
     m.use("a")
     np.testing.assert_allclose(m.logits(ids), torch_logits(tiny["peft_a"], ids), atol=TOL, rtol=0)
-    with pytest.raises(FormatError, match="engine 'ort' needs model.onnx, found no ONNX file in manifest.json"):
+    with pytest.raises(FormatError, match=r"engine 'ort' needs model\.onnx, found no .*in manifest\.json"):
         edgeadapt.load(tmp_path / "base", engine="ort")
 
 
@@ -148,13 +148,14 @@ def test_numpy_matches_ort_and_peft_merged_and_live(which, tiny, qwen, ids):
     assert np.abs(ref_a - ref_base).max() > 0.1  # the adapter matters
     got = {}
     for e in engines:
-        m = edgeadapt.load(t["base"], engine=e)
-        assert m.engine == e
-        got[e, "base"] = m.logits(ids)
-        m.add_adapter(t["a"], name="a")
-        m.use("a")
-        got[e, "merged"] = m.logits(ids)
-    m = edgeadapt.load(t["base"], engine="numpy")
+        for mode in ("merge", "live"):
+            m = edgeadapt.load(t["base"], engine=e, mode=mode)
+            assert m.engine == e
+            got[e, "base"] = m.logits(ids)
+            m.add_adapter(t["a"], name="a")
+            m.use("a")
+            got[e, mode] = m.logits(ids)
+    m = edgeadapt.load(t["base"], engine="numpy", mode="merge")
     lora = _live(m, t["a"])
     got["numpy", "set_live"] = m.logits(ids)
     m._engine.set_live({})
@@ -164,7 +165,7 @@ def test_numpy_matches_ort_and_peft_merged_and_live(which, tiny, qwen, ids):
     for (e, how), v in got.items():
         np.testing.assert_allclose(v, ref_base if how == "base" else ref_a, atol=TOL, rtol=0, err_msg=f"{e} {how}")
     if HAS_ORT:
-        for how in ("base", "merged"):
+        for how in ("base", "merge", "live"):
             np.testing.assert_allclose(got["numpy", how], got["ort", how], atol=TOL, rtol=0)
 
 
@@ -173,12 +174,20 @@ Q4_PROMPTS = ["Where is my invoice?", "My app keeps crashing.", "What is the cap
               "How do I reset my password?", "Write a haiku about the sea.", "Why was I charged twice this month?",
               "Explain what a CPU does.", "Give me three tips for better sleep."]
 Q4_NEW = 32
-# Floors, from the measurement this test prints (docs/NUMPY_ENGINE.md): llama.cpp quantizes the
-# activations to 8 bits inside its 4-bit dot products, we multiply by the exactly dequantized fp32
-# weights, so greedy paths split at near-ties. Measured: first 8 tokens identical on 8/8 prompts
-# without and with the adapter; 32 tokens identical on most.
+# Exact equality is not expected: llama.cpp quantizes the activations to 8 bits inside its 4-bit
+# dot products, we multiply by the exactly dequantized weights. Measured at the last prompt
+# position (docs/NUMPY_ENGINE.md): max |Δlogit| 0.65–1.8 between the two on the same file, and
+# the first generated token differs on 2 of 8 prompts, where our top two logits are 0.08 and
+# 0.11 apart. Measured over 8 prompts × 32 tokens: without an adapter 5/8 prompts share ≥ 8
+# tokens (2/8 all 32), with billing 8/8 (7/8 all 32); every split is a near tie for us, our
+# margin between our token and llama.cpp's ≤ 0.22 logits. The floors: every split within
+# Q4_NEAR_TIE logits (a real bug — a wrong scale, a mis-permuted row — moves logits by whole
+# units and splits at confident tokens), and at least Q4_MIN_PROMPTS prompts sharing their first
+# Q4_MIN_PREFIX tokens (or the whole answer when shorter), one prompt of slack below what we
+# measured without an adapter since one split there is a 0.00-logit tie.
+Q4_NEAR_TIE = 0.5
 Q4_MIN_PREFIX = 8
-Q4_MIN_PROMPTS = 6
+Q4_MIN_PROMPTS = 4
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -188,6 +197,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def _agree(a: list[int], b: list[int]) -> bool:
+    """The same first Q4_MIN_PREFIX tokens, or the same whole answer when it is shorter."""
+    return a == b or _common_prefix(a, b) >= Q4_MIN_PREFIX
 
 
 def _greedy(eng, prompt: list[int], n: int, lora=None) -> list[int]:
@@ -206,6 +220,16 @@ def _greedy(eng, prompt: list[int], n: int, lora=None) -> list[int]:
     return out
 
 
+def _split_margin(eng, prompt: list[int], ours: list[int], theirs: list[int], lora=None) -> float | None:
+    """Where two greedy paths split: our logit of our token minus our logit of theirs (None: no split)."""
+    k = _common_prefix(ours, theirs)
+    if k == min(len(ours), len(theirs)):
+        return None
+    seq = np.asarray([prompt + ours[:k]], np.int64)
+    logits = eng.forward(seq, np.ones_like(seq), np.arange(seq.shape[1])[None], **({} if lora is None else {"lora": lora}))[0]
+    return float(logits[0, -1, ours[k]] - logits[0, -1, theirs[k]])
+
+
 @pytest.mark.slow
 def test_q4_1_smollm2_agrees_with_llama_cpp(tmp_path_factory):
     """The original Q4_1 file (export-base --gguf-type source), numpy "load" and "lazy", with and
@@ -216,6 +240,8 @@ def test_q4_1_smollm2_agrees_with_llama_cpp(tmp_path_factory):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install llama-cpp-python)")
     from pathlib import Path
 
+    import gguf
+
     from edgeadapt.converters.export_base import export_base
     from edgeadapt.converters.peft_lora import convert_peft
     from edgeadapt.runtime.engine_numpy import NumpyEngine
@@ -224,19 +250,18 @@ def test_q4_1_smollm2_agrees_with_llama_cpp(tmp_path_factory):
     root = tmp_path_factory.mktemp("q41")
     src = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     man = export_base(src, root / "base", gguf_type="source", onnx=False)
-    import gguf
-
+    gguf_path = man.path("gguf")
     theirs_t = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
-    for t in gguf.GGUFReader(str(root / "base" / "model.gguf")).tensors:  # the 4-bit blocks, as they were
+    for t in gguf.GGUFReader(str(gguf_path)).tensors:  # the 4-bit blocks, as they were
         assert t.tensor_type == theirs_t[t.name].tensor_type and np.array_equal(t.data, theirs_t[t.name].data), t.name
     billing = convert_peft(Path(__file__).resolve().parents[1] / "examples" / "adapters" / "billing", man,
                            root / "billing.gguf", name="billing")
     delta = read_delta(billing)
     live = {n: (np.ascontiguousarray(a.T)[None], np.ascontiguousarray(b.T)[None]) for n, (a, b) in delta.factors.items()}
 
-    gguf_path = man.path("gguf")
-    probe = Model(man, NumpyEngine(gguf_path, man.arch, dequantize="lazy"))
-    tok = probe.tokenizer
+    engines = {mode: NumpyEngine(gguf_path, man.arch, dequantize=mode) for mode in ("load", "lazy")}
+    assert engines["load"]._mode == "load" and engines["lazy"]._mode == "lazy"
+    tok = Model(man, engines["lazy"], mode="merge").tokenizer
     prompts = [tok._tok.encode(tok.render_chat([{"role": "user", "content": p}]), add_special_tokens=False).ids
                for p in Q4_PROMPTS]
 
@@ -255,33 +280,41 @@ def test_q4_1_smollm2_agrees_with_llama_cpp(tmp_path_factory):
         del llm
         return outs
 
+    # (adapter, numpy mode, how the adapter is applied); merging on a lazy base would hold the adapted
+    # weights in fp32, so a lazy base takes adapters live
+    plan = [(None, "load", "-"), (None, "lazy", "-"), ("billing", "load", "merged"), ("billing", "load", "live"),
+            ("billing", "lazy", "live")]
+    theirs = {a: llama(billing if a else None) for a in (None, "billing")}
     rows, runs = [], {}
-    for adapter in (None, "billing"):
-        theirs = llama(billing if adapter else None)
-        for mode in ("load", "lazy"):
-            m = Model(man, NumpyEngine(gguf_path, man.arch, dequantize=mode))
-            assert m._engine._mode == mode
-            if adapter:
-                m.add_adapter(billing, name="billing")
-                m.use("billing")
-            ways = {"merged" if adapter else "-": [m.generate_ids(p, Q4_NEW) for p in prompts]}
-            if adapter:
-                m.use(None)
-                ways["live"] = [_greedy(m._engine, p, Q4_NEW, lora=live) for p in prompts]
-            for how, ours in ways.items():
-                runs[adapter, mode, how] = ours
-                pre = [_common_prefix(a, b) for a, b in zip(ours, theirs)]
-                same = sum(x == y for a, b in zip(ours, theirs) for x, y in zip(a, b))
-                rows.append((adapter or "none", mode, how, pre, sum(a == b for a, b in zip(ours, theirs)),
-                             same / max(1, sum(min(len(a), len(b)) for a, b in zip(ours, theirs)))))
-    print(f"\nQ4_1 SmolLM2, greedy {Q4_NEW} tokens, {len(prompts)} prompts: numpy engine vs llama.cpp on the same file")
-    print("| adapter | numpy mode | adapter applied | common prefix per prompt | identical prompts | same token at same position |")
+    for adapter, mode, how in plan:
+        eng = engines[mode]
+        m = Model(man, eng, mode="merge")
+        kw = {"lora": live} if how == "live" else {}
+        if how == "merged":
+            m.add_adapter(billing, name="billing")
+            m.use("billing")
+        ours = runs[adapter, mode, how] = [_greedy(eng, p, Q4_NEW, **kw) for p in prompts]
+        ref = theirs[adapter]
+        pre = [_common_prefix(a, b) for a, b in zip(ours, ref)]
+        margins = [_split_margin(eng, p, a, b, **kw) for p, a, b in zip(prompts, ours, ref)]
+        if how == "merged":
+            m.use(None)
+        rows.append((adapter or "none", mode, how, pre, sum(a == b for a, b in zip(ours, ref)), margins))
+    print(f"\nQ4_1 SmolLM2-135M, greedy {Q4_NEW} tokens, {len(prompts)} chat prompts: numpy engine vs llama.cpp "
+          "(llama-cpp-python) on the same file")
+    print("| adapter | numpy mode | adapter applied | tokens in common before the split, per prompt | "
+          "identical answers | our margin at each split |")
     print("|---|---|---|---|---|---|")
-    for adapter, mode, how, pre, ident, frac in rows:
-        print(f"| {adapter} | {mode} | {how} | {pre} | {ident}/{len(prompts)} | {100 * frac:.0f} % |")
-    for key in [k for k in runs if k[1] == "lazy"]:  # lazy and load dequantize the same blocks the same way
-        agree = sum(a == b for a, b in zip(runs[key], runs[key[0], "load", key[2]]))
-        print(f"lazy == load ({key[0] or 'none'}, {key[2]}): {agree}/{len(prompts)} prompts")
-        assert agree >= len(prompts) - 1
-    for adapter, mode, how, pre, ident, frac in rows:
-        assert sum(p >= Q4_MIN_PREFIX for p in pre) >= Q4_MIN_PROMPTS, (adapter, mode, how, pre)
+    for adapter, mode, how, pre, ident, margins in rows:
+        ms = ", ".join("–" if x is None else f"{x:.2f}" for x in margins)
+        print(f"| {adapter} | {mode} | {how} | {pre} | {ident}/{len(prompts)} | {ms} |")
+    for adapter, how in ((None, "-"), ("billing", "live")):
+        a, b = runs[adapter, "load", how], runs[adapter, "lazy", how]
+        pre = [_common_prefix(x, y) for x, y in zip(a, b)]
+        print(f"lazy vs load ({adapter or 'none'}, {how}): identical on {sum(x == y for x, y in zip(a, b))}/"
+              f"{len(prompts)} prompts, tokens in common {pre}")
+        assert all(_agree(x, y) for x, y in zip(a, b)), pre
+    for adapter, mode, how, pre, ident, margins in rows:
+        assert all(x is None or x < Q4_NEAR_TIE for x in margins), (adapter, mode, how, margins)
+        ours, ref = runs[None if adapter == "none" else adapter, mode, how], theirs[None if adapter == "none" else adapter]
+        assert sum(_agree(x, y) for x, y in zip(ours, ref)) >= Q4_MIN_PROMPTS, (adapter, mode, how, pre)

@@ -568,6 +568,64 @@ def test_file_errors(base, tmp_path):
         NumpyEngine(base[4], dequantize="sometimes")
 
 
+def _gguf_with_vocab(cfg, w, path):
+    """A base file with a long string array and a long int array in its metadata, like a real one."""
+    writer = gguf.GGUFWriter(str(path), cfg.arch)
+    _hf_fields(writer, cfg, None)
+    writer.add_token_list([f"tok{i}".encode() for i in range(3000)])
+    writer.add_token_types([1] * 3000)
+    writer.add_array("test.small", [1, 2, 3])
+    writer.add_string("test.text", "héllo")
+    for name, a in w.items():
+        writer.add_tensor(name, np.ascontiguousarray(a, np.float32) if a.ndim == 1 else a.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_lean_reader_matches_gguf_reader(llama, tmp_path):
+    cfg, w, _ = llama
+    p = _gguf_with_vocab(cfg, w, tmp_path / "v.gguf")
+    ours, theirs = engine_numpy._GGUF(p), gguf.GGUFReader(str(p))
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.tensor_type, list(a.shape), a.data_offset, a.n_bytes) == (b.tensor_type, list(b.shape), b.data_offset, b.n_bytes)
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data)
+    for k, f in theirs.fields.items():
+        if not k.startswith("GGUF."):
+            assert len(ours.fields[k].data) == len(f.data)
+            if len(f.data) <= engine_numpy._SMALL_ARRAY:
+                assert ours.fields[k].contents() == f.contents(), k
+    assert ours.fields["tokenizer.ggml.tokens"].contents() is None  # 3000 strings stepped over
+    assert ours.fields["test.text"].contents() == "héllo" and ours.fields["test.small"].contents() == [1, 2, 3]
+    ArchConfig = type(cfg)
+    assert ArchConfig.from_gguf(ours) == ArchConfig.from_gguf(theirs)
+
+
+def test_lean_reader_refuses_damaged_files(llama, tmp_path):
+    """Cut anywhere, or with a lying count / offset: a FormatError naming the file, never another error."""
+    cfg, w, _ = llama
+    data = _gguf_with_vocab(cfg, w, tmp_path / "v.gguf").read_bytes()
+    bad = tmp_path / "bad.gguf"
+    header_end = data.index(b"blk.1.ffn_down.weight") + 200  # past the tensor table
+    for cut in list(range(0, 64, 7)) + list(range(64, header_end, 997)) + [len(data) - 1]:
+        bad.write_bytes(data[:cut])
+        with pytest.raises(FormatError, match="bad.gguf"):
+            NumpyEngine(bad)
+    lying = bytearray(data)
+    lying[16:24] = (1 << 40).to_bytes(8, "little")  # key/value count
+    bad.write_bytes(bytes(lying))
+    with pytest.raises(FormatError, match="over the"):
+        NumpyEngine(bad)
+    swapped = bytearray(data)
+    swapped[4:8] = (3 << 24).to_bytes(4, "little")  # version 3, big-endian
+    bad.write_bytes(bytes(swapped))
+    with pytest.raises(UnsupportedError, match="GGUF version"):
+        NumpyEngine(bad)
+
+
 # ---------------------------------------------------------------- 6. no torch / onnx on the device
 def test_imports_without_torch_or_onnx():
     code = ("import sys; sys.modules['torch']=None; sys.modules['onnx']=None; sys.modules['onnxruntime']=None; "

@@ -14,7 +14,7 @@ from edgeadapt.cli import main
 from edgeadapt.delta import delta_from_bytes, read_delta, with_signature, write_delta
 from edgeadapt.errors import EdgeAdaptError, FormatError, IntegrityError
 from edgeadapt.signing import (PublicKey, SignatureError, TrustStore, check_trust, generate_keypair, sign_delta,
-                               verify_delta)
+                               verify_base, verify_delta)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FP = "sha256:" + "cd" * 32
@@ -168,3 +168,20 @@ def test_device_modules_import_nothing_heavy():
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_base_fingerprint_is_tamper_evident(tiny, tmp_path):
+    import shutil
+
+    assert verify_base(tiny["base"]) == "model.onnx.data"
+    shutil.copytree(tiny["base"], tmp_path / "base")
+    data = tmp_path / "base" / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[4 * 64 * 3 + 1] ^= 0x01  # one weight of token_embd
+    data.write_bytes(raw)
+    with pytest.raises(IntegrityError) as e:
+        verify_base(tmp_path / "base")
+    assert "the base folder was changed or damaged after export" in str(e.value)
+    assert "the weights in model.onnx.data hash to sha256:" in str(e.value)
+    res = CliRunner().invoke(main, ["verify", str(tiny["base"])])
+    assert res.exit_code == 0 and res.output.endswith("base fingerprint ok (recomputed from model.onnx.data)\n")
