@@ -218,14 +218,16 @@ def main() -> None:
              "| | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
     for k in keys:
         lines.append(f"| {label[k]} | " + " | ".join("–" if med[c][k] is None else f"{med[c][k]:.3g}" for c in configs) + " |")
-    if "ort-f32" in configs:
-        for k in ("decode_base", "decode_merged"):
-            lines.append(f"| {label[k].split(' (')[0]}, ÷ ort-f32 | " + " | ".join(
-                "–" if med[c][k] is None else f"{med[c][k] / med['ort-f32'][k]:.2f}×" for c in configs) + " |")
-    if "ort-f32-slots" in configs:
-        lines.append("| decode, billing live, ÷ ort-f32-slots | " + " | ".join(
-            "–" if med[c]["decode_live"] is None else f"{med[c]['decode_live'] / med['ort-f32-slots']['decode_live']:.2f}×"
-            for c in configs) + " |")
+    def ratio(k: str, ref: str, c: str) -> str:  # median over rounds of the ratio within a round (drift cancels)
+        if k not in runs[c][0] or k not in runs[ref][0]:
+            return "–"
+        return f"{statistics.median(x[k] / y[k] for x, y in zip(runs[c], runs[ref])):.2f}×"
+
+    for k, ref in (("decode_base", "ort-f32"), ("decode_merged", "ort-f32"), ("decode_live", "ort-f32-slots"),
+                   ("decode_base", "ort-int4"), ("decode_live", "ort-int4"), ("prefill_base", "ort-f32")):
+        if ref in configs:
+            lines.append(f"| {label[k].split(' (')[0]}, ÷ {ref} (per-round ratio) | "
+                         + " | ".join(ratio(k, ref, c) for c in configs) + " |")
     text = "\n".join(lines)
     print(text)
     (HERE / "results").mkdir(exist_ok=True)

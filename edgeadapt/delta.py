@@ -397,7 +397,8 @@ def _digest_v1(kv: Iterable[tuple[str, str, object]], tensors: Iterable[tuple[st
 
 # ---- grouped integer factors: rows [r, n] cut into groups of G along n
 def quantize_rows(x: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [r, n] -> (int8 codes [r, n], or packed int4 [r, n/2]; scales float32 [r, ⌈n/G⌉])."""
+    """float32 [r, n] -> (int8 codes [r, n] or packed int4 [r, n/2], scales [r, ⌈n/G⌉]: float16, or
+    float32 when a scale is outside float16's normal range)."""
     r, n = x.shape
     ng = -(-n // group)
     pad = np.zeros((r, ng * group), np.float32)

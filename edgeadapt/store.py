@@ -112,6 +112,15 @@ class AdapterStore:
             raise AdapterNotFoundError(f"no adapter named {name!r} in the store {self.root}; installed: {self.names()}")
         return self.root / name / st["current"]
 
+    def open(self, name: str, *, trust: Any = None, require_signature: bool = False) -> LoraDelta:
+        """The current version of ``name``, read, verified and checked against the signature policy
+        (:func:`edgeadapt.signing.check_trust`): ``Model.add_adapter(store.open("billing"))``."""
+        from .signing import check_trust
+
+        delta = read_delta(self.resolve(name))
+        check_trust(delta, trust, require_signature)
+        return delta
+
     def info(self, name: str) -> Installed:
         path = self.resolve(name)
         st = self._state(name)

@@ -71,7 +71,7 @@ def _make_engine(manifest: BaseManifest, engine: str, threads: int | None, *, de
         raise FormatError(f"{manifest.root}: engine {engine!r} needs model.gguf (numpy)"
                           + (f" because {why}" if why else "") + ", and the folder has none; export the base again")
     from .engine_numpy import NumpyEngine
-    eng = NumpyEngine(gguf_path, manifest.arch, dequantize=dequantize)
+    eng = NumpyEngine(gguf_path, manifest.arch, dequantize=dequantize, threads=threads)
     eng.auto_reason = why
     return eng
 

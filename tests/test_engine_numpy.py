@@ -626,6 +626,33 @@ def test_lean_reader_refuses_damaged_files(llama, tmp_path):
         NumpyEngine(bad)
 
 
+def _blas_threads():
+    import ctypes
+
+    for path in {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower() and "/" in line}:
+        lib = ctypes.CDLL(path)
+        for fn in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads", "openblas_get_num_threads"):
+            if hasattr(lib, fn):
+                return getattr(lib, fn)()
+    return None
+
+
+def test_threads_sets_openblas(llama):
+    _, _, path = llama
+    before = _blas_threads() if sys.platform.startswith("linux") else None
+    if before is None:
+        pytest.skip("numpy's BLAS is not an OpenBLAS found in /proc/self/maps")
+    try:
+        eng = NumpyEngine(path, threads=1)
+        assert eng.blas_threads_set is True and _blas_threads() == 1
+        assert NumpyEngine(path).blas_threads_set is None and _blas_threads() == 1  # None leaves it alone
+    finally:
+        engine_numpy.set_blas_threads(before)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(UnsupportedError, match="threads="):
+            NumpyEngine(path, threads=bad)
+
+
 # ---------------------------------------------------------------- 6. no torch / onnx on the device
 def test_imports_without_torch_or_onnx():
     code = ("import sys; sys.modules['torch']=None; sys.modules['onnx']=None; sys.modules['onnxruntime']=None; "

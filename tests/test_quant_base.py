@@ -58,12 +58,14 @@ def _feeds(cfg, ids, mask=None, pos=None, lora=None):
     return f
 
 
-def _logits(path, feeds):
+def _logits(path, feeds, cfg):
+    """Logits of the graph at ``path``; its LoRA slots that ``feeds`` leaves out get rank 0 (the quantized
+    graphs' slots have no default)."""
     sess, feeds = _session(path), dict(feeds)
-    for i in sess.get_inputs():  # the quantized graphs' slots have no default: idle = rank 0
+    for i in sess.get_inputs():
         if i.name.startswith("lora.") and i.name not in feeds:
-            n_in, n_out = i.shape[1] if i.name.endswith(".a") else 0, i.shape[2] if i.name.endswith(".b") else 0
-            feeds[i.name] = np.zeros((1, n_in, 0) if i.name.endswith(".a") else (1, 0, n_out), np.float32)
+            out, inp = cfg.linear_shapes()[i.name[5:-2]]
+            feeds[i.name] = np.zeros((1, inp, 0) if i.name.endswith(".a") else (1, 0, out), np.float32)
     return sess.run(["logits"], feeds)[0]
 
 
@@ -156,8 +158,8 @@ def test_matmulnbits_computes_the_stored_weights(graphs, kind):
     """accuracy_level 0: the quantized graph = the fp32 graph built from its dequantized weights."""
     cfg, root = graphs["cfg"], graphs["root"]
     f = _feeds(cfg, np.random.default_rng(0).integers(0, 256, (3, 11)))
-    got = _logits(root / f"{kind}_0" / f"model_{kind}.onnx", f)
-    want = _logits(root / f"deq_{kind}" / "model.onnx", f)
+    got = _logits(root / f"{kind}_0" / f"model_{kind}.onnx", f, cfg)
+    want = _logits(root / f"deq_{kind}" / "model.onnx", f, cfg)
     assert np.abs(got - want).max() < TOL_EXACT
 
 
@@ -165,9 +167,9 @@ def test_matmulnbits_computes_the_stored_weights(graphs, kind):
 def test_quantized_logits_are_close_to_fp32(graphs, kind):
     cfg, root = graphs["cfg"], graphs["root"]
     f = _feeds(cfg, np.random.default_rng(0).integers(0, 256, (4, 16)))
-    got = _logits(root / f"{kind}_4" / f"model_{kind}.onnx", f)
-    assert np.abs(got - _logits(root / f"deq_{kind}" / "model.onnx", f)).max() < TOL_ACT  # activation rounding only
-    err = np.abs(got - _logits(root / "fp32" / "model.onnx", f))
+    got = _logits(root / f"{kind}_4" / f"model_{kind}.onnx", f, cfg)
+    assert np.abs(got - _logits(root / f"deq_{kind}" / "model.onnx", f, cfg)).max() < TOL_ACT  # activation rounding only
+    err = np.abs(got - _logits(root / "fp32" / "model.onnx", f, cfg))
     assert err.max() < TOL[kind][0] and err.mean() < TOL[kind][1], (err.max(), err.mean())
 
 
@@ -191,11 +193,11 @@ def test_live_adapter_is_exact_delta_beside_quantized_weights(graphs, kind, tmp_
         merged[t] = merged[t] + d.delta(t)
     build_onnx(cfg, merged, tmp_path, slots=False)
     ids = np.random.default_rng(0).integers(0, 256, (2, 9))
-    want = _logits(tmp_path / "model.onnx", _feeds(cfg, ids))
+    want = _logits(tmp_path / "model.onnx", _feeds(cfg, ids), cfg)
     for acc, tol in ((0, TOL_EXACT * 10), (4, TOL_ACT)):
-        got = _logits(root / f"{kind}_{acc}" / f"model_{kind}.onnx", _feeds(cfg, ids, lora=_lora_feeds(d)))
+        got = _logits(root / f"{kind}_{acc}" / f"model_{kind}.onnx", _feeds(cfg, ids, lora=_lora_feeds(d)), cfg)
         assert np.abs(got - want).max() < tol, (acc, np.abs(got - want).max())
-    bare = _logits(root / f"{kind}_0" / f"model_{kind}.onnx", _feeds(cfg, ids))
+    bare = _logits(root / f"{kind}_0" / f"model_{kind}.onnx", _feeds(cfg, ids), cfg)
     assert np.abs(bare - want).max() > 0.1  # the adapter matters
 
 

@@ -105,6 +105,22 @@ def test_signatures_required(tmp_path):
     assert got.signature == trust.keys[got.signature].key_id
 
 
+def test_the_runtime_loads_by_name(tiny, tmp_path, ids):
+    import edgeadapt
+
+    s = AdapterStore(tmp_path / "store")
+    s.install(tiny["a"])
+    m = edgeadapt.load(tiny["base"], engine="numpy")
+    assert m.add_adapter(s.open("a")) == "a"
+    m.use("a")
+    ref = edgeadapt.load(tiny["base"], engine="numpy")
+    ref.add_adapter(tiny["a"])
+    ref.use("a")
+    assert np.array_equal(m.logits(ids), ref.logits(ids))
+    with pytest.raises(SignatureError, match="signatures are required but no trust store was given"):
+        s.open("a", require_signature=True)
+
+
 # ---- crash safety: the install process is killed (SIGKILL) at every kind of point
 def _install_killed_at(root: Path, src: Path, n: int) -> int:
     """Fork; the child installs ``src`` and kills itself at the ``n``-th crash point. Returns its exit status."""
