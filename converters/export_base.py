@@ -79,13 +79,13 @@ def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", 
         files["onnx"] = "model.onnx"
         files["onnx_lora"] = "model_lora.onnx"  # the same weights with LoRA slots (live mode)
         files["onnx_check"] = "weight_sums.onnx"  # verifies initializer overrides (merge mode)
-    for kind in ("int4", "int8"):
-        if onnx and kind in onnx_weights:  # the quantized bases, adapters live beside them
+    for qkind in ("int4", "int8"):
+        if onnx and qkind in onnx_weights:  # the quantized bases, adapters live beside them
             from .onnx_fast import build_quant_onnx, gguf_source
 
-            info = build_quant_onnx(cfg, weights, out, kind, source=gguf_source(reader) if reader else None,
+            info = build_quant_onnx(cfg, weights, out, qkind, source=gguf_source(reader) if reader else None,
                                     progress=progress)
-            files[f"onnx_{kind}"] = info["file"]
+            files[f"onnx_{qkind}"] = info["file"]
     write_base_gguf(cfg, weights, out / "model.gguf", qtype=gguf_type, fingerprint=fp, source=reader,
                     tokenizer_dir=None if reader is not None else source, progress=progress)
     files["gguf"] = "model.gguf"

@@ -1,7 +1,9 @@
 """Build the ONNX graph of a llama-family decoder straight from canonical weights (no tracing).
 
 Files written by :func:`build_onnx` into ``out_dir``
-  model.onnx         the decoder (opset 17, default domain only)
+  model.onnx         the decoder (opset 17 + com.microsoft 1: the fused operators of
+                     :mod:`edgeadapt.converters.onnx_fast`; ``fused=False`` writes the same decoder
+                     from default-domain operators only — the reference the fused one is tested against)
   model_lora.onnx    the same decoder over the same weights with a LoRA slot beside every linear
                      layer (see "LoRA slots" below)
   weight_sums.onnx   a tiny check model over the same initializers (see "weight_sums" below)
@@ -17,7 +19,9 @@ model.onnx contract (a spec the runtime relies on)
            past.{i}.value  float32 [batch, n_kv_heads, past, head_dim]
   outputs  logits          float32 [batch, seq, vocab]
            present.{i}.key float32 [batch, n_kv_heads, total, head_dim]  = concat(past, new), axis 2
-           present.{i}.value
+           present.{i}.value                     (or, when past and present are bound to one buffer of
+                                                 capacity >= total, that buffer updated in place:
+                                                 GroupQueryAttention's shared-buffer mode)
   Query s (absolute position past+s) attends key j iff j <= past+s and attention_mask[b, j] == 1;
   fully masked rows (pad queries) give finite, meaningless logits, never NaN.
 
@@ -36,6 +40,11 @@ LoRA slots (model_lora.onnx): extra optional inputs, two per weight W of cfg.lin
   one session takes any rank, stacked adapters concatenate ranks, and nothing fed = the bare base.
   The names are onnxruntime LoraAdapter parameter names: a .onnx_adapter holding them works
   with RunOptions.add_active_adapter on this graph.
+
+Quantized bases (:func:`edgeadapt.converters.onnx_fast.build_quant_onnx`): model_int4.onnx /
+model_int8.onnx keep this contract with two differences: nothing is overridable (linear weights are
+MatMulNBits blocks), and their LoRA slots have no default, so every lora.<W>.a/b is fed (rank 0
+when idle).
 
 weight_sums.onnx contract
   no input to feed (``reduce_axes`` is an overridable initializer: leave it alone);

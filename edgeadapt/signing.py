@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .delta import SIGNATURE_TAG, LoraDelta, read_delta, signature_message, with_signature, write_delta
+from .delta import SIGNATURE_TAG, read_delta, signature_message, with_signature, write_delta
 from .errors import FormatError, IntegrityError, MissingDependencyError, UnsupportedError, collect
 
 KEY_PREFIX = "edgeadapt-ed25519"
@@ -187,29 +187,32 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def verify_delta(source: str | os.PathLike | LoraDelta, trust: TrustStore) -> SignatureInfo:
-    """Check a delta's signature against ``trust``; raises :class:`SignatureError` unless it verifies."""
-    delta = source if isinstance(source, LoraDelta) else read_delta(source)
-    where = delta.path or f"adapter {delta.name!r}"
-    if not delta.signature or delta.signed_digest is None:
+def verify_delta(source: str | os.PathLike | Any, trust: TrustStore) -> SignatureInfo:
+    """Check a delta's signature against ``trust``; raises :class:`SignatureError` unless it verifies.
+    ``source``: a path, or an adapter object (a :class:`LoraDelta` read from a file; other adapter
+    objects carry no signature)."""
+    delta = read_delta(source) if isinstance(source, (str, os.PathLike)) else source
+    where = getattr(delta, "path", None) or f"adapter {getattr(delta, 'name', type(delta).__name__)!r}"
+    signature, digest = getattr(delta, "signature", ""), getattr(delta, "signed_digest", None)
+    if not signature or digest is None:
         raise SignatureError(f"{where}: expected a signed delta file, found an unsigned one (format version "
-                             f"{delta.format_version}); sign it with `edgeadapt sign FILE --key KEY`")
-    _, kid, sig = delta.signature.split(":")
+                             f"{getattr(delta, 'format_version', '-')}); sign it with `edgeadapt sign FILE --key KEY`")
+    _, kid, sig = signature.split(":")
     if kid not in trust:
         raise SignatureError(f"{where}: signed by key {kid}, which is not in the trust store ({len(trust)} keys: "
                              f"{', '.join(sorted(trust.keys)) or 'none'}); add its .pub file to the trust store")
     c = _crypto()
     pub = c.ed25519.Ed25519PublicKey.from_public_bytes(trust.keys[kid].raw)
     try:
-        pub.verify(bytes.fromhex(sig), SIGNATURE_TAG + delta.signed_digest)
+        pub.verify(bytes.fromhex(sig), SIGNATURE_TAG + digest)
     except c.InvalidSignature:
         raise SignatureError(f"{where}: the signature by key {kid} ({trust.keys[kid].comment or 'no comment'}) does "
                              "not match the file's contents; the file was changed after it was signed") from None
     return SignatureInfo(kid, trust.keys[kid].comment, str(where))
 
 
-def check_trust(source: str | os.PathLike | LoraDelta, trust: TrustStore | None, require: bool) -> SignatureInfo | None:
-    """The runtime's policy, in one call before an adapter is used.
+def check_trust(source: str | os.PathLike | Any, trust: TrustStore | None, require: bool) -> SignatureInfo | None:
+    """The runtime's policy, in one call before an adapter is used (``source``: a path or an adapter object).
 
     - ``require``: the file MUST carry a signature that verifies against ``trust``;
     - a ``trust`` store without ``require``: a signed file MUST verify (a signature that cannot be
@@ -220,8 +223,8 @@ def check_trust(source: str | os.PathLike | LoraDelta, trust: TrustStore | None,
         raise SignatureError("signatures are required but no trust store was given; pass trust=TrustStore.load(...)")
     if trust is None:
         return None
-    delta = source if isinstance(source, LoraDelta) else read_delta(source)
-    if not delta.signature and not require:
+    delta = read_delta(source) if isinstance(source, (str, os.PathLike)) else source
+    if not getattr(delta, "signature", "") and not require:
         return None
     return verify_delta(delta, trust)
 

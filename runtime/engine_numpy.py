@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -573,7 +574,9 @@ class NumpyEngine:
         self._names = [tuple(f"blk.{i}.{k}.weight" for k in _LINEAR_KINDS) for i in range(cfg.n_layers)]
         self._overrides: dict[str, np.ndarray] = {}
         self._live: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._kv: dict[str, Any] | None = None
+        # the in-place KV buffers of the sequence this thread is decoding: per thread, so concurrent
+        # generations (each in its own thread) never write into each other's cache
+        self._tls = threading.local()
         self._rebuild()
 
     def _drop_pages(self, src: _Src) -> None:
@@ -778,7 +781,7 @@ class NumpyEngine:
 
     def _kv_buffers(self, past: Any, B: int, past_len: int, T: int) -> list[tuple[np.ndarray, np.ndarray]]:
         cfg = self.cfg
-        st = self._kv
+        st = getattr(self._tls, "kv", None)
         L = cfg.n_layers
         if (past is not None and st is not None and st["B"] == B and st["len"] == past_len and len(past) == L
                 and all(past[i][0] is st["present"][i][0] and past[i][1] is st["present"][i][1] for i in range(L))):
@@ -807,7 +810,7 @@ class NumpyEngine:
             for (kb, vb), (k, v) in zip(bufs, past):
                 kb[:, :, :past_len] = k
                 vb[:, :, :past_len] = v
-        self._kv = {"B": B, "cap": cap, "len": past_len, "bufs": bufs, "present": None}
+        self._tls.kv = {"B": B, "cap": cap, "len": past_len, "bufs": bufs, "present": None}
         return bufs
 
     def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
@@ -944,7 +947,7 @@ class NumpyEngine:
             logits = _lin(h, *self._head, rows.get(self._head_name), B).reshape(B, S, -1)
 
         present = [(_ro(kb[:, :, :T]), _ro(vb[:, :, :T])) for kb, vb in bufs]
-        st = self._kv
+        st = getattr(self._tls, "kv", None)
         st["len"], st["present"] = T, present
         return logits, present
 

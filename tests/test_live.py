@@ -27,9 +27,12 @@ def test_per_row_batch_equals_each_row_alone(tiny, ids, engine):
     rows = ids + [ids[0], ids[1]]
     per_row = ["a", "b", None, {"a": 0.5, "b": 2.0}]
     got = m.logits(rows, adapters=per_row)
+    # onnxruntime: bit-identical. numpy: BLAS sums a batch of rows (and zero-padded ranks) in another
+    # order than one row, which moves fp32 logits of this toy model (|logit| up to 3) by up to 2.5e-5.
+    tol = 0.0 if engine == "ort" else 3e-5
     for i, spec in enumerate(per_row):
         m.use(spec)
-        np.testing.assert_allclose(got[i], m.logits([rows[i]])[0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got[i], m.logits([rows[i]])[0], atol=tol, rtol=0)
     m.use(None)
     np.testing.assert_allclose(got[2], torch_logits(tiny["model"], [rows[2]])[0], atol=1e-4, rtol=0)
     np.testing.assert_allclose(got[0], torch_logits(tiny["peft_a"], [rows[0]])[0], atol=1e-4, rtol=0)

@@ -243,6 +243,7 @@ def qbase(tiny, tmp_path_factory):
     man = export_base(tiny["root"] / "hf", out, gguf_type="F32", onnx_weights=("fp32", "int4", "int8"))
     assert man.files["onnx_int4"] == "model_int4.onnx" and man.files["onnx_int8"] == "model_int8.onnx"
     assert man.fingerprint == tiny["manifest"].fingerprint  # the same base: the same adapters fit
+    assert man.source["kind"] == "hf" and man.files.keys() >= tiny["manifest"].files.keys()  # nothing else lost
     return out
 
 

@@ -109,6 +109,12 @@ def test_runtime_policy(keys, tmp_path):
         check_trust(signed, None, True)
     assert issubclass(SignatureError, IntegrityError)
 
+    class Made:  # an adapter object built in memory (e.g. another adapter kind): it carries no signature
+        name = "made"
+    assert check_trust(Made(), t, False) is None
+    with pytest.raises(SignatureError, match="adapter 'made': expected a signed delta file, found an unsigned one"):
+        check_trust(Made(), t, True)
+
 
 def test_version_1_files_are_upgraded_when_signed(keys, tmp_path):
     p = tmp_path / "v1.gguf"
