@@ -388,8 +388,9 @@ _BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_th
 
 
 def set_blas_threads(n: int) -> bool:
-    """Set the thread count of the OpenBLAS numpy runs on (process-wide, like OPENBLAS_NUM_THREADS
-    at start-up). Returns False when it cannot (not Linux, or numpy's BLAS is not OpenBLAS)."""
+    """Set the thread count of every OpenBLAS loaded in the process — numpy's, and e.g. scipy's,
+    which ships its own — like OPENBLAS_NUM_THREADS at start-up. False when none was found (not
+    Linux, or numpy's BLAS is not OpenBLAS)."""
     import ctypes
 
     try:
@@ -397,17 +398,17 @@ def set_blas_threads(n: int) -> bool:
             paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
     except OSError:
         return False
+    done = False
     for path in paths:
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for fn in _BLAS_SETTERS:
-            setter = getattr(lib, fn, None)
-            if setter is not None:
-                setter(int(n))
-                return True
-    return False
+        setter = next((getattr(lib, fn) for fn in _BLAS_SETTERS if hasattr(lib, fn)), None)
+        if setter is not None:
+            setter(int(n))
+            done = True
+    return done
 
 
 # ---------------------------------------------------------------- engine

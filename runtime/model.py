@@ -81,7 +81,8 @@ WEIGHTS = ("fp32", "int4", "int8")
 
 
 def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", threads: int | None = None,
-         weights: str = "fp32") -> "Model":
+         weights: str = "fp32", trust: Any = None, require_signature: bool = False,
+         store: str | os.PathLike | None = None) -> "Model":
     """Load a base folder made by ``edgeadapt export-base``.
 
     ``engine``: "ort" (onnxruntime), "numpy" (pure numpy, from model.gguf) or "auto"
@@ -89,6 +90,9 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
     ``mode``: how adapters are applied — see :class:`Model`.
     ``weights`` (onnxruntime): "fp32" (model.onnx), or "int4" / "int8" (model_int4.onnx / model_int8.onnx,
     written by ``export-base --onnx-quant``): the quantized base with adapters live beside it, in float32.
+    ``trust``: an :class:`edgeadapt.signing.TrustStore` (or a path / list of paths of public keys);
+    ``require_signature``: refuse adapters not signed by a trusted key; ``store``: an adapter store
+    folder (``edgeadapt install``), so ``add_adapter("billing")`` loads the installed version.
     """
     if mode not in MODES:
         raise UnsupportedError(f"mode {mode!r} is not one of {MODES}")
@@ -102,7 +106,12 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
     if mode == "live" and engine == "ort" and not live:
         raise FormatError(f"{manifest.root} has no model_lora.onnx (the graph with LoRA slots); "
                           "export the base again with this edgeadapt, or use mode='merge'")
-    return Model(manifest, _make_engine(manifest, engine, threads, live=live, weights=weights), mode=mode)
+    if trust is not None and not hasattr(trust, "keys"):
+        from edgeadapt.signing import TrustStore
+        trust = TrustStore.load(*([trust] if isinstance(trust, (str, os.PathLike)) else trust))
+    model = Model(manifest, _make_engine(manifest, engine, threads, live=live, weights=weights), mode=mode)
+    model.trust, model.require_signature, model.store = trust, require_signature, store
+    return model
 
 
 class _RWLock:
@@ -159,6 +168,9 @@ class Model:
     """
 
     auto_merge_tokens = 1024
+    trust: Any = None  # edgeadapt.signing.TrustStore
+    require_signature = False
+    store: str | os.PathLike | None = None
 
     def __init__(self, manifest: BaseManifest, engine: Any, mode: str = "auto"):
         self.manifest, self._engine = manifest, engine
@@ -189,7 +201,12 @@ class Model:
 
     # ---- adapters
     def add_adapter(self, source: Any, name: str | None = None) -> str:
-        """Read, verify against this base, and keep an adapter (not yet active). Returns its name."""
+        """Read, verify (integrity, signature when required or trusted, base fingerprint, shapes) and keep an
+        adapter, not yet active. ``source``: a delta file, a ``.onnx_adapter``, an adapter object, or the
+        name of an adapter installed in ``store``. Returns its name."""
+        if self.store is not None and isinstance(source, str) and not os.path.exists(source):
+            from edgeadapt.store import AdapterStore
+            source = AdapterStore(self.store).resolve(source)
         if not isinstance(source, (str, os.PathLike)):  # an adapter object (LoraDelta, edgeadapt.kinds.*)
             delta = source
         elif str(source).endswith(".onnx_adapter"):
@@ -197,6 +214,9 @@ class Model:
             delta = read_onnx_adapter(source, arch=self.config.arch, fingerprint=self.fingerprint, name=name)
         else:
             delta = read_delta(source)
+        if self.trust is not None or self.require_signature:
+            from edgeadapt.signing import check_trust
+            check_trust(source, self.trust, self.require_signature)  # the file: a signature covers its bytes
         delta.check_base(self.config, self.fingerprint)
         name = name or delta.name
         with self._use_lock:
