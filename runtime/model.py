@@ -18,7 +18,7 @@ import numpy as np
 
 from edgeadapt.arch import ArchConfig
 from edgeadapt.delta import LoraDelta, read_delta
-from edgeadapt.errors import AdapterMismatchError, AdapterNotFoundError, EdgeAdaptError, FormatError, UnsupportedError
+from edgeadapt.errors import AdapterMismatchError, AdapterNotFoundError, FormatError, UnsupportedError
 from edgeadapt.manifest import BaseManifest, read_manifest
 
 from .sampling import Sampler
@@ -81,7 +81,7 @@ WEIGHTS = ("fp32", "int4", "int8")
 
 
 def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", threads: int | None = None,
-         weights: str = "fp32", trust: Any = None, require_signature: bool = False,
+         weights: str = "fp32", dequantize: str = "auto", trust: Any = None, require_signature: bool = False,
          store: str | os.PathLike | None = None) -> "Model":
     """Load a base folder made by ``edgeadapt export-base``.
 
@@ -90,6 +90,8 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
     ``mode``: how adapters are applied — see :class:`Model`.
     ``weights`` (onnxruntime): "fp32" (model.onnx), or "int4" / "int8" (model_int4.onnx / model_int8.onnx,
     written by ``export-base --onnx-quant``): the quantized base with adapters live beside it, in float32.
+    ``dequantize`` (numpy engine): "auto" | "load" (fp32 once: fastest) | "lazy" (quantized blocks stay
+    mapped: least memory) — see docs/NUMPY_ENGINE.md.
     ``trust``: an :class:`edgeadapt.signing.TrustStore` (or a path / list of paths of public keys);
     ``require_signature``: refuse adapters not signed by a trusted key; ``store``: an adapter store
     folder (``edgeadapt install``), so ``add_adapter("billing")`` loads the installed version.
@@ -109,7 +111,7 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
     if trust is not None and not hasattr(trust, "keys"):
         from edgeadapt.signing import TrustStore
         trust = TrustStore.load(*([trust] if isinstance(trust, (str, os.PathLike)) else trust))
-    model = Model(manifest, _make_engine(manifest, engine, threads, live=live, weights=weights), mode=mode)
+    model = Model(manifest, _make_engine(manifest, engine, threads, live=live, weights=weights, dequantize=dequantize), mode=mode)
     model.trust, model.require_signature, model.store = trust, require_signature, store
     return model
 
