@@ -44,14 +44,14 @@ def prepare(cache: Path) -> dict:
     return info
 
 
-def worker(engine: str, cache: Path, n_new: int) -> dict:
+def worker(engine: str, cache: Path, n_new: int, threads: int | None) -> dict:
     import numpy as np
 
     import edgeadapt
 
     r: dict = {"engine": engine}
     t = time.perf_counter()
-    m = edgeadapt.load(cache / "base", engine=engine)
+    m = edgeadapt.load(cache / "base", engine=engine, mode="merge", threads=threads)
     r["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
     m.add_adapter(cache / "billing.gguf", name="billing")
@@ -80,10 +80,19 @@ def worker(engine: str, cache: Path, n_new: int) -> dict:
         t = time.perf_counter()
         m.use(spec)
         swaps.append(time.perf_counter() - t)
-    r["swap_s"] = statistics.median(swaps)
+    r["swap_merge_s"] = statistics.median(swaps)
     m.use("billing")
     r["prefill_tps_adapter"], r["decode_tps_adapter"] = decode_tps()
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    live = edgeadapt.load(cache / "base", engine=engine, mode="live", threads=threads)
+    for n in ("billing", "tech"):
+        live.add_adapter(cache / f"{n}.gguf", name=n)
+    swaps = []
+    for i in range(200):
+        t = time.perf_counter()
+        live.use(("billing", "tech", None)[i % 3])
+        swaps.append(time.perf_counter() - t)
+    r["swap_live_s"] = statistics.median(swaps)
     return r
 
 
@@ -94,9 +103,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--cache", type=Path, default=HERE / ".cache" / "smollm2")
     ap.add_argument("--worker", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="threads per engine (default: the engine's own)")
     a = ap.parse_args()
     if a.worker:
-        print(json.dumps(worker(a.worker, a.cache, a.new_tokens)))
+        print(json.dumps(worker(a.worker, a.cache, a.new_tokens, a.threads)))
         return
     a.cache.mkdir(parents=True, exist_ok=True)
     info = prepare(a.cache)
@@ -104,13 +114,18 @@ def main() -> None:
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     for _ in range(a.rounds):
         for e in engines:  # alternate, so drift hits every engine alike
-            out = subprocess.run([sys.executable, __file__, "--worker", e, "--cache", str(a.cache),
-                                  "--new-tokens", str(a.new_tokens)], capture_output=True, text=True, check=True)
+            cmd = [sys.executable, __file__, "--worker", e, "--cache", str(a.cache), "--new-tokens", str(a.new_tokens)]
+            out = subprocess.run(cmd + (["--threads", str(a.threads)] if a.threads else []),
+                                 capture_output=True, text=True, check=True)
             runs[e].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    keys = ["load_s", "add_adapter_s", "swap_s", "prefill_tps_base", "decode_tps_base", "prefill_tps_adapter",
+    keys = ["load_s", "add_adapter_s", "swap_merge_s", "swap_live_s", "prefill_tps_base", "decode_tps_base", "prefill_tps_adapter",
             "decode_tps_adapter", "peak_rss_mb"]
     med = {e: {k: statistics.median(r[k] for r in runs[e]) for k in keys} for e in engines}
+    import os
+
     lines = [f"# Spine benchmark: SmolLM2-135M-Instruct (F32 base), rank-8 LoRA on q/k/v/o, {a.rounds} rounds, medians", "",
+             f"machine: {os.cpu_count()} cores, threads per engine: {a.threads or 'engine default'}; "
+             "decode/prefill with the adapter merged (mode='merge'); swap_live_s: mode='live' use()", "",
              f"export-base (GGUF Q4_1 -> ONNX fp32 + GGUF F32 + manifest): {info['export_s']:.1f} s", "",
              "| figure | " + " | ".join(engines) + (" | numpy / ort |" if set(engines) == {"ort", "numpy"} else " |"),
              "|---|" + "---|" * (len(engines) + (1 if set(engines) == {"ort", "numpy"} else 0))]

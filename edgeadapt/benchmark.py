@@ -171,6 +171,7 @@ class LlamaCpp(System):
         self.current = list(keys)
 
     def generate(self, prompt: list[int], n: int) -> list[int]:
+        self.llm.reset()  # else llama-cpp-python reuses the cached prompt (and a cache made under other adapters)
         out: list[int] = []
         for tok in self.llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
             out.append(int(tok))
