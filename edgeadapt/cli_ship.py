@@ -176,6 +176,7 @@ def extract_cmd(finetuned: Path, base: Path, out: Path, rank: int | None, energy
 @click.option("--report/--no-report", default=True, show_default=True, help="Measure the output error (runs the model).")
 def merge_cmd(base: Path, adapters: tuple[str, ...], out: Path, no_onnx: bool, report: bool) -> None:
     """Fold ADAPTERS (FILE[:WEIGHT] …) into BASE and write a new base folder OUT (fp32 merge, re-quantized)."""
+    from edgeadapt.cli import _file_weight
     from edgeadapt.converters.merge import merge_adapters, merge_report
 
     specs = [_file_weight(a) for a in adapters]
@@ -185,14 +186,6 @@ def merge_cmd(base: Path, adapters: tuple[str, ...], out: Path, no_onnx: bool, r
                + ", ".join(f"{a['name']} v{a['version']}×{a['weight']:g}" for a in m.merged_from["adapters"]))
     if report:
         _echo_report(merge_report(base, specs, out))
-
-
-def _file_weight(spec: str) -> tuple[str, float]:
-    path, sep, w = spec.rpartition(":")
-    try:
-        return (path, float(w)) if sep else (spec, 1.0)
-    except ValueError:
-        return spec, 1.0
 
 
 COMMANDS = [keygen_cmd, sign_cmd, verify_cmd, install_cmd, list_cmd, rollback_cmd, remove_cmd, extract_cmd, merge_cmd]

@@ -84,12 +84,13 @@ class OrtEngine:
         self._session, self._keep = self._build({}), ()
         self._out_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.cfg.n_layers) for kv in ("key", "value")]
         meta = self._session.get_modelmeta().custom_metadata_map
-        self._fused = self._gqa = meta.get("edgeadapt.attention") == "GroupQueryAttention"  # see forward
+        self._fused = meta.get("edgeadapt.attention") == "GroupQueryAttention"  # see forward
         inputs = {i.name for i in self._session.get_inputs()}
         defaults = {i.name for i in self._session.get_overridable_initializers()}
         self._slots = [n for n in self._linear if f"lora.{n}.a" in inputs | defaults]
-        # in-place kv cache (KVCache) needs IOBinding, which cannot bind slots that have defaults (model_lora.onnx)
-        self._gqa = self._gqa and not any(f"lora.{n}.a" in defaults for n in self._slots)
+        # the in-place kv cache (KVCache) needs IOBinding, which cannot bind slots that have defaults
+        # (model_lora.onnx keeps them for onnxruntime's LoraAdapter): that graph feeds arrays every step
+        self._inplace = self._fused and not any(f"lora.{n}.a" in defaults for n in self._slots)
         self._required = [n for n in self._slots if f"lora.{n}.a" not in defaults]  # quantized graphs: no defaults
         shapes = self.cfg.linear_shapes()
         self._empty_slot = {n: (np.zeros((1, shapes[n][1], 0), np.float32), np.zeros((1, 0, shapes[n][0]), np.float32))
@@ -207,8 +208,8 @@ class OrtEngine:
         if lora and not self.live:
             raise AdapterMismatchError("live LoRA factors need the slotted graph: load with mode='live' or 'auto'")
         ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids))
-        if self._gqa:
-            return self._forward_gqa(ids, mask, pos, past, lora)
+        if self._inplace:
+            return self._forward_inplace(ids, mask, pos, past, lora)
         b = ids.shape[0]
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
         empty = np.zeros((b, self.cfg.n_kv_heads, 0, self.cfg.head_dim), np.float32)
@@ -230,7 +231,7 @@ class OrtEngine:
         outs = self._session.run(self._out_names, feeds)
         return outs[0], [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
 
-    def _forward_gqa(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Any, lora: Any
+    def _forward_inplace(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Any, lora: Any
                      ) -> tuple[np.ndarray, "KVCache"]:
         b, s = ids.shape
         t = mask.shape[1]
@@ -243,7 +244,7 @@ class OrtEngine:
                               f"(attention_mask covers past + new tokens), found {found}; a KVCache is updated in "
                               "place, so pass each one back once")
         if s > 1 and b > 1 and past.length:  # GroupQueryAttention takes several new tokens after a past only at batch 1
-            out = [self._forward_gqa(ids[:, k:k + 1], mask[:, :t - s + k + 1], pos[:, k:k + 1], past, lora)[0]
+            out = [self._forward_inplace(ids[:, k:k + 1], mask[:, :t - s + k + 1], pos[:, k:k + 1], past, lora)[0]
                    for k in range(s)]
             return np.concatenate(out, axis=1), past
         return past.run(ids, mask, pos, lora), past
