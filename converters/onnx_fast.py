@@ -64,7 +64,8 @@ class _Linears:
         return g.op("Add", y, g.op("MatMul", g.op("MatMul", x, a), b))
 
     def _bias(self, g: _G, y: str, prefix: str) -> str:
-        return g.op("Add", y, f"{prefix}.bias") if self.cfg.qkv_bias and prefix.split(".")[-1] in ("attn_q", "attn_k", "attn_v") else y
+        biased = self.cfg.qkv_bias and prefix.split(".")[-1] in ("attn_q", "attn_k", "attn_v")
+        return g.op("Add", y, f"{prefix}.bias") if biased else y
 
 
 class _F32Linears(_Linears):
