@@ -19,7 +19,8 @@ import numpy as np
 from edgeadapt.arch import ArchConfig, permute_qk, qk_heads
 from edgeadapt.delta import LoraDelta
 from edgeadapt.errors import AdapterMismatchError, FormatError, UnsupportedError, collect
-from edgeadapt.kinds import DoraAdapter, Ia3Adapter, KindAdapter, LohaAdapter, LokrAdapter, heads_for
+from edgeadapt.delta_kinds import KindAdapter, heads_for
+from edgeadapt.kinds import DoraAdapter, Ia3Adapter, LohaAdapter, LokrAdapter
 from edgeadapt.names import gguf_name
 
 from .peft_lora import PREFIX, pattern_key, read_peft_tensors
@@ -94,7 +95,8 @@ def convert_peft_kind(folder: str | Path, manifest: Any, *, name: str | None = N
                 continue
             r, alpha = _r_alpha(pc, module, "lora_alpha")
             s = alpha / math.sqrt(r) if pc.get("use_rslora") else alpha / r
-            params[target] = {"a": t["lora_A.weight"], "b": t["lora_B.weight"] * np.float32(s), "m": t["lora_magnitude_vector"]}
+            params[target] = {"lora_a": t["lora_A.weight"], "lora_b": t["lora_B.weight"] * np.float32(s),
+                              "dora_m": t["lora_magnitude_vector"]}
         cls: type[KindAdapter] = DoraAdapter
     elif kind == "IA3":
         ff = pc.get("feedforward_modules") or []
@@ -111,7 +113,7 @@ def convert_peft_kind(folder: str | Path, manifest: Any, *, name: str | None = N
             if l.shape != want:
                 problems.append(f"{module}.ia3_l: expected {list(want)} ({'feed-forward: scales inputs' if is_ff else 'scales outputs'}), found {list(l.shape)}")
                 continue
-            params[target] = {"l": l.reshape(-1), "axis": axis, "shape": shapes[target]}
+            params[target] = {"ia3_in" if axis == "in" else "ia3_out": l.reshape(-1)}
         cls = Ia3Adapter
     elif kind == "LOHA":
         for module, t in _modules(cfg, tensors, ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")).items():
@@ -120,8 +122,8 @@ def convert_peft_kind(folder: str | Path, manifest: Any, *, name: str | None = N
                 problems += [] if target is None else [f"{module}: expected hada_w1_a/_b and hada_w2_a/_b"]
                 continue
             r, alpha = _r_alpha(pc, module, "alpha")
-            params[target] = {"w1a": t["hada_w1_a"], "w1b": t["hada_w1_b"], "w2a": t["hada_w2_a"], "w2b": t["hada_w2_b"],
-                              "scale": alpha / r}
+            params[target] = {"hada_w1a": t["hada_w1_a"] * np.float32(alpha / r), "hada_w1b": t["hada_w1_b"],
+                              "hada_w2a": t["hada_w2_a"], "hada_w2b": t["hada_w2_b"]}
         cls = LohaAdapter
     elif kind == "LOKR":
         for module, t in _modules(cfg, tensors, ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")).items():
@@ -132,14 +134,17 @@ def convert_peft_kind(folder: str | Path, manifest: Any, *, name: str | None = N
                 problems.append(f"{module}: lokr_t2 (effective conv2d) is not supported for linear layers")
                 continue
             r, alpha = _r_alpha(pc, module, "alpha")
-            p: dict[str, Any] = {"scale": alpha / r}
+            p: dict[str, Any] = {}
             for f in ("w1", "w2"):
                 if f"lokr_{f}" in t:
-                    p[f] = t[f"lokr_{f}"]
+                    p[f"lokr_{f}"] = t[f"lokr_{f}"]
                 elif f"lokr_{f}_a" in t and f"lokr_{f}_b" in t:
-                    p[f + "a"], p[f + "b"] = t[f"lokr_{f}_a"], t[f"lokr_{f}_b"]
+                    p[f"lokr_{f}a"], p[f"lokr_{f}b"] = t[f"lokr_{f}_a"], t[f"lokr_{f}_b"]
                 else:
                     problems.append(f"{module}: expected lokr_{f} or lokr_{f}_a/_b")
+            key = "lokr_w1" if "lokr_w1" in p else "lokr_w1a"  # the scale, folded exactly into one factor
+            if key in p:
+                p[key] = p[key] * np.float32(alpha / r)
             params[target] = p
         cls = LokrAdapter
     elif kind == "VERA":

@@ -7,10 +7,14 @@ from pathlib import Path
 
 import edgeadapt.arch
 import edgeadapt.delta
+import edgeadapt.delta_kinds
 import edgeadapt.fingerprint
+import edgeadapt.kinds
 import edgeadapt.manifest
 
 SECTIONS = [("The delta file (`edgeadapt/delta.py`)", edgeadapt.delta),
+            ("Adapter kinds in delta files (`edgeadapt/delta_kinds.py`)", edgeadapt.delta_kinds),
+            ("The built-in kinds (`edgeadapt/kinds.py`)", edgeadapt.kinds),
             ("The base folder (`edgeadapt/manifest.py`)", edgeadapt.manifest),
             ("The canonical layout (`edgeadapt/arch.py`)", edgeadapt.arch),
             ("The base fingerprint (`edgeadapt/fingerprint.py`)", edgeadapt.fingerprint)]

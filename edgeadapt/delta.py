@@ -4,9 +4,10 @@ Spec (mirrored in docs/FORMAT.md). A delta file is a GGUF v3 file (tensor data a
 ``general.alignment``, default 32) that
 
 - MUST set ``general.type = "adapter"`` and ``general.architecture`` to the base's GGUF architecture;
-- MUST set ``adapter.type = "lora"`` when every factor is F32, F16 or Q8_0, so llama.cpp loads it as a
-  LoRA adapter, and ``"edgeadapt-int8-lora"`` / ``"edgeadapt-int4-lora"`` for grouped-integer
-  factors, which llama.cpp refuses by name instead of misreading;
+- MUST set ``adapter.type = "lora"`` when every factor is F32, F16 or Q8_0 and there is no bias, so
+  llama.cpp loads it as a LoRA adapter; ``"edgeadapt-int8-lora"`` / ``"edgeadapt-int4-lora"`` for
+  grouped-integer factors and ``"edgeadapt-lora-bias"`` for a LoRA with bias changes (of any
+  other storage), which llama.cpp refuses by name instead of misreading;
 - MUST set ``adapter.lora.alpha = 0``: every per-module scale (alpha/r, alpha/√r for rsLoRA,
   rank_pattern / alpha_pattern) is folded into ``lora_b``, and llama.cpp applies a LoRA with
   alpha 0 at exactly the user's scale — so llama.cpp computes what the training library computed;
@@ -15,7 +16,7 @@ Spec (mirrored in docs/FORMAT.md). A delta file is a GGUF v3 file (tensor data a
   (:mod:`edgeadapt.fingerprint`); a runtime MUST refuse it on any other base;
 - MUST set ``edgeadapt.adapter.name`` (string), ``edgeadapt.adapter.version`` (uint32; it only goes
   up between releases of one adapter, and a store refuses an older one unless asked to roll back)
-  and ``edgeadapt.adapter.kind`` (``"lora"``);
+  and ``edgeadapt.adapter.kind`` (``"lora"`` here; other kinds: :mod:`edgeadapt.delta_kinds`);
 - MUST set ``edgeadapt.quant`` (string) to how the factors are stored: ``F32``, ``F16``, ``Q8_0``,
   ``int8`` or ``int4``; for int8 / int4 also ``edgeadapt.quant.group_size`` (uint32 G, even, 2…4096);
 - holds, for each adapted linear weight ``W`` of the base (GGUF name ``<w>``), the factors of
@@ -32,6 +33,9 @@ Spec (mirrored in docs/FORMAT.md). A delta file is a GGUF v3 file (tensor data a
 
   the rows of B for ``attn_q`` / ``attn_k`` of "norm"-rope architectures are permuted as the base's
   rows are;
+- MAY hold, for an adapted ``<w>``, ``<w>.lora_bias`` = Δb [out] (F32 whatever the factor storage;
+  PEFT ``lora_bias``: the bias of lora_B times the module's scale), rows permuted as B's: the layer
+  then computes ``x Wᵀ + b + (x Aᵀ) Bᵀ + Δb``;
 - MUST set ``edgeadapt.integrity`` to a 71-byte string ``sha256:<hex>``: sha256 of the tag
   ``edgeadapt-delta-v2\\0`` and every byte of the file, with the 71 bytes of this value read as
   zero bytes. It covers header, metadata, tensor infos, padding and data; a reader MUST check it;
@@ -58,21 +62,22 @@ This module imports only numpy, gguf and the standard library: it is used on dev
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
-import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import gguf
 import numpy as np
 
-from .arch import ArchConfig
-from .errors import AdapterMismatchError, FormatError, IntegrityError, UnsupportedError, collect
+from .delta_container import (INTEGRITY_LEN, INTEGRITY_TAG, MAX_DEPTH, MAX_KEY, MAX_KV, MAX_TENSORS,  # noqa: F401
+                              SIGNATURE_LEN, SIGNATURE_TAG, UNSIGNED, _INTEGRITY_RE, _SIGNATURE_RE, _Container,
+                              _T, _Tensor, _array, _digest_v1, _hash_zeroed, _slots, parse_gguf, signature_message,
+                              with_signature)
+from .delta_kinds import KIND_QUANTS, AdapterBase, KindAdapter, LiveTerms, group_tensors, kind_class
+from .delta_quant import (BITS, _decode_int, _encode, _role_name, dequantize_rows, quantize_rows,  # noqa: F401
+                          _scale_dtype)
+from .errors import FormatError, IntegrityError, UnsupportedError, collect
 
 MAGIC = "edgeadapt.delta"
 VERSION = 2
@@ -102,7 +107,6 @@ REQUIRED = {K_TYPE: "STRING", K_ARCH: "STRING", K_ADAPTER_TYPE: "STRING", K_FORM
 REQUIRED_V2 = {K_QUANT: "STRING", K_SIGNATURE: "STRING"}
 
 # ---- storage types: quant -> (adapter.type, GGUF factor types allowed)
-_T = gguf.GGMLQuantizationType
 QUANTS: dict[str, tuple[str, tuple[Any, ...]]] = {
     "F32": ("lora", (_T.F32,)),
     "F16": ("lora", (_T.F16,)),
@@ -110,28 +114,15 @@ QUANTS: dict[str, tuple[str, tuple[Any, ...]]] = {
     "int8": ("edgeadapt-int8-lora", (_T.I8,)),
     "int4": ("edgeadapt-int4-lora", (_T.I8,)),
 }
-BITS = {"int8": 8, "int4": 4}
 SCALE_TYPES = (_T.F32, _T.F16)
 ROLES = {".lora_a": ("a", False), ".lora_b": ("b", False), ".lora_a.scale": ("a", True), ".lora_b.scale": ("b", True)}
 FACTOR_SUFFIXES = (".lora_a", ".lora_b")
-
-# ---- limits and slots
-MAX_TENSORS = 1 << 16  # a 100-layer model with every linear adapted needs ~1,400
-MAX_KV = 1 << 12
-MAX_KEY = 1 << 16
-MAX_DEPTH = 2  # arrays of arrays at most
-INTEGRITY_TAG = b"edgeadapt-delta-v2\0"
-SIGNATURE_TAG = b"edgeadapt-delta-sig-v1\0"
-INTEGRITY_LEN = 71  # "sha256:" + 64 hex
-SIGNATURE_LEN = 153  # "ed25519:" + 16 hex + ":" + 128 hex
-UNSIGNED = "unsigned".ljust(SIGNATURE_LEN)
-_INTEGRITY_RE = re.compile(r"sha256:[0-9a-f]{64}")
-_SIGNATURE_RE = re.compile(r"ed25519:([0-9a-f]{16}):([0-9a-f]{128})")
-
+BIAS_SUFFIX = ".lora_bias"
 
 @dataclass
-class LoraDelta:
-    """A loaded LoRA delta: ``factors[w] = (A [r, in], B [out, r])`` in float32, scale folded into B."""
+class LoraDelta(AdapterBase):
+    """A loaded LoRA delta: ``factors[w] = (A [r, in], B [out, r])`` in float32, scale folded into B;
+    ``biases[w] = Δb [out]`` for PEFT ``lora_bias`` adapters."""
 
     name: str
     version: int
@@ -147,15 +138,22 @@ class LoraDelta:
     integrity: str = ""
     signature: str = ""  # "ed25519:<key id>:<hex>" or "" when unsigned
     signed_digest: bytes | None = None  # what a signature signs (version 2 files only)
+    biases: dict[str, np.ndarray] = field(default_factory=dict)  # target -> Δb [out] (lora_bias)
     kind = "lora"
     mergeable = True
+    needs_base = False
+    live = True
 
     # ---- the adapter protocol
     @property
     def targets(self) -> list[str]:
         return list(self.factors)
 
-    def delta(self, target: str) -> np.ndarray:
+    @property
+    def heads(self) -> dict[str, int]:  # rows are stored permuted: nothing to permute
+        return {}
+
+    def delta(self, target: str, base: np.ndarray | None = None) -> np.ndarray:
         """ΔW for one target, float32 [out, in]."""
         a, b = self.factors[target]
         return b @ a  # [out, r] @ [r, in]
@@ -163,346 +161,131 @@ class LoraDelta:
     def live_factors(self, target: str) -> tuple[np.ndarray, np.ndarray]:
         return self.factors[target]
 
+    def live_terms(self, target: str, base: np.ndarray | None = None) -> LiveTerms:
+        a, b = self.factors[target]
+        return LiveTerms(a=a, b=b, bias=self.biases.get(target))
+
+    def base_shape(self, target: str) -> tuple[int, int]:
+        a, b = self.factors[target]
+        return (b.shape[0], a.shape[1])
+
+    def _shape_problem(self, target: str, want: tuple[int, ...]) -> str:
+        a, b = self.factors[target]
+        return (f"{target}: expected lora_a [r, {want[1]}] and lora_b [{want[0]}, r], "
+                f"found {list(a.shape)} and {list(b.shape)}")
+
+    def _extra_problems(self, cfg) -> list[str]:
+        linear, shapes = cfg.linear_shapes(), cfg.tensor_shapes()
+        out = [f"{w}: not a linear weight of this base" for w in self.factors if w in shapes and w not in linear]
+        for w, d in self.biases.items():
+            if w not in self.factors:
+                out.append(f"{w}: a bias change without factors")
+            elif d.shape != (self.factors[w][1].shape[0],):
+                out.append(f"{w}: expected lora_bias [{self.factors[w][1].shape[0]}], found {list(d.shape)}")
+        return out
+
     @property
     def ranks(self) -> set[int]:
         return {a.shape[0] for a, _ in self.factors.values()}
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.factors.values())
+        return sum(a.nbytes + b.nbytes for a, b in self.factors.values()) + sum(d.nbytes for d in self.biases.values())
 
-    def check_base(self, cfg: ArchConfig, fingerprint: str) -> None:
-        """Refuse, naming every mismatch at once, if this delta was not made for that base."""
-        problems = []
-        if self.fingerprint != fingerprint:
-            problems.append(f"base fingerprint: the adapter was made for {self.fingerprint}, this base is {fingerprint}")
-        if self.arch != cfg.arch:
-            problems.append(f"architecture: expected {cfg.arch!r}, found {self.arch!r}")
-        shapes = cfg.linear_shapes()
-        for w, (a, b) in self.factors.items():
-            if w not in shapes:
-                problems.append(f"{w}: not a linear weight of this base")
-                continue
-            out, inp = shapes[w]
-            if a.shape[1] != inp or b.shape[0] != out:
-                problems.append(f"{w}: expected lora_a [r, {inp}] and lora_b [{out}, r], "
-                                f"found {list(a.shape)} and {list(b.shape)}")
-        collect(problems, AdapterMismatchError,
-                f"adapter {self.name!r} ({self.path or 'in memory'}) does not fit this base:")
-
-
-# ---- the GGUF container, parsed strictly: nothing is allocated before its bytes are known to exist
-@dataclass
-class _Field:
-    vtype: str  # gguf.GGUFValueType name of the value ("ARRAY" for arrays)
-    value: Any
-    span: tuple[int, int]  # byte range of a string value's payload (of the whole value otherwise)
-
-
-@dataclass
-class _Tensor:
-    name: str
-    ttype: Any  # gguf.GGMLQuantizationType
-    shape: tuple[int, ...]  # numpy order (ggml ne reversed)
-    start: int  # absolute byte offset in the file
-    nbytes: int
-
-
-@dataclass
-class _Container:
-    fields: dict[str, _Field]
-    tensors: list[_Tensor]
-    data_start: int
-
-
-_SCALARS = {"UINT8": "<B", "INT8": "<b", "UINT16": "<H", "INT16": "<h", "UINT32": "<I", "INT32": "<i",
-            "FLOAT32": "<f", "BOOL": "<?", "UINT64": "<Q", "INT64": "<q", "FLOAT64": "<d"}
-
-
-class _Cursor:
-    def __init__(self, buf: memoryview, where: str):
-        self.buf, self.pos, self.where = buf, 0, where
-
-    def take(self, n: int, what: str) -> memoryview:
-        if n < 0 or n > len(self.buf) - self.pos:
-            raise FormatError(f"{self.where}: expected {n} bytes of {what} at byte {self.pos}, "
-                              f"found {len(self.buf) - self.pos} (truncated file or a lying size)")
-        out = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def scalar(self, fmt: str, what: str) -> Any:
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
-
-    def string(self, what: str, cap: int | None = None) -> tuple[str, tuple[int, int]]:
-        n = self.scalar("<Q", f"the length of {what}")
-        if cap is not None and n > cap:
-            raise FormatError(f"{self.where}: {what} claims {n} bytes; at most {cap} are allowed")
-        start = self.pos
-        raw = self.take(n, what)
-        try:
-            return bytes(raw).decode("utf-8"), (start, start + n)
-        except UnicodeDecodeError as e:
-            raise FormatError(f"{self.where}: {what} at byte {start} is not UTF-8 ({e.reason})") from None
-
-    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
-        name = _vtype_name(vtype, self.where, what)
-        if name == "STRING":
-            return self.string(what)[0]
-        if name != "ARRAY":
-            return self.scalar(_SCALARS[name], what)
-        if depth >= MAX_DEPTH:
-            raise FormatError(f"{self.where}: {what} nests arrays deeper than {MAX_DEPTH}")
-        itype = self.scalar("<I", f"the item type of {what}")
-        n = self.scalar("<Q", f"the item count of {what}")
-        iname = _vtype_name(itype, self.where, what)
-        least = 8 if iname in ("STRING", "ARRAY") else struct.calcsize(_SCALARS[iname])
-        if n * least > len(self.buf) - self.pos:
-            raise FormatError(f"{self.where}: {what} claims {n} items; only {len(self.buf) - self.pos} bytes are left")
-        if iname in _SCALARS:
-            dt = np.dtype(_SCALARS[iname])
-            return np.frombuffer(self.take(n * dt.itemsize, what), dtype=dt).tolist()
-        return [self.value(itype, f"{what}[{i}]", depth + 1) for i in range(n)]
-
-
-def _vtype_name(vtype: int, where: str, what: str) -> str:
-    try:
-        return gguf.GGUFValueType(vtype).name
-    except ValueError:
-        raise FormatError(f"{where}: {what} has value type {vtype}, which GGUF does not define") from None
-
-
-def parse_gguf(buf: bytes | memoryview, where: str) -> _Container:
-    """Parse a GGUF v3 header, metadata and tensor infos, checking every size against ``buf``."""
-    cur = _Cursor(memoryview(buf), where)
-    magic = bytes(cur.take(4, "the GGUF magic"))
-    if magic != b"GGUF":
-        raise FormatError(f"{where}: expected GGUF magic b'GGUF', found {magic!r}")
-    version = cur.scalar("<I", "the GGUF version")
-    if version != 3:
-        raise FormatError(f"{where}: expected GGUF version 3, found {version}")
-    n_tensors, n_kv = cur.scalar("<Q", "the tensor count"), cur.scalar("<Q", "the key count")
-    size = len(buf)
-    if n_tensors > MAX_TENSORS or n_tensors * 24 > size:
-        raise FormatError(f"{where}: header claims {n_tensors} tensors; a {size}-byte file holds at most "
-                          f"{min(MAX_TENSORS, size // 24)}")
-    if n_kv > MAX_KV or n_kv * 12 > size:
-        raise FormatError(f"{where}: header claims {n_kv} metadata keys; a {size}-byte file holds at most "
-                          f"{min(MAX_KV, size // 12)}")
-    fields: dict[str, _Field] = {}
-    for i in range(n_kv):
-        key = cur.string(f"key #{i}", MAX_KEY)[0]
-        if key in fields:
-            raise FormatError(f"{where}: metadata key {key!r} appears twice")
-        vtype = cur.scalar("<I", f"the type of {key!r}")
-        start = cur.pos
-        val = cur.value(vtype, f"the value of {key!r}")
-        vname = gguf.GGUFValueType(vtype).name
-        span = (start + 8, cur.pos) if vname == "STRING" else (start, cur.pos)
-        fields[key] = _Field(vname, val, span)
-    align = 32
-    if K_ALIGNMENT in fields:
-        a = fields[K_ALIGNMENT]
-        if a.vtype != "UINT32" or a.value < 1 or a.value > 1 << 16 or a.value & (a.value - 1):
-            raise FormatError(f"{where}: {K_ALIGNMENT} must be a uint32 power of two up to 65536, found {a.vtype} {a.value!r}")
-        align = a.value
-    infos = []
-    for i in range(n_tensors):
-        name = cur.string(f"the name of tensor #{i}", 1024)[0]
-        n_dims = cur.scalar("<I", f"the dimension count of {name!r}")
-        if not 1 <= n_dims <= 4:
-            raise FormatError(f"{where}: tensor {name!r} has {n_dims} dimensions; GGUF allows 1 to 4")
-        ne = [cur.scalar("<Q", f"a dimension of {name!r}") for _ in range(n_dims)]
-        ttype = cur.scalar("<I", f"the type of {name!r}")
-        offset = cur.scalar("<Q", f"the offset of {name!r}")
-        infos.append((name, ne, ttype, offset))
-    data_start = -(-cur.pos // align) * align
-    tensors, seen = [], set()
-    for name, ne, ttype, offset in infos:
-        if name in seen:
-            raise FormatError(f"{where}: tensor name {name!r} appears twice")
-        seen.add(name)
-        try:
-            t = _T(ttype)
-            block, tsize = gguf.GGML_QUANT_SIZES[t]
-        except (ValueError, KeyError):
-            raise FormatError(f"{where}: tensor {name!r} has type id {ttype}, which this reader does not know") from None
-        if min(ne) < 1 or ne[0] % block:
-            raise FormatError(f"{where}: tensor {name!r} has dimensions {ne}; each must be ≥ 1 and the first a "
-                              f"multiple of {block} for {t.name}")
-        nbytes = math.prod(ne) // block * tsize
-        if offset % align or data_start + offset + nbytes > size:
-            raise FormatError(f"{where}: tensor {name!r} claims bytes {offset}…{offset + nbytes} of the data section; "
-                              f"expected an offset aligned to {align} inside the {max(0, size - data_start)} bytes present")
-        tensors.append(_Tensor(name, t, tuple(reversed(ne)), data_start + offset, nbytes))
-    by_start = sorted(tensors, key=lambda t: t.start)
-    for prev, nxt in zip(by_start, by_start[1:]):
-        if prev.start + prev.nbytes > nxt.start:
-            raise FormatError(f"{where}: tensors {prev.name!r} and {nxt.name!r} overlap")
-    return _Container(fields, tensors, data_start)
-
-
-# ---- integrity and signature slots (version 2)
-def _hash_zeroed(buf: memoryview, spans: Iterable[tuple[int, int]], tag: bytes) -> bytes:
-    h, pos = hashlib.sha256(tag), 0
-    for s, e in sorted(spans):
-        h.update(buf[pos:s])
-        h.update(bytes(e - s))
-        pos = e
-    h.update(buf[pos:])
-    return h.digest()
-
-
-def _slots(c: _Container, where: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    problems = []
-    for key, n in ((K_INTEGRITY, INTEGRITY_LEN), (K_SIGNATURE, SIGNATURE_LEN)):
-        f = c.fields.get(key)
-        if f is None or f.vtype != "STRING" or f.span[1] - f.span[0] != n:
-            found = "nothing" if f is None else f"a {f.vtype} of {f.span[1] - f.span[0]} bytes"
-            problems.append(f"{key}: expected a string of exactly {n} bytes, found {found}")
-    collect(problems, FormatError, f"{where}: not a version-2 delta file:")
-    return c.fields[K_INTEGRITY].span, c.fields[K_SIGNATURE].span
-
-
-def signature_message(data: bytes, where: str = "delta file") -> tuple[str, bytes]:
-    """(the signature slot as stored, the digest a signature signs) of version-2 delta bytes."""
-    buf = memoryview(data)
-    integ, sig = _slots(parse_gguf(buf, where), where)
-    return bytes(buf[sig[0]:sig[1]]).decode("ascii", "replace"), _hash_zeroed(buf, [integ, sig], b"")
-
-
-def with_signature(data: bytes, slot: str, where: str = "delta file") -> bytes:
-    """The same file with the signature slot set to ``slot`` and the integrity recomputed."""
-    if len(slot) != SIGNATURE_LEN or not (slot == UNSIGNED or _SIGNATURE_RE.fullmatch(slot)):
-        raise FormatError(f"signature slot must be {SIGNATURE_LEN} bytes 'ed25519:<16 hex>:<128 hex>' or unsigned")
-    out = bytearray(data)
-    integ, sig = _slots(parse_gguf(memoryview(out), where), where)
-    out[sig[0]:sig[1]] = slot.encode("ascii")
-    out[integ[0]:integ[1]] = ("sha256:" + _hash_zeroed(memoryview(out), [integ], INTEGRITY_TAG).hex()).encode()
-    return bytes(out)
-
-
-# ---- version-1 integrity (canonical encoding of metadata and tensors)
-def _digest_v1(kv: Iterable[tuple[str, str, object]], tensors: Iterable[tuple[str, str, tuple, memoryview]]) -> str:
-    h = hashlib.sha256(b"edgeadapt-delta-v1\0")
-    for key, vtype, value in sorted(kv, key=lambda x: x[0]):
-        if key.startswith("GGUF.") or key == K_INTEGRITY:
-            continue
-        h.update(json.dumps([key, vtype, value], sort_keys=True).encode() + b"\0")
-    for name, ttype, shape, data in tensors:
-        h.update(json.dumps([name, ttype, list(shape)]).encode() + b"\0")
-        h.update(data)
-    return "sha256:" + h.hexdigest()
-
-
-# ---- grouped integer factors: rows [r, n] cut into groups of G along n
-def quantize_rows(x: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [r, n] -> (int8 codes [r, n] or packed int4 [r, n/2], scales [r, ⌈n/G⌉]: float16, or
-    float32 when a scale is outside float16's normal range)."""
-    r, n = x.shape
-    ng = -(-n // group)
-    pad = np.zeros((r, ng * group), np.float32)
-    pad[:, :n] = x
-    g = pad.reshape(r, ng, group)
-    if bits == 8:
-        d = np.abs(g).max(-1) / np.float32(127)
-    else:  # the signed extreme maps to -8, as ggml's Q4_0 does: all 16 levels are used
-        ext = np.take_along_axis(g, np.abs(g).argmax(-1)[..., None], -1)[..., 0]
-        d = ext / np.float32(-8)
-    d = _scale_dtype(d)
-    inv = np.divide(1, d, out=np.zeros_like(d, dtype=np.float32), where=d != 0).astype(np.float32)
-    lo, hi = (-127, 127) if bits == 8 else (-8, 7)
-    q = np.clip(np.rint(g * inv[..., None]), lo, hi).astype(np.int8).reshape(r, ng * group)[:, :n]
-    if bits == 4:
-        u = (q + 8).astype(np.uint8)
-        q = (u[:, 0::2] | (u[:, 1::2] << 4)).view(np.int8)
-    return np.ascontiguousarray(q), d
-
-
-def _scale_dtype(d: np.ndarray) -> np.ndarray:
-    """Scales as float16 when every non-zero one is a normal float16, else float32."""
-    a = np.abs(d[d != 0])
-    if a.size == 0 or (a.min() >= 2.0 ** -14 and a.max() <= 65504):
-        return d.astype(np.float16)
-    return d.astype(np.float32)
-
-
-def dequantize_rows(codes: np.ndarray, scales: np.ndarray, bits: int, group: int) -> np.ndarray:
-    """Inverse of :func:`quantize_rows`: float32 [r, n]."""
-    if bits == 4:
-        u = codes.view(np.uint8)
-        q = np.empty((u.shape[0], u.shape[1] * 2), np.int8)
-        q[:, 0::2], q[:, 1::2] = u & 15, u >> 4
-        q -= 8
-    else:
-        q = codes
-    n = q.shape[1]
-    s = np.repeat(scales.astype(np.float32), group, axis=1)[:, :n]
-    return q.astype(np.float32) * s
-
-
-def _encode(w: str, a: np.ndarray, b: np.ndarray, quant: str, group: int) -> list[tuple[str, np.ndarray, Any]]:
-    """One target's factors as (tensor name, array, raw GGUF type or None) in file order."""
-    if quant in ("F32", "F16"):
-        dt = np.float32 if quant == "F32" else np.float16
-        return [(w + ".lora_a", np.ascontiguousarray(a, dt), None), (w + ".lora_b", np.ascontiguousarray(b, dt), None)]
-    if quant == "Q8_0":
-        out = []
-        for suffix, x in ((".lora_a", a), (".lora_b", b)):
-            if x.shape[1] % 32 == 0:
-                out.append((w + suffix, gguf.quants.quantize(np.ascontiguousarray(x, np.float32), _T.Q8_0), _T.Q8_0))
-            else:
-                out.append((w + suffix, np.ascontiguousarray(x, np.float16), None))
-        return out
-    bits = BITS[quant]
-    out = []
-    for suffix, x in ((".lora_a", a), (".lora_b", b.T)):  # rank-major: A [r, in], Bᵀ [r, out]
-        codes, scales = quantize_rows(np.asarray(x, np.float32), bits, group)
-        out += [(w + suffix, codes, None), (w + suffix + ".scale", scales, None)]
-    return out
+    @property
+    def n_params(self) -> int:
+        return sum(a.size + b.size for a, b in self.factors.values()) + sum(d.size for d in self.biases.values())
 
 
 # ---- writer
-def write_delta(path: str | os.PathLike, *, arch: str, fingerprint: str, name: str, version: int,
-                factors: dict[str, tuple[np.ndarray, np.ndarray]], source: str = "", description: str = "",
-                dtype: str = "F32", group_size: int = 32) -> None:
-    """Write a LoRA delta file; ``factors[w] = (A [r, in], B [out, r])`` with the scale already in B.
+def write_delta(path: str | os.PathLike, adapter: Any = None, *, arch: str | None = None,
+                fingerprint: str | None = None, name: str | None = None, version: int | None = None,
+                factors: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                biases: dict[str, np.ndarray] | None = None, source: str | None = None,
+                description: str | None = None, dtype: str = "F32", group_size: int = 32) -> None:
+    """Write a delta file of any kind: ``adapter`` (a :class:`LoraDelta` or a registered
+    :class:`~edgeadapt.delta_kinds.KindAdapter`; keywords given override its fields), or a LoRA from
+    keywords: ``factors[w] = (A [r, in], B [out, r])`` with the scale already in B, ``biases[w] = Δb``.
 
-    ``dtype``: how factors are stored — F32, F16, Q8_0 (llama.cpp reads these three), int8 or int4
-    (edgeadapt only; per-group scales, ``group_size`` values per group)."""
-    if dtype not in QUANTS:
-        raise UnsupportedError(f"delta dtype {dtype!r} is not supported; choose one of {', '.join(QUANTS)}")
+    ``dtype``: how tensors are stored — LoRA: F32, F16, Q8_0 (llama.cpp reads these three), int8 or
+    int4 (edgeadapt only; per-group scales, ``group_size`` values per group); other kinds: F32 or F16."""
+    def pick(given: Any, attr: str, default: Any = None) -> Any:
+        return given if given is not None else getattr(adapter, attr, default)
+
+    arch, fingerprint, name = pick(arch, "arch"), pick(fingerprint, "fingerprint"), pick(name, "name")
+    version, source, description = pick(version, "version", 1), pick(source, "source", ""), pick(description, "description", "")
+    missing = [k for k, x in (("arch", arch), ("fingerprint", fingerprint), ("name", name)) if x is None]
+    if missing:
+        raise FormatError(f"cannot write a delta without {', '.join(missing)}")
     problems = []
-    if dtype in BITS and (group_size < 2 or group_size > 4096 or group_size % 2):
-        problems.append(f"group size must be even and in 2…4096, found {group_size}")
     if not 0 <= int(version) < 2 ** 32:
         problems.append(f"version must fit in uint32, found {version}")
-    for w, (a, b) in factors.items():
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
-            problems.append(f"{w}: lora_a {list(a.shape)} and lora_b {list(b.shape)} do not share a rank")
-        elif not (np.isfinite(a).all() and np.isfinite(b).all()):
-            problems.append(f"{w}: factors hold NaN or Inf")
-        elif dtype == "int4" and (a.shape[1] % 2 or b.shape[0] % 2):
-            problems.append(f"{w}: int4 packs two values per byte and needs even in/out sizes, found "
-                            f"[{b.shape[0]}, {a.shape[1]}]; use int8")
-    if not factors:
-        problems.append("no factors")
-    collect(problems, FormatError, f"cannot write delta {name!r}:")
-    tensors = [t for w in factors for t in _encode(w, *factors[w], dtype, group_size)]
-    kv: list[tuple[str, str, object]] = [
-        (K_TYPE, "STRING", "adapter"), (K_ADAPTER_TYPE, "STRING", QUANTS[dtype][0]), (K_ALPHA, "FLOAT32", 0.0),
-        (K_FORMAT, "STRING", MAGIC), (K_VERSION, "UINT32", VERSION), (K_FINGERPRINT, "STRING", fingerprint),
-        (K_NAME, "STRING", name), (K_ADAPTER_VERSION, "UINT32", int(version)), (K_KIND, "STRING", "lora"),
-        (K_QUANT, "STRING", dtype)]
-    if dtype in BITS:
-        kv.append((K_GROUP, "UINT32", int(group_size)))
+    head: list[tuple[str, str, object]] = [(K_TYPE, "STRING", "adapter")]
+    if isinstance(adapter, KindAdapter):
+        kind_class(adapter.kind)  # registered
+        if dtype not in KIND_QUANTS:
+            raise UnsupportedError(f"{adapter.kind} delta dtype {dtype!r} is not supported; choose one of "
+                                   f"{', '.join(KIND_QUANTS)}")
+        arrays = adapter.to_tensors()
+        for n, x in arrays.items():
+            if not np.isfinite(x).all():
+                problems.append(f"{n}: holds NaN or Inf")
+        if not arrays:
+            problems.append("no tensors")
+        collect(problems, FormatError, f"cannot write {adapter.kind} delta {name!r}:")
+        dt = np.float32 if dtype == "F32" else np.float16
+        tensors = [(n, np.ascontiguousarray(x, dt), None) for n, x in arrays.items()]
+        head += [(K_ADAPTER_TYPE, "STRING", f"edgeadapt-{adapter.kind}")]
+        kind, extra = adapter.kind, adapter.to_metadata()
+    else:
+        factors = pick(factors, "factors")
+        biases = pick(biases, "biases") or {}
+        if factors is None:
+            raise FormatError(f"cannot write delta {name!r}: give an adapter or factors")
+        if dtype not in QUANTS:
+            raise UnsupportedError(f"delta dtype {dtype!r} is not supported; choose one of {', '.join(QUANTS)}")
+        if dtype in BITS and (group_size < 2 or group_size > 4096 or group_size % 2):
+            problems.append(f"group size must be even and in 2…4096, found {group_size}")
+        for w, (a, b) in factors.items():
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+                problems.append(f"{w}: lora_a {list(a.shape)} and lora_b {list(b.shape)} do not share a rank")
+            elif not (np.isfinite(a).all() and np.isfinite(b).all()):
+                problems.append(f"{w}: factors hold NaN or Inf")
+            elif dtype == "int4" and (a.shape[1] % 2 or b.shape[0] % 2):
+                problems.append(f"{w}: int4 packs two values per byte and needs even in/out sizes, found "
+                                f"[{b.shape[0]}, {a.shape[1]}]; use int8")
+        for w, d in biases.items():
+            if w not in factors or d.shape != (factors[w][1].shape[0],) or not np.isfinite(d).all():
+                problems.append(f"{w}: a bias change must be finite [out] beside this target's factors, found "
+                                f"{list(d.shape)}{'' if w in factors else ' without factors'}")
+        if not factors:
+            problems.append("no factors")
+        collect(problems, FormatError, f"cannot write delta {name!r}:")
+        tensors = [t for w in factors for t in _encode(w, *factors[w], dtype, group_size)]
+        tensors += [(w + BIAS_SUFFIX, np.ascontiguousarray(d, np.float32), None) for w, d in biases.items()]
+        head += [(K_ADAPTER_TYPE, "STRING", _lora_type(dtype, bool(biases))), (K_ALPHA, "FLOAT32", 0.0)]
+        kind, extra = "lora", ([(K_GROUP, "UINT32", int(group_size))] if dtype in BITS else [])
+    kv = head + [(K_FORMAT, "STRING", MAGIC), (K_VERSION, "UINT32", VERSION), (K_FINGERPRINT, "STRING", fingerprint),
+                 (K_NAME, "STRING", name), (K_ADAPTER_VERSION, "UINT32", int(version)), (K_KIND, "STRING", kind),
+                 (K_QUANT, "STRING", dtype)] + extra
     kv += [(K_SOURCE, "STRING", source), (K_DESCRIPTION, "STRING", description), ("general.name", "STRING", name),
            (K_SIGNATURE, "STRING", UNSIGNED), (K_INTEGRITY, "STRING", "sha256:" + "0" * 64)]
-    path = Path(path)
+    _write_file(Path(path), arch, kv, tensors)
+
+
+def _lora_type(quant: str, bias: bool) -> str:
+    t = QUANTS[quant][0]
+    return "edgeadapt-lora-bias" if bias and t == "lora" else t
+
+
+def _write_file(path: Path, arch: str, kv: list[tuple[str, str, object]], tensors: list[tuple[str, np.ndarray, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), arch)  # writes general.architecture itself
     for key, vtype, value in kv:
-        writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
+        if vtype.startswith("ARRAY_"):
+            writer.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType[vtype[6:]])
+        else:
+            writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
     for n, t, raw in tensors:
         writer.add_tensor(n, t, raw_dtype=raw)
     writer.write_header_to_file()
@@ -518,15 +301,16 @@ def write_delta(path: str | os.PathLike, *, arch: str, fingerprint: str, name: s
 
 
 # ---- reader
-def read_delta(path: str | os.PathLike) -> LoraDelta:
-    """Read and fully validate a delta file. Raises a :class:`FormatError` subclass on any defect."""
+def read_delta(path: str | os.PathLike) -> LoraDelta | KindAdapter:
+    """Read and fully validate a delta file of any registered kind. Raises a :class:`FormatError`
+    subclass on any defect."""
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such delta file")
     return delta_from_bytes(path.read_bytes(), path)
 
 
-def delta_from_bytes(data: bytes, path: str | os.PathLike | None = None) -> LoraDelta:
+def delta_from_bytes(data: bytes, path: str | os.PathLike | None = None) -> LoraDelta | KindAdapter:
     """:func:`read_delta` of a file's bytes already in memory (``path``, if any, names it in messages)."""
     where = Path(path) if path is not None else Path("<bytes>")
     buf = memoryview(data)
@@ -544,21 +328,54 @@ def delta_from_bytes(data: bytes, path: str | os.PathLike | None = None) -> Lora
     if v[K_VERSION] not in READS:
         raise UnsupportedError(f"{where}: delta format version {v[K_VERSION]}; this edgeadapt reads versions "
                                f"{list(READS)} — upgrade edgeadapt")
+    common = dict(name=v[K_NAME], version=int(v[K_ADAPTER_VERSION]), arch=v[K_ARCH], fingerprint=v[K_FINGERPRINT],
+                  source=str(v.get(K_SOURCE, "")), description=str(v.get(K_DESCRIPTION, "")),
+                  path=None if path is None else str(path), metadata=v, format_version=int(v[K_VERSION]),
+                  integrity=v[K_INTEGRITY])
     if v[K_KIND] != "lora":
-        raise UnsupportedError(f"{where}: adapter kind {v[K_KIND]!r} is not supported by this version")
+        cls = kind_class(v[K_KIND], str(where))
+        if v[K_VERSION] == 1:
+            raise FormatError(f"{where}: a {v[K_KIND]} delta must be format version 2, found 1")
+        quant, _, signature, signed = _check_v2(where, buf, c, v[K_KIND])
+        return _kind_from(where, buf, c, cls, quant, v, dict(common, quant=quant, signature=signature,
+                                                               signed_digest=signed))
     if float(v.get(K_ALPHA, 0.0)) != 0.0:
         raise FormatError(f"{where}: expected {K_ALPHA} = 0 (scales folded into lora_b), found {v[K_ALPHA]}")
     if v[K_VERSION] == 1:
         quant, group, signature, signed = _check_v1(where, buf, c), 0, "", None
         allowed: tuple[Any, ...] = (_T.F32, _T.F16)
     else:
-        quant, group, signature, signed = _check_v2(where, buf, c)
+        quant, group, signature, signed = _check_v2(where, buf, c, "lora")
         allowed = QUANTS[quant][1]
-    factors = _factors(where, buf, c, allowed, quant, group)
-    return LoraDelta(name=v[K_NAME], version=int(v[K_ADAPTER_VERSION]), arch=v[K_ARCH], fingerprint=v[K_FINGERPRINT],
-                     factors=factors, source=str(v.get(K_SOURCE, "")), description=str(v.get(K_DESCRIPTION, "")),
-                     path=None if path is None else str(path), metadata=v, quant=quant, format_version=int(v[K_VERSION]),
-                     integrity=v[K_INTEGRITY], signature=signature, signed_digest=signed)
+    factors, biases = _factors(where, buf, c, allowed, quant, group)
+    return LoraDelta(factors=factors, biases=biases, quant=quant, signature=signature, signed_digest=signed, **common)
+
+
+def _kind_from(where: Path, buf: memoryview, c: _Container, cls: type[KindAdapter], quant: str, v: dict[str, Any],
+               fields: dict[str, Any]) -> KindAdapter:
+    want = _T.F32 if quant == "F32" else _T.F16
+    names, problems = group_tensors([t.name for t in c.tensors], cls)
+    by_name = {t.name: t for t in c.tensors}
+    tensors: dict[str, dict[str, np.ndarray]] = {}
+    for target, params in names.items():
+        for param, n in params.items():
+            t = by_name[n]
+            if t.ttype != want:
+                problems.append(f"{n}: expected type {want.name} ({K_QUANT} = {quant}), found {t.ttype.name}")
+                continue
+            if len(t.shape) not in cls.PARAMS[param]:
+                problems.append(f"{n}: expected {' or '.join(map(str, cls.PARAMS[param]))} dimensions, found shape "
+                                f"{list(t.shape)}")
+                continue
+            x = _array(buf, t).astype(np.float32)
+            if not np.isfinite(x).all():
+                problems.append(f"{n}: holds NaN or Inf")
+                continue
+            tensors.setdefault(target, {})[param] = x
+    if not c.tensors:
+        problems.append(f"no {cls.kind} tensors")
+    collect(problems, FormatError, f"{where}: bad tensors:")
+    return cls.from_tensors(v, tensors, **fields)
 
 
 def _integrity_error(path: Path, said: str, got: str) -> IntegrityError:
@@ -566,7 +383,7 @@ def _integrity_error(path: Path, said: str, got: str) -> IntegrityError:
                           "the file was changed or damaged after it was written — download it again")
 
 
-def _check_v2(path: Path, buf: memoryview, c: _Container) -> tuple[str, int, str, bytes]:
+def _check_v2(path: Path, buf: memoryview, c: _Container, kind: str) -> tuple[str, int, str, bytes]:
     f = c.fields
     problems = [f"missing key {k!r}" if k not in f else f"key {k!r}: expected {t}, found {f[k].vtype}"
                 for k, t in REQUIRED_V2.items() if k not in f or f[k].vtype != t]
@@ -577,13 +394,19 @@ def _check_v2(path: Path, buf: memoryview, c: _Container) -> tuple[str, int, str
     if not _INTEGRITY_RE.fullmatch(said) or said != got:
         raise _integrity_error(path, said, got)
     quant, slot = f[K_QUANT].value, f[K_SIGNATURE].value
-    if quant not in QUANTS:
-        raise UnsupportedError(f"{path}: factor storage {quant!r} is not one this edgeadapt reads ({', '.join(QUANTS)})")
-    if f[K_ADAPTER_TYPE].value != QUANTS[quant][0]:
-        raise FormatError(f"{path}: expected adapter.type {QUANTS[quant][0]!r} for {quant} factors, "
-                          f"found {f[K_ADAPTER_TYPE].value!r}")
+    reads = QUANTS if kind == "lora" else KIND_QUANTS
+    if quant not in reads:
+        raise UnsupportedError(f"{path}: {kind} storage {quant!r} is not one this edgeadapt reads ({', '.join(reads)})")
+    if kind == "lora":
+        bias = any(t.name.endswith(BIAS_SUFFIX) for t in c.tensors)
+        want = _lora_type(quant, bias)
+        what = f"{quant} factors" + (" with bias changes" if bias else "")
+    else:
+        want, what = f"edgeadapt-{kind}", f"kind {kind!r}"
+    if f[K_ADAPTER_TYPE].value != want:
+        raise FormatError(f"{path}: expected adapter.type {want!r} for {what}, found {f[K_ADAPTER_TYPE].value!r}")
     group = 0
-    if quant in BITS:
+    if kind == "lora" and quant in BITS:
         g = f.get(K_GROUP)
         if g is None or g.vtype != "UINT32" or not 2 <= g.value <= 4096 or g.value % 2:
             raise FormatError(f"{path}: {quant} factors need {K_GROUP} (uint32, even, 2…4096), "
@@ -609,20 +432,19 @@ def _check_v1(path: Path, buf: memoryview, c: _Container) -> str:
     return "F16" if types == {_T.F16} else "F32"
 
 
-def _array(buf: memoryview, t: _Tensor) -> np.ndarray:
-    if t.ttype in (_T.F32, _T.F16, _T.I8):
-        dt = {_T.F32: "<f4", _T.F16: "<f2", _T.I8: "i1"}[t.ttype]
-        return np.frombuffer(buf, dtype=dt, count=math.prod(t.shape), offset=t.start).reshape(t.shape)
-    raw = np.frombuffer(buf, dtype=np.uint8, count=t.nbytes, offset=t.start).reshape(t.shape[0], -1)
-    return gguf.quants.dequantize(raw, t.ttype).reshape(t.shape)
-
-
 def _factors(path: Path, buf: memoryview, c: _Container, allowed: tuple[Any, ...], quant: str, group: int
-             ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+             ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
     parts: dict[str, dict[tuple[str, bool], _Tensor]] = {}
     problems = []
     suffixes = sorted(ROLES, key=len, reverse=True)
+    bias_t: dict[str, _Tensor] = {}
     for t in c.tensors:
+        if t.name.endswith(BIAS_SUFFIX):
+            if t.ttype != _T.F32 or len(t.shape) != 1:
+                problems.append(f"{t.name}: expected a 1-D F32 tensor, found {t.ttype.name} {list(t.shape)}")
+            else:
+                bias_t[t.name[: -len(BIAS_SUFFIX)]] = t
+            continue
         suffix = next((s for s in suffixes if t.name.endswith(s)), "")
         role = ROLES.get(suffix)
         if role is None or (role[1] and quant not in BITS):
@@ -664,26 +486,19 @@ def _factors(path: Path, buf: memoryview, c: _Container, allowed: tuple[Any, ...
         factors[w] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
     if not parts:
         problems.append("no lora_a / lora_b tensors")
+    biases: dict[str, np.ndarray] = {}
+    for w, t in sorted(bias_t.items()):
+        d = _array(buf, t).astype(np.float32)
+        if w not in parts:
+            problems.append(f"{w}{BIAS_SUFFIX}: a bias change without lora_a / lora_b")
+        elif w in factors and d.shape != (factors[w][1].shape[0],):
+            problems.append(f"{w}{BIAS_SUFFIX}: expected [{factors[w][1].shape[0]}] (the rows of lora_b), "
+                            f"found {list(d.shape)}")
+        elif not np.isfinite(d).all():
+            problems.append(f"{w}{BIAS_SUFFIX}: holds NaN or Inf")
+        else:
+            biases[w] = np.ascontiguousarray(d)
     collect(problems, FormatError, f"{path}: bad tensors:")
-    return factors
+    return factors, biases
 
 
-def _role_name(role: tuple[str, bool]) -> str:
-    return f"lora_{role[0]}" + (".scale" if role[1] else "")
-
-
-def _decode_int(buf: memoryview, p: dict[tuple[str, bool], _Tensor], bits: int, group: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Rank-major codes and scales -> (A [r, in], B [out, r]) float32."""
-    out = []
-    for role in ("a", "b"):
-        codes, scales = _array(buf, p[role, False]), _array(buf, p[role, True])
-        r, n = codes.shape[0], codes.shape[1] * (2 if bits == 4 else 1)
-        ng = -(-n // group)
-        if scales.shape != (r, ng):
-            raise FormatError(f"lora_{role}.scale: expected [{r}, {ng}] for {r}×{n} values in groups of {group}, "
-                              f"found {list(scales.shape)}")
-        if bits == 8 and (codes == -128).any():
-            raise FormatError(f"lora_{role}: int8 codes must lie in -127…127, found -128")
-        out.append(dequantize_rows(codes, scales, bits, group))
-    return out[0], np.ascontiguousarray(out[1].T)
