@@ -50,10 +50,31 @@ def _hf_fields(writer: gguf.GGUFWriter, cfg: ArchConfig, tokenizer_dir: Path | N
     writer.add_feed_forward_length(cfg.ffn_dim)
     writer.add_head_count(cfg.n_heads)
     writer.add_head_count_kv(cfg.n_kv_heads)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.rms_eps)
-    writer.add_rope_dimension_count(cfg.head_dim)
+    if cfg.norm == "layer":
+        writer.add_layer_norm_eps(cfg.rms_eps)
+    else:
+        writer.add_layer_norm_rms_eps(cfg.rms_eps)
+    if cfg.rope != "none":
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_rope_dimension_count(cfg.head_dim)
+        if cfg.rope_scale != 1.0:
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(cfg.rope_scale)
     writer.add_vocab_size(cfg.vocab_size)
+    if cfg.head_dim * cfg.n_heads != cfg.dim:  # llama.cpp derives head_dim from dim / heads otherwise
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+    if cfg.sliding_window is not None:
+        writer.add_sliding_window(cfg.sliding_window)
+        if cfg.swa_layers is not None:  # per layer: true = windowed (llama.cpp's swa_layers)
+            writer.add_sliding_window_pattern([i in cfg.swa_layers for i in range(cfg.n_layers)])
+    if cfg.rope_theta_swa is not None:
+        writer.add_key_value(gguf.Keys.Rope.FREQ_BASE_SWA.format(arch=cfg.arch), cfg.rope_theta_swa,
+                             gguf.GGUFValueType.FLOAT32)
+    if cfg.attn_scale is not None:
+        writer.add_attention_scale(cfg.attn_scale)
+    if cfg.final_softcap is not None:
+        writer.add_final_logit_softcapping(cfg.final_softcap)
     if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
         try:
             vocab = gguf.vocab.BpeVocab(tokenizer_dir)

@@ -1,6 +1,7 @@
 """Read a base model (Hugging Face folder, in-memory transformers model, or GGUF) into the
 canonical layout of :mod:`edgeadapt.arch`: GGUF names, float32 ``[out, in]``, q/k permuted
-for "norm"-rope architectures."""
+for "norm"-rope architectures, Conv1D weights (GPT-2) transposed, Gemma's norm weights shifted
+by one (``1 + w``, as llama.cpp's converter stores them)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeadapt.arch import ArchConfig, permute_qk, qk_heads
+from edgeadapt.arch import CONV1D_ARCHES, ArchConfig, permute_qk, qk_heads
 from edgeadapt.errors import FormatError, UnsupportedError, collect
 from edgeadapt.names import gguf_name
 
@@ -20,13 +21,18 @@ Progress = Callable[[str, int, int], None]
 def canonical_from_state_dict(cfg: ArchConfig, state: dict[str, Any]) -> dict[str, np.ndarray]:
     """HF state dict (torch tensors or arrays) -> canonical float32 tensors, checked against ``cfg``."""
     out: dict[str, np.ndarray] = {}
+    linear = cfg.linear_shapes() if cfg.arch in CONV1D_ARCHES else {}
     for hf, t in state.items():
-        if "rotary_emb" in hf:
+        if "rotary_emb" in hf or hf.endswith((".attn.bias", ".attn.masked_bias")):  # rope / GPT-2 mask buffers
             continue
         name = gguf_name(cfg, hf)
         if name is None:
             raise UnsupportedError(f"tensor {hf!r} has no GGUF name for architecture {cfg.arch!r}")
         a = t.detach().to("cpu").float().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
+        if name in linear:  # Conv1D: [in, out] -> [out, in]
+            a = a.T
+        elif cfg.arch == "gemma3" and name.endswith("norm.weight"):  # Gemma3RMSNorm multiplies by (1 + w)
+            a = np.float32(1.0) + a
         heads = qk_heads(cfg, name)
         out[name] = np.ascontiguousarray(permute_qk(a, heads) if heads else a, dtype=np.float32)
     if cfg.tied_embeddings:

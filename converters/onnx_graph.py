@@ -76,12 +76,18 @@ _ALIGN_BIG, _ALIGN_SMALL, _BIG = 65536, 64, 1 << 20  # offset alignment in the d
 
 
 # ---- rope tables (exactly transformers' float32 arithmetic)
-def rope_tables(cfg: ArchConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [context_length, head_dim/2] of angle pos * inv_freq, all float32."""
+def rope_tables(cfg: ArchConfig, theta: float | None = None, factor: float | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [context_length, head_dim/2] of angle pos * inv_freq, all float32 (base ``theta``,
+    default cfg.rope_theta; linear scaling ``factor``, default cfg.rope_scale, divides inv_freq)."""
     hd = cfg.head_dim
-    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.int64)
-                                                       .astype(np.float32) / np.float32(hd))))
+    theta = cfg.rope_theta if theta is None else theta
+    factor = cfg.rope_scale if factor is None else factor
+    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, hd, 2, dtype=np.int64)
+                                                  .astype(np.float32) / np.float32(hd))))
     inv_freq = inv_freq.astype(np.float32)  # [hd/2]
+    if factor != 1.0:
+        inv_freq = (inv_freq / np.float32(factor)).astype(np.float32)
     pos = np.arange(cfg.context_length, dtype=np.float32)[:, None]  # [ctx, 1]
     ang = (pos * inv_freq[None, :]).astype(np.float32)  # [ctx, hd/2]
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
@@ -270,11 +276,20 @@ def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *
             protos[name] = writer.add(name, w.T if name in linear else w)
             if progress and name.endswith("ffn_down.weight"):
                 progress("write weights", int(name.split(".")[1]) + 1, cfg.n_layers)
-        cos, sin = rope_tables(cfg)
-        protos["rope.cos"], protos["rope.sin"] = writer.add("rope.cos", cos), writer.add("rope.sin", sin)
+        from .onnx_arch import FUSED_ARCHES, rope_initializers
+
+        for name, table in rope_initializers(cfg).items():
+            protos[name] = writer.add(name, table)
     finally:
         writer.close()
-    if fused:
+    if cfg.arch not in FUSED_ARCHES:  # Gemma 3, GPT-2: the plain-operator graph (see onnx_arch)
+        from .onnx_arch import decoder
+
+        inits = list(protos.values())
+        _save(decoder(cfg, inits, None), out_dir / "model.onnx")
+        if slots:
+            _save(decoder(cfg, inits, linear), out_dir / LORA_FILE)
+    elif fused:
         from .onnx_fast import _F32Linears, fused_decoder, save_fused
 
         inits = list(protos.values())

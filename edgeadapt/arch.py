@@ -5,7 +5,21 @@ Canonical layout (used by every export, delta file and engine):
 - a linear weight is float32 ``[out, in]`` (torch / PEFT orientation, numpy view of a GGUF tensor);
 - for architectures whose llama.cpp rope is the "normal" (adjacent-pair) kind, the rows of
   ``attn_q`` and ``attn_k`` are permuted exactly as llama.cpp's converter does, so the GGUF
-  file, the ONNX graph and every delta share one layout and nothing is re-permuted at run time.
+  file, the ONNX graph and every delta share one layout and nothing is re-permuted at run time;
+- norm weights are stored as the norm multiplies by them: Gemma's ``(1 + w)`` is folded in, as
+  llama.cpp's converter folds it, so every engine computes ``x̂ · w``;
+- GPT-2's Conv1D weights (``[in, out]`` in Hugging Face) are transposed to ``[out, in]``, and its
+  fused ``c_attn`` is the single linear ``attn_qkv`` (q | k | v rows), as llama.cpp stores it.
+
+Families (``ArchConfig.arch`` = the GGUF architecture):
+  llama   Llama, SmolLM2, Mistral (a sliding window, when set, on every layer)
+  qwen2   Qwen2 / Qwen2.5 (q/k/v biases, "neox" rope)
+  gemma3  Gemma 3 text decoder: (1+w) RMS norms, √dim-scaled embeddings, GELU-tanh gated FFN,
+          q/k RMS norm per head, post-attention / post-FFN norms, query_pre_attn_scalar,
+          sliding-window layers with their own rope base, linear rope scaling on the global
+          layers, tied head, optional final logit softcapping
+  gpt2    GPT-2: LayerNorm with bias, learned positions, fused qkv, GELU-tanh FFN, biases
+          on every linear, tied head
 """
 
 from __future__ import annotations
@@ -19,18 +33,24 @@ from .errors import FormatError, UnsupportedError
 
 # HF ``model_type`` -> (GGUF architecture, rope kind, q/k/v bias)
 # rope kind "norm" = llama.cpp LLAMA_ROPE_TYPE_NORM (adjacent pairs, rows permuted at conversion),
-# "neox" = halves (HF's rotate_half), rows kept as in HF.
+# "neox" = halves (HF's rotate_half), rows kept as in HF; "none" = no rope (learned positions).
 HF_MODEL_TYPES: dict[str, tuple[str, str, bool]] = {
     "llama": ("llama", "norm", False),  # Llama 2/3, SmolLM2, TinyLlama
     "mistral": ("llama", "norm", False),  # llama.cpp converts Mistral as llama
     "qwen2": ("qwen2", "neox", True),  # Qwen2 / Qwen2.5: biases on q, k, v
+    "gemma3_text": ("gemma3", "neox", False),  # Gemma3ForCausalLM (the text decoder of Gemma 3)
+    "gpt2": ("gpt2", "none", False),  # GPT2LMHeadModel
 }
-GGUF_ARCHES: dict[str, tuple[str, bool]] = {"llama": ("norm", False), "qwen2": ("neox", True)}
+GGUF_ARCHES: dict[str, tuple[str, bool]] = {"llama": ("norm", False), "qwen2": ("neox", True),
+                                            "gemma3": ("neox", False), "gpt2": ("none", False)}
+# architectures whose Hugging Face linear layers are Conv1D ([in, out]; PEFT's fan_in_fan_out)
+CONV1D_ARCHES = frozenset({"gpt2"})
+GEMMA3_SWA_PATTERN = 6  # llama.cpp's gemma3 default: every 6th layer is global, the others windowed
 
 
 @dataclass(frozen=True)
 class ArchConfig:
-    arch: str  # GGUF architecture name: "llama" | "qwen2"
+    arch: str  # GGUF architecture name: "llama" | "qwen2" | "gemma3" | "gpt2"
     n_layers: int
     dim: int
     ffn_dim: int
@@ -40,13 +60,29 @@ class ArchConfig:
     vocab_size: int
     context_length: int = 2048
     rope_theta: float = 10000.0
-    rms_eps: float = 1e-5
-    rope: str = "norm"  # "norm" (adjacent pairs, q/k permuted) | "neox" (halves)
+    rms_eps: float = 1e-5  # the norm epsilon (LayerNorm's too, for "layer" norms)
+    rope: str = "norm"  # "norm" (adjacent pairs, q/k permuted) | "neox" (halves) | "none"
     qkv_bias: bool = False
     tied_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
+    # ---- per-family features (the defaults are the llama family's)
+    norm: str = "rms"  # "rms" | "layer" (LayerNorm with a bias, GPT-2)
+    act: str = "silu"  # FFN activation: "silu" | "gelu_tanh"
+    gated_ffn: bool = True  # down(act(gate)·up); False: down(act(up)) (GPT-2)
+    fused_qkv: bool = False  # one attn_qkv linear, rows q | k | v (GPT-2)
+    linear_bias: bool = False  # every block linear and every norm has a bias (GPT-2)
+    qk_norm: bool = False  # RMS norm over each head of q and k, before rope (Gemma 3)
+    post_norms: bool = False  # post_attention_norm / post_ffw_norm before each residual add (Gemma 3)
+    learned_pos: bool = False  # position_embd [context_length, dim] added to the embedding (GPT-2)
+    embed_scale: float = 1.0  # token embeddings are multiplied by this (Gemma: √dim)
+    attn_scale: float | None = None  # attention logit scale; None = 1/√head_dim
+    rope_scale: float = 1.0  # linear rope scaling factor (angle = pos/factor · inv_freq), full-attention layers
+    rope_theta_swa: float | None = None  # rope base of the sliding-window layers (None: rope_theta)
+    sliding_window: int | None = None  # on windowed layers a query sees keys at distance < this
+    swa_layers: list[int] | None = None  # the windowed layers (None: all, when sliding_window is set)
+    final_softcap: float | None = None  # logits = c·tanh(logits / c)
 
     # ---- derived
     @property
@@ -57,11 +93,36 @@ class ArchConfig:
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
+    @property
+    def scale(self) -> float:
+        """The attention logit scale."""
+        return self.attn_scale if self.attn_scale is not None else self.head_dim ** -0.5
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` (None: full attention)."""
+        if self.sliding_window is None or (self.swa_layers is not None and layer not in self.swa_layers):
+            return None
+        return self.sliding_window
+
+    def layer_rope(self, layer: int) -> tuple[float, float]:
+        """(rope base, linear scaling factor) of ``layer``: windowed layers of an architecture with
+        its own local base (Gemma 3) use that base, unscaled; the others rope_theta and rope_scale."""
+        if self.rope_theta_swa is not None and self.window(layer) is not None:
+            return self.rope_theta_swa, 1.0
+        return self.rope_theta, self.rope_scale
+
+    def block_linears(self) -> tuple[str, ...]:
+        """The linear kinds of one block (GGUF names without ``blk.i.`` / ``.weight``)."""
+        attn = ("attn_qkv",) if self.fused_qkv else ("attn_q", "attn_k", "attn_v")
+        ffn = ("ffn_gate", "ffn_up", "ffn_down") if self.gated_ffn else ("ffn_up", "ffn_down")
+        return attn + ("attn_output",) + ffn
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """Every adaptable linear weight: GGUF name -> (out, in)."""
         d, f, q, kv = self.dim, self.ffn_dim, self.q_dim, self.kv_dim
-        per_block = {"attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, q),
-                     "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}
+        all_kinds = {"attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_qkv": (q + 2 * kv, d),
+                     "attn_output": (d, q), "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}
+        per_block = {k: all_kinds[k] for k in self.block_linears()}
         shapes = {f"blk.{i}.{k}.weight": s for i in range(self.n_layers) for k, s in per_block.items()}
         if not self.tied_embeddings:
             shapes["output.weight"] = (self.vocab_size, d)
@@ -69,16 +130,32 @@ class ArchConfig:
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the base in canonical layout."""
-        shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (self.vocab_size, self.dim),
-                                              "output_norm.weight": (self.dim,)}
-        shapes.update(self.linear_shapes())
+        d = self.dim
+        shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (self.vocab_size, d),
+                                              "output_norm.weight": (d,)}
+        if self.learned_pos:
+            shapes["position_embd.weight"] = (self.context_length, d)
+        if self.linear_bias:
+            shapes["output_norm.bias"] = (d,)
+        linear = self.linear_shapes()
+        shapes.update(linear)
         for i in range(self.n_layers):
-            shapes[f"blk.{i}.attn_norm.weight"] = (self.dim,)
-            shapes[f"blk.{i}.ffn_norm.weight"] = (self.dim,)
+            p = f"blk.{i}"
+            norms = ["attn_norm", "ffn_norm"] + (["post_attention_norm", "post_ffw_norm"] if self.post_norms else [])
+            for n in norms:
+                shapes[f"{p}.{n}.weight"] = (d,)
+                if self.linear_bias:
+                    shapes[f"{p}.{n}.bias"] = (d,)
+            if self.qk_norm:
+                shapes[f"{p}.attn_q_norm.weight"] = (self.head_dim,)
+                shapes[f"{p}.attn_k_norm.weight"] = (self.head_dim,)
             if self.qkv_bias:
-                shapes[f"blk.{i}.attn_q.bias"] = (self.q_dim,)
-                shapes[f"blk.{i}.attn_k.bias"] = (self.kv_dim,)
-                shapes[f"blk.{i}.attn_v.bias"] = (self.kv_dim,)
+                shapes[f"{p}.attn_q.bias"] = (self.q_dim,)
+                shapes[f"{p}.attn_k.bias"] = (self.kv_dim,)
+                shapes[f"{p}.attn_v.bias"] = (self.kv_dim,)
+            if self.linear_bias:
+                for k in self.block_linears():
+                    shapes[f"{p}.{k}.bias"] = (linear[f"{p}.{k}.weight"][0],)
         return shapes
 
     # ---- (de)serialisation
@@ -100,28 +177,34 @@ class ArchConfig:
         g = cfg if isinstance(cfg, dict) else cfg.to_dict()
         mt = g.get("model_type")
         if mt not in HF_MODEL_TYPES:
-            raise UnsupportedError(f"model_type {mt!r} is not supported yet; supported: {sorted(HF_MODEL_TYPES)}")
+            hint = " (export the text decoder, Gemma3ForCausalLM)" if mt == "gemma3" else ""
+            raise UnsupportedError(f"model_type {mt!r} is not supported yet{hint}; supported: {sorted(HF_MODEL_TYPES)}")
+        if mt == "gpt2":
+            return _from_hf_gpt2(g)
         arch, rope, bias = HF_MODEL_TYPES[mt]
-        if g.get("rope_scaling"):
-            raise UnsupportedError(f"rope_scaling {g['rope_scaling']!r} is not supported yet (plain rope only)")
         n_heads = g["num_attention_heads"]
         head_dim = g.get("head_dim") or g["hidden_size"] // n_heads
-        if head_dim * n_heads != g["hidden_size"]:
+        if mt != "gemma3_text" and head_dim * n_heads != g["hidden_size"]:
             raise UnsupportedError(f"head_dim {head_dim} × heads {n_heads} != hidden_size {g['hidden_size']}")
-        if mt == "llama" and g.get("attention_bias") or g.get("mlp_bias"):
+        if mt in ("llama", "mistral") and g.get("attention_bias") or g.get("mlp_bias"):
             raise UnsupportedError("attention_bias / mlp_bias on a llama model is not supported yet")
         eos = g.get("eos_token_id")
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        theta = g.get("rope_theta")
-        if theta is None:  # newer transformers keep it in rope_parameters
-            theta = (g.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        return cls(arch=arch, n_layers=g["num_hidden_layers"], dim=g["hidden_size"],
-                   ffn_dim=g["intermediate_size"], n_heads=n_heads,
-                   n_kv_heads=g.get("num_key_value_heads") or n_heads, head_dim=head_dim,
-                   vocab_size=g["vocab_size"], context_length=g.get("max_position_embeddings", 2048),
-                   rope_theta=float(theta), rms_eps=float(g.get("rms_norm_eps", 1e-6)), rope=rope,
-                   qkv_bias=bias, tied_embeddings=bool(g.get("tie_word_embeddings", False)),
-                   bos_token_id=g.get("bos_token_id"), eos_token_ids=eos, pad_token_id=g.get("pad_token_id"))
+        common = dict(arch=arch, n_layers=g["num_hidden_layers"], dim=g["hidden_size"],
+                      ffn_dim=g["intermediate_size"], n_heads=n_heads,
+                      n_kv_heads=g.get("num_key_value_heads") or n_heads, head_dim=head_dim,
+                      vocab_size=g["vocab_size"], context_length=g.get("max_position_embeddings", 2048),
+                      rms_eps=float(g.get("rms_norm_eps", 1e-6)), rope=rope, qkv_bias=bias,
+                      tied_embeddings=bool(g.get("tie_word_embeddings", mt == "gemma3_text")),
+                      bos_token_id=g.get("bos_token_id"), eos_token_ids=eos, pad_token_id=g.get("pad_token_id"))
+        if mt == "gemma3_text":
+            return _from_hf_gemma3(g, common)
+        rp = _rope_params(g, None)
+        theta, scale = _rope_of(rp, g.get("rope_theta"), 10000.0)
+        window = g.get("sliding_window") if g.get("use_sliding_window", True) else None
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise UnsupportedError(f"sliding_window {window!r}: expected a positive integer or null")
+        return cls(**common, rope_theta=theta, rope_scale=scale, sliding_window=window)
 
     @classmethod
     def from_gguf(cls, reader: Any) -> "ArchConfig":
@@ -145,21 +228,115 @@ class ArchConfig:
         vocab = get(f"{arch}.vocab_size", None)
         if vocab is None:
             vocab = len(f["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in f else None
-        head_dim = int(get(f"{arch}.rope.dimension_count", dim // n_heads))
+        head_dim = int(get(f"{arch}.attention.key_length", get(f"{arch}.rope.dimension_count", dim // n_heads)))
         eos = get("tokenizer.ggml.eos_token_id", None)
         eot = get("tokenizer.ggml.eot_token_id", None)
         eos_ids = [int(x) for x in (eos, eot) if x is not None]
         bos = get("tokenizer.ggml.bos_token_id", None)
         pad = get("tokenizer.ggml.padding_token_id", None)
-        return cls(arch=arch, n_layers=int(get(f"{arch}.block_count")), dim=dim,
+        n_layers = int(get(f"{arch}.block_count"))
+        scaling = get(f"{arch}.rope.scaling.type", "none")
+        if scaling not in ("none", "", "linear"):
+            raise UnsupportedError(f"GGUF rope scaling {scaling!r} is not supported yet (plain or linear rope only)")
+        factor = float(get(f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
+        window = get(f"{arch}.attention.sliding_window", None)
+        softcap = get(f"{arch}.final_logit_softcapping", None)
+        kw: dict[str, Any] = dict(
+            rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)), rope_scale=factor,
+            rms_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon",
+                              get(f"{arch}.attention.layer_norm_epsilon", 1e-5))),
+            sliding_window=None if window is None else int(window),
+            final_softcap=None if softcap is None else float(softcap))
+        if arch == "gemma3":
+            pattern = get(f"{arch}.attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+            swa = ([i for i, w in enumerate(pattern) if w] if isinstance(pattern, list)
+                   else [i for i in range(n_layers) if i % int(pattern) < int(pattern) - 1])
+            # llama.cpp's gemma3: 1/√head_dim, except the 27B (62 layers): 1/√(dim/heads)
+            default_scale = (dim // n_heads) ** -0.5 if n_layers == 62 else head_dim ** -0.5
+            kw.update(norm="rms", act="gelu_tanh", qk_norm=True, post_norms=True, embed_scale=float(dim ** 0.5),
+                      attn_scale=float(get(f"{arch}.attention.scale", default_scale)),
+                      rope_theta_swa=float(get(f"{arch}.rope.freq_base_swa", 10000.0)), swa_layers=swa)
+        elif arch == "gpt2":
+            kw.update(norm="layer", act="gelu_tanh", gated_ffn=False, fused_qkv=True, linear_bias=True,
+                      learned_pos=True)
+        return cls(arch=arch, n_layers=n_layers, dim=dim,
                    ffn_dim=int(get(f"{arch}.feed_forward_length")), n_heads=n_heads,
                    n_kv_heads=int(get(f"{arch}.attention.head_count_kv", n_heads)), head_dim=head_dim,
-                   vocab_size=int(vocab), context_length=int(get(f"{arch}.context_length", 2048)),
-                   rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)),
-                   rms_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)), rope=rope,
+                   vocab_size=int(vocab), context_length=int(get(f"{arch}.context_length", 2048)), rope=rope,
                    qkv_bias=bias, tied_embeddings="output.weight" not in names,
                    bos_token_id=None if bos is None else int(bos), eos_token_ids=eos_ids,
-                   pad_token_id=None if pad is None else int(pad))
+                   pad_token_id=None if pad is None else int(pad), **kw)
+
+
+# ---- Hugging Face config readers of the non-llama families
+def _rope_params(g: dict[str, Any], layer_type: str | None) -> dict[str, Any]:
+    """The rope parameters of a config: transformers ≥ 5 keeps them in ``rope_parameters`` (per layer
+    type for Gemma 3), older versions in ``rope_theta`` / ``rope_scaling``."""
+    rp = g.get("rope_parameters") or {}
+    if layer_type is not None and isinstance(rp.get(layer_type), dict):
+        rp = rp[layer_type]
+    elif layer_type is not None and any(isinstance(v, dict) for v in rp.values()):
+        rp = {}
+    if not rp and g.get("rope_scaling"):
+        rp = dict(g["rope_scaling"])
+    return rp
+
+
+def _rope_of(rp: dict[str, Any], theta: Any, default: float) -> tuple[float, float]:
+    """(base, linear factor) of one set of rope parameters; anything but default / linear is refused."""
+    kind = rp.get("rope_type", rp.get("type", "default")) or "default"
+    if kind not in ("default", "linear"):
+        raise UnsupportedError(f"rope_scaling {rp!r} is not supported yet (plain or linear rope only)")
+    base = rp.get("rope_theta", theta if theta is not None else default)
+    return float(base), float(rp.get("factor", 1.0)) if kind == "linear" else 1.0
+
+
+def _from_hf_gemma3(g: dict[str, Any], common: dict[str, Any]) -> ArchConfig:
+    if g.get("attn_logit_softcapping"):
+        raise UnsupportedError(f"gemma3: attn_logit_softcapping={g['attn_logit_softcapping']!r} is not supported yet")
+    act = g.get("hidden_activation") or g.get("hidden_act")
+    if act not in ("gelu_pytorch_tanh", "gelu_new"):
+        raise UnsupportedError(f"gemma3: hidden_activation {act!r} is not supported (gelu_pytorch_tanh only)")
+    n = common["n_layers"]
+    types = g.get("layer_types")
+    if not types:
+        pattern = g.get("sliding_window_pattern") or g.get("_sliding_window_pattern") or GEMMA3_SWA_PATTERN
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
+    if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
+        raise UnsupportedError(f"gemma3: layer_types {types!r}: expected {n} of full_attention / sliding_attention")
+    theta, scale = _rope_of(_rope_params(g, "full_attention"), g.get("rope_theta"), 1_000_000.0)
+    local = _rope_params(g, "sliding_attention") if isinstance((g.get("rope_parameters") or {}).get(
+        "sliding_attention"), dict) else {"rope_theta": g.get("rope_local_base_freq", 10000.0)}
+    theta_swa, scale_swa = _rope_of(local, None, 10000.0)
+    if scale_swa != 1.0:
+        raise UnsupportedError(f"gemma3: rope scaling on the sliding-window layers ({local!r}) is not supported")
+    softcap = g.get("final_logit_softcapping")
+    return ArchConfig(**common, rope_theta=theta, rope_scale=scale, norm="rms", act="gelu_tanh", qk_norm=True,
+                      post_norms=True, embed_scale=float(g["hidden_size"] ** 0.5),
+                      attn_scale=float(g.get("query_pre_attn_scalar") or common["head_dim"]) ** -0.5,
+                      rope_theta_swa=theta_swa, sliding_window=g.get("sliding_window"),
+                      swa_layers=[i for i, t in enumerate(types) if t == "sliding_attention"],
+                      final_softcap=None if softcap is None else float(softcap))
+
+
+def _from_hf_gpt2(g: dict[str, Any]) -> ArchConfig:
+    problems = [f"{k}={g[k]!r} is not supported" for k, ok in (("scale_attn_by_inverse_layer_idx", False),
+                                                                 ("reorder_and_upcast_attn", False),
+                                                                 ("scale_attn_weights", True)) if k in g and g[k] != ok]
+    act = g.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        problems.append(f"activation_function {act!r} is not supported (gelu_new only)")
+    if problems:
+        raise UnsupportedError("gpt2: " + "; ".join(problems))
+    dim, n_heads = g["n_embd"], g["n_head"]
+    eos = g.get("eos_token_id")
+    return ArchConfig(arch="gpt2", n_layers=g["n_layer"], dim=dim, ffn_dim=g.get("n_inner") or 4 * dim,
+                      n_heads=n_heads, n_kv_heads=n_heads, head_dim=dim // n_heads, vocab_size=g["vocab_size"],
+                      context_length=g.get("n_positions", 1024), rms_eps=float(g.get("layer_norm_epsilon", 1e-5)),
+                      rope="none", tied_embeddings=bool(g.get("tie_word_embeddings", True)),
+                      bos_token_id=g.get("bos_token_id"), eos_token_ids=[] if eos is None else [eos],
+                      pad_token_id=g.get("pad_token_id"), norm="layer", act="gelu_tanh", gated_ffn=False,
+                      fused_qkv=True, linear_bias=True, learned_pos=True)
 
 
 # ---- llama.cpp's q/k row permutation (its converter's LlamaModel.permute)

@@ -489,8 +489,9 @@ class NumpyEngine:
             raise UnsupportedError(f"rope kind {cfg.rope!r} is not supported; supported: 'norm', 'neox'")
         arch = cfg.arch
         scaling = reader.fields.get(f"{arch}.rope.scaling.type")
-        if scaling is not None and scaling.contents() not in ("none", ""):
-            raise UnsupportedError(f"{self.path}: rope scaling {scaling.contents()!r} is not supported yet (plain rope only)")
+        if scaling is not None and scaling.contents() not in ("none", "", "linear"):
+            raise UnsupportedError(f"{self.path}: rope scaling {scaling.contents()!r} is not supported yet "
+                                   "(plain or linear rope only)")
         self.cfg = cfg
         self.dequantize = dequantize
 
@@ -538,7 +539,7 @@ class NumpyEngine:
             # weights the engine holds anyway are fused per input: q|k|v and gate|up are one matmul each
             for group, kinds in (("qkv", ("attn_q", "attn_k", "attn_v")), ("gu", ("ffn_gate", "ffn_up"))):
                 names = [f"blk.{i}.{k}.weight" for k in kinds]
-                if not all(in_memory[n] for n in names):
+                if not all(in_memory.get(n, False) for n in names):  # (GPT-2 has attn_qkv, no gate)
                     continue
                 fused = np.empty((cfg.dim, sum(srcs[n].shape[0] for n in names)), _F32)
                 c = 0
@@ -569,6 +570,10 @@ class NumpyEngine:
         hd = cfg.head_dim
         self._inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta)
                                              ** (np.arange(0, hd, 2, dtype=_F32) / np.float32(hd)))).astype(_F32)
+        if cfg.rope_scale != 1.0:  # linear rope scaling divides inv_freq (transformers' "linear")
+            self._inv_freq = (self._inv_freq / np.float32(cfg.rope_scale)).astype(_F32)
+        # Gemma 3 / GPT-2 run the blocks of runtime/layers.py; llama / qwen2 the forward below
+        self._blocks = cfg.arch not in ("llama", "qwen2")
         self._scale = np.float32(hd ** -0.5)
 
         self._shapes = cfg.linear_shapes()
@@ -603,6 +608,12 @@ class NumpyEngine:
             eff[n] = a.T
         live = self._live
         layers = []
+        if self._blocks:  # per layer {kind: (weight, live factors)}
+            kinds = self.cfg.block_linears()
+            self._layers = [{k: (eff[f"blk.{i}.{k}.weight"], live.get(f"blk.{i}.{k}.weight")) for k in kinds}
+                            for i in range(self.cfg.n_layers)]
+            self._head = (eff[self._head_name], live.get(self._head_name))
+            return
         for i in range(self.cfg.n_layers):
             lin = [(eff[f"blk.{i}.{k}.weight"], live.get(f"blk.{i}.{k}.weight")) for k in _LINEAR_KINDS]
             qkv = self._fused.get((i, "qkv"))
@@ -864,6 +875,10 @@ class NumpyEngine:
         neox = cfg.rope == "neox"
 
         rows = self._check_rows(lora, B) if lora else {}
+        if self._blocks:
+            from .layers import forward_blocks
+
+            return forward_blocks(self, ids, am, pos, past, past_len, rows)
         no_rows = (None,) * len(_LINEAR_KINDS)
 
         x = self._embed(ids.reshape(-1))  # [N, D] float32
@@ -873,6 +888,8 @@ class NumpyEngine:
         sin = np.sin(ang)[:, :, None, :]
         # additive mask [B, 1, 1, S, T]: key j visible to query s iff j <= past_len+s and mask[b, j] == 1
         allowed = (np.arange(T)[None, :] <= (past_len + np.arange(S))[:, None])[None] & (am[:, None, :] == 1)
+        if cfg.sliding_window is not None:  # Mistral: every layer sees keys at distance < window only
+            allowed &= ((past_len + np.arange(S))[:, None] - np.arange(T)[None, :] < cfg.sliding_window)[None]
         bias = np.where(allowed, _F32(0), np.finfo(_F32).min).astype(_F32)[:, None, None]
         # a query that sees no key at all (a pad row) gets a zero attention output, not NaN
         seen = allowed.any(axis=-1)  # [B, S]

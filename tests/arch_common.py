@@ -1,0 +1,138 @@
+"""Shared checks of the per-architecture tests (tests/test_arch_*.py): a tiny model's HF folder is
+exported with the CLI, then both engines are compared with transformers / PEFT in torch."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import edgeadapt
+from edgeadapt.cli import main
+
+from conftest import torch, torch_logits
+
+TOL = 1e-4
+
+
+def randomize(model, seed: int, norm_around: float):
+    """Non-trivial weights: the default init is nearly zero. Norm weights around ``norm_around``
+    (1 for plain norms, 0 for Gemma's 1 + w), biases and everything else N(0, 0.1)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ("norm" in name or ".ln_" in name) and name.endswith("weight"):
+                p.copy_(norm_around + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def cli(*args: str) -> None:
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+
+
+def export(model, root: Path, name: str = "base") -> Path:
+    hf = root / f"hf_{name}"
+    model.save_pretrained(hf)
+    cli("export-base", hf, root / name, "--gguf-type", "F32")
+    return root / name
+
+
+def add_lora(model, seed: int, **cfg):
+    """A PEFT LoRA with random, non-zero B, on its own copy of the base."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    conf = dict(r=4, lora_alpha=8, init_lora_weights=False, lora_dropout=0.0)
+    conf.update(cfg)
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(**conf))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.mul_(3.0)
+    return pm.eval()
+
+
+def export_lora(pm, root: Path, base: Path, name: str) -> Path:
+    pm.save_pretrained(root / f"peft_{name}")
+    cli("export-adapter", root / f"peft_{name}", "--base", base, "-o", root / f"{name}.gguf", "--name", name)
+    return root / f"{name}.gguf"
+
+
+# ---- the checks
+def check_logits(base: Path, model, engine: str, ids) -> None:
+    m = edgeadapt.load(base, engine=engine)
+    np.testing.assert_allclose(m.logits(ids), torch_logits(model, ids), atol=TOL, rtol=0)
+
+
+def check_left_padded(base: Path, model, engine: str) -> None:
+    m = edgeadapt.load(base, engine=engine)
+    ids = [[0, 0, 0, 5, 6, 7, 8, 9, 10], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    mask = [[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9]
+    got, want = m.logits(ids, attention_mask=np.array(mask)), torch_logits(model, ids, mask)
+    real = np.array(mask, bool)
+    np.testing.assert_allclose(got[real], want[real], atol=TOL, rtol=0)
+
+
+def check_cached_decode(base: Path, model, engine: str, ids) -> None:
+    """Prefill all but the last token, then one decode step on the KV cache: the last logits must be
+    those of one full forward."""
+    m = edgeadapt.load(base, engine=engine)
+    eng = m._engine
+    x = np.asarray(ids, np.int64)
+    B, S = x.shape
+    mask = np.ones((B, S), np.int64)
+    pos = np.broadcast_to(np.arange(S, dtype=np.int64), (B, S))
+    _, past = eng.forward(x[:, :-1], mask[:, :-1], np.ascontiguousarray(pos[:, :-1]), None)
+    last, _ = eng.forward(x[:, -1:], mask, np.ascontiguousarray(pos[:, -1:]), past)
+    np.testing.assert_allclose(last[:, 0], torch_logits(model, ids)[:, -1], atol=TOL, rtol=0)
+
+
+def check_lora(base: Path, delta: Path, pm, model, engine: str, mode: str, ids) -> None:
+    m = edgeadapt.load(base, engine=engine, mode=mode)
+    m.add_adapter(delta, name="a")
+    m.use("a")
+    want = torch_logits(pm, ids)
+    assert np.abs(want - torch_logits(model, ids)).max() > 0.05, "the adapter must matter"
+    np.testing.assert_allclose(m.logits(ids), want, atol=TOL, rtol=0)
+    assert m.mode == mode
+
+
+def greedy_hf(model, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def llama_cpp_greedy(gguf_path: Path, prompt: list[int], n: int) -> list[int]:
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install llama-cpp-python)")
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=128, n_threads=1, verbose=False, seed=0,
+                          vocab_only=False, logits_all=False)
+    out: list[int] = []
+    for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        out.append(int(tok))
+        if len(out) == n:
+            break
+    return out
+
+
+def byte_tokenizer(folder: Path, bos: int, eos: int, pad: int) -> None:
+    """A byte-level BPE tokenizer of 256 tokens (no merges) saved into an HF folder, so the exported
+    GGUF carries a vocabulary llama.cpp can load."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    inv = {i: ch for ch, i in vocab.items()}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=inv[bos], eos_token=inv[eos], pad_token=inv[pad])
+    fast.save_pretrained(folder)
