@@ -38,7 +38,7 @@ from onnx import TensorProto, helper
 from edgeadapt.arch import ArchConfig
 from edgeadapt.converters.hf import check_complete
 
-from .onnx_graph import NEG, OPSET, Progress, _DataWriter, _G, lora_input_names, rope_tables
+from .onnx_graph import NEG, OPSET, Progress, _DataWriter, _G, add_embed_delta, lora_input_names, rope_tables
 from .onnx_quant import BLOCK, QWeight, quantize
 
 MS = "com.microsoft"
@@ -149,7 +149,7 @@ def fused_decoder(cfg: ArchConfig, lin: _Linears, inits: list[TensorProto], name
     eps = float(cfg.rms_eps)
     interleaved = int(cfg.rope == "norm")  # "norm": adjacent pairs; "neox": halves
     bias, seqlens, total = _gqa_mask(g)
-    x = lin.embed(g)  # [B,S,dim]
+    x, embed_in = add_embed_delta(g, lin.embed(g), cfg.dim)  # [B,S,dim] + per-token embedding change
     h = g.op("SimplifiedLayerNormalization", x, "blk.0.attn_norm.weight", axis=-1, epsilon=eps, stash_type=1)
     for i in range(cfg.n_layers):
         # ---- attention
@@ -170,7 +170,8 @@ def fused_decoder(cfg: ArchConfig, lin: _Linears, inits: list[TensorProto], name
         nxt = f"blk.{i + 1}.attn_norm.weight" if i + 1 < cfg.n_layers else "output_norm.weight"
         h, x = _skip_norm(g, m, x, nxt, eps)
     lin.head(g, h)
-    return helper.make_graph(g.nodes, name, *_io(cfg, lin.slots, g, slot_defaults), initializer=g.inits)
+    inputs, outputs = _io(cfg, lin.slots, g, slot_defaults)
+    return helper.make_graph(g.nodes, name, inputs + [embed_in], outputs, initializer=g.inits)
 
 
 def _skip_norm(g: _G, y: str, x: str, w: str, eps: float) -> tuple[str, str]:

@@ -182,6 +182,18 @@ def _linear(g: _G, x: str, prefix: str, bias: bool = False, out: str | None = No
     return g.op("Add", y, f"{prefix}.bias", out=out) if bias else y
 
 
+EMBED_DELTA = "embed.delta"  # graph input: per-token embedding change, added after the lookup
+
+
+def add_embed_delta(g: _G, x: str, dim: int) -> tuple[str, onnx.ValueInfoProto]:
+    """x [B,S,dim] + ``embed.delta`` (float32 [B or 1, S or 1, dim], default zeros [1,1,dim]): the runtime feeds
+    the change of just the ids in the batch (embedding LoRA, trainable tokens, virtual tokens). The embedding
+    table itself is untouched, so a head tied to it keeps reading the base. Costs one broadcast add."""
+    g.inits.append(onnx.numpy_helper.from_array(np.zeros((1, 1, dim), np.float32), EMBED_DELTA))
+    info = helper.make_tensor_value_info(EMBED_DELTA, TensorProto.FLOAT, None, doc_string=f"float32 [batch, seq, {dim}]")
+    return g.op("Add", x, EMBED_DELTA), info
+
+
 def lora_input_names(weight: str) -> tuple[str, str]:
     """Graph inputs of the LoRA slot beside ``weight``: A [n, in, r] and B [n, r, out] (scale in B)."""
     return f"lora.{weight}.a", f"lora.{weight}.b"
@@ -314,7 +326,7 @@ def _decoder(cfg: ArchConfig, protos: dict[str, TensorProto], slots: dict[str, t
     g.slots = slots
     g.inits += list(protos.values())
     # ---- embeddings, rope angles for these positions, mask
-    x = g.op("Gather", "token_embd.weight", "input_ids", axis=0)  # [B,S,dim]
+    x, embed_in = add_embed_delta(g, g.op("Gather", "token_embd.weight", "input_ids", axis=0), cfg.dim)  # [B,S,dim]
     pair_axis = [2, 4] if cfg.rope == "norm" else [2, 3]  # [B,S,hd/2] -> [B,S,1,hd/2,1] | [B,S,1,1,hd/2]
     cos_t = g.op("Unsqueeze", g.op("Gather", "rope.cos", "position_ids", axis=0), g.const(pair_axis))
     sin_t = g.op("Unsqueeze", g.op("Gather", "rope.sin", "position_ids", axis=0), g.const(pair_axis))
@@ -340,7 +352,7 @@ def _decoder(cfg: ArchConfig, protos: dict[str, TensorProto], slots: dict[str, t
     kv_out = ["batch", cfg.n_kv_heads, "total", cfg.head_dim]
     inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
               helper.make_tensor_value_info("attention_mask", i64, ["batch", "total"]),
-              helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"])]
+              helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"]), embed_in]
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", cfg.vocab_size])]
     for i in range(cfg.n_layers):
         for kind in ("key", "value"):

@@ -36,9 +36,10 @@ def pattern_key(patterns: list[str], module: str) -> str | None:
     return None
 
 
-def read_peft_config(folder: Path) -> dict[str, Any]:
+def read_peft_config(folder: Path, handled: tuple[str, ...] = ()) -> dict[str, Any]:
     """``adapter_config.json``, validated: strict JSON (1 MiB at most), the types of every option we use,
-    and rank/alpha patterns that are plain regular expressions (no quantified groups: no ReDoS)."""
+    and rank/alpha patterns that are plain regular expressions (no quantified groups: no ReDoS).
+    ``handled``: options the caller converts itself (``modules_to_save``, ``trainable_token_indices``)."""
     from edgeadapt.manifest import load_json
 
     p = Path(folder) / "adapter_config.json"
@@ -53,9 +54,9 @@ def read_peft_config(folder: Path) -> dict[str, Any]:
     for opt, ok in _REFUSED.items():
         if cfg.get(opt) not in ok:
             raise UnsupportedError(f"{p}: LoRA option {opt}={cfg[opt]!r} is not supported yet")
-    if cfg.get("modules_to_save"):
+    if cfg.get("modules_to_save") and "modules_to_save" not in handled:
         raise UnsupportedError(f"{p}: modules_to_save={cfg['modules_to_save']!r} is not supported yet")
-    if cfg.get("trainable_token_indices"):
+    if cfg.get("trainable_token_indices") and "trainable_token_indices" not in handled:
         raise UnsupportedError(f"{p}: trainable_token_indices is not supported yet")
 
     def rank_ok(x: Any) -> bool:

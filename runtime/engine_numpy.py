@@ -785,6 +785,10 @@ class NumpyEngine:
         return out_f
 
     # ------------------------------------------------------------ forward
+    def embedding_rows(self, ids: np.ndarray) -> np.ndarray:
+        """The rows of token_embd this engine looks up for ``ids`` [n]: float32 [n, dim]."""
+        return self._embed(np.asarray(ids, np.int64).reshape(-1))
+
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         if self._embd_t is not None:
             return np.ascontiguousarray(self._embd_t[:, ids].T)  # gathered rows [n, dim]
@@ -826,7 +830,7 @@ class NumpyEngine:
         return bufs
 
     def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
-                lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+                lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, embed: np.ndarray | None = None
                 ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
         """input_ids int [batch, seq]; attention_mask int [batch, past+seq] (1 real, 0 pad);
         position_ids int [batch, seq]; past None or per layer (key, value) float32
@@ -845,7 +849,10 @@ class NumpyEngine:
         zero-padded to one r). Each named linear computes ``x Wᵀ (+ set_weights / set_live
         state) + (x A) B`` per row. Checked in full, raising :class:`AdapterMismatchError`
         naming every bad tensor, before anything is computed or the KV cache is touched.
-        The arrays are used as given (no copies)."""
+        The arrays are used as given (no copies).
+
+        ``embed``: float32 [batch or 1, seq or 1, dim] added to the looked-up embeddings (embedding LoRA,
+        trainable tokens, virtual tokens; the same contract as the ONNX graph's ``embed.delta``)."""
         cfg = self.cfg
         ids = np.asarray(input_ids)
         am = np.asarray(attention_mask)
@@ -878,10 +885,15 @@ class NumpyEngine:
         if self._blocks:
             from .layers import forward_blocks
 
-            return forward_blocks(self, ids, am, pos, past, past_len, rows)
+            return forward_blocks(self, ids, am, pos, past, past_len, rows, embed)
         no_rows = (None,) * len(_LINEAR_KINDS)
 
         x = self._embed(ids.reshape(-1))  # [N, D] float32
+        if embed is not None:
+            e = np.asarray(embed, _F32)
+            if e.ndim != 3 or e.shape[0] not in (1, B) or e.shape[1] not in (1, S) or e.shape[2] != D:
+                raise ValueError(f"embed: expected float32 [{B} or 1, {S} or 1, {D}], found {list(e.shape)}")
+            x = (x.reshape(B, S, D) + e).reshape(N, D)
         # rotary tables, float32 exactly as transformers: angle = pos * inv_freq
         ang = pos.astype(_F32)[:, :, None] * self._inv_freq  # [B, S, half]
         cos = np.cos(ang)[:, :, None, :]  # [B, S, 1, half], broadcast over heads

@@ -91,6 +91,7 @@ class OrtEngine:
         # the in-place kv cache (KVCache) needs IOBinding, which cannot bind slots that have defaults
         # (model_lora.onnx keeps them for onnxruntime's LoraAdapter): that graph feeds arrays every step
         self._inplace = self._fused and not any(f"lora.{n}.a" in defaults for n in self._slots)
+        self._embed_input = "embed.delta" in inputs | defaults  # base folders exported before it have no such input
         self._required = [n for n in self._slots if f"lora.{n}.a" not in defaults]  # quantized graphs: no defaults
         shapes = self.cfg.linear_shapes()
         self._empty_slot = {n: (np.zeros((1, shapes[n][1], 0), np.float32), np.zeros((1, 0, shapes[n][0]), np.float32))
@@ -139,6 +140,18 @@ class OrtEngine:
             mm = self._mm[e["file"]] = np.memmap(self._root / e["file"], dtype=np.uint8, mode="r")
         raw = mm[e["offset"]: e["offset"] + e["length"]].view(np.dtype(e["dtype"])).reshape(e["shape"])
         return np.array(raw.T if e["layout"] == "in_out" else raw, dtype=np.float32)
+
+    def embedding_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of the base's float32 token_embd [n, dim] for ``ids`` [n] (read from the data file, not copied
+        whole). The int4 / int8 graphs look up Q8_0 rows of the same table, within its quantization error."""
+        e = self._table.get("token_embd.weight")
+        if e is None or e["layout"] != "as_is":
+            raise FormatError(f"{self._root}: the manifest does not locate token_embd.weight in the ONNX data")
+        mm = self._mm.get(e["file"])
+        if mm is None:
+            mm = self._mm[e["file"]] = np.memmap(self._root / e["file"], dtype=np.uint8, mode="r")
+        table = mm[e["offset"]: e["offset"] + e["length"]].view(np.dtype(e["dtype"])).reshape(e["shape"])
+        return np.array(table[np.asarray(ids, np.int64).reshape(-1)], dtype=np.float32)
 
     def set_weights(self, overrides: dict[str, np.ndarray]) -> None:
         """Replace these linear weights (float32 [out, in]) from the base; ``{}`` restores the base."""
@@ -199,8 +212,13 @@ class OrtEngine:
 
     # ---- forward
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: Any = None, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, Any]:
+                past: Any = None, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                embed: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
         """Logits [B, S, vocab] float32 and the cache to pass back as ``past`` for the next tokens.
+
+        ``embed``: float32 [B or 1, S or 1, dim], added to the looked-up embeddings (graph input ``embed.delta``).
+        ``past`` may also be a list of (key, value) [B, KV, P, hd] made by the caller (a KV prefix); such a
+        request, and one with ``embed``, runs on arrays fed each step rather than the in-place cache.
 
         ``lora`` (live engines only): {weight: (A [n, in, r], B [n, r, out])}, n = 1 or batch, scale in B.
         On a fused graph (GroupQueryAttention) the cache is a :class:`KVCache` updated in place: pass each
@@ -208,7 +226,10 @@ class OrtEngine:
         if lora and not self.live:
             raise AdapterMismatchError("live LoRA factors need the slotted graph: load with mode='live' or 'auto'")
         ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids))
-        if self._inplace:
+        if embed is not None and not self._embed_input:
+            raise FormatError(f"{self._path.name} has no embed.delta input (embedding changes, virtual tokens); "
+                              "export the base again with this edgeadapt")
+        if isinstance(past, KVCache) or self._inplace and embed is None and not past:
             return self._forward_inplace(ids, mask, pos, past, lora)
         b = ids.shape[0]
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
@@ -220,12 +241,15 @@ class OrtEngine:
             feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = self._empty_slot[name]
         for name, (a, bb) in (lora or {}).items():
             feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = a, bb
+        if embed is not None:
+            feeds["embed.delta"] = np.ascontiguousarray(embed, np.float32)
         s = ids.shape[1]
         if self._fused and past and b > 1 and s > 1 and past[0][0].shape[2] > 0:
             # GroupQueryAttention takes several new tokens after a past only at batch 1: one at a time
             out = []
             for k in range(s):
-                lg, past = self.forward(ids[:, k:k + 1], mask[:, :mask.shape[1] - s + k + 1], pos[:, k:k + 1], past, lora)
+                e = embed if embed is None or embed.shape[1] == 1 else embed[:, k:k + 1]
+                lg, past = self.forward(ids[:, k:k + 1], mask[:, :mask.shape[1] - s + k + 1], pos[:, k:k + 1], past, lora, e)
                 out.append(lg)
             return np.concatenate(out, axis=1), past
         outs = self._session.run(self._out_names, feeds)

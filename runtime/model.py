@@ -22,6 +22,7 @@ from edgeadapt.errors import AdapterMismatchError, AdapterNotFoundError, FormatE
 from edgeadapt.manifest import BaseManifest, read_manifest
 
 from .sampling import Sampler
+from .seq import SeqParts
 from .tokenizer import StreamDecoder, Tokenizer
 
 ENGINES = ("auto", "ort", "numpy")
@@ -103,6 +104,9 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
                                "re-quantized, losing most of a small delta. Use mode='live' or 'auto' (adapters run in "
                                "float32 beside the quantized weights), or weights='fp32' to merge")
     manifest = read_manifest(base)
+    if getattr(manifest.arch, "family", None) == "encoder":  # BERT family: embeddings / classification
+        from .encoder import load_encoder
+        return load_encoder(manifest, engine, threads=threads)
     lora_graph = manifest.path("onnx_lora")
     live = weights != "fp32" or mode in ("live", "auto") and lora_graph is not None and lora_graph.is_file()
     if mode == "live" and engine == "ort" and not live:
@@ -188,6 +192,7 @@ class Model:
         self._merged: dict[str, float] = {}  # the set folded into the engine's weights
         self._stable_tokens = 0
         self._factor_cache: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self._seq = SeqParts(self)  # embedding changes and KV prefixes (edgeadapt.kinds_seq), per adapter
         self.last_swap_seconds = 0.0
 
     @property
@@ -226,6 +231,7 @@ class Model:
                 raise AdapterMismatchError(f"adapter {name!r} is active; call use() without it before replacing it")
             self.adapters[name] = delta
             self._factor_cache.pop(name, None)
+            self._seq.forget(name)
         return name
 
     def remove_adapter(self, name: str) -> None:
@@ -236,6 +242,7 @@ class Model:
         with self._use_lock:
             del self.adapters[name]
             self._factor_cache.pop(name, None)
+            self._seq.forget(name)
 
     def use(self, spec: UseSpec) -> None:
         """Activate adapters: a name, a list of names (weight 1 each), ``{name: weight}``, or None for the base."""
@@ -247,7 +254,7 @@ class Model:
             if self.requested_mode == "merge" or not self._live_ok or not self._low_rank(want):
                 self._merge(want)
             else:
-                live = self._factors([want])  # built before anything changes
+                live = self._seq.plan(self._factors([want]), [want])  # built before anything changes
                 if self._merged:  # leave a merge: back to the pure base weights first
                     self._merge({})
                 self._live = live
@@ -256,9 +263,10 @@ class Model:
 
     def _low_rank(self, want: Mapping[str, float]) -> bool:
         """Can this set run live (every adapter a low-rank x·A·B)? Others (DoRA, IA3, LoHa, LoKr) merge."""
-        return all(hasattr(self.adapters[n], "live_factors") for n in want)
+        return all(getattr(self.adapters[n], "low_rank", hasattr(self.adapters[n], "live_factors")) for n in want)
 
     def _merge(self, want: dict[str, float]) -> None:
+        seq = self._seq.plan({}, [want]) if want else {}  # embedding / sequence parts ride beside merged weights
         deltas: dict[str, np.ndarray] = {}
         bases: dict[str, np.ndarray] = {}
         for name, weight in want.items():
@@ -276,7 +284,7 @@ class Model:
         with self._lock.write():  # waits for running generations; atomic in the engine
             self._engine.set_weights(merged)
             self._merged = dict(want)
-            self._live = {}
+            self._live = seq
 
     def _normalise(self, spec: UseSpec) -> dict[str, float]:
         if spec is None:
@@ -354,9 +362,9 @@ class Model:
                     raise UnsupportedError(f"the active set {sorted(self.active)} is merged into the weights; "
                                            "call use(None) (or use a LoRA-family set) before per-row requests")
                 self._merge({})
-                self._live = self._factors([self.active]) if self.active else {}
+                self._live = self._seq.plan(self._factors([self.active]), [self.active]) if self.active else {}
         self._stable_tokens = 0
-        return self._factors(rows) or None
+        return self._seq.plan(self._factors(rows), rows) or None
 
     # ---- inference
     def logits(self, ids: Sequence[Sequence[int]] | np.ndarray, attention_mask: np.ndarray | None = None, *,
@@ -370,10 +378,15 @@ class Model:
         pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
         plan = self._plan(adapters, ids.shape[0])
         with self._lock.read():
-            return self._forward(ids, mask, pos, None, plan)[0]
+            past, mask, pos = self._seq.past(plan, mask, pos)  # a KV prefix (prompt / prefix tuning), if any
+            return self._forward(ids, mask, pos, past, plan)[0]
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Any, plan: Live | None) -> Any:
         if plan:
+            embed = getattr(plan, "embed", None)
+            if embed is not None or getattr(plan, "prefix", None):
+                return self._engine.forward(ids, mask, pos, past, lora=plan if len(plan) else None,
+                                            embed=None if embed is None else embed(ids))
             return self._engine.forward(ids, mask, pos, past, lora=plan)
         return self._engine.forward(ids, mask, pos, past)
 
@@ -464,6 +477,7 @@ class Model:
         running = np.ones(len(rows), bool)
         past = None
         with self._lock.read():  # a merge waits for this request; a live swap never touches it
+            past, mask, pos = self._seq.past(plan, mask, pos)  # a KV prefix (prompt / prefix tuning), if any
             for _ in range(max_new_tokens):
                 logits, past = self._forward(x, mask, pos, past, plan)
                 nxt = sampler(logits[:, -1])

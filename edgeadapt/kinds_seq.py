@@ -1,0 +1,208 @@
+"""Adapters that act on the embeddings and on the sequence, not (only) on linear weights.
+
+One class, :class:`SeqAdapter`, holds what a PEFT folder of these kinds carries. Every part is
+optional; a converter fills the parts its kind has (float32, canonical layout):
+
+| part | shape | what it does at run time |
+|---|---|---|
+| ``factors`` | {w: (A [r,in], s·B [out,r])} | plain LoRA on linear weights (PEFT saves them beside the others) |
+| ``embed_lora`` | (A [r,vocab], s·B [dim,r]) | embedding LoRA: E'[t] = E[t] + s·(B@A)[:, t] |
+| ``token_rows`` | (ids int64 [n], rows [n,dim]) | trainable tokens / a saved embedding: E'[ids] = rows (replacement) |
+| ``head`` | [vocab, dim] | ``modules_to_save`` of the output head: W_out' = head (replacement, merged) |
+| ``prompt`` | [n_virtual, dim] | prompt tuning: virtual token embeddings before the input |
+| ``prefix`` | [n_virtual, layers·2·kv_dim] | prefix tuning: raw keys / values before every layer's cache |
+
+The embedding parts never touch the embedding table: the runtime adds, after the lookup, the
+change of just the ids in the batch (``embed.delta`` of the ONNX graph, an add in the numpy
+engine), so a tied output head keeps reading the base table — as PEFT's embedding LoRA does.
+Prompt tuning's virtual tokens are run through the base once (placeholder ids whose embedding
+change makes them the virtual embeddings) and, like prefix tuning, become a KV prefix the
+runtime puts before the cache; real tokens then start at position ``n_virtual``, as in PEFT.
+Prefix keys are stored in the base's key layout: for a "norm"-rope base, each head's dimensions
+are permuted as the k rows of the base are (:func:`edgeadapt.arch.permute_qk`).
+This module imports only numpy: it is used on devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .arch import ArchConfig, permute_qk
+from .errors import AdapterMismatchError, UnsupportedError, collect
+
+KINDS = ("embedding_lora", "trainable_tokens", "modules_to_save", "prompt_tuning", "prefix_tuning")
+
+
+@dataclass
+class SeqAdapter:
+    """An adapter with embedding / head / sequence parts (see the module docstring)."""
+
+    name: str
+    version: int
+    arch: str
+    fingerprint: str
+    kind: str  # one of KINDS: the part that makes it more than a LoRA
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    embed_lora: tuple[np.ndarray, np.ndarray] | None = None  # (A [r, vocab], s·B [dim, r])
+    token_rows: tuple[np.ndarray, np.ndarray] | None = None  # (ids int64 [n], rows [n, dim])
+    head: np.ndarray | None = None  # [vocab, dim]
+    prompt: np.ndarray | None = None  # [n_virtual, dim]
+    prefix: np.ndarray | None = None  # [n_virtual, layers * 2 * kv_dim], keys in the base's layout
+    source: str = ""
+    description: str = ""
+    path: str | None = None
+    needs_base = True  # the head replacement is W' = head, i.e. ΔW = head - W
+
+    # ---- what the model driver asks
+    @property
+    def targets(self) -> list[str]:
+        return list(self.factors) + (["output.weight"] if self.head is not None else [])
+
+    @property
+    def low_rank(self) -> bool:
+        """Runs live (and per row): everything but a head replacement, which is merged."""
+        return self.head is None
+
+    @property
+    def mergeable(self) -> bool:
+        return self.prompt is None and self.prefix is None
+
+    @property
+    def n_virtual(self) -> int:
+        p = self.prompt if self.prompt is not None else self.prefix
+        return 0 if p is None else int(p.shape[0])
+
+    @property
+    def changes_embedding(self) -> bool:
+        return self.embed_lora is not None or self.token_rows is not None
+
+    def live_factors(self, target: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.factors[target]
+
+    def delta(self, target: str, base: np.ndarray | None = None) -> np.ndarray:
+        """ΔW, float32 [out, in]: B@A of a LoRA factor pair, or head - W for the replaced head."""
+        if target == "output.weight" and self.head is not None:
+            if base is None:
+                raise AdapterMismatchError(f"adapter {self.name!r} replaces output.weight and needs the base weight")
+            return self.head - base
+        a, b = self.factors[target]
+        return b @ a
+
+    @property
+    def nbytes(self) -> int:
+        parts = [x for ab in self.factors.values() for x in ab]
+        for p in (self.embed_lora, self.token_rows):
+            parts += list(p or ())
+        parts += [x for x in (self.head, self.prompt, self.prefix) if x is not None]
+        return sum(int(x.nbytes) for x in parts)
+
+    # ---- checks
+    def check_base(self, cfg: ArchConfig, fingerprint: str) -> None:
+        """Refuse, naming every mismatch at once, if this adapter does not fit the base."""
+        problems = []
+        if self.fingerprint != fingerprint:
+            problems.append(f"base fingerprint: the adapter was made for {self.fingerprint}, this base is {fingerprint}")
+        if self.arch != cfg.arch:
+            problems.append(f"architecture: expected {cfg.arch!r}, found {self.arch!r}")
+        shapes = cfg.linear_shapes()
+        for w, (a, b) in self.factors.items():
+            if w not in shapes:
+                problems.append(f"{w}: not a linear weight of this base")
+            elif a.shape[1] != shapes[w][1] or b.shape[0] != shapes[w][0] or a.shape[0] != b.shape[1]:
+                problems.append(f"{w}: expected lora_a [r, {shapes[w][1]}] and lora_b [{shapes[w][0]}, r], "
+                                f"found {list(a.shape)} and {list(b.shape)}")
+        V, D = cfg.vocab_size, cfg.dim
+        if self.embed_lora is not None:
+            a, b = self.embed_lora
+            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != V or b.shape[0] != D or a.shape[0] != b.shape[1]:
+                problems.append(f"embedding LoRA: expected A [r, {V}] and B [{D}, r] (vocab {V}, dim {D}), "
+                                f"found {list(a.shape)} and {list(b.shape)}")
+        if self.token_rows is not None:
+            ids, rows = self.token_rows
+            if rows.ndim != 2 or rows.shape != (len(ids), D):
+                problems.append(f"token rows: expected [{len(ids)}, {D}] (one row of dim {D} per token id), "
+                                f"found {list(rows.shape)}")
+            if len(ids) and (ids.min() < 0 or ids.max() >= V):
+                problems.append(f"token rows: ids must lie in [0, {V}), found {int(ids.min())}…{int(ids.max())}")
+            if len(np.unique(ids)) != len(ids):
+                problems.append("token rows: an id appears twice")
+            if cfg.tied_embeddings:
+                problems.append("token rows: this base ties its output head to token_embd, and PEFT then replaces "
+                                "the head rows of these tokens too; a tied head change is not supported yet")
+        if self.head is not None:
+            if cfg.tied_embeddings:
+                problems.append("modules_to_save lm_head: this base ties its output head to token_embd (no "
+                                "separate output.weight); an untied head replacement is not supported yet")
+            elif self.head.shape != (V, D):
+                problems.append(f"output head: expected [{V}, {D}], found {list(self.head.shape)}")
+        if self.prompt is not None and self.prompt.shape[1:] != (D,):
+            problems.append(f"prompt embeddings: expected [n_virtual, {D}], found {list(self.prompt.shape)}")
+        if self.prefix is not None and self.prefix.shape[1:] != (cfg.n_layers * 2 * cfg.kv_dim,):
+            problems.append(f"prefix: expected [n_virtual, {cfg.n_layers * 2 * cfg.kv_dim}] (layers {cfg.n_layers} × 2 "
+                            f"× kv heads {cfg.n_kv_heads} × head_dim {cfg.head_dim}), found {list(self.prefix.shape)}")
+        if self.n_virtual >= cfg.context_length:
+            problems.append(f"{self.n_virtual} virtual tokens leave no room in a context of {cfg.context_length}")
+        for label, arrays in (("factors", [x for ab in self.factors.values() for x in ab]),
+                              ("embedding LoRA", list(self.embed_lora or ())),
+                              ("token rows", list(self.token_rows or ())[1:]),
+                              ("head", [self.head] if self.head is not None else []),
+                              ("virtual tokens", [p for p in (self.prompt, self.prefix) if p is not None])):
+            if any(not np.isfinite(x).all() for x in arrays):
+                problems.append(f"{label}: hold NaN or Inf")
+        collect(problems, AdapterMismatchError,
+                f"{self.kind} adapter {self.name!r} ({self.path or 'in memory'}) does not fit this base:")
+
+    # ---- run-time pieces
+    def embedding_change(self, base_rows: Callable[[np.ndarray], np.ndarray]) -> "EmbedChange | None":
+        """The per-token change of this adapter's embedding parts; ``base_rows(ids)`` gives the base's own
+        rows [n, dim] (those a replacement is measured against)."""
+        if not self.changes_embedding:
+            return None
+        ids = rows = None
+        if self.token_rows is not None:
+            order = np.argsort(self.token_rows[0])
+            ids = np.ascontiguousarray(self.token_rows[0][order], np.int64)
+            rows = (self.token_rows[1][order] - base_rows(ids)).astype(np.float32)  # replacement -> change
+        a, b = self.embed_lora if self.embed_lora is not None else (None, None)
+        return EmbedChange(a, None if b is None else np.ascontiguousarray(b.T), ids, rows)
+
+    def prefix_kv(self, cfg: ArchConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Prefix tuning's cache prefix: per layer (key, value) float32 [n_kv_heads, n_virtual, head_dim]."""
+        if self.prefix is None:
+            raise UnsupportedError(f"adapter {self.name!r} ({self.kind}) has no prefix")
+        n, kv, hd = self.prefix.shape[0], cfg.n_kv_heads, cfg.head_dim
+        p = self.prefix.reshape(n, cfg.n_layers * 2, kv, hd).transpose(1, 2, 0, 3)  # [2L, KV, n, hd]
+        return [(np.ascontiguousarray(p[2 * i]), np.ascontiguousarray(p[2 * i + 1])) for i in range(cfg.n_layers)]
+
+
+def hf_prefix_to_base(prefix: np.ndarray, cfg: ArchConfig) -> np.ndarray:
+    """PEFT's prefix [n, layers·2·kv_dim] (HF key layout) -> the base's key layout (q/k rows permuted)."""
+    if cfg.rope != "norm":
+        return np.ascontiguousarray(prefix, np.float32)
+    n = prefix.shape[0]
+    p = prefix.reshape(n, cfg.n_layers, 2, cfg.kv_dim).copy()
+    for i in range(cfg.n_layers):  # keys only: values are not rotated
+        p[:, i, 0] = permute_qk(p[:, i, 0].T, cfg.n_kv_heads).T
+    return np.ascontiguousarray(p.reshape(n, -1), np.float32)
+
+
+@dataclass
+class EmbedChange:
+    """ΔE for a batch of ids: s·(B@A)[:, t] (embedding LoRA) + (rows - E[t]) for replaced ids."""
+
+    a: np.ndarray | None  # [r, vocab]
+    bt: np.ndarray | None  # s·Bᵀ [r, dim]
+    ids: np.ndarray | None  # sorted int64 [n]
+    rows: np.ndarray | None  # [n, dim]: replacement minus the base row
+
+    def __call__(self, ids: np.ndarray, dim: int) -> np.ndarray:
+        """ids int [n] -> float32 [n, dim]."""
+        out = (self.a[:, ids].T @ self.bt).astype(np.float32) if self.a is not None else np.zeros((len(ids), dim), np.float32)
+        if self.ids is not None and len(self.ids):
+            k = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+            hit = self.ids[k] == ids
+            out[hit] += self.rows[k[hit]]
+        return out
