@@ -55,6 +55,10 @@ def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", 
     from .onnx_graph import build_onnx
 
     source, out = Path(source), Path(out)
+    from .hf_encoder import is_encoder_folder
+    if source.is_dir() and is_encoder_folder(source):  # BERT family: its own graph, card and slots
+        from .export_encoder import export_encoder
+        return export_encoder(source, out, onnx=onnx, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     reader = None
     if source.is_file() and source.suffix == ".gguf":

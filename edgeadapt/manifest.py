@@ -3,7 +3,8 @@
 Spec (mirrored in docs/FORMAT.md). A base folder MUST hold ``manifest.json``:
 
 - ``format``: ``"edgeadapt.base"``; ``format_version``: 1 (an integer; readers refuse newer);
-- ``arch``: the architecture card (:class:`edgeadapt.arch.ArchConfig` fields);
+- ``arch``: the architecture card (:class:`edgeadapt.arch.ArchConfig` fields, or, when it says
+  ``"family": "encoder"``, :class:`edgeadapt.encoder_arch.EncoderConfig` fields);
 - ``fingerprint``: ``sha256:<hex>`` of the float32 base weights (:mod:`edgeadapt.fingerprint`);
 - ``files``: relative paths of ``onnx`` (the graph; its weights in ``model.onnx.data``),
   ``onnx_lora`` (the same graph and weights with LoRA slots, for live adapters), ``onnx_check``
@@ -218,9 +219,11 @@ def read_manifest(folder: str | os.PathLike) -> BaseManifest:
                     ("merged_from", d.get("merged_from") is None or isinstance(d["merged_from"], dict))):
         if not ok:
             problems.append(f"{key}: wrong type {type(d.get(key)).__name__}")
-    _check_card(d["arch"], problems)
+    from .encoder_arch import EncoderConfig, check_encoder_card, is_encoder_card
+    encoder = is_encoder_card(d["arch"])  # the card says family "encoder": a BERT-family base
+    (check_encoder_card if encoder else _check_card)(d["arch"], problems)
     collect(problems, FormatError, f"{p}: not a valid base manifest:")
-    arch = ArchConfig.from_dict(d["arch"])
+    arch = EncoderConfig.from_dict(d["arch"]) if encoder else ArchConfig.from_dict(d["arch"])
     _check_tensors(root, arch, d["tensors"], problems)
     collect(problems, FormatError, f"{p}: not a valid base manifest:")
     return BaseManifest(root=root, arch=arch, fingerprint=d["fingerprint"], files=d["files"], tensors=d["tensors"],
