@@ -189,7 +189,7 @@ def demo_cmd(out: Path, engine: str, prompt: str) -> None:
 
 # ---- commands that live in their own modules (each module: ``COMMANDS = [click.Command, ...]``;
 # they import only click at module level, the real work lazily inside each command)
-_COMMAND_MODULES: list[str] = ["edgeadapt.cli_ship", "edgeadapt.cli_bench"]
+_COMMAND_MODULES: list[str] = ["edgeadapt.cli_ship", "edgeadapt.cli_bench", "edgeadapt.cli_combine"]
 
 
 def _register() -> None:
