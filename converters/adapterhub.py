@@ -118,11 +118,15 @@ def _bottleneck(c: dict[str, Any], tensors: dict[str, np.ndarray], cfg: Any, com
         raise UnsupportedError("AdapterHub bottleneck adapters are supported on encoder bases (BERT family); "
                                f"this base is a {cfg.arch!r} decoder")
     pat = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.(attention\.output|output)\.adapters\.[^.]+\."
-                     r"(adapter_down\.0|adapter_up|adapter_norm_before|adapter_norm_after|scaling)(?:\.(weight|bias))?$")
+                     r"(adapter_down\.[01]|adapter_up|adapter_norm_before|adapter_norm_after|scaling)(?:\.(weight|bias))?$")
     params: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     unknown = []
-    part = {"adapter_down.0": "down", "adapter_up": "up", "adapter_norm_before": "ln_before",
-            "adapter_norm_after": "ln_after", "scaling": "scaling"}
+    # adapter_down is Sequential([LayerNorm if ln_before], Linear, activation): the LayerNorm is also
+    # saved as adapter_norm_before
+    ln_b = bool(c.get("ln_before"))
+    part = {"adapter_down.0": "ln_before" if ln_b else "down", "adapter_down.1": "down" if ln_b else "?",
+            "adapter_up": "up", "adapter_norm_before": "ln_before", "adapter_norm_after": "ln_after",
+            "scaling": "scaling"}
     for k, v in tensors.items():
         m = pat.search(k)
         if not m:
@@ -130,6 +134,9 @@ def _bottleneck(c: dict[str, Any], tensors: dict[str, np.ndarray], cfg: Any, com
             continue
         i, pos = int(m.group(1)), "attn" if m.group(2) == "attention.output" else "ffn"
         p, wb = part[m.group(3)], m.group(4)
+        if p == "?":
+            unknown.append(k)
+            continue
         key = p if p == "scaling" else (f"{p}_bias" if wb == "bias" and p in ("down", "up") else
                                         p if p in ("down", "up") else f"{p}.{wb}")
         params.setdefault((i, pos), {})[key] = v
@@ -162,10 +169,9 @@ def _lora_family(kind: str, c: dict[str, Any], alpha: float, tensors: dict[str, 
         by_target.setdefault(t, {})[m.group(2)] = v
     if unknown:
         raise UnsupportedError(f"AdapterHub {kind} tensors with no linear weight of this {cfg.arch} base: {unknown[:5]}")
-    shapes = cfg.linear_shapes()
     if kind == "ia3":
-        params = {t: {"l": (p["lora_B"].reshape(-1) * np.float32(alpha)).astype(np.float32), "axis": "out",
-                      "shape": shapes[t]} for t, p in by_target.items()}
+        params = {t: {"ia3_out": (p["lora_B"].reshape(-1) * np.float32(alpha)).astype(np.float32)}
+                  for t, p in by_target.items()}
         heads = {t: h for t in params if (h := _heads(cfg, t))}
         return Ia3Adapter(params=params, heads=heads, **common)
     r = float(c.get("r", 8))

@@ -1,0 +1,233 @@
+"""AdapterHub adapters (bottleneck, LoRA, IA3): built with the ``adapters`` library on tiny in-memory
+models with non-trivial weights, saved, converted, run on both engines and compared with the
+library's own forward in torch (1e-4). ``adapters`` pins transformers 4.57: run in its venv."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ENGINES, make_model, torch, torch_logits
+
+adapters = pytest.importorskip("adapters", reason="AdapterHub's `adapters` is not installed (it needs transformers "
+                                                  "~=4.57: pip install transformers==4.57.6 adapters==1.3.0)")
+
+import edgeadapt  # noqa: E402
+from edgeadapt.errors import AdapterMismatchError, UnsupportedError  # noqa: E402
+
+BERT = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64, num_labels=3)
+
+
+def _configs():
+    from adapters import DoubleSeqBnConfig, IA3Config, LoRAConfig, ParBnConfig, SeqBnConfig
+
+    return {
+        "seq_bn": SeqBnConfig(),
+        "double_seq_bn": DoubleSeqBnConfig(),
+        "par": ParBnConfig(),
+        # every placement option away from its preset, each once
+        "seq_bn_ln": SeqBnConfig(ln_before=True, ln_after=True, residual_before_ln=False, non_linearity="gelu",
+                                 reduction_factor=4, scaling="channel"),
+        "seq_bn_postadd": SeqBnConfig(residual_before_ln="post_add", adapter_residual_before_ln=True, ln_after=True,
+                                      original_ln_after=False, non_linearity="tanh", scaling=0.5),
+        "houlsby_learned": DoubleSeqBnConfig(original_ln_before=True, scaling="learned", non_linearity="leakyrelu",
+                                             leave_out=[0]),
+        "par_ln": ParBnConfig(ln_after=True, non_linearity="gelu_new", scaling=2.0, mh_adapter=True),
+        "lora": LoRAConfig(r=4, alpha=8, attn_matrices=["q", "k", "v"], intermediate_lora=True, output_lora=True),
+        "ia3": IA3Config(alpha=2),
+    }
+
+
+KINDS = list(_configs())
+
+
+def _bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    m = BertForSequenceClassification(BertConfig(**BERT)).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "LayerNorm" in n else 0.1 * torch.randn_like(p))
+    return m
+
+
+def _with_adapter(model, name, config, seed):
+    m = copy.deepcopy(model)
+    adapters.init(m)
+    m.add_adapter(name, config=config)
+    torch.manual_seed(seed)
+    with torch.no_grad():  # trained-looking parameters: the default inits are (nearly) no-ops
+        for n, p in m.named_parameters():
+            if f".{name}." in n or n.endswith(f".{name}"):
+                near_one = "norm" in n or "scaling" in n or (config.architecture == "lora" and
+                                                            config.composition_mode == "scale")
+                p.copy_(1 + 0.3 * torch.randn_like(p) if near_one else 0.3 * torch.randn_like(p))
+    m.set_active_adapters(name)
+    return m.eval()
+
+
+def _ref(m, ids, mask):
+    with torch.no_grad():
+        out = m(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
+    return out.hidden_states[-1].numpy(), out.logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    from edgeadapt.converters.export_base import export_base
+
+    root = tmp_path_factory.mktemp("ah_bert")
+    model = _bert()
+    model.save_pretrained(root / "hf")
+    manifest = export_base(root / "hf", root / "base")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 120, size=(3, 9))
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0  # a padded row
+    return dict(root=root, model=model, manifest=manifest, base=root / "base", ids=ids, mask=mask)
+
+
+@pytest.fixture(scope="module")
+def built(bert):
+    """kind -> (adapters model, converted adapter object)."""
+    from edgeadapt.converters.adapterhub import convert_adapterhub
+
+    out = {}
+    for k, (kind, cfg) in enumerate(_configs().items()):
+        m = _with_adapter(bert["model"], kind, cfg, seed=10 + k)
+        folder = bert["root"] / kind
+        m.save_adapter(str(folder), kind, use_safetensors=(k % 2 == 0))  # both file forms
+        out[kind] = (m, convert_adapterhub(folder, bert["manifest"]))
+    return out
+
+
+def _masked(a, mask):
+    return a * mask[..., None]
+
+
+def _check_kind(bert, built, kind, engine):
+    m_ref, adapter = built[kind]
+    ids, mask = bert["ids"], bert["mask"]
+    want_h, want_logits = _ref(m_ref, ids, mask)
+    base_h, _ = _ref(bert["model"], ids, mask)
+    assert np.abs(_masked(want_h - base_h, mask)).max() > 0.05, "the adapter must matter"
+    em = edgeadapt.load(bert["base"], engine=engine)
+    assert em.engine == engine
+    em.add_adapter(adapter)
+    em.use(kind)
+    np.testing.assert_allclose(_masked(em.hidden_states(ids, mask), mask), _masked(want_h, mask), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(em.classify(ids, mask), want_logits, atol=1e-4, rtol=0)
+    em.use(None)  # back to the bare base, nothing re-read
+    np.testing.assert_allclose(_masked(em.hidden_states(ids, mask), mask), _masked(base_h, mask), atol=1e-4, rtol=0)
+
+
+for _kind in KINDS:
+    for _engine in ENGINES:
+        def _test(bert, built, kind=_kind, engine=_engine):
+            _check_kind(bert, built, kind, engine)
+        _test.__name__ = f"test_kind_{_kind}_{_engine}_live"
+        globals()[_test.__name__] = _test
+del _test
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_per_row_adapters(bert, built, engine):
+    """One pass, each row its own adapter (bottleneck, LoRA, none) = each row run alone by the library."""
+    ids, mask = bert["ids"], bert["mask"]
+    em = edgeadapt.load(bert["base"], engine=engine)
+    for kind in ("seq_bn", "lora", "double_seq_bn"):
+        em.add_adapter(built[kind][1])
+    rows = ["seq_bn", "lora", None]
+    got = em.hidden_states(ids, mask, adapters=rows)
+    for r, kind in enumerate(rows):
+        want, _ = _ref(built[kind][0] if kind else bert["model"], ids[r:r + 1], mask[r:r + 1])
+        np.testing.assert_allclose(got[r] * mask[r][:, None], want[0] * mask[r][:, None], atol=1e-4, rtol=0)
+    with pytest.raises(UnsupportedError, match="two bottleneck adapters at blk.0.ffn"):
+        em.hidden_states(ids, mask, adapters=[["seq_bn", "double_seq_bn"], None, None])
+
+
+def test_old_version_alpha_is_r(bert, built, tmp_path):
+    """Saved by adapters < 1.1.0: alpha was ignored, so the loader (theirs and ours) takes alpha = r."""
+    from edgeadapt.converters.adapterhub import convert_adapterhub
+
+    m_ref, _ = built["lora"]
+    m_ref.save_adapter(str(tmp_path), "lora", use_safetensors=True)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta["version"] = "adapters.1.0.1"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    old = convert_adapterhub(tmp_path, bert["manifest"], name="old")
+    new = built["lora"][1]
+    t = next(iter(new.factors))
+    np.testing.assert_allclose(old.factors[t][1] * 2.0, new.factors[t][1], rtol=1e-6)  # alpha 8 / r 4 vs r / r
+    # and the library's own loader agrees
+    m2 = copy.deepcopy(bert["model"])
+    adapters.init(m2)
+    m2.load_adapter(str(tmp_path), load_as="old", set_active=True, use_safetensors=True)
+    em = edgeadapt.load(bert["base"], engine="numpy")
+    em.add_adapter(old)
+    em.use("old")
+    want, _ = _ref(m2.eval(), bert["ids"], bert["mask"])
+    np.testing.assert_allclose(_masked(em.hidden_states(bert["ids"], bert["mask"]), bert["mask"]),
+                               _masked(want, bert["mask"]), atol=1e-4, rtol=0)
+
+
+def test_refusals(bert, built, tmp_path):
+    from adapters import SeqBnConfig
+
+    from edgeadapt.converters.adapterhub import convert_adapterhub
+
+    m = _with_adapter(bert["model"], "gated", SeqBnConfig(use_gating=True), 3)
+    m.save_adapter(str(tmp_path / "gated"), "gated", use_safetensors=True)
+    with pytest.raises(UnsupportedError, match=r"bottleneck option\(s\) use_gating=True not supported"):
+        convert_adapterhub(tmp_path / "gated", bert["manifest"])
+    meta = json.loads((bert["root"] / "seq_bn" / "adapter_config.json").read_text())
+    meta["hidden_size"] = 48
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "wrong" / "adapter_config.json").write_text(json.dumps(meta))
+    (tmp_path / "wrong" / "adapter.safetensors").write_bytes((bert["root"] / "seq_bn" / "adapter.safetensors").read_bytes())
+    with pytest.raises(AdapterMismatchError, match="hidden_size: the base has 32, the adapter 48"):
+        convert_adapterhub(tmp_path / "wrong", bert["manifest"])
+    em = edgeadapt.load(bert["base"], engine="numpy")
+    a = built["seq_bn"][1]
+    a2 = copy.copy(a)
+    a2.fingerprint = "sha256:" + "0" * 64
+    with pytest.raises(AdapterMismatchError, match="base fingerprint"):
+        em.add_adapter(a2, name="other")
+    assert em.adapters == {}  # a failed add changes nothing
+
+
+# ---- llama-family decoders: AdapterHub LoRA and IA3 become our kinds
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_llama_lora_ia3(tiny, ids, kind, engine, tmp_path):
+    from adapters import IA3Config, LoRAConfig
+
+    from edgeadapt.converters.adapterhub import convert_adapterhub
+
+    cfg = (LoRAConfig(r=4, alpha=6, attn_matrices=["q", "k", "v"], intermediate_lora=True, output_lora=True)
+           if kind == "lora" else IA3Config(attn_matrices=["q", "k", "v"], intermediate_lora=True, output_lora=True))
+    m = _with_adapter(tiny["model"], kind, cfg, seed=5)
+    m.save_adapter(str(tmp_path), kind, use_safetensors=True)
+    adapter = convert_adapterhub(tmp_path, tiny["manifest"])
+    want = torch_logits(m, ids)
+    assert np.abs(want - torch_logits(tiny["model"], ids)).max() > 0.05, "the adapter must matter"
+    em = edgeadapt.load(tiny["base"], engine=engine)
+    em.add_adapter(adapter)
+    em.use(kind)
+    np.testing.assert_allclose(em.logits(ids), want, atol=1e-4, rtol=0)
+
+
+def test_llama_bottleneck_is_named(tiny, tmp_path):
+    from adapters import SeqBnConfig
+
+    from edgeadapt.converters.adapterhub import convert_adapterhub
+
+    m = _with_adapter(make_model("llama"), "bn", SeqBnConfig(), 1)
+    m.save_adapter(str(tmp_path), "bn", use_safetensors=True)
+    with pytest.raises(UnsupportedError, match="bottleneck adapters are supported on encoder bases"):
+        convert_adapterhub(tmp_path, tiny["manifest"])
