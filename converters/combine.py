@@ -132,7 +132,7 @@ def check_inputs(adapters: Sequence[Any], weights: Sequence[float], manifest: Ba
     if len(weights) != len(adapters):
         problems.append(f"expected one weight per input ({len(adapters)}), found {len(weights)}: "
                         f"{', '.join(f'{w:g}' for w in weights)}")
-    bad = [f"{getattr(a, 'name', i)}={w!r}" for i, (a, w) in enumerate(zip(adapters, weights))
+    bad = [f"{w!r} for {_label(a)}" for a, w in zip(adapters, weights)
            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
     if bad:
         problems.append(f"weights must be finite numbers, found {', '.join(bad)}")

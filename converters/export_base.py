@@ -82,6 +82,10 @@ def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", 
             tensors.setdefault(n, {})["onnx"] = e
         files["onnx"] = "model.onnx"
         files["onnx_lora"] = "model_lora.onnx"  # the same weights with LoRA slots (live mode)
+        if (out / "model_live.onnx").is_file():
+            files["onnx_live"] = "model_live.onnx"  # the same, slots without defaults (the runtime's live graph)
+        if (out / "model_kinds.onnx").is_file():
+            files["onnx_kinds"] = "model_kinds.onnx"  # the same, with scale / bias slots (DoRA, IA3, lora_bias)
         files["onnx_check"] = "weight_sums.onnx"  # verifies initializer overrides (merge mode)
     for qkind in ("int4", "int8"):
         if onnx and qkind in onnx_weights:  # the quantized bases, adapters live beside them

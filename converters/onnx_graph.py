@@ -309,6 +309,12 @@ def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *
         if slots:
             save_fused(fused_decoder(cfg, _F32Linears(cfg, linear), inits, f"edgeadapt_{cfg.arch}_lora"),
                        out_dir / LORA_FILE)
+            # the same graph with every slot required (rank 0 = idle): onnxruntime's IOBinding cannot bind an
+            # input that has a default, and binding is what keeps the kv cache in place between tokens
+            save_fused(fused_decoder(cfg, _F32Linears(cfg, linear), inits, f"edgeadapt_{cfg.arch}_live",
+                                     slot_defaults=False), out_dir / LIVE_FILE)
+            from .onnx_kinds import save_kinds_graph  # scale / bias slots (DoRA, IA3, lora_bias), loaded lazily
+            save_kinds_graph(cfg, inits, out_dir)
     else:
         _save(_decoder(cfg, protos, None), out_dir / "model.onnx")
         if slots:

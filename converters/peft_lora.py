@@ -5,6 +5,10 @@ the scale PEFT uses is folded into B in float32:  s = alpha / r  (rsLoRA: alpha 
 alpha taken from ``rank_pattern`` / ``alpha_pattern`` exactly as PEFT matches them (a pattern
 matches a module path that equals it or ends in ``.<pattern>``, first match wins). B's rows of
 q/k are permuted like the base's. Options this version cannot represent are refused by name.
+
+``fan_in_fan_out`` (GPT-2's Conv1D, weight [in, out]): PEFT transposes ΔW = s·B@A to the Conv1D
+layout before adding it; the canonical base holds those weights transposed back to [out, in], so
+the canonical delta is s·B@A as for any linear, with A [r, in] and B [out, r] as saved.
 """
 
 from __future__ import annotations
@@ -17,15 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from edgeadapt.arch import ArchConfig, permute_qk, qk_heads
+from edgeadapt.arch import CONV1D_ARCHES, ArchConfig, permute_qk, qk_heads
 from edgeadapt.delta import write_delta
 from edgeadapt.errors import AdapterMismatchError, FormatError, UnsupportedError, collect
 from edgeadapt.names import gguf_name
 
 PREFIX = "base_model.model."
 # adapter_config.json options and the values this converter handles
-_REFUSED = {"use_dora": (False, None), "lora_bias": (False, None), "fan_in_fan_out": (False, None),
-            "use_qalora": (False, None)}
+_REFUSED = {"use_dora": (False, None), "lora_bias": (False, None), "use_qalora": (False, None)}  # fan_in_fan_out: see lora_factors
 
 
 def pattern_key(patterns: list[str], module: str) -> str | None:
@@ -157,6 +160,9 @@ def lora_factors(cfg: ArchConfig, peft_cfg: dict[str, Any], tensors: dict[str, n
     rank_p, alpha_p = peft_cfg.get("rank_pattern") or {}, peft_cfg.get("alpha_pattern") or {}
     rslora = bool(peft_cfg.get("use_rslora", False))
     shapes = cfg.linear_shapes()
+    if peft_cfg.get("fan_in_fan_out") not in (None, False) and cfg.arch not in CONV1D_ARCHES:
+        raise UnsupportedError(f"LoRA option fan_in_fan_out={peft_cfg['fan_in_fan_out']!r} is for Conv1D layers "
+                               f"(architectures {sorted(CONV1D_ARCHES)}); this {cfg.arch} base has none")
     problems: list[str] = []
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, t in tensors.items():

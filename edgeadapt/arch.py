@@ -268,6 +268,40 @@ class ArchConfig:
                    pad_token_id=None if pad is None else int(pad), **kw)
 
 
+# ---- validation of a card read from a manifest (hostile until checked)
+_FEATURES: dict[str, tuple] = {"rope": ("norm", "neox", "none"), "norm": ("rms", "layer"), "act": ("silu", "gelu_tanh")}
+_FLAGS = ("gated_ffn", "fused_qkv", "linear_bias", "qk_norm", "post_norms", "learned_pos")
+
+
+def check_features(d: dict[str, Any], problems: list[str]) -> None:
+    """Append to ``problems`` what is wrong with the per-family fields of a card dict."""
+    import math
+
+    for key, allowed in _FEATURES.items():
+        if key in d and d[key] not in allowed:
+            problems.append(f"arch.{key}: expected one of {list(allowed)}, found {d[key]!r}")
+    for key in _FLAGS:
+        if key in d and not isinstance(d[key], bool):
+            problems.append(f"arch.{key}: expected true or false, found {d[key]!r}")
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+    for key, optional in (("embed_scale", False), ("rope_scale", False), ("attn_scale", True),
+                          ("rope_theta_swa", True), ("final_softcap", True)):
+        if key in d and not (optional and d[key] is None) and not number(d[key]):
+            problems.append(f"arch.{key}: expected a positive finite number{' or null' if optional else ''}, "
+                            f"found {d[key]!r}")
+    w = d.get("sliding_window")
+    if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+        problems.append(f"arch.sliding_window: expected a positive integer or null, found {w!r}")
+    layers = d.get("swa_layers")
+    n = d.get("n_layers")
+    if layers is not None and not (isinstance(layers, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (n if isinstance(n, int) else 0) for i in layers)):
+        problems.append(f"arch.swa_layers: expected a list of layer indices below n_layers or null, found {layers!r}")
+
+
 # ---- Hugging Face config readers of the non-llama families
 def _rope_params(g: dict[str, Any], layer_type: str | None) -> dict[str, Any]:
     """The rope parameters of a config: transformers ≥ 5 keeps them in ``rope_parameters`` (per layer

@@ -82,7 +82,8 @@ def export_base_cmd(source: Path, out: Path, gguf_type: str, no_onnx: bool, onnx
                    "measured output error against the fp32 adapter.")
 def export_adapter_cmd(adapter: Path, base: Path, out: Path, name: str | None, version: int, dtype: str,
                        fmt: str, quant: str | None) -> None:
-    """Convert a PEFT LoRA folder (or a delta .gguf) into a file pinned to BASE."""
+    """Convert a PEFT folder (LoRA, DoRA, IA3, LoHa, LoKr, VeRA) or a delta .gguf into a file pinned to BASE."""
+    from edgeadapt.converters.peft_kinds import export_peft_kind, is_peft_kind
     from edgeadapt.converters.peft_lora import convert_peft
     from edgeadapt.manifest import read_manifest
 
@@ -100,10 +101,12 @@ def export_adapter_cmd(adapter: Path, base: Path, out: Path, name: str | None, v
             with tempfile.TemporaryDirectory() as tmp:
                 delta = read_delta(convert_peft(adapter, man, Path(tmp) / "d.gguf", name=name, version=version))
         path = write_onnx_adapter(delta, out)
+    elif is_peft_kind(adapter):
+        path = export_peft_kind(adapter, read_manifest(base), out, name=name, version=version, dtype=quant or dtype)
     else:
         path = convert_peft(adapter, read_manifest(base), out, name=name, version=version, dtype=quant or dtype)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
-    if quant and fmt == "gguf":
+    if quant and fmt == "gguf" and not is_peft_kind(adapter):
         from edgeadapt.converters.quant_report import adapter_report
 
         click.echo("\n".join(adapter_report(adapter, base, path).lines()))
@@ -126,15 +129,22 @@ def inspect_cmd(path: Path) -> None:
     from edgeadapt.delta import read_delta
 
     d = read_delta(path)
-    ranks = sorted(d.ranks)
     modules = sorted({t.split(".")[2] if t.startswith("blk.") else t for t in d.targets})
     layers = sorted({int(t.split(".")[1]) for t in d.targets if t.startswith("blk.")})
-    click.echo(f"delta file    {path} ({path.stat().st_size / 1e6:.3f} MB, integrity ok)\n"
-               f"adapter       {d.name!r} version {d.version}, kind {d.kind}, mergeable {d.mergeable}\n"
+    if hasattr(d, "ranks"):
+        ranks = sorted(d.ranks)
+        shape = f"rank          {ranks[0] if len(ranks) == 1 else ranks}" + (", with bias changes" if getattr(d, "biases", None) else "")
+    else:
+        shape = f"parameters of {', '.join(sorted({k for p in d.params.values() for k in p}))}"
+    yes = {True: "yes", False: "no"}
+    click.echo(f"delta file    {path} ({path.stat().st_size / 1e6:.3f} MB, integrity ok, stored {d.quant})\n"
+               f"adapter       {d.name!r} version {d.version}, kind {d.kind}\n"
+               f"runs          merged: {yes[bool(d.mergeable)]}, live: {yes[bool(getattr(d, 'live', False))]}"
+               f"{', needs the unquantized base' if getattr(d, 'needs_base', False) else ''}\n"
                f"base          {d.arch}, fingerprint {d.fingerprint}\n"
                f"targets       {len(d.targets)} weights: {', '.join(modules)} in {len(layers)} layers\n"
-               f"rank          {ranks[0] if len(ranks) == 1 else ranks}\n"
-               f"parameters    {sum(a.size + b.size for a, b in d.factors.values()):,}\n"
+               f"{shape}\n"
+               f"parameters    {d.n_params:,}\n"
                f"source        {d.source or '-'}")
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .arch import GGUF_ARCHES, ArchConfig
+from .arch import GGUF_ARCHES, ArchConfig, check_features
 from .errors import FormatError, UnsupportedError, collect
 
 MAGIC = "edgeadapt.base"
@@ -129,9 +129,7 @@ def _check_card(d: Any, problems: list[str]) -> None:
             problems.append(f"arch.{key}: expected {typ.__name__} in {lo}…{hi}, found {v!r}")
     if not problems and d["n_heads"] % d["n_kv_heads"]:
         problems.append(f"arch: n_heads {d['n_heads']} is not a multiple of n_kv_heads {d['n_kv_heads']}")
-    for key in ("rope",):
-        if key in d and d[key] not in ("norm", "neox"):
-            problems.append(f"arch.rope: expected 'norm' or 'neox', found {d[key]!r}")
+    check_features(d, problems)  # rope kind and the per-family fields, see edgeadapt.arch
     for key in ("qkv_bias", "tied_embeddings"):
         if key in d and not isinstance(d[key], bool):
             problems.append(f"arch.{key}: expected true or false, found {d[key]!r}")

@@ -485,8 +485,8 @@ class NumpyEngine:
                 raise
             except Exception as e:  # a malformed metadata value
                 raise FormatError(f"{self.path}: unreadable architecture metadata: {type(e).__name__}: {e}") from e
-        if cfg.rope not in ("norm", "neox"):
-            raise UnsupportedError(f"rope kind {cfg.rope!r} is not supported; supported: 'norm', 'neox'")
+        if cfg.rope not in ("norm", "neox", "none"):
+            raise UnsupportedError(f"rope kind {cfg.rope!r} is not supported; supported: 'norm', 'neox', 'none'")
         arch = cfg.arch
         scaling = reader.fields.get(f"{arch}.rope.scaling.type")
         if scaling is not None and scaling.contents() not in ("none", "", "linear"):

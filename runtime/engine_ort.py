@@ -74,30 +74,50 @@ class OrtEngine:
         self._table = {n: e["onnx"] for n, e in manifest.tensors.items() if isinstance(e, dict) and "onnx" in e}
         self._linear = list(self.cfg.linear_shapes())
         self._sums_path = manifest.path("onnx_check") or path.parent / "weight_sums.onnx"
-        lora_path = manifest.path("onnx_lora") or path.parent / "model_lora.onnx"
-        self.live = live
+        self._kinds_file, self._kinds = manifest.path("onnx_kinds"), None  # scale / bias slots, built on first use
+        self.live = bool(live)
+        self._lazy = live == "lazy" and weights == "fp32"  # plain graph until the first adapter runs live
+        self._slotted_path: Path | None = None
         if live and weights == "fp32":
-            if not lora_path.is_file():
-                raise FormatError(f"{manifest.root} has no model_lora.onnx (the graph with LoRA slots); "
-                                  "export the base again with this edgeadapt, or use mode='merge'")
-            self._path = lora_path
-        self._session, self._keep = self._build({}), ()
+            self._slotted_path = _slotted_graph(manifest)
+            if not self._lazy:
+                self._path = self._slotted_path
         self._out_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.cfg.n_layers) for kv in ("key", "value")]
-        meta = self._session.get_modelmeta().custom_metadata_map
-        self._fused = meta.get("edgeadapt.attention") == "GroupQueryAttention"  # see forward
-        inputs = {i.name for i in self._session.get_inputs()}
-        defaults = {i.name for i in self._session.get_overridable_initializers()}
-        self._slots = [n for n in self._linear if f"lora.{n}.a" in inputs | defaults]
-        # the in-place kv cache (KVCache) needs IOBinding, which cannot bind slots that have defaults
-        # (model_lora.onnx keeps them for onnxruntime's LoraAdapter): that graph feeds arrays every step
-        self._inplace = self._fused and not any(f"lora.{n}.a" in defaults for n in self._slots)
-        self._embed_input = "embed.delta" in inputs | defaults  # base folders exported before it have no such input
-        self._required = [n for n in self._slots if f"lora.{n}.a" not in defaults]  # quantized graphs: no defaults
-        shapes = self.cfg.linear_shapes()
-        self._empty_slot = {n: (np.zeros((1, shapes[n][1], 0), np.float32), np.zeros((1, 0, shapes[n][0]), np.float32))
-                            for n in self._slots}  # what an idle slot is bound to (the graph's own defaults)
+        self._switch = threading.Lock()
+        self._adopt(self._build({}))
         self._probe: np.ndarray | None = None  # made at the first set_weights: a cold start does not pay for it
         self._mm: dict[str, np.memmap] = {}
+
+    def _adopt(self, sess: Any, keep: Any = ()) -> None:
+        """Make ``sess`` the running session: one assignment, so a concurrent request sees the old session
+        with everything derived from it, or the new one with its own (a request reads ``self._g`` once)."""
+        self._g, self._keep = _Session(sess, self.cfg, self._linear), keep
+
+    # what forward reads, always from one _Session
+    _session = property(lambda self: self._g.sess)
+    _slots = property(lambda self: self._g.slots)
+    _inplace = property(lambda self: self._g.inplace)
+
+    @property
+    def graph(self) -> str:
+        """The file of the running session (model.onnx until a lazy engine first runs an adapter)."""
+        return self._path.name
+
+    def ensure_slots(self) -> None:
+        """A lazy live engine (``live="lazy"``: the bare base runs on the plain graph, at its full speed) moves
+        to the slotted graph, once, when an adapter first runs live. Requests already running keep their
+        session; the plain session is released when they end."""
+        if not self._lazy or self._path == self._slotted_path:
+            return
+        if self._keep and self._keep[0]:
+            raise UnsupportedError("merged weights are active on the plain graph; restore the base before running "
+                                   "adapters live")
+        with self._switch:
+            if self._path == self._slotted_path:
+                return
+            sess = self._build({}, self._slotted_path)
+            self._path, self._probe = self._slotted_path, None
+            self._adopt(sess, self._pending_keep)
 
     # ---- sessions
     def _options(self) -> Any:
@@ -225,11 +245,16 @@ class OrtEngine:
         one back once. On an older plain graph it is the list of (key, value) arrays of model.onnx."""
         if lora and not self.live:
             raise AdapterMismatchError("live LoRA factors need the slotted graph: load with mode='live' or 'auto'")
+        if lora and any(len(v) > 2 for v in lora.values()):  # scale / bias terms: model_kinds.onnx
+            return self._forward_kinds(input_ids, attention_mask, position_ids, past, lora, embed)
+        if lora and self._lazy:
+            self.ensure_slots()
         ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids))
-        if embed is not None and not self._embed_input:
+        g = self._g
+        if embed is not None and not g.embed:
             raise FormatError(f"{self._path.name} has no embed.delta input (embedding changes, virtual tokens); "
                               "export the base again with this edgeadapt")
-        if isinstance(past, KVCache) or self._inplace and embed is None and not past:
+        if isinstance(past, KVCache) or g.inplace and embed is None and not past:
             return self._forward_inplace(ids, mask, pos, past, lora)
         b = ids.shape[0]
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
@@ -252,7 +277,59 @@ class OrtEngine:
                 lg, past = self.forward(ids[:, k:k + 1], mask[:, :mask.shape[1] - s + k + 1], pos[:, k:k + 1], past, lora, e)
                 out.append(lg)
             return np.concatenate(out, axis=1), past
-        outs = self._session.run(self._out_names, feeds)
+        outs = g.sess.run(self._out_names, feeds)
+        return outs[0], [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
+
+    # ---- scale / bias slots (model_kinds.onnx: DoRA, IA3, lora_bias)
+    @property
+    def kind_slots(self) -> bool:
+        """Can this engine run scale / bias terms live (the fp32 base folder has model_kinds.onnx)?"""
+        return self.live and self.weights == "fp32" and self._kinds_file is not None and self._kinds_file.is_file()
+
+    def _forward_kinds(self, ids: Any, mask: Any, pos: Any, past: Any, lora: dict[str, tuple], embed: Any
+                       ) -> tuple[np.ndarray, Any]:
+        """``lora`` entries (A, B, in [n, in], out [n, out], bias [n, out]), any of them None, on model_kinds.onnx
+        (built once, on first use; arrays fed every step)."""
+        if not self.kind_slots:
+            raise UnsupportedError("adapters that scale or shift a layer (dora, ia3, lora_bias) run live on onnxruntime "
+                                   "through model_kinds.onnx, on the fp32 graph in live or auto mode; this base folder "
+                                   f"({self._root}) has none or the engine is not live: export the base again, or use "
+                                   "engine='numpy'")
+        if self._kinds is None:
+            with self._switch:
+                if self._kinds is None:
+                    sess = self._build({}, self._kinds_file)
+                    self._kinds = (_Session(sess, self.cfg, self._linear), self._pending_keep)
+        if self._keep and self._keep[0]:
+            raise UnsupportedError("merged weights are active; restore the base before running scale / bias terms live")
+        g = self._kinds[0]
+        if isinstance(past, KVCache):
+            raise FormatError("past: this request started on another graph; start a new request")
+        ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (ids, mask, pos))
+        b, s = ids.shape
+        if g.fused and past and b > 1 and s > 1 and past[0][0].shape[2] > 0:  # GroupQueryAttention: one at a time
+            out = []
+            for k in range(s):
+                e = embed if embed is None or embed.shape[1] == 1 else embed[:, k:k + 1]
+                lg, past = self._forward_kinds(ids[:, k:k + 1], mask[:, :mask.shape[1] - s + k + 1], pos[:, k:k + 1],
+                                               past, lora, e)
+                out.append(lg)
+            return np.concatenate(out, axis=1), past
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        empty = np.zeros((b, self.cfg.n_kv_heads, 0, self.cfg.head_dim), np.float32)
+        for i in range(self.cfg.n_layers):
+            k, v = past[i] if past else (empty, empty)
+            feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = k, v
+        for name, terms in lora.items():
+            a, bb = terms[0], terms[1]
+            if a is not None and a.shape[-1]:
+                feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = a, bb
+            for key, x in zip(("in", "out", "bias"), terms[2:]):
+                if x is not None:
+                    feeds[f"lora.{name}.{key}"] = np.ascontiguousarray(x[:, None, :], np.float32)
+        if embed is not None:
+            feeds["embed.delta"] = np.ascontiguousarray(embed, np.float32)
+        outs = g.sess.run(self._out_names, feeds)
         return outs[0], [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
 
     def _forward_inplace(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Any, lora: Any
@@ -272,6 +349,37 @@ class OrtEngine:
                    for k in range(s)]
             return np.concatenate(out, axis=1), past
         return past.run(ids, mask, pos, lora), past
+
+
+class _Session:
+    """A session and what forward derives from its inputs, replaced whole when the engine switches graphs."""
+
+    def __init__(self, sess: Any, cfg: Any, linear: list[str]):
+        meta = sess.get_modelmeta().custom_metadata_map
+        self.sess = sess
+        self.fused = meta.get("edgeadapt.attention") == "GroupQueryAttention"  # see OrtEngine.forward
+        inputs = {i.name for i in sess.get_inputs()}
+        defaults = {i.name for i in sess.get_overridable_initializers()}
+        self.slots = [n for n in linear if f"lora.{n}.a" in inputs | defaults]
+        shapes = cfg.linear_shapes()
+        self.empty_slot = {n: (np.zeros((1, shapes[n][1], 0), np.float32), np.zeros((1, 0, shapes[n][0]), np.float32))
+                           for n in self.slots}  # what an idle slot is bound to (the graph's own defaults)
+        self.required = [n for n in self.slots if f"lora.{n}.a" not in defaults]  # model_live / quantized: no defaults
+        # the in-place kv cache (KVCache) needs IOBinding, which cannot bind slots that have defaults
+        # (model_lora.onnx keeps them for onnxruntime's LoraAdapter): that graph feeds arrays every step
+        self.inplace = self.fused and not any(f"lora.{n}.a" in defaults for n in self.slots)
+        self.embed = "embed.delta" in inputs | defaults  # base folders exported before it have no such input
+
+
+def _slotted_graph(manifest: BaseManifest) -> Path:
+    """The runtime's live graph: model_live.onnx (slots required, kv cache bound in place), or model_lora.onnx
+    (slots with defaults) for base folders exported before model_live.onnx existed."""
+    for kind, file in (("onnx_live", "model_live.onnx"), ("onnx_lora", "model_lora.onnx")):
+        p = manifest.path(kind)
+        if p is not None and p.is_file():
+            return p
+    raise FormatError(f"{manifest.root} has no model_live.onnx or model_lora.onnx (the graphs with LoRA slots); "
+                      "export the base again with this edgeadapt, or use mode='merge'")
 
 
 class KVCache:

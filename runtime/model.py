@@ -257,16 +257,51 @@ class Model:
                 live = self._seq.plan(self._factors([want]), [want])  # built before anything changes
                 if self._merged:  # leave a merge: back to the pure base weights first
                     self._merge({})
+                if live:
+                    self._slots_ready()
                 self._live = live
             self.active, self._stable_tokens = want, 0
             self.last_swap_seconds = time.perf_counter() - t0
 
+    def _slots_ready(self) -> None:
+        """onnxruntime in auto mode runs the bare base on the plain graph; the first live adapter moves it to
+        the slotted one (a one-time session build, paid here rather than by the first request)."""
+        ensure = getattr(self._engine, "ensure_slots", None)
+        if ensure is not None:
+            with self._lock.write():
+                ensure()
+
     def _low_rank(self, want: Mapping[str, float]) -> bool:
-        """Can this set run live (every adapter a low-rank x·A·B)? Others (DoRA, IA3, LoHa, LoKr) merge."""
-        return all(getattr(self.adapters[n], "low_rank", hasattr(self.adapters[n], "live_factors")) for n in want)
+        """Can this set run live? The LoRA family, and kinds with a live form (edgeadapt.delta_kinds.LiveTerms:
+        LoHa / LoKr as exact factors; DoRA, IA3, lora_bias with scale / bias slots, which the numpy engine has
+        and onnxruntime has in model_kinds.onnx). The others merge."""
+        return all(self._runs_live(n) for n in want)
+
+    def _runs_live(self, name: str) -> bool:
+        a = self.adapters[name]
+        if hasattr(a, "low_rank"):
+            return bool(a.low_rank)
+        if not hasattr(a, "live_terms"):
+            return hasattr(a, "live_factors")
+        if not getattr(a, "live", False):
+            return False
+        try:
+            terms = self._adapter_factors(name)
+        except (AdapterMismatchError, FormatError):  # e.g. no unquantized base weight to compute DoRA's norm from
+            return False
+        if any(len(t) == 5 for t in terms.values()):
+            return self._engine.name == "numpy" or bool(getattr(self._engine, "kind_slots", False))
+        return True
 
     def _merge(self, want: dict[str, float]) -> None:
-        seq = self._seq.plan({}, [want]) if want else {}  # embedding / sequence parts ride beside merged weights
+        # embedding / sequence parts and lora_bias changes (no bias to merge into on most bases) ride beside
+        # the merged weights, live
+        biases = self._bias_terms(want)
+        if biases and not (self._engine.name == "numpy" or getattr(self._engine, "kind_slots", False)):
+            raise UnsupportedError(f"adapters {sorted(n for n in want if getattr(self.adapters[n], 'biases', None))} "
+                                   "change biases (lora_bias), which onnxruntime runs live only: load with mode='live' "
+                                   "or 'auto' from a base folder with model_kinds.onnx, or use engine='numpy'")
+        seq = self._seq.plan(biases, [want]) if want else {}
         deltas: dict[str, np.ndarray] = {}
         bases: dict[str, np.ndarray] = {}
         for name, weight in want.items():
@@ -303,12 +338,30 @@ class Model:
         return {n: float(w) for n, w in spec.items() if w != 0}
 
     # ---- live factors
-    def _adapter_factors(self, name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Per target (Aᵀ [in, r], Bᵀ [r, out]), contiguous, made once per adapter."""
+    def _bias_terms(self, want: Mapping[str, float]) -> Live:
+        """Σ weight·Δb per target of the lora_bias adapters in ``want``, as live entries without factors."""
+        acc: dict[str, np.ndarray] = {}
+        for name, w in want.items():
+            for t, d in (getattr(self.adapters[name], "biases", None) or {}).items():
+                acc[t] = acc[t] + np.float32(w) * d if t in acc else np.float32(w) * d
+        return {t: (None, None, None, None, d[None].astype(np.float32)) for t, d in acc.items()}
+
+    def _adapter_factors(self, name: str) -> dict[str, tuple]:
+        """Per target (Aᵀ [in, r], Bᵀ [r, out]), contiguous, made once per adapter (at add time for kinds that
+        need the base); kinds with scale / bias terms: (Aᵀ | None, Bᵀ | None, in [in], out [out], bias [out])."""
         f = self._factor_cache.get(name)
         if f is None:
-            f = {t: (np.ascontiguousarray(a.T), np.ascontiguousarray(b.T))
-                 for t, (a, b) in ((t, self.adapters[name].live_factors(t)) for t in self.adapters[name].targets)}
+            ad, f = self.adapters[name], {}
+            for t in ad.targets:
+                if not hasattr(ad, "live_terms"):
+                    a, b = ad.live_factors(t)
+                    f[t] = (np.ascontiguousarray(a.T), np.ascontiguousarray(b.T))
+                    continue
+                lt = ad.live_terms(t, self._engine.base_weight(t) if getattr(ad, "needs_base", False) else None)
+                at = None if lt.a is None else np.ascontiguousarray(lt.a.T)
+                bt = None if lt.b is None else np.ascontiguousarray(lt.b.T)
+                extra = (lt.in_scale, lt.out_scale, lt.bias)
+                f[t] = (at, bt) if all(x is None for x in extra) else (at, bt, *extra)
             self._factor_cache[name] = f
         return f
 
@@ -316,13 +369,18 @@ class Model:
         """Slot inputs for one set per row (one entry = every row alike): ranks of a row's adapters are
         concatenated, rows are zero-padded to the widest rank, weights folded into B."""
         per_row: list[dict[str, tuple[list[np.ndarray], list[np.ndarray]]]] = []
-        for want in rows:
+        extras: dict[str, list[list]] = {}  # target -> per row [in, out, bias] (scale / bias terms), None = identity
+        for i, want in enumerate(rows):
             row: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
             for name, w in want.items():
-                for t, (at, bt) in self._adapter_factors(name).items():
+                for t, terms in self._adapter_factors(name).items():
+                    at, bt = terms[0], terms[1]
                     a_list, b_list = row.setdefault(t, ([], []))
-                    a_list.append(at)
-                    b_list.append(bt if w == 1.0 else bt * np.float32(w))
+                    if at is not None:
+                        a_list.append(at)
+                        b_list.append(bt if w == 1.0 else bt * np.float32(w))
+                    if len(terms) == 5:
+                        _add_terms(extras.setdefault(t, [[None] * 3 for _ in rows])[i], terms[2:], w, t, name)
             per_row.append(row)
         out: Live = {}
         shapes = self.config.linear_shapes()
@@ -505,3 +563,16 @@ class Model:
         with self._use_lock:
             if not self._merged and self.active:
                 self._merge(self.active)
+
+
+def _add_terms(acc: list, terms: tuple, w: float, target: str, name: str) -> None:
+    """Accumulate one adapter's (in, out, bias) terms of one row with weight w, as their merged changes add:
+    scales 1 + Σ w (s − 1), bias Σ w·b. An input and an output scale on one layer do not compose exactly live."""
+    for k, v in enumerate(terms):
+        if v is None:
+            continue
+        step = np.float32(w) * (v - np.float32(1)) if k < 2 else np.float32(w) * v
+        acc[k] = (np.float32(1) + step if k < 2 else step) if acc[k] is None else acc[k] + step
+    if acc[0] is not None and acc[1] is not None:
+        raise UnsupportedError(f"{target}: an input scale and an output scale on one layer (adapter {name!r} with "
+                               "another) do not stack exactly live; use() them to merge, or serve them apart")

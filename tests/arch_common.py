@@ -123,14 +123,15 @@ def llama_cpp_greedy(gguf_path: Path, prompt: list[int], n: int) -> list[int]:
 
 
 def byte_tokenizer(folder: Path, bos: int, eos: int, pad: int) -> None:
-    """A byte-level BPE tokenizer of 256 tokens (no merges) saved into an HF folder, so the exported
+    """A byte-level BPE tokenizer of 256 tokens (one merge) saved into an HF folder, so the exported
     GGUF carries a vocabulary llama.cpp can load."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())[:255]  # 255 bytes + one merge (llama.cpp wants merges)
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab["ab"] = 255
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     inv = {i: ch for ch, i in vocab.items()}

@@ -264,6 +264,111 @@ def test_svd_of_a_dora_reports_the_true_truncation_error(tiny, extra, tmp_path):
         assert res.rel_error[t] == pytest.approx(true_err, rel=1e-3) and true_err > 1e-3
 
 
+# ---- other kinds and bias changes
+def test_bias_changes_add_up(tiny, ids, tmp_path):
+    """LoRA with lora_bias: cat / linear / svd carry Σ wᵢ·Δbᵢ exactly beside the factors."""
+    from edgeadapt.converters.peft_lora import convert_peft
+
+    pms, files = [], []
+    for seed, cfg in ((5, dict(r=4, target_modules=["q_proj", "v_proj"])), (6, dict(r=2, target_modules=["v_proj", "up_proj"]))):
+        pm = add_lora(tiny["model"], seed, lora_bias=True, **cfg)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n and n.endswith("bias"):
+                    p.normal_(0.0, 0.3)
+        pm.save_pretrained(tmp_path / f"p{seed}")
+        files.append(convert_peft(tmp_path / f"p{seed}", tiny["manifest"], tmp_path / f"p{seed}.gguf", name=f"p{seed}"))
+        pms.append(pm)
+    ref = copy.deepcopy(tiny["model"])
+    mods = dict(ref.named_modules())
+    with torch.no_grad():
+        for pm, w in zip(pms, W):
+            for name, mod in pm.base_model.model.named_modules():
+                if hasattr(mod, "lora_B") and "default" in mod.lora_B:
+                    target = mods[name]
+                    target.weight += w * mod.get_delta_weight("default")
+                    db = w * mod.lora_B["default"].bias * mod.scaling["default"]
+                    if target.bias is None:
+                        target.bias = torch.nn.Parameter(torch.zeros(target.out_features))
+                    target.bias += db
+    want = torch_logits(ref.eval(), ids)
+    for method in ("cat", "linear", "svd"):
+        out = tmp_path / f"bias_{method}.gguf"
+        _ok(*files, "--weights", "0.7,0.3", "--method", method, "-o", out, *(["--rank", 6] if method == "svd" else []))
+        d = read_delta(out)
+        ins = [read_delta(f) for f in files]
+        for t in ("blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.1.ffn_up.weight"):
+            exact = sum(w * x.biases[t] for x, w in zip(ins, W) if t in x.biases)
+            np.testing.assert_allclose(d.biases[t], exact, atol=1e-7, rtol=0)
+        for engine in ENGINES:
+            m = _model(tiny, engine, c=out)
+            m.use("c")
+            np.testing.assert_allclose(m.logits(ids), want, atol=1e-4, rtol=0)
+
+
+def test_any_kind_combines_by_svd(tiny, ids, tmp_path):
+    """LoHa (exact factors of rank r₁·r₂), IA3 (needs the base) and a LoRA: linear is W + Σ wᵢ·ΔWᵢ,
+    equal to the runtime stacking all three; svd at rank 4 is the best rank-4 approximation of that sum.
+    The kinds are read from delta files of their own."""
+    from peft import IA3Config, LoHaConfig, get_peft_model
+
+    from edgeadapt.converters.peft_kinds import convert_peft_kind
+
+    files = []
+    for name, conf in (("loha", LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "up_proj"])),
+                       ("ia3", IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))):
+        torch.manual_seed(7)
+        pm = get_peft_model(copy.deepcopy(tiny["model"]), conf)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "hada_" in n or "ia3_" in n:
+                    p.copy_(1.0 + 0.3 * torch.randn_like(p) if "ia3_" in n else 0.3 * torch.randn_like(p))
+        pm.save_pretrained(tmp_path / name)
+        write_delta(tmp_path / f"{name}.gguf", convert_peft_kind(tmp_path / name, tiny["manifest"], name=name))
+        files.append(tmp_path / f"{name}.gguf")
+    files.append(tiny["b"])
+    weights = [0.5, 0.8, 0.3]
+    ins = [read_delta(f) for f in files]
+    assert [x.kind for x in ins] == ["loha", "ia3", "lora"]
+    res = _cli(*files, "--method", "svd", "--rank", 4, "-o", tmp_path / "x.gguf")
+    assert res.exit_code == 2 and "the change of ia3 depends on the base weights; give the base folder (--base)" in res.output
+    m0 = edgeadapt.load(tiny["base"], engine="numpy")
+    base = m0._engine.base_weight
+    exact = {}
+    for x, w in zip(ins, weights):
+        for t in x.targets:
+            d = w * (x.delta(t, base(t)) if x.needs_base else x.delta(t))
+            exact[t] = exact[t] + d if t in exact else d
+    lin = cb.combine_files(files, weights, tmp_path / "lin.gguf", method="linear", base=tiny["base"])
+    svd = cb.combine_files(files, weights, tmp_path / "svd.gguf", method="svd", rank=4, base=tiny["base"])
+    assert lin.ranks["blk.0.attn_q.weight"] == 8  # LoHa r₁·r₂ = 4, plus b's 4: kept exactly
+    assert lin.ranks["blk.0.ffn_down.weight"] == 64  # IA3 scales a full-rank weight: full rank
+    for t, e in exact.items():
+        np.testing.assert_allclose(lin.delta.delta(t), e, atol=1e-6 * np.abs(e).max(), rtol=0)
+        u, s, vt = np.linalg.svd(e.astype(np.float64), full_matrices=False)
+        np.testing.assert_allclose(svd.delta.delta(t), (u[:, :4] * s[:4]) @ vt[:4], atol=1e-5 * np.abs(e).max(), rtol=0)
+        assert svd.rel_error[t] == pytest.approx(np.sqrt((s[4:] ** 2).sum() / (s ** 2).sum()), rel=1e-4, abs=1e-7)
+    for engine in ENGINES:
+        m = edgeadapt.load(tiny["base"], engine=engine)
+        for x in ins:
+            m.add_adapter(x)
+        m.add_adapter(lin.path, name="lin")
+        m.use(dict(zip(("loha", "ia3", "b"), weights)))
+        stacked = m.logits(ids)
+        m.use("lin")
+        np.testing.assert_allclose(m.logits(ids), stacked, atol=5e-5, rtol=0)
+
+
+def test_quantized_output(tiny, tmp_path):
+    out = tmp_path / "q.gguf"
+    text = _ok(tiny["a"], tiny["b"], "--weights", "0.7,0.3", "--method", "svd", "--rank", 4, "--quant", "int8", "-o", out)
+    assert "quant int8" in text
+    d, f = read_delta(out), cb.combine_files([tiny["a"], tiny["b"]], list(W), tmp_path / "f.gguf", method="svd", rank=4)
+    assert d.quant == "int8" and out.stat().st_size < 0.4 * f.path.stat().st_size
+    t = "blk.0.attn_q.weight"
+    assert 0 < np.abs(d.delta(t) - f.delta.delta(t)).max() < 0.02 * np.abs(f.delta.delta(t)).max()
+
+
 # ---- (d) TIES / DARE against the published algorithms and peft.utils.merge_utils
 def _tasks(shape=(48, 40), n=3, seed=0):
     rng = np.random.default_rng(seed)
@@ -387,16 +492,17 @@ def test_inputs_pinned_to_another_base_are_refused(tiny, tmp_path):
     assert "error: cannot combine adapters pinned to different bases" in res.output
     assert f"'a' ({tiny['a']}): llama, base {tiny['manifest'].fingerprint}" in res.output
     assert f"'other' ({other}): qwen2, base sha256:abab" in res.output
+    assert not (tmp_path / "x.gguf").exists()
     res = _cli(tiny["a"], "--base", tiny["base"], "-o", tmp_path / "x.gguf")  # one input, checked against --base
     assert res.exit_code == 0, res.output
-    assert not (tmp_path / "x.gguf").exists() or True
+    assert (tmp_path / "x.gguf").exists()
 
 
 @pytest.mark.parametrize("args, message", [
     (["--weights", "0.7"], "expected one weight per input (2), found 1: 0.7"),
     (["--weights", "0.7,0.2,0.1"], "expected one weight per input (2), found 3"),
-    (["--weights", "nan,0.3"], "weights must be finite numbers, found 'a'=nan"),
-    (["--weights", "0.7,inf"], "weights must be finite numbers, found 'b'=inf"),
+    (["--weights", "nan,0.3"], "weights must be finite numbers, found nan for 'a' ("),
+    (["--weights", "0.7,inf"], "weights must be finite numbers, found inf for 'b' ("),
     (["--weights", "0.7,x"], "expected comma-separated numbers such as 0.7,0.3, found '0.7,x'"),
     (["--method", "svd", "--rank", "0"], "rank must be an integer ≥ 1, found 0"),
     (["--method", "linear", "--rank", "4"], "method 'linear' is exact and keeps every rank it needs"),
