@@ -71,6 +71,7 @@ OPSET = 17
 DATA_FILE = "model.onnx.data"
 VERIFY_FILE = "weight_sums.onnx"
 LORA_FILE = "model_lora.onnx"
+LIVE_FILE = "model_live.onnx"  # model_lora.onnx without slot defaults: the runtime's in-place kv cache binds it
 NEG = float(np.finfo(np.float32).min)  # masked score: "minus infinity" that keeps softmax finite
 _ALIGN_BIG, _ALIGN_SMALL, _BIG = 65536, 64, 1 << 20  # offset alignment in the data file
 

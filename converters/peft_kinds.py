@@ -73,6 +73,10 @@ def convert_peft_kind(folder: str | Path, manifest: Any, *, name: str | None = N
     """Read a PEFT folder of a kind listed in :data:`SUPPORTED` into an adapter for this base."""
     folder = Path(folder)
     pc = _config(folder)
+    from .peft_seq import convert_peft_seq, is_seq_config
+
+    if is_seq_config(pc):  # embedding LoRA, trainable tokens, modules_to_save, prompt / prefix tuning
+        return convert_peft_seq(folder, manifest, name=name, version=version)
     cfg: ArchConfig = manifest.arch
     kind = pc.get("peft_type")
     tensors = read_peft_tensors(folder)
@@ -82,6 +86,13 @@ def convert_peft_kind(folder: str | Path, manifest: Any, *, name: str | None = N
                   source=f"peft {kind}", path=str(folder))
     if pc.get("fan_in_fan_out"):
         raise UnsupportedError(f"{folder}: option fan_in_fan_out=True is not supported for {kind} on this architecture")
+    if kind in ("LOHA", "LOKR") and pc.get("use_effective_conv2d"):
+        raise UnsupportedError(f"{folder}: {kind.lower()} option use_effective_conv2d=True is not supported "
+                               "(edgeadapt adapts linear layers; train without it)")
+    emb = sorted({k.split(".lora_embedding")[0][len(PREFIX):] for k in tensors if ".lora_embedding_" in k})
+    if emb and kind == "LORA" and pc.get("use_dora"):
+        raise UnsupportedError(f"{folder}: dora on embeddings ({', '.join(emb)}) is not supported: PEFT's DoRA "
+                               "option use_dora=True applies to linear layers here")
     if pc.get("modules_to_save"):
         raise UnsupportedError(f"{folder}: option modules_to_save={pc['modules_to_save']!r} is not supported yet")
 
@@ -170,6 +181,29 @@ def convert_peft_kind(folder: str | Path, manifest: Any, *, name: str | None = N
         raise UnsupportedError(f"{folder}: PEFT kind {kind!r}{' with use_dora' if pc.get('use_dora') else ''} is not "
                                f"supported by this converter; supported: {', '.join(SUPPORTED)} (plain LoRA: export-adapter)")
     collect(problems, AdapterMismatchError, f"{folder}: the PEFT {kind} adapter does not fit this base:")
+    if not params:
+        raise FormatError(f"{folder}: no {kind} parameters found in adapter_model.safetensors")
     adapter = cls(params=params, heads=heads_for(cfg, params), **common)
     adapter.check_base(cfg, manifest.fingerprint)
     return adapter
+
+
+def is_peft_kind(folder: str | Path) -> bool:
+    """Is this a PEFT folder of a kind :func:`convert_peft_kind` handles (anything but plain LoRA)?"""
+    p = Path(folder) / "adapter_config.json"
+    if not p.is_file():
+        return False
+    pc = _config(Path(folder))
+    from .peft_seq import is_seq_config
+
+    return pc.get("peft_type") != "LORA" or bool(pc.get("use_dora")) or is_seq_config(pc)
+
+
+def export_peft_kind(folder: str | Path, manifest: Any, out: str | Path, *, name: str | None = None,
+                     version: int = 1, dtype: str = "F32") -> Path:
+    """Convert a PEFT folder of any kind in :data:`SUPPORTED` to a delta file pinned to this base."""
+    from edgeadapt.delta import write_delta
+
+    adapter = convert_peft_kind(folder, manifest, name=name, version=version)
+    write_delta(out, adapter, dtype=dtype)
+    return Path(out)

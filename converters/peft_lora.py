@@ -28,7 +28,7 @@ from edgeadapt.names import gguf_name
 
 PREFIX = "base_model.model."
 # adapter_config.json options and the values this converter handles
-_REFUSED = {"use_dora": (False, None), "lora_bias": (False, None), "use_qalora": (False, None)}  # fan_in_fan_out: see lora_factors
+_REFUSED = {"use_dora": (False, None), "use_qalora": (False, None)}  # fan_in_fan_out: see lora_factors
 
 
 def pattern_key(patterns: list[str], module: str) -> str | None:
@@ -153,9 +153,10 @@ def read_peft_tensors(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def lora_factors(cfg: ArchConfig, peft_cfg: dict[str, Any], tensors: dict[str, np.ndarray]
-                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """PEFT tensors -> {gguf weight name: (A [r, in], s·B [out, r])}, canonical layout."""
+def lora_factors(cfg: ArchConfig, peft_cfg: dict[str, Any], tensors: dict[str, np.ndarray],
+                 biases: dict[str, np.ndarray] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """PEFT tensors -> {gguf weight name: (A [r, in], s·B [out, r])}, canonical layout. With
+    ``lora_bias`` in the config, ``biases`` (when given) receives {gguf weight name: s·lora_B.bias [out]}."""
     r0, alpha0 = peft_cfg.get("r", 8), peft_cfg.get("lora_alpha", 8)
     rank_p, alpha_p = peft_cfg.get("rank_pattern") or {}, peft_cfg.get("alpha_pattern") or {}
     rslora = bool(peft_cfg.get("use_rslora", False))
@@ -163,9 +164,17 @@ def lora_factors(cfg: ArchConfig, peft_cfg: dict[str, Any], tensors: dict[str, n
     if peft_cfg.get("fan_in_fan_out") not in (None, False) and cfg.arch not in CONV1D_ARCHES:
         raise UnsupportedError(f"LoRA option fan_in_fan_out={peft_cfg['fan_in_fan_out']!r} is for Conv1D layers "
                                f"(architectures {sorted(CONV1D_ARCHES)}); this {cfg.arch} base has none")
+    if peft_cfg.get("lora_bias") and biases is None:
+        raise UnsupportedError("LoRA option lora_bias=True: this conversion path has no place for the bias "
+                               "(lora_B.bias); convert it with a path that takes biases")
     problems: list[str] = []
     pairs: dict[str, dict[str, np.ndarray]] = {}
+    bias_t: dict[str, np.ndarray] = {}
     for key, t in tensors.items():
+        mb = re.fullmatch(r"(.+)\.lora_B\.bias", key)
+        if mb and key.startswith(PREFIX) and peft_cfg.get("lora_bias"):
+            bias_t[mb.group(1)[len(PREFIX):]] = t
+            continue
         m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key)
         if not m or not key.startswith(PREFIX):
             problems.append(f"{key}: not a LoRA factor this converter knows (kind not supported yet)")
@@ -194,6 +203,12 @@ def lora_factors(cfg: ArchConfig, peft_cfg: dict[str, Any], tensors: dict[str, n
         heads = qk_heads(cfg, target)
         if heads:
             b = permute_qk(b, heads)
+        if module in bias_t and biases is not None:
+            bb = bias_t[module].astype(np.float32) * np.float32(s)
+            if bb.shape != (out,):
+                problems.append(f"{module}: expected lora_B.bias [{out}], found {list(bb.shape)}")
+                continue
+            biases[target] = np.ascontiguousarray(permute_qk(bb, heads) if heads else bb)
         factors[target] = (np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b))
     collect(problems, AdapterMismatchError, "the PEFT adapter does not fit this base:")
     return factors
@@ -204,12 +219,13 @@ def convert_peft(folder: str | Path, manifest: Any, out: str | Path, *, name: st
     """Convert a PEFT LoRA folder for the base described by ``manifest``; returns the delta path."""
     folder, out = Path(folder), Path(out)
     peft_cfg = read_peft_config(folder)
-    factors = lora_factors(manifest.arch, peft_cfg, read_peft_tensors(folder))
+    biases: dict[str, np.ndarray] = {}  # lora_bias: Δb = s·lora_B.bias, stored beside the factors
+    factors = lora_factors(manifest.arch, peft_cfg, read_peft_tensors(folder), biases)
     if not factors:
         raise FormatError(f"{folder}: no LoRA factors found")
     ranks = sorted({a.shape[0] for a, _ in factors.values()})
     source = (f"peft LoRA r={peft_cfg.get('r')} alpha={peft_cfg.get('lora_alpha')} rslora={bool(peft_cfg.get('use_rslora'))} "
               f"ranks={ranks} targets={len(factors)}")
     write_delta(out, arch=manifest.arch.arch, fingerprint=manifest.fingerprint, name=name or folder.name,
-                version=version, factors=factors, source=source, description=description, dtype=dtype)
+                version=version, factors=factors, biases=biases, source=source, description=description, dtype=dtype)
     return out

@@ -357,13 +357,38 @@ class _Lazy:
 
 def _lin(x: np.ndarray, w: Any, live: Any, rows: Any = None, nb: int = 1) -> np.ndarray:
     """x [N, in] -> [N, out]; ``w`` is an fp32 [in, out] array (any strides) or a _Lazy; ``live``
-    the engine's fused (Aᵀ, Bᵀ); ``rows`` this call's per-row factors (see :func:`_add_rows`)."""
+    the engine's fused (Aᵀ, Bᵀ); ``rows`` this call's per-row factors (see :func:`_add_rows`), or
+    (A, B, in, out, bias) with scale / bias terms (see :func:`_lin_terms`)."""
+    if rows is not None and len(rows) == 5:
+        return _lin_terms(x, w, live, rows, nb)
     y = w.matmul(x) if type(w) is _Lazy else x @ w
     if live is not None:
         y += (x @ live[0]) @ live[1]
     if rows is not None:
         _add_rows(y, x, rows, nb)
     return y
+
+
+def _lin_terms(x: np.ndarray, w: Any, live: Any, rows: tuple, nb: int) -> np.ndarray:
+    """``out ⊙ ((x ⊙ in) @ W) + live + (x A) B + bias`` (DoRA, IA3, lora_bias; see edgeadapt.delta_kinds.LiveTerms).
+    Each term is None, shared ([d]; A [in, r]) or per row ([nb, d]; A [nb, in, r])."""
+    a, b, s_in, s_out, bias = rows
+    xin = x if s_in is None else _per_row(x, s_in, nb, np.multiply)
+    y = w.matmul(xin) if type(w) is _Lazy else xin @ w
+    if s_out is not None:
+        y = _per_row(y, s_out, nb, np.multiply)
+    if live is not None:
+        y += (x @ live[0]) @ live[1]
+    if a is not None:
+        _add_rows(y, x, (a, b), nb)
+    return y if bias is None else _per_row(y, bias, nb, np.add)
+
+
+def _per_row(x: np.ndarray, v: np.ndarray, nb: int, op: Any) -> np.ndarray:
+    """op(x [N, d], v) with v [d] for every row, or [nb, d] for the nb rows of the batch (N = nb·seq)."""
+    if v.ndim == 1:
+        return op(x, v)
+    return op(x.reshape(nb, -1, x.shape[1]), v[:, None, :]).reshape(x.shape)
 
 
 def _add_rows(y: np.ndarray, x: np.ndarray, f: tuple[np.ndarray, np.ndarray], nb: int) -> None:
@@ -757,6 +782,11 @@ class NumpyEngine:
                 self._unknown(name, problems)
                 continue
             o, i = shapes[name]
+            if isinstance(f, (tuple, list)) and len(f) == 5:  # (A, B, in, out, bias): scale / bias terms
+                t = self._check_terms(name, f, batch, i, o, problems)
+                if t is not None:
+                    out_f[name] = t
+                continue
             if not (isinstance(f, (tuple, list)) and len(f) == 2):
                 problems.append(f"{name}: expected a pair (A [n, {i}, r], B [n, r, {o}]), found {type(f).__name__}")
                 continue
@@ -783,6 +813,47 @@ class NumpyEngine:
         collect(problems, AdapterMismatchError, f"per-row adapter factors do not fit this base and batch of {batch} "
                 "(nothing was computed):")
         return out_f
+
+    def _check_terms(self, name: str, f: Any, batch: int, i: int, o: int, problems: list[str]) -> tuple | None:
+        """One (A, B, in [n, in], out [n, out], bias [n, out]) entry, any term None (A and B together)."""
+        a, b, *rest = f
+        ns = "1" if batch == 1 else f"1 or {batch}"
+        ok = True
+        n_seen = set()
+        if (a is None) != (b is None):
+            problems.append(f"{name}: A and B must both be given or both be None")
+            return None
+        if a is not None:
+            if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype == _F32
+                    and a.ndim == b.ndim == 3 and a.shape[1] == i and b.shape == (a.shape[0], a.shape[2], o)):
+                problems.append(f"{name}: expected A [n, {i}, r] and B [n, r, {o}] float32 with n = {ns}, found "
+                                f"{list(getattr(a, 'shape', ()))} and {list(getattr(b, 'shape', ()))}")
+                ok = False
+            else:
+                n_seen.add(a.shape[0])
+        for label, t, d in zip(("in", "out", "bias"), rest, (i, o, o)):
+            if t is None:
+                continue
+            if not (isinstance(t, np.ndarray) and t.dtype == _F32 and t.ndim == 2 and t.shape[1] == d):
+                problems.append(f"{name}.{label}: expected float32 [n, {d}] with n = {ns}, found "
+                                f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', ()))}")
+                ok = False
+            else:
+                n_seen.add(t.shape[0])
+        if ok and (not n_seen <= {1, batch} or len(n_seen) > 1):
+            problems.append(f"{name}: every term must have n = {ns} rows (one n for all), found {sorted(n_seen)}")
+            ok = False
+        if ok and not all(np.isfinite(t).all() for t in f if t is not None):
+            problems.append(f"{name}: expected finite values, found NaN/inf")
+            ok = False
+        if not ok:
+            return None
+        n = n_seen.pop() if n_seen else 1
+        if a is not None and a.shape[2] == 0:
+            a = b = None
+        if n == 1:
+            return (None if a is None else a[0], None if b is None else b[0], *(None if t is None else t[0] for t in rest))
+        return (a, b, *rest)
 
     # ------------------------------------------------------------ forward
     def embedding_rows(self, ids: np.ndarray) -> np.ndarray:
@@ -915,7 +986,7 @@ class NumpyEngine:
                 qkv, gu, (wq, lq), (wk, lk), (wv, lv), (wo, lo), (wg, lg), (wu, lu), (wd, ld) = self._layers[i]
                 rq, rk, rv, ro, rg, ru, rd = [rows.get(n) for n in self._names[i]] if rows else no_rows
                 h = _rmsnorm(x, norm[f"blk.{i}.attn_norm.weight"], eps)
-                if qkv is not None:  # one matmul, split into views
+                if qkv is not None and not (rows and any(r is not None and len(r) == 5 for r in (rq, rk, rv))):
                     y = h @ qkv
                     q, k, v = y[:, :qd], y[:, qd:qd + kvd], y[:, qd + kvd:]
                     for t, lv_, rw in ((q, lq, rq), (k, lk, rk), (v, lv, rv)):
@@ -952,7 +1023,7 @@ class NumpyEngine:
                 o = o.reshape(B, H, S, hd).transpose(0, 2, 1, 3).reshape(N, H * hd)
                 x = x + _lin(o, wo, lo, ro, B)
                 h = _rmsnorm(x, norm[f"blk.{i}.ffn_norm.weight"], eps)
-                if gu is not None:
+                if gu is not None and not (rows and any(r is not None and len(r) == 5 for r in (rg, ru))):
                     z = h @ gu
                     g, u = z[:, :F], z[:, F:]
                     if lg is not None:

@@ -19,6 +19,7 @@ weights: merging would mean re-quantizing, which loses most of a small delta.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +48,14 @@ def import_ort() -> Any:
 
 class OrtEngine:
     """``live=False``: the plain graph, adapters merged into its weights (a swap builds a session).
-    ``live=True``: the slotted graph ``model_lora.onnx``; adapters are run inputs (``lora=`` of
-    :meth:`forward`), a swap binds other arrays, and empty slots run the bare base."""
+    ``live=True``: the slotted graph (``model_live.onnx``, else ``model_lora.onnx``); adapters are run
+    inputs (``lora=`` of :meth:`forward`), a swap binds other arrays, and empty slots run the bare base.
+    ``live="lazy"``: the plain graph until the first adapter runs live (:meth:`ensure_slots`), so a bare
+    base pays nothing for the slots it does not use."""
 
     name = "ort"
 
-    def __init__(self, manifest: BaseManifest, *, threads: int | None = None, live: bool = False,
+    def __init__(self, manifest: BaseManifest, *, threads: int | None = None, live: bool | str = False,
                  weights: str = "fp32"):
         self._ort = import_ort()
         if weights not in WEIGHTS:
@@ -201,7 +204,8 @@ class OrtEngine:
             raise OverrideNotAppliedError(
                 f"onnxruntime built a session whose output did not change although {len(changed)} weights did "
                 f"(e.g. {changed[0]}); the model was left as it was")
-        self._session, self._keep, self._probe = sess, keep, probe
+        self._adopt(sess, keep)
+        self._probe = probe
 
     def _changed(self, overrides: dict[str, np.ndarray]) -> list[str]:
         """Names whose weight differs from what the running session uses."""
@@ -262,14 +266,14 @@ class OrtEngine:
         for i in range(self.cfg.n_layers):
             k, v = past[i] if past else (empty, empty)
             feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = k, v
-        for name in self._required:
-            feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = self._empty_slot[name]
+        for name in g.required:
+            feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = g.empty_slot[name]
         for name, (a, bb) in (lora or {}).items():
             feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = a, bb
         if embed is not None:
             feeds["embed.delta"] = np.ascontiguousarray(embed, np.float32)
         s = ids.shape[1]
-        if self._fused and past and b > 1 and s > 1 and past[0][0].shape[2] > 0:
+        if g.fused and past and b > 1 and s > 1 and past[0][0].shape[2] > 0:
             # GroupQueryAttention takes several new tokens after a past only at batch 1: one at a time
             out = []
             for k in range(s):
@@ -390,7 +394,9 @@ class KVCache:
 
     def __init__(self, engine: OrtEngine, batch: int, tokens: int):
         cfg = engine.cfg
-        self._engine, self.sess, self.batch, self.length = engine, engine._session, batch, 0
+        g = engine._g  # this session and its slots, whatever the engine switches to later
+        self._engine, self.sess, self.batch, self.length = engine, g.sess, batch, 0
+        self._slots, self._empty_slot = g.slots, g.empty_slot
         self.io = self.sess.io_binding()
         self.io.bind_output("logits", "cpu")
         self._shape = (batch, cfg.n_kv_heads, 0, cfg.head_dim)
@@ -417,16 +423,19 @@ class KVCache:
         self._arrays, self.capacity = arrays, cap
 
     def _bind_lora(self, lora: Any) -> None:
-        for name in self._engine._slots:
-            a, b = (lora or {}).get(name) or self._engine._empty_slot[name]
+        for name in self._slots:
+            a, b = (lora or {}).get(name) or self._empty_slot[name]
             self.io.bind_cpu_input(f"lora.{name}.a", a)
             self.io.bind_cpu_input(f"lora.{name}.b", b)
         self._lora = lora  # keeps the bound arrays alive
 
     def run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, lora: Any) -> np.ndarray:
+        if lora and not self._slots:
+            raise AdapterMismatchError("this request started on the plain graph (no LoRA slots); start a new "
+                                       "request to run adapters live")
         if mask.shape[1] > self.capacity:
             self._grow(mask.shape[1])
-        if self._engine._slots and lora is not self._lora:
+        if self._slots and lora is not self._lora:
             self._bind_lora(lora)
         self._inputs = (ids, mask, pos)  # bound by pointer: alive until the next step rebinds them
         self.io.bind_cpu_input("input_ids", ids)

@@ -107,10 +107,12 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
     if getattr(manifest.arch, "family", None) == "encoder":  # BERT family: embeddings / classification
         from .encoder import load_encoder
         return load_encoder(manifest, engine, threads=threads)
-    lora_graph = manifest.path("onnx_lora")
-    live = weights != "fp32" or mode in ("live", "auto") and lora_graph is not None and lora_graph.is_file()
+    slotted = any(p is not None and p.is_file() for p in (manifest.path("onnx_live"), manifest.path("onnx_lora")))
+    live: bool | str = weights != "fp32" or mode in ("live", "auto") and slotted
+    if live and mode == "auto" and weights == "fp32":
+        live = "lazy"  # onnxruntime: the plain graph while no adapter is active, the slotted one from the first
     if mode == "live" and engine == "ort" and not live:
-        raise FormatError(f"{manifest.root} has no model_lora.onnx (the graph with LoRA slots); "
+        raise FormatError(f"{manifest.root} has no model_live.onnx / model_lora.onnx (the graphs with LoRA slots); "
                           "export the base again with this edgeadapt, or use mode='merge'")
     if trust is not None and not hasattr(trust, "keys"):
         from edgeadapt.signing import TrustStore
@@ -390,14 +392,25 @@ class Model:
             if len(per_row) == 1 and len(per_row[0][t][0]) == 1:  # one adapter: its arrays, no copy
                 a, b = per_row[0][t][0][0], per_row[0][t][1][0]
                 out[t] = (a[None], b[None])
-                continue
-            A = np.zeros((len(per_row), n_in, max(ranks)), np.float32)
-            B = np.zeros((len(per_row), max(ranks), n_out), np.float32)
-            for i, row in enumerate(per_row):
-                if t in row:
-                    A[i, :, : ranks[i]] = np.concatenate(row[t][0], axis=1)
-                    B[i, : ranks[i]] = np.concatenate(row[t][1], axis=0)
-            out[t] = (A, B)
+            else:
+                A = np.zeros((len(per_row), n_in, max(ranks)), np.float32)
+                B = np.zeros((len(per_row), max(ranks), n_out), np.float32)
+                for i, row in enumerate(per_row):
+                    if ranks[i]:
+                        A[i, :, : ranks[i]] = np.concatenate(row[t][0], axis=1)
+                        B[i, : ranks[i]] = np.concatenate(row[t][1], axis=0)
+                out[t] = (A, B)
+            if t in extras:  # per row: identity where a row has no such term
+                cols = []
+                for k, (fill, n) in enumerate(((1.0, n_in), (1.0, n_out), (0.0, n_out))):
+                    vals = [r[k] for r in extras[t]]
+                    if all(v is None for v in vals):
+                        cols.append(None)
+                    elif len(vals) == 1:
+                        cols.append(vals[0][None].astype(np.float32))
+                    else:
+                        cols.append(np.stack([np.full(n, fill, np.float32) if v is None else v for v in vals]).astype(np.float32))
+                out[t] = (*out[t], *cols)
         return out
 
     def _plan(self, adapters: Sequence[UseSpec] | None, batch: int) -> Live | None:
@@ -422,7 +435,10 @@ class Model:
                 self._merge({})
                 self._live = self._seq.plan(self._factors([self.active]), [self.active]) if self.active else {}
         self._stable_tokens = 0
-        return self._seq.plan(self._factors(rows), rows) or None
+        plan = self._seq.plan(self._factors(rows), rows) or None
+        if plan:
+            self._slots_ready()
+        return plan
 
     # ---- inference
     def logits(self, ids: Sequence[Sequence[int]] | np.ndarray, attention_mask: np.ndarray | None = None, *,
