@@ -97,7 +97,7 @@ def convert_peft_seq(folder: str | Path, manifest: Any, *, name: str | None = No
         if any(not _is_embed(t) for t in tm):
             raise UnsupportedError(f"{folder}: TRAINABLE_TOKENS on {tm} is not supported (embed_tokens only)")
         rows = _tt_rows(folder, pc, cfg, tensors, [])
-        adapter = SeqAdapter(kind="trainable_tokens", token_rows=rows, source="peft TRAINABLE_TOKENS", **common)
+        adapter = SeqAdapter.build("trainable_tokens", token_rows=rows, source="peft TRAINABLE_TOKENS", **common)
     elif kind == "LORA":
         adapter = _lora(folder, pc, cfg, tensors, manifest, common)
     else:
@@ -126,7 +126,7 @@ def _prompt_learning(folder: Path, pc: dict[str, Any], cfg: ArchConfig, tensors:
             problems.append(f"prompt_embeddings: expected [{n}, {cfg.dim}] (num_virtual_tokens × hidden size), "
                             f"found {list(p.shape)}")
         collect(problems, AdapterMismatchError, f"{folder}: the PEFT prompt tuning adapter does not fit this base:")
-        return SeqAdapter(kind="prompt_tuning", prompt=np.ascontiguousarray(p, np.float32),
+        return SeqAdapter.build("prompt_tuning", prompt=np.ascontiguousarray(p, np.float32),
                           source=f"peft PROMPT_TUNING n_virtual={n}", **common)
     want = cfg.n_layers * 2 * cfg.kv_dim
     for key, got, exp in (("num_layers", pc.get("num_layers"), cfg.n_layers),
@@ -138,7 +138,7 @@ def _prompt_learning(folder: Path, pc: dict[str, Any], cfg: ArchConfig, tensors:
         problems.append(f"prompt_embeddings: expected [{n}, {want}] (num_virtual_tokens × layers {cfg.n_layers} × 2 × "
                         f"kv heads {cfg.n_kv_heads} × head_dim {cfg.head_dim}), found {list(p.shape)}")
     collect(problems, AdapterMismatchError, f"{folder}: the PEFT prefix tuning adapter does not fit this base:")
-    return SeqAdapter(kind="prefix_tuning", prefix=hf_prefix_to_base(p, cfg),
+    return SeqAdapter.build("prefix_tuning", prefix=hf_prefix_to_base(p, cfg),
                       source=f"peft PREFIX_TUNING n_virtual={n}", **common)
 
 
@@ -208,6 +208,6 @@ def _lora(folder: Path, pc: dict[str, Any], cfg: ArchConfig, tensors: dict[str, 
         kinds.append("modules_to_save")
     collect(problems, AdapterMismatchError, f"{folder}: the PEFT adapter does not fit this base:")
     factors = lora_factors(cfg, pc, {PREFIX + k: v for k, v in tensors.items()}) if tensors else {}
-    return SeqAdapter(kind=kinds[0] if kinds else "embedding_lora", factors=factors,
+    return SeqAdapter.build(kinds[0] if kinds else "embedding_lora", factors=factors,
                       source=f"peft LORA ({', '.join(kinds)}) linear targets={len(factors)}", **parts, **common)
 

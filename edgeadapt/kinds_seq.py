@@ -20,46 +20,100 @@ change makes them the virtual embeddings) and, like prefix tuning, become a KV p
 runtime puts before the cache; real tokens then start at position ``n_virtual``, as in PEFT.
 Prefix keys are stored in the base's key layout: for a "norm"-rope base, each head's dimensions
 are permuted as the k rows of the base are (:func:`edgeadapt.arch.permute_qk`).
-This module imports only numpy: it is used on devices.
+Files: the delta-file kind registry (:mod:`edgeadapt.delta_kinds`) reads and writes these kinds, one
+registered name per kind. This module imports only numpy: it is used on devices.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
 from .arch import ArchConfig, permute_qk
-from .errors import AdapterMismatchError, UnsupportedError, collect
+from .delta_kinds import KindAdapter, LiveTerms, register_kind
+from .errors import AdapterMismatchError, FormatError, UnsupportedError, collect
 
-KINDS = ("embedding_lora", "trainable_tokens", "modules_to_save", "prompt_tuning", "prefix_tuning")
+EMBED, HEAD, VIRTUAL = "token_embd.weight", "output.weight", "virtual"  # targets that are not linear slots
+K_TOKEN_IDS = "edgeadapt.seq.token_ids"  # uint32 array: the ids whose rows ``token_embd.weight.rows`` replace
+SEQ_KINDS = ("embedding_lora", "trainable_tokens", "modules_to_save", "prompt_tuning", "prefix_tuning")
 
 
 @dataclass
-class SeqAdapter:
-    """An adapter with embedding / head / sequence parts (see the module docstring)."""
+class SeqAdapter(KindAdapter):
+    """An adapter with embedding / head / sequence parts (see the module docstring). Stored as
+    ``params`` ({target: {param: float32 array}}) so the delta file registry reads and writes it:
 
-    name: str
-    version: int
-    arch: str
-    fingerprint: str
-    kind: str  # one of KINDS: the part that makes it more than a LoRA
-    factors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    embed_lora: tuple[np.ndarray, np.ndarray] | None = None  # (A [r, vocab], s·B [dim, r])
-    token_rows: tuple[np.ndarray, np.ndarray] | None = None  # (ids int64 [n], rows [n, dim])
-    head: np.ndarray | None = None  # [vocab, dim]
-    prompt: np.ndarray | None = None  # [n_virtual, dim]
-    prefix: np.ndarray | None = None  # [n_virtual, layers * 2 * kv_dim], keys in the base's layout
-    source: str = ""
-    description: str = ""
-    path: str | None = None
-    needs_base = True  # the head replacement is W' = head, i.e. ΔW = head - W
+    - ``blk.N.<w>.weight``: ``lora_a`` [r, in], ``lora_b`` [out, r] (scale folded in, rows of q/k permuted);
+    - ``token_embd.weight``: ``emb_a`` [r, vocab], ``emb_b`` [dim, r] (scale folded in) and/or ``rows`` [n, dim]
+      (the ids, in the same order, in the metadata key ``edgeadapt.seq.token_ids``);
+    - ``output.weight``: ``head`` [vocab, dim];
+    - ``virtual``: ``prompt`` [n, dim] or ``prefix`` [n, layers·2·kv_dim] (keys in the base's layout).
+    """
+
+    token_ids: np.ndarray | None = None  # int64 [n], the rows of params["token_embd.weight"]["rows"]
+    kind: ClassVar[str] = "seq"
+    needs_base: ClassVar[bool] = True  # the head replacement is W' = head, i.e. ΔW = head - W
+    PARAMS: ClassVar[dict[str, tuple[int, ...]]] = {"lora_a": (2,), "lora_b": (2,), "emb_a": (2,), "emb_b": (2,),
+                                                    "rows": (2,), "head": (2,), "prompt": (2,), "prefix": (2,)}
+
+    @classmethod
+    def build(cls, kind: str, *, factors: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+              embed_lora: tuple[np.ndarray, np.ndarray] | None = None,
+              token_rows: tuple[np.ndarray, np.ndarray] | None = None, head: np.ndarray | None = None,
+              prompt: np.ndarray | None = None, prefix: np.ndarray | None = None, **fields: Any) -> "SeqAdapter":
+        """The adapter of registered ``kind`` from its parts (all float32, canonical layout)."""
+        f32 = lambda x: np.ascontiguousarray(x, np.float32)  # noqa: E731
+        params: dict[str, dict[str, np.ndarray]] = {t: {"lora_a": f32(a), "lora_b": f32(b)}
+                                                    for t, (a, b) in (factors or {}).items()}
+        e: dict[str, np.ndarray] = {}
+        if embed_lora is not None:
+            e["emb_a"], e["emb_b"] = f32(embed_lora[0]), f32(embed_lora[1])
+        ids = None
+        if token_rows is not None:
+            ids, e["rows"] = np.asarray(token_rows[0], np.int64), f32(token_rows[1])
+        if e:
+            params[EMBED] = e
+        if head is not None:
+            params[HEAD] = {"head": f32(head)}
+        if prompt is not None:
+            params[VIRTUAL] = {"prompt": f32(prompt)}
+        if prefix is not None:
+            params[VIRTUAL] = {"prefix": f32(prefix)}
+        return SEQ_CLASSES[kind](params=params, token_ids=ids, **fields)
+
+    # ---- the parts
+    @property
+    def factors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {t: (p["lora_a"], p["lora_b"]) for t, p in self.params.items() if "lora_a" in p}
+
+    @property
+    def embed_lora(self) -> tuple[np.ndarray, np.ndarray] | None:
+        e = self.params.get(EMBED, {})
+        return (e["emb_a"], e["emb_b"]) if "emb_a" in e else None
+
+    @property
+    def token_rows(self) -> tuple[np.ndarray, np.ndarray] | None:
+        e = self.params.get(EMBED, {})
+        return (self.token_ids, e["rows"]) if "rows" in e else None
+
+    @property
+    def head(self) -> np.ndarray | None:
+        return self.params.get(HEAD, {}).get("head")
+
+    @property
+    def prompt(self) -> np.ndarray | None:
+        return self.params.get(VIRTUAL, {}).get("prompt")
+
+    @property
+    def prefix(self) -> np.ndarray | None:
+        return self.params.get(VIRTUAL, {}).get("prefix")
 
     # ---- what the model driver asks
     @property
     def targets(self) -> list[str]:
-        return list(self.factors) + (["output.weight"] if self.head is not None else [])
+        return list(self.factors) + ([HEAD] if self.head is not None else [])
 
     @property
     def low_rank(self) -> bool:
@@ -67,7 +121,7 @@ class SeqAdapter:
         return self.head is None
 
     @property
-    def mergeable(self) -> bool:
+    def mergeable(self) -> bool:  # type: ignore[override]
         return self.prompt is None and self.prefix is None
 
     @property
@@ -82,22 +136,52 @@ class SeqAdapter:
     def live_factors(self, target: str) -> tuple[np.ndarray, np.ndarray]:
         return self.factors[target]
 
+    def live_terms(self, target: str, base: np.ndarray | None = None) -> LiveTerms | None:
+        f = self.factors.get(target)
+        return None if f is None else LiveTerms(a=f[0], b=f[1])
+
     def delta(self, target: str, base: np.ndarray | None = None) -> np.ndarray:
         """ΔW, float32 [out, in]: B@A of a LoRA factor pair, or head - W for the replaced head."""
-        if target == "output.weight" and self.head is not None:
+        if target == HEAD and self.head is not None:
             if base is None:
                 raise AdapterMismatchError(f"adapter {self.name!r} replaces output.weight and needs the base weight")
             return self.head - base
         a, b = self.factors[target]
         return b @ a
 
+    def base_shape(self, target: str) -> tuple[int | None, ...] | None:
+        return None  # checked in check_base
+
+    # ---- files
+    def to_metadata(self) -> list[tuple[str, str, Any]]:
+        ids = self.token_ids
+        return [] if ids is None else [(K_TOKEN_IDS, "ARRAY_UINT32", [int(i) for i in ids])]
+
+    @classmethod
+    def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, dict[str, np.ndarray]], **fields: Any
+                     ) -> "SeqAdapter":
+        where = fields.get("path") or "<bytes>"
+        problems = []
+        for t, p in tensors.items():
+            allowed = ({"emb_a", "emb_b", "rows"} if t == EMBED else {"head"} if t == HEAD
+                       else {"prompt", "prefix"} if t == VIRTUAL else {"lora_a", "lora_b"})
+            if not set(p) <= allowed or set(p) & {"lora_a", "lora_b", "emb_a", "emb_b"} and not (
+                    {"lora_a", "lora_b"} <= set(p) or {"emb_a", "emb_b"} <= set(p)):
+                problems.append(f"{t}: expected parameters among {sorted(allowed)} (pairs complete), found {sorted(p)}")
+        ids = meta.get(K_TOKEN_IDS)
+        rows = tensors.get(EMBED, {}).get("rows")
+        if (ids is None) != (rows is None):
+            problems.append(f"token rows: {K_TOKEN_IDS} and token_embd.weight.rows come together")
+        elif ids is not None and (not isinstance(ids, list) or len(ids) != rows.shape[0]):
+            problems.append(f"{K_TOKEN_IDS}: expected {rows.shape[0]} ids (one per row), found "
+                            f"{len(ids) if isinstance(ids, list) else type(ids).__name__}")
+        collect(problems, FormatError, f"{where}: bad {cls.kind} parameters:")
+        token_ids = None if ids is None else np.asarray(ids, np.int64)
+        return cls(params=tensors, token_ids=token_ids, **fields)
+
     @property
     def nbytes(self) -> int:
-        parts = [x for ab in self.factors.values() for x in ab]
-        for p in (self.embed_lora, self.token_rows):
-            parts += list(p or ())
-        parts += [x for x in (self.head, self.prompt, self.prefix) if x is not None]
-        return sum(int(x.nbytes) for x in parts)
+        return sum(int(a.nbytes) for p in self.params.values() for a in p.values())
 
     # ---- checks
     def check_base(self, cfg: ArchConfig, fingerprint: str) -> None:
@@ -108,21 +192,24 @@ class SeqAdapter:
         if self.arch != cfg.arch:
             problems.append(f"architecture: expected {cfg.arch!r}, found {self.arch!r}")
         shapes = cfg.linear_shapes()
-        for w, (a, b) in self.factors.items():
-            if w not in shapes:
-                problems.append(f"{w}: not a linear weight of this base")
-            elif a.shape[1] != shapes[w][1] or b.shape[0] != shapes[w][0] or a.shape[0] != b.shape[1]:
-                problems.append(f"{w}: expected lora_a [r, {shapes[w][1]}] and lora_b [{shapes[w][0]}, r], "
-                                f"found {list(a.shape)} and {list(b.shape)}")
+        for t, p in self.params.items():
+            if t in (EMBED, HEAD, VIRTUAL):
+                continue
+            a, b = p.get("lora_a"), p.get("lora_b")
+            if t not in shapes:
+                problems.append(f"{t}: not a linear weight of this base")
+            elif a is None or b is None or a.shape[1] != shapes[t][1] or b.shape[0] != shapes[t][0] or a.shape[0] != b.shape[1]:
+                problems.append(f"{t}: expected lora_a [r, {shapes[t][1]}] and lora_b [{shapes[t][0]}, r], found "
+                                f"{None if a is None else list(a.shape)} and {None if b is None else list(b.shape)}")
         V, D = cfg.vocab_size, cfg.dim
         if self.embed_lora is not None:
             a, b = self.embed_lora
-            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != V or b.shape[0] != D or a.shape[0] != b.shape[1]:
+            if a.shape[1] != V or b.shape[0] != D or a.shape[0] != b.shape[1]:
                 problems.append(f"embedding LoRA: expected A [r, {V}] and B [{D}, r] (vocab {V}, dim {D}), "
                                 f"found {list(a.shape)} and {list(b.shape)}")
         if self.token_rows is not None:
             ids, rows = self.token_rows
-            if rows.ndim != 2 or rows.shape != (len(ids), D):
+            if rows.shape != (len(ids), D):
                 problems.append(f"token rows: expected [{len(ids)}, {D}] (one row of dim {D} per token id), "
                                 f"found {list(rows.shape)}")
             if len(ids) and (ids.min() < 0 or ids.max() >= V):
@@ -145,13 +232,9 @@ class SeqAdapter:
                             f"× kv heads {cfg.n_kv_heads} × head_dim {cfg.head_dim}), found {list(self.prefix.shape)}")
         if self.n_virtual >= cfg.context_length:
             problems.append(f"{self.n_virtual} virtual tokens leave no room in a context of {cfg.context_length}")
-        for label, arrays in (("factors", [x for ab in self.factors.values() for x in ab]),
-                              ("embedding LoRA", list(self.embed_lora or ())),
-                              ("token rows", list(self.token_rows or ())[1:]),
-                              ("head", [self.head] if self.head is not None else []),
-                              ("virtual tokens", [p for p in (self.prompt, self.prefix) if p is not None])):
-            if any(not np.isfinite(x).all() for x in arrays):
-                problems.append(f"{label}: hold NaN or Inf")
+        bad = sorted(f"{t}.{k}" for t, p in self.params.items() for k, x in p.items() if not np.isfinite(x).all())
+        if bad:
+            problems.append(f"{', '.join(bad)}: hold NaN or Inf")
         collect(problems, AdapterMismatchError,
                 f"{self.kind} adapter {self.name!r} ({self.path or 'in memory'}) does not fit this base:")
 
@@ -176,6 +259,12 @@ class SeqAdapter:
         n, kv, hd = self.prefix.shape[0], cfg.n_kv_heads, cfg.head_dim
         p = self.prefix.reshape(n, cfg.n_layers * 2, kv, hd).transpose(1, 2, 0, 3)  # [2L, KV, n, hd]
         return [(np.ascontiguousarray(p[2 * i]), np.ascontiguousarray(p[2 * i + 1])) for i in range(cfg.n_layers)]
+
+
+# one registered class per kind name (same behaviour; the name says what the file holds)
+SEQ_CLASSES: dict[str, type[SeqAdapter]] = {
+    k: register_kind(type(f"Seq_{k}", (SeqAdapter,), {"kind": k, "__module__": __name__}))  # type: ignore[misc]
+    for k in SEQ_KINDS}
 
 
 def hf_prefix_to_base(prefix: np.ndarray, cfg: ArchConfig) -> np.ndarray:

@@ -73,7 +73,9 @@ def _peft_greedy(pm, kind, ids, n):
 @pytest.fixture(scope="module")
 def seq_adapters(tiny, tmp_path_factory):
     """kind -> (kind, PEFT model, converted adapter, PEFT folder), built once per kind."""
-    from edgeadapt.converters.peft_seq import convert_peft_seq
+    from click.testing import CliRunner
+
+    from edgeadapt.cli import main
 
     cache = {}
 
@@ -82,7 +84,11 @@ def seq_adapters(tiny, tmp_path_factory):
             pm = _peft(tiny["model"], kind, seed=11 + list(_configs()).index(kind))
             folder = tmp_path_factory.mktemp(kind)
             pm.save_pretrained(folder)
-            cache[kind] = (kind, pm, convert_peft_seq(folder, tiny["manifest"], name=kind), folder)
+            out = folder / f"{kind}.gguf"  # through the CLI, into a delta file, read back
+            res = CliRunner().invoke(main, ["export-adapter", str(folder), "--base", str(tiny["base"]), "-o", str(out),
+                                            "--name", kind])
+            assert res.exit_code == 0, res.output
+            cache[kind] = (kind, pm, out, folder)
         return cache[kind]
 
     return get
@@ -93,10 +99,10 @@ def _mode(kind):
 
 
 def _check_kind(tiny, seq_kind, engine):
-    kind, pm, adapter, _ = seq_kind
+    kind, pm, path, _ = seq_kind
     ids = _ids()
     m = edgeadapt.load(tiny["base"], engine=engine)
-    m.add_adapter(adapter)
+    assert m.add_adapter(path) == kind
     m.use(kind)
     want = _peft_logits(pm, kind, ids)
     base = torch_logits(tiny["model"], ids)
@@ -121,3 +127,139 @@ def _make_test(kind, engine):
 for _kind in _configs():
     for _engine in ENGINES:
         globals()[f"test_kind_{_kind}_{_engine}_{_mode(_kind)}"] = _make_test(_kind, _engine)
+
+
+# ---- files
+@pytest.mark.parametrize("kind", list(_configs()))
+def test_file_round_trip(tiny, seq_adapters, kind):
+    """The delta file holds exactly what the converter made; it never carries the base embedding."""
+    from edgeadapt.converters.peft_seq import convert_peft_seq
+    from edgeadapt.delta import read_delta
+
+    _, _, path, folder = seq_adapters(kind)
+    made, read = convert_peft_seq(folder, tiny["manifest"], name=kind), read_delta(path)
+    assert type(read) is type(made) and read.kind == kind.replace("lora_", "")
+    assert read.params.keys() == made.params.keys()
+    for t, p in made.params.items():
+        assert p.keys() == read.params[t].keys()
+        for k, x in p.items():
+            np.testing.assert_array_equal(read.params[t][k], x)
+    np.testing.assert_array_equal(read.token_ids, made.token_ids) if made.token_ids is not None else None
+    if kind == "embedding_lora":
+        assert "rows" not in read.params["token_embd.weight"] and read.nbytes < 256 * 64 * 4  # no base table
+
+
+# ---- per-row batches: a sequence adapter, a LoRA and the bare base in one forward pass
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("kind", ["embedding_lora", "lora_trainable_tokens", "prompt_tuning", "prefix_tuning"])
+def test_mixed_rows(tiny, seq_adapters, kind, engine):
+    _, pm, path, _ = seq_adapters(kind)
+    ids = _ids()
+    rows = [ids[0], ids[1], ids[0]]
+    m = edgeadapt.load(tiny["base"], engine=engine, mode="live")
+    m.add_adapter(path, name="s")
+    m.add_adapter(tiny["a"], name="a")
+    got = m.logits(rows, adapters=["s", "a", None])
+    np.testing.assert_allclose(got[0], _peft_logits(pm, kind, [rows[0]])[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got[1], torch_logits(tiny["peft_a"], [rows[1]])[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got[2], torch_logits(tiny["model"], [rows[2]])[0], atol=1e-4, rtol=0)
+    # generation, rows of different lengths (left-padded): each row as if alone
+    prompts = [ids[0][:7], ids[1], ids[0][:4]]
+    outs = m.generate_batch(prompts, 5, adapters=["s", "a", None])
+    alone = [m.generate_ids(prompts[0], 5, adapter="s"), m.generate_ids(prompts[1], 5, adapter="a"),
+             m.generate_ids(prompts[2], 5)]
+    assert outs == alone
+    if kind in ("prompt_tuning", "prefix_tuning"):
+        assert outs[0] == _peft_greedy(pm, kind, prompts[0], 5)[:len(outs[0])]
+
+
+# ---- refusals
+def test_bad_inputs_are_refused(tiny, seq_adapters, tmp_path):
+    from edgeadapt.converters.peft_seq import convert_peft_seq
+    from edgeadapt.kinds_seq import SeqAdapter
+
+    man = tiny["manifest"]
+    common = dict(name="x", version=1, arch=man.arch.arch, fingerprint=man.fingerprint)
+    m = edgeadapt.load(tiny["base"], engine="numpy")
+    bad = {
+        "embedding LoRA: expected A \\[r, 256\\] and B \\[64, r\\]":
+            SeqAdapter.build("embedding_lora", embed_lora=(np.ones((4, 300)), np.ones((64, 4))), **common),
+        "token rows: expected \\[2, 64\\]":
+            SeqAdapter.build("trainable_tokens", token_rows=(np.array([1, 2]), np.ones((2, 32))), **common),
+        "ids must lie in \\[0, 256\\)":
+            SeqAdapter.build("trainable_tokens", token_rows=(np.array([1, 999]), np.ones((2, 64))), **common),
+        "prompt embeddings: expected \\[n_virtual, 64\\], found \\[5, 32\\]":
+            SeqAdapter.build("prompt_tuning", prompt=np.ones((5, 32)), **common),
+        "130 virtual tokens leave no room in a context of 128":
+            SeqAdapter.build("prompt_tuning", prompt=np.ones((130, 64)), **common),
+        "virtual.prefix: hold NaN or Inf":
+            SeqAdapter.build("prefix_tuning", prefix=np.full((3, 128), np.nan), **common),
+        "output head: expected \\[256, 64\\]":
+            SeqAdapter.build("modules_to_save", head=np.ones((200, 64)), **common),
+    }
+    for msg, adapter in bad.items():
+        with pytest.raises(AdapterMismatchError, match=msg):
+            m.add_adapter(adapter)
+    assert m.adapters == {}  # a failed add changes nothing
+    # a prompt that no longer fits the context after the virtual tokens
+    m.add_adapter(SeqAdapter.build("prompt_tuning", prompt=np.ones((100, 64), np.float32), **common))
+    with pytest.raises(edgeadapt.FormatError, match="100 virtual tokens \\+ 40 prompt tokens exceed the context of 128"):
+        m.logits([[3] * 40], adapters=["x"])
+    # virtual tokens run alone, at weight 1
+    m.add_adapter(tiny["a"], name="a")
+    with pytest.raises(UnsupportedError, match="prompt_tuning adapter 'x' prepends virtual tokens and runs alone"):
+        m.use({"x": 1.0, "a": 1.0})
+    assert m.active == {}
+    # converter: a folder made for another width names both sizes
+    other = _peft(make_model("llama", hidden_size=32, num_attention_heads=2, num_key_value_heads=1), "prompt_tuning", 3)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(AdapterMismatchError, match="prompt_embeddings: expected \\[5, 64\\].*found \\[5, 32\\]"):
+        convert_peft_seq(tmp_path / "other", man)
+
+
+def test_modules_to_save_of_a_norm_is_refused_by_name(tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from edgeadapt.converters.peft_seq import convert_peft_seq
+
+    pm = get_peft_model(copy.deepcopy(tiny["model"]), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["norm"]))
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedError, match="modules_to_save='norm' is not supported \\(lm_head and embed_tokens are\\)"):
+        convert_peft_seq(tmp_path, tiny["manifest"])
+
+
+# ---- a base whose head is tied to the embedding (SmolLM2's layout)
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    from edgeadapt.converters.export_base import export_base
+
+    root = tmp_path_factory.mktemp("tied")
+    model = make_model("llama", seed=3, tie_word_embeddings=True)
+    model.save_pretrained(root / "hf")
+    return model, export_base(root / "hf", root / "base", gguf_type="F32"), root
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tied_head_embedding_lora_changes_only_the_input(tied, engine, tmp_path):
+    """PEFT's embedding LoRA wraps only embed_tokens: the tied head keeps the base table. So does ours."""
+    from edgeadapt.converters.peft_seq import convert_peft_seq
+
+    model, man, root = tied
+    assert man.arch.tied_embeddings
+    pm = _peft(model, "embedding_lora", 5)
+    pm.save_pretrained(tmp_path)
+    m = edgeadapt.load(root / "base", engine=engine)
+    m.add_adapter(convert_peft_seq(tmp_path, man, name="e"))
+    m.use("e")
+    ids = _ids()
+    np.testing.assert_allclose(m.logits(ids), torch_logits(pm, ids), atol=1e-4, rtol=0)
+
+
+def test_tied_head_row_changes_are_refused(tied, tmp_path):
+    """PEFT's trainable tokens on a tied base replace the head rows too; not supported yet, said so."""
+    from edgeadapt.converters.peft_seq import convert_peft_seq
+
+    model, man, _ = tied
+    _peft(model, "trainable_tokens", 6).save_pretrained(tmp_path)
+    with pytest.raises(AdapterMismatchError, match="ties its output head to token_embd, and PEFT then replaces"):
+        convert_peft_seq(tmp_path, man)
