@@ -128,7 +128,7 @@ class _QLinears(_Linears):
 
 
 # ---- the decoder
-def _gqa_mask(g: _G) -> tuple[str, str, str]:
+def _gqa_mask(g: _G, window: int | None = None) -> tuple[str, str, str]:
     """(attention_bias [B,1,S,T] float: 0 or NEG, seqlens_k [B] int32 = T-1, total_sequence_length int32 scalar).
     Every row's key count is T (left pads included): pads are masked by the bias, causality by GQA."""
     ids_shape, mask_shape = g.op("Shape", "input_ids"), g.op("Shape", "attention_mask")
@@ -139,6 +139,12 @@ def _gqa_mask(g: _G) -> tuple[str, str, str]:
     seqlens = g.op("Cast", g.op("Expand", g.op("Sub", t, g.const([1])), b), to=TensorProto.INT32)
     bias = g.op("Where", g.op("Equal", "attention_mask", g.const(1)), g.const(0.0, np.float32), g.const(NEG, np.float32))
     bias = g.op("Expand", g.op("Unsqueeze", bias, g.const([1, 2])), g.op("Concat", b, g.const([1]), s, t, axis=0))
+    if window is not None:  # sliding window (Mistral): query at past+s masks keys j with past+s - j >= window
+        t0, s0 = g.op("Squeeze", t, g.const([0])), g.op("Squeeze", s, g.const([0]))
+        q_pos = g.op("Unsqueeze", g.op("Range", g.op("Sub", t0, s0), t0, g.const(1)), g.const([1]))  # [S,1]
+        k_pos = g.op("Unsqueeze", g.op("Range", g.const(0), t0, g.const(1)), g.const([0]))  # [1,T]
+        far = g.op("GreaterOrEqual", g.op("Sub", q_pos, k_pos), g.const(window))  # [S,T]
+        bias = g.op("Where", far, g.const(NEG, np.float32), bias)  # [B,1,S,T]
     return bias, seqlens, total
 
 
@@ -148,7 +154,7 @@ def fused_decoder(cfg: ArchConfig, lin: _Linears, inits: list[TensorProto], name
     g.inits += inits
     eps = float(cfg.rms_eps)
     interleaved = int(cfg.rope == "norm")  # "norm": adjacent pairs; "neox": halves
-    bias, seqlens, total = _gqa_mask(g)
+    bias, seqlens, total = _gqa_mask(g, cfg.sliding_window)
     x, embed_in = add_embed_delta(g, lin.embed(g), cfg.dim)  # [B,S,dim] + per-token embedding change
     h = g.op("SimplifiedLayerNormalization", x, "blk.0.attn_norm.weight", axis=-1, epsilon=eps, stash_type=1)
     for i in range(cfg.n_layers):

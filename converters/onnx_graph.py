@@ -229,8 +229,9 @@ def _mlp(g: _G, i: int, x: str) -> str:
     return _linear(g, g.op("Mul", act, _linear(g, x, f"blk.{i}.ffn_up")), f"blk.{i}.ffn_down")  # [B,S,dim]
 
 
-def _mask(g: _G) -> str:
-    """bool [B,1,S,T]: key j visible to query s iff j <= past+s and attention_mask[b,j] == 1."""
+def _mask(g: _G, window: int | None = None) -> str:
+    """bool [B,1,S,T]: key j visible to query s iff j <= past+s and attention_mask[b,j] == 1 (and, with a
+    sliding ``window``, past+s - j < window: Mistral)."""
     zero, one = g.const(0), g.const(1)
     S = g.op("Gather", g.op("Shape", "input_ids"), one, axis=0)  # scalar
     T = g.op("Gather", g.op("Shape", "attention_mask"), one, axis=0)  # scalar
@@ -239,6 +240,10 @@ def _mask(g: _G) -> str:
     causal = g.op("LessOrEqual", g.op("Unsqueeze", k_pos, g.const([0])),
                   g.op("Unsqueeze", q_pos, g.const([1])))  # [S,T]
     real = g.op("Unsqueeze", g.op("Equal", "attention_mask", one), g.const([1, 2]))  # [B,1,1,T]
+    if window is not None:
+        near = g.op("Less", g.op("Sub", g.op("Unsqueeze", q_pos, g.const([1])), g.op("Unsqueeze", k_pos, g.const([0]))),
+                    g.const(window))  # [S,T]
+        causal = g.op("And", causal, near)
     return g.op("And", causal, real)  # [B,1,S,T]
 
 
@@ -337,7 +342,7 @@ def _decoder(cfg: ArchConfig, protos: dict[str, TensorProto], slots: dict[str, t
     pair_axis = [2, 4] if cfg.rope == "norm" else [2, 3]  # [B,S,hd/2] -> [B,S,1,hd/2,1] | [B,S,1,1,hd/2]
     cos_t = g.op("Unsqueeze", g.op("Gather", "rope.cos", "position_ids", axis=0), g.const(pair_axis))
     sin_t = g.op("Unsqueeze", g.op("Gather", "rope.sin", "position_ids", axis=0), g.const(pair_axis))
-    mask = _mask(g)
+    mask = _mask(g, cfg.sliding_window)
     # ---- decoder blocks
     for i in range(cfg.n_layers):
         h = _rms_norm(g, x, f"blk.{i}.attn_norm.weight", cfg.rms_eps)
