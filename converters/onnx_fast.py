@@ -37,6 +37,7 @@ from onnx import TensorProto, helper
 
 from edgeadapt.arch import ArchConfig
 from edgeadapt.converters.hf import check_complete
+from edgeadapt.errors import UnsupportedError
 
 from .onnx_graph import NEG, OPSET, Progress, _DataWriter, _G, add_embed_delta, lora_input_names, rope_tables
 from .onnx_quant import BLOCK, QWeight, quantize
@@ -243,6 +244,11 @@ def build_quant_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: P
                      accuracy_level: int = ACCURACY_LEVEL) -> dict:
     """Write ``model_<kind>.onnx`` + its data file; returns {"file", "data", "exact", "quantized"}: how many
     weight groups were repacked bit for bit from ``source`` and how many were quantized from float32."""
+    from .onnx_arch import FUSED_ARCHES
+
+    if cfg.arch not in FUSED_ARCHES:
+        raise UnsupportedError(f"quantized ONNX ({kind}) is not supported for the {cfg.arch} architecture yet "
+                               f"(only {sorted(FUSED_ARCHES)}); export fp32 ONNX, or run model.gguf on the numpy engine")
     check_complete(cfg, weights)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -113,3 +113,10 @@ def test_llama_cpp_agrees(tmp_path):
     want = greedy_hf(model, prompt, 8)
     assert got == (want[: want.index(2)] if 2 in want else want)
     assert llama_cpp_greedy(tmp_path / "base" / "model.gguf", prompt, len(got) or 1)[: len(got)] == got
+
+
+def test_quantized_onnx_refused_by_name(g2, tmp_path):
+    from edgeadapt.converters.export_base import export_base
+
+    with pytest.raises(UnsupportedError, match="quantized ONNX \\(int4\\) is not supported for the gpt2 architecture"):
+        export_base(g2["root"] / "hf_base", tmp_path / "q", onnx_weights=("int4",))
