@@ -175,7 +175,7 @@ def merge_adapters(base: str | os.PathLike, adapters: Sequence[tuple[str | os.Pa
         for n, e in build_onnx(man.arch, merged, out, progress=progress).items():
             tensors.setdefault(n, {})["onnx"] = e
         files["onnx"] = "model.onnx"
-        for kind, file in (("onnx_lora", "model_lora.onnx"), ("onnx_check", "weight_sums.onnx")):
+        for kind, file in (("onnx_lora", "model_lora.onnx"), ("onnx_live", "model_live.onnx"), ("onnx_check", "weight_sums.onnx")):
             if (out / file).is_file():
                 files[kind] = file
     tok = man.path("tokenizer")

@@ -7,7 +7,9 @@ Spec (mirrored in docs/FORMAT.md). A base folder MUST hold ``manifest.json``:
   ``"family": "encoder"``, :class:`edgeadapt.encoder_arch.EncoderConfig` fields);
 - ``fingerprint``: ``sha256:<hex>`` of the float32 base weights (:mod:`edgeadapt.fingerprint`);
 - ``files``: relative paths of ``onnx`` (the graph; its weights in ``model.onnx.data``),
-  ``onnx_lora`` (the same graph and weights with LoRA slots, for live adapters), ``onnx_check``
+  ``onnx_lora`` (the same graph and weights with LoRA slots, for live adapters; slots default to
+  empty, as onnxruntime's ``LoraAdapter`` needs), ``onnx_live`` (the same with every slot required:
+  the runtime's live graph, whose kv cache stays bound in place), ``onnx_check``
   (the weight-checksum graph that verifies merges), ``gguf`` (the base llama.cpp loads) and
   ``tokenizer`` (a ``tokenizers`` JSON); each MAY be absent;
 - ``tensors``: per canonical (GGUF) tensor name, where it lives in each export:
@@ -53,7 +55,7 @@ _FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")
 @dataclass
 class BaseManifest:
     root: Path
-    arch: ArchConfig
+    arch: ArchConfig  # or an EncoderConfig (family "encoder")
     fingerprint: str
     files: dict[str, str]
     tensors: dict[str, dict[str, Any]]

@@ -269,9 +269,8 @@ class Model:
         """onnxruntime in auto mode runs the bare base on the plain graph; the first live adapter moves it to
         the slotted one (a one-time session build, paid here rather than by the first request)."""
         ensure = getattr(self._engine, "ensure_slots", None)
-        if ensure is not None:
-            with self._lock.write():
-                ensure()
+        if ensure is not None:  # no write lock: running requests keep the session they started on
+            ensure()
 
     def _low_rank(self, want: Mapping[str, float]) -> bool:
         """Can this set run live? The LoRA family, and kinds with a live form (edgeadapt.delta_kinds.LiveTerms:

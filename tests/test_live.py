@@ -11,6 +11,7 @@ import pytest
 import edgeadapt
 from edgeadapt.delta import read_delta
 from edgeadapt.errors import AdapterMismatchError
+from edgeadapt.runtime.sampling import Sampler
 
 from conftest import ENGINES, torch_logits
 
@@ -163,3 +164,24 @@ def test_auto_mode_merges_a_long_lived_adapter_on_numpy(tiny, ids):
     m.use(None)  # back to live, instantly, from the pure base
     assert m.mode == "live"
     np.testing.assert_allclose(m.logits(ids), torch_logits(tiny["model"], ids), atol=1e-4, rtol=0)
+
+
+def test_auto_mode_runs_the_bare_base_on_the_plain_graph(tiny, ids):
+    """onnxruntime, auto: no slots while no adapter runs; the first live adapter moves to the slotted graph
+    (once), and a generation started before the switch finishes on the session it started with."""
+    m = edgeadapt.load(tiny["base"], engine="ort")
+    m.add_adapter(tiny["a"], name="a")
+    assert m._engine.graph == "model.onnx"  # adding is not using
+    base = m.logits(ids)
+    steps = m._steps([ids[0]], 6, Sampler(), None)  # the decode loop under generate(stream=True)
+    first = next(steps)  # running on the plain session
+    m.use("a")
+    assert m._engine.graph == "model_live.onnx" and m.mode == "live"
+    rest = [t for step in steps for _, t in step]
+    m.use(None)
+    np.testing.assert_array_equal(m.logits(ids), base)  # idle slots = the plain graph, bit for bit
+    assert [t for _, t in first] + rest == m.generate_ids(ids[0], 6)
+    np.testing.assert_allclose(m.logits(ids, adapters=["a", None])[0], torch_logits(tiny["peft_a"], [ids[0]])[0],
+                               atol=1e-4, rtol=0)
+    explicit = edgeadapt.load(tiny["base"], engine="ort", mode="live")
+    assert explicit._engine.graph == "model_live.onnx"  # mode="live": slots from the start, no first-use cost
