@@ -20,8 +20,9 @@ R defaults to the largest input rank. TIES / DARE follow ``peft.utils.merge_util
 A sum of low-rank factors is decomposed without forming ΔW: QR of the stacked B and Aᵀ, SVD
 of the small core (exact, O((out+in)·R²)). A dense ΔW is decomposed by a thin SVD, or a
 randomized one (Halko et al., oversampled and power-iterated, fixed seed) when the matrix is
-larger than 256 on both sides and R is small next to it; the relative error ‖ΔW − ΔW_R‖_F / ‖ΔW‖_F is reported per target either
-way (computed from the norms, so it is the error of the factors actually written).
+larger than 256 on both sides and R is small next to it. The relative error
+‖ΔW − ΔW_R‖_F / ‖ΔW‖_F is reported per target either way (computed from the norms, so it is the
+error of the factors actually written). Host side: numpy only.
 """
 
 from __future__ import annotations
@@ -86,11 +87,11 @@ def _shape(adapter: Any, target: str) -> tuple[int | None, ...]:
     return (b.shape[0], a.shape[1])
 
 
-def _factor_terms(adapter: Any, target: str, base: Any = None) -> tuple[np.ndarray, np.ndarray] | None:
+def _factor_terms(adapter: Any, target: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Exact low-rank factors (A [k, in], B [out, k]) of an input's change when it has them and they are
     smaller than the matrix (LoRA; LoHa / LoKr through their live terms), else None."""
-    if is_low_rank(adapter):
-        return adapter.factors[target]
+    if getattr(adapter, "kind", "lora") == "lora":  # a dense LoRA-shaped change (extract's exact ΔW) has none
+        return adapter.factors[target] if is_low_rank(adapter) else None
     live_terms = getattr(adapter, "live_terms", None)
     if live_terms is None or getattr(adapter, "needs_base", False):
         return None
@@ -105,8 +106,9 @@ def input_rank(adapter: Any, base: Any = None) -> int | None:
     r₁·r₂; LoKr: the product of its factors' ranks), or None when it has none (IA3)."""
     ranks = []
     for t in adapter.targets:
-        if is_low_rank(adapter):
-            ranks.append(adapter.factors[t][0].shape[0])
+        if getattr(adapter, "kind", "lora") == "lora":
+            if is_low_rank(adapter):
+                ranks.append(adapter.factors[t][0].shape[0])
             continue
         live_terms = getattr(adapter, "live_terms", None)
         needs = getattr(adapter, "needs_base", False)
@@ -195,7 +197,9 @@ def load_input(source: Any, manifest: BaseManifest | None = None) -> Any:
     pc = _config(p)
     if pc.get("peft_type") == "LORA" and not pc.get("use_dora"):
         with tempfile.TemporaryDirectory() as tmp:
-            return read_delta(convert_peft(p, manifest, Path(tmp) / "d.gguf", name=p.name))
+            d = read_delta(convert_peft(p, manifest, Path(tmp) / "d.gguf", name=p.name))
+        d.path = str(p)
+        return d
     return convert_peft_kind(p, manifest, name=p.name)
 
 
@@ -436,7 +440,7 @@ def combine_files(sources: Sequence[Any], weights: Sequence[float] | None, out: 
     adapters = [load_input(s, man) for s in sources]
     weights = [1.0] * len(adapters) if weights is None else list(weights)
     check_inputs(adapters, weights, man)
-    _check_options(adapters, method, rank, density, majority_sign, man if man is not None else None)
+    _check_options(adapters, method, rank, density, majority_sign, man)
     base_w = None
     if any(getattr(a, "needs_base", False) for a in adapters):
         from .merge import base_weights
