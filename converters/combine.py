@@ -61,6 +61,7 @@ class Combined:
     rel_error: dict[str, float]  # ‖ΔW − B@A‖_F / ‖ΔW‖_F (0 for cat; float rounding for linear)
     biases: dict[str, np.ndarray] = field(default_factory=dict)  # target -> Δb [out] (LoRA with lora_bias)
     dropped: list[str] = field(default_factory=list)  # targets whose combined change is exactly 0
+    quant_error: dict[str, float] = field(default_factory=dict)  # storage error of ΔW per target (not F32)
     path: Path | None = None
     delta: LoraDelta | None = None  # the written file, read back
 
@@ -456,7 +457,12 @@ def combine_files(sources: Sequence[Any], weights: Sequence[float] | None, out: 
         f", {majority_sign} sign" if method in ("ties", "dare_ties") else "")
     out = Path(out)
     write_delta(out, arch=first.arch, fingerprint=first.fingerprint, name=name or out.stem, version=version,
-                factors=res.factors, biases=res.biases or None, dtype=dtype, description=description,
+                factors=res.factors, biases=res.biases, dtype=dtype, description=description,
                 source=f"combined ({how}) from {parts}")
     res.path, res.delta = out, read_delta(out)
+    if dtype != "F32":  # what storage cost: ‖B̂Â − BA‖_F / ‖BA‖_F per target, against the float32 factors
+        for t, (a, b) in res.factors.items():
+            exact = b.astype(np.float64) @ a
+            stored = res.delta.delta(t).astype(np.float64)
+            res.quant_error[t] = float(np.linalg.norm(stored - exact) / max(np.linalg.norm(exact), 1e-300))
     return res

@@ -53,6 +53,10 @@ def combine_cmd(inputs: tuple[Path, ...], out: Path, weights: str | None, method
                f"rank {rank_text}, quant {quant}")
     if res.dropped:
         click.echo(f"left out {len(res.dropped)} targets whose combined change is zero: {', '.join(res.dropped)}")
+    if res.quant_error:
+        q = res.quant_error
+        click.echo(f"stored as {quant}: relative error of ΔW against the float32 factors per target "
+                   f"(max {max(q.values()):.3e}, mean {sum(q.values()) / len(q):.3e})")
     errs = res.rel_error
     if method in ("cat", "linear"):
         click.echo(f"exact: largest relative difference from Σ wᵢ·ΔWᵢ (float rounding) {max(errs.values()):.1e}")

@@ -367,6 +367,10 @@ def test_quantized_output(tiny, tmp_path):
     assert d.quant == "int8" and out.stat().st_size < 0.4 * f.path.stat().st_size
     t = "blk.0.attn_q.weight"
     assert 0 < np.abs(d.delta(t) - f.delta.delta(t)).max() < 0.02 * np.abs(f.delta.delta(t)).max()
+    q = cb.combine_files([tiny["a"], tiny["b"]], list(W), tmp_path / "q2.gguf", method="svd", rank=4, dtype="int8")
+    true = np.linalg.norm(d.delta(t) - f.delta.delta(t)) / np.linalg.norm(f.delta.delta(t))
+    assert q.quant_error[t] == pytest.approx(true, rel=1e-3) and 1e-4 < true < 0.02
+    assert re.search(r"stored as int8: relative error of ΔW against the float32 factors per target \(max \d", text)
 
 
 # ---- (d) TIES / DARE against the published algorithms and peft.utils.merge_utils
