@@ -205,6 +205,24 @@ def test_rslora_first_peft_is_wrong_ours_is_exact(tiny, ids, tmp_path):
         np.testing.assert_allclose(m.logits(ids), want, atol=1e-4, rtol=0)
 
 
+def test_peft_linear_has_cross_terms_ours_is_the_sum(tiny, ids, tmp_path):
+    """PEFT's "linear" mixes A and B apart: b at 0.7 plus b at 0.3 becomes (√0.7+√0.3)²·ΔW_b ≈ 1.92·ΔW_b.
+    Ours is Σ wᵢ·ΔWᵢ = ΔW_b (and keeps rank 4, not 8)."""
+    pm = _peft_pair(tiny, None, ("b1", tiny["root"] / "peft_b"), ("b2", tiny["root"] / "peft_b"))
+    pm.add_weighted_adapter(["b1", "b2"], list(W), "bb", combination_type="linear")
+    pm.set_adapter("bb")
+    want = torch_logits(tiny["peft_b"], ids)
+    assert np.abs(torch_logits(pm, ids) - want).max() > 0.1
+    d = _peft_deltas(pm, "bb")["model.layers.0.self_attn.q_proj"]
+    ref = _peft_deltas(tiny["peft_b"])["model.layers.0.self_attn.q_proj"]
+    np.testing.assert_allclose(d.numpy(), (np.sqrt(0.7) + np.sqrt(0.3)) ** 2 * ref.numpy(), rtol=1e-4, atol=1e-6)
+    res = cb.combine_files([tiny["b"], tiny["b"]], list(W), tmp_path / "bb.gguf", method="linear")
+    assert set(res.ranks.values()) == {4}
+    m = _model(tiny, "numpy", bb=res.path)
+    m.use("bb")
+    np.testing.assert_allclose(m.logits(ids), want, atol=1e-4, rtol=0)
+
+
 def test_dora_combination_is_exact_peft_is_not(tiny, extra, ids, tmp_path):
     """DoRA's change depends on the base: ours is W + 0.7·ΔW_dora(W) + 0.3·ΔW_a, as applying both live;
     PEFT's add_weighted_adapter makes a new DoRA adapter whose magnitude is re-initialised (peft #3608)."""
