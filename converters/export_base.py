@@ -94,6 +94,8 @@ def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", 
             info = build_quant_onnx(cfg, weights, out, qkind, source=gguf_source(reader) if reader else None,
                                     progress=progress)
             files[f"onnx_{qkind}"] = info["file"]
+            if "base_file" in info:
+                files[f"onnx_{qkind}_base"] = info["base_file"]  # no slots: the bare base at full speed
     write_base_gguf(cfg, weights, out / "model.gguf", qtype=gguf_type, fingerprint=fp, source=reader,
                     tokenizer_dir=None if reader is not None else source, progress=progress)
     files["gguf"] = "model.gguf"

@@ -27,6 +27,7 @@ rope tables stay float32. There is nothing to override: adapters run live only.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +44,7 @@ from .onnx_graph import NEG, OPSET, Progress, _DataWriter, _G, add_embed_delta, 
 from .onnx_quant import BLOCK, QWeight, quantize
 
 MS = "com.microsoft"
+SLOT_GROUPS = "edgeadapt.slot_groups"  # model property: JSON {slot: [weights]} of grouped slots (quantized graphs)
 QUANT_FILES = {"int4": "model_int4.onnx", "int8": "model_int8.onnx"}
 ACCURACY_LEVEL = 4  # MatMulNBits: quantize activations to int8 per block, as llama.cpp's 4-bit dot products do
 GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
@@ -98,6 +100,18 @@ class _QLinears(_Linears):
     def __init__(self, cfg: ArchConfig, slots, meta: dict[str, QWeight], accuracy_level: int):
         super().__init__(cfg, slots)
         self.meta, self.acc = meta, accuracy_level
+        # one slot per group of weights that read the same input (q|k|v, gate|up): A = [A_q | A_k | A_v]
+        # (ranks side by side), B block-diagonal, added to the fused product before the split — a third of
+        # the slot operators of one slot per weight, which is what idle and active slots cost per token
+        self.groups: dict[str, list[str]] = {}
+        for i in range(cfg.n_layers) if self.slots else ():
+            for parts in GROUPS:
+                ws = [f"blk.{i}.{p}.weight" for p in parts]
+                if len(parts) > 1 and all(w in self.slots for w in ws):
+                    name = f"blk.{i}.{_group_name(parts)}"
+                    self.groups[name] = ws
+                    shapes = [self.slots.pop(w) for w in ws]
+                    self.slots[name] = (sum(o for o, _ in shapes), shapes[0][1])
 
     def _matmul(self, g: _G, x: str, prefix: str, bias: bool = False) -> str:
         q = self.meta[prefix]
@@ -112,6 +126,8 @@ class _QLinears(_Linears):
     def group(self, g: _G, x: str, i: int, parts: tuple[str, ...]) -> list[str]:
         prefix = f"blk.{i}.{_group_name(parts)}"
         y = self._matmul(g, x, prefix, bias=self.cfg.qkv_bias and parts[0] == "attn_q")
+        if prefix in self.groups:
+            y = self._slot(g, x, y, prefix)
         sizes = [self.cfg.linear_shapes()[f"blk.{i}.{p}.weight"][0] for p in parts]
         ys = g.ops("Split", y, g.const(sizes), n_out=len(parts), axis=-1) if len(parts) > 1 else [y]
         return [self._slot(g, x, yp, f"blk.{i}.{p}.weight") for yp, p in zip(ys, parts)]
@@ -212,12 +228,12 @@ def _io(cfg: ArchConfig, slots: dict[str, tuple[int, int]], g: _G, defaults: boo
     return inputs, outputs
 
 
-def save_fused(graph: onnx.GraphProto, path: Path) -> None:
+def save_fused(graph: onnx.GraphProto, path: Path, props: dict[str, str] | None = None) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="edgeadapt")
     model.ir_version = 8
     # the runtime reads this: GroupQueryAttention takes seq > 1 after a past only at batch 1
-    helper.set_model_props(model, {"edgeadapt.attention": "GroupQueryAttention"})
+    helper.set_model_props(model, {"edgeadapt.attention": "GroupQueryAttention", **(props or {})})
     onnx.save_model(model, str(path))
 
 
@@ -278,9 +294,16 @@ def build_quant_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: P
     lin = _QLinears(cfg, cfg.linear_shapes() if slots else None, q, accuracy_level)
     # slots without defaults: onnxruntime's IOBinding cannot bind an input that has an initializer, and the
     # engine binds every slot (idle ones to rank-0 arrays) so that the kv cache is updated in place
-    save_fused(fused_decoder(cfg, lin, inits, f"edgeadapt_{cfg.arch}_{kind}", slot_defaults=False), path)
+    save_fused(fused_decoder(cfg, lin, inits, f"edgeadapt_{cfg.arch}_{kind}", slot_defaults=False), path,
+               {SLOT_GROUPS: json.dumps(lin.groups)} if lin.groups else None)
+    info = {"file": path.name, "data": path.name + ".data"}
+    if slots:  # the same weights without slots: the bare base at full speed (the runtime switches at first use)
+        plain = path.with_name(path.stem + "_base.onnx")
+        save_fused(fused_decoder(cfg, _QLinears(cfg, None, q, accuracy_level), inits, f"edgeadapt_{cfg.arch}_{kind}_base"),
+                   plain)
+        info["base_file"] = plain.name
     exact = sum(w.exact for p, w in q.items())
-    return {"file": path.name, "data": path.name + ".data", "exact": exact, "quantized": len(q) - exact}
+    return {**info, "exact": exact, "quantized": len(q) - exact}
 
 
 def gguf_source(reader: "gguf.GGUFReader") -> Source:

@@ -18,6 +18,7 @@ weights: merging would mean re-quantizing, which loses most of a small delta.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -61,12 +62,16 @@ class OrtEngine:
         if weights not in WEIGHTS:
             raise UnsupportedError(f"weights {weights!r} is not one of {tuple(WEIGHTS)}")
         self.weights = weights
+        quant_plain = None
         if weights != "fp32":  # the quantized graph carries its own LoRA slots: live only
             path = manifest.path(WEIGHTS[weights])
             if path is None or not path.is_file():
                 raise FormatError(f"{manifest.root} has no {weights} ONNX graph (model_{weights}.onnx); export the "
                                   f"base with `edgeadapt export-base … --onnx-quant {weights}`, or use weights='fp32'")
-            live = True
+            quant_plain = manifest.path(WEIGHTS[weights] + "_base")  # the same without slots, when exported
+            if quant_plain is not None and not quant_plain.is_file():
+                quant_plain = None
+            live = "lazy" if live == "lazy" and quant_plain is not None else True
         else:
             path = manifest.path("onnx")
         if path is None or not path.is_file():
@@ -79,9 +84,11 @@ class OrtEngine:
         self._sums_path = manifest.path("onnx_check") or path.parent / "weight_sums.onnx"
         self._kinds_file, self._kinds = manifest.path("onnx_kinds"), None  # scale / bias slots, built on first use
         self.live = bool(live)
-        self._lazy = live == "lazy" and weights == "fp32"  # plain graph until the first adapter runs live
+        self._lazy = live == "lazy"  # plain graph until the first adapter runs live
         self._slotted_path: Path | None = None
-        if live and weights == "fp32":
+        if quant_plain is not None and self._lazy:
+            self._slotted_path, self._path = path, quant_plain
+        elif live and weights == "fp32":
             self._slotted_path = _slotted_graph(manifest)
             if not self._lazy:
                 self._path = self._slotted_path
@@ -268,7 +275,7 @@ class OrtEngine:
             feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = k, v
         for name in g.required:
             feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = g.empty_slot[name]
-        for name, (a, bb) in (lora or {}).items():
+        for name, (a, bb) in g.slot_arrays(lora).items():
             feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = a, bb
         if embed is not None:
             feeds["embed.delta"] = np.ascontiguousarray(embed, np.float32)
@@ -364,15 +371,55 @@ class _Session:
         self.fused = meta.get("edgeadapt.attention") == "GroupQueryAttention"  # see OrtEngine.forward
         inputs = {i.name for i in sess.get_inputs()}
         defaults = {i.name for i in sess.get_overridable_initializers()}
-        self.slots = [n for n in linear if f"lora.{n}.a" in inputs | defaults]
-        shapes = cfg.linear_shapes()
+        # grouped slots (quantized graphs): one slot for q|k|v and one for gate|up, see onnx_fast._QLinears
+        self.groups: dict[str, list[str]] = json.loads(meta.get("edgeadapt.slot_groups", "{}"))
+        grouped = {w for ws in self.groups.values() for w in ws}
+        self.slots = [n for n in list(linear) + list(self.groups) if n not in grouped and f"lora.{n}.a" in inputs | defaults]
+        shapes = dict(cfg.linear_shapes())
+        for gname, ws in self.groups.items():
+            shapes[gname] = (sum(shapes[w][0] for w in ws), shapes[ws[0]][1])
+        self.shapes = shapes
         self.empty_slot = {n: (np.zeros((1, shapes[n][1], 0), np.float32), np.zeros((1, 0, shapes[n][0]), np.float32))
                            for n in self.slots}  # what an idle slot is bound to (the graph's own defaults)
+        self._last: tuple[Any, Any] = (None, None)  # (per-weight factors, their slot arrays): one request's plan
         self.required = [n for n in self.slots if f"lora.{n}.a" not in defaults]  # model_live / quantized: no defaults
         # the in-place kv cache (KVCache) needs IOBinding, which cannot bind slots that have defaults
         # (model_lora.onnx keeps them for onnxruntime's LoraAdapter): that graph feeds arrays every step
         self.inplace = self.fused and not any(f"lora.{n}.a" in defaults for n in self.slots)
         self.embed = "embed.delta" in inputs | defaults  # base folders exported before it have no such input
+
+
+    def slot_arrays(self, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per-weight factors {weight: (A [n, in, r], B [n, r, out])} -> this graph's slot inputs: a group slot
+        gets A = [A_1 | A_2 | …] (ranks side by side) and B block-diagonal, so x·A·B = [x·A_1·B_1 | x·A_2·B_2 | …]
+        is exactly the per-weight sum (zeros where a weight has no factors)."""
+        if not lora or not self.groups:
+            return lora or {}
+        last_in, last_out = self._last
+        if last_in is lora:
+            return last_out
+        out = {n: f for n, f in lora.items() if n not in self._grouped_names()}
+        for gname, ws in self.groups.items():
+            present = [w for w in ws if w in lora]
+            if not present:
+                continue
+            n = max(lora[w][0].shape[0] for w in present)
+            ranks = [lora[w][0].shape[2] if w in lora else 0 for w in ws]
+            a = np.zeros((n, self.shapes[gname][1], sum(ranks)), np.float32)
+            b = np.zeros((n, sum(ranks), self.shapes[gname][0]), np.float32)
+            r0 = o0 = 0
+            for w, r in zip(ws, ranks):
+                o1 = o0 + self.shapes[w][0]
+                if r:
+                    a[:, :, r0:r0 + r] = lora[w][0]
+                    b[:, r0:r0 + r, o0:o1] = lora[w][1]
+                r0, o0 = r0 + r, o1
+            out[gname] = (a, b)
+        self._last = (lora, out)
+        return out
+
+    def _grouped_names(self) -> set[str]:
+        return {w for ws in self.groups.values() for w in ws}
 
 
 def _slotted_graph(manifest: BaseManifest) -> Path:
@@ -394,7 +441,7 @@ class KVCache:
 
     def __init__(self, engine: OrtEngine, batch: int, tokens: int):
         cfg = engine.cfg
-        g = engine._g  # this session and its slots, whatever the engine switches to later
+        g = self._g = engine._g  # this session and its slots, whatever the engine switches to later
         self._engine, self.sess, self.batch, self.length = engine, g.sess, batch, 0
         self._slots, self._empty_slot = g.slots, g.empty_slot
         self.io = self.sess.io_binding()
@@ -423,11 +470,12 @@ class KVCache:
         self._arrays, self.capacity = arrays, cap
 
     def _bind_lora(self, lora: Any) -> None:
+        arrays = self._g.slot_arrays(lora)
         for name in self._slots:
-            a, b = (lora or {}).get(name) or self._empty_slot[name]
+            a, b = arrays.get(name) or self._empty_slot[name]
             self.io.bind_cpu_input(f"lora.{name}.a", a)
             self.io.bind_cpu_input(f"lora.{name}.b", b)
-        self._lora = lora  # keeps the bound arrays alive
+        self._lora, self._bound = lora, arrays  # keeps the bound arrays alive
 
     def run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, lora: Any) -> np.ndarray:
         if lora and not self._slots:

@@ -109,7 +109,7 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
         return load_encoder(manifest, engine, threads=threads)
     slotted = any(p is not None and p.is_file() for p in (manifest.path("onnx_live"), manifest.path("onnx_lora")))
     live: bool | str = weights != "fp32" or mode in ("live", "auto") and slotted
-    if live and mode == "auto" and weights == "fp32":
+    if live and mode == "auto":
         live = "lazy"  # onnxruntime: the plain graph while no adapter is active, the slotted one from the first
     if mode == "live" and engine == "ort" and not live:
         raise FormatError(f"{manifest.root} has no model_live.onnx / model_lora.onnx (the graphs with LoRA slots); "

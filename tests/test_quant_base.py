@@ -25,6 +25,7 @@ pytest.importorskip("onnx")
 
 import edgeadapt  # noqa: E402
 from edgeadapt.converters.hf import from_transformers  # noqa: E402
+from edgeadapt.runtime.engine_ort import _Session  # noqa: E402
 from edgeadapt.converters.onnx_fast import GROUPS, _group_name, build_quant_onnx, quantize_base  # noqa: E402
 from edgeadapt.converters.onnx_graph import build_onnx  # noqa: E402
 from edgeadapt.converters.onnx_quant import Q, quantize  # noqa: E402
@@ -61,11 +62,13 @@ def _feeds(cfg, ids, mask=None, pos=None, lora=None):
 def _logits(path, feeds, cfg):
     """Logits of the graph at ``path``; its LoRA slots that ``feeds`` leaves out get rank 0 (the quantized
     graphs' slots have no default)."""
-    sess, feeds = _session(path), dict(feeds)
-    for i in sess.get_inputs():
-        if i.name.startswith("lora.") and i.name not in feeds:
-            out, inp = cfg.linear_shapes()[i.name[5:-2]]
-            feeds[i.name] = np.zeros((1, inp, 0) if i.name.endswith(".a") else (1, 0, out), np.float32)
+    sess = _session(path)
+    slots = _Session(sess, cfg, list(cfg.linear_shapes()))  # per-weight factors -> the graph's (grouped) slots
+    lora = {k[5:-2]: (feeds[k], feeds[k[:-2] + ".b"]) for k in feeds if k.startswith("lora.") and k.endswith(".a")}
+    feeds = {k: v for k, v in feeds.items() if not k.startswith("lora.")}
+    arrays = slots.slot_arrays(lora)
+    for name in slots.slots:
+        feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = arrays.get(name) or slots.empty_slot[name]
     return sess.run(["logits"], feeds)[0]
 
 
@@ -255,6 +258,8 @@ def test_load_quantized_base_runs_adapters_live(tiny, qbase, ids, kind):
         x.add_adapter(tiny["a"], name="a")
         x.add_adapter(tiny["b"], name="b")
     assert m.mode == "live"
+    assert m._engine.graph == f"model_{kind}_base.onnx"  # auto: no slots while no adapter runs
+    bare = m.logits(ids)
     for spec in (None, "a", {"a": 0.5, "b": 0.5}):
         m.use(spec)
         ref.use(spec)
@@ -262,6 +267,9 @@ def test_load_quantized_base_runs_adapters_live(tiny, qbase, ids, kind):
         # with these 3×-scaled test adapters activations grow, and with them int8 activation rounding:
         # measured max 0.71 / mean 0.13 (int4), max 0.53 / mean 0.027 (int8, one outlier logit)
         assert err.max() < TOL_MODEL[kind][0] and err.mean() < TOL_MODEL[kind][1], (spec, err.max(), err.mean())
+    assert m._engine.graph == f"model_{kind}.onnx"  # moved to the slotted graph at the first adapter
+    m.use(None)
+    np.testing.assert_allclose(m.logits(ids), bare, atol=1e-5, rtol=0)  # idle (grouped) slots = the plain graph
     # per-row adapters and left padding, one pass == each row alone
     rows = [[0, 0] + ids[0][:7], ids[1]]
     mask = np.array([[0, 0] + [1] * 7, [1] * 9])
