@@ -68,9 +68,10 @@ def test_cached_decode_step(g2, ids, engine):
     check_cached_decode(g2["base"], g2["model"], engine, ids)
 
 
-@pytest.mark.parametrize("mode", ["merge", "live"])
-@pytest.mark.parametrize("engine", ENGINES)
-def test_fan_in_fan_out_lora_matches_peft(g2, ids, engine, mode):
+@pytest.mark.parametrize("engine,mode", [pytest.param(e, m, id=f"gpt2_fan_in_fan_out_{e}_{m}")
+                                         for e in ENGINES for m in ("merge", "live")])
+def test_kind(g2, ids, engine, mode):
+    """PEFT LoRA with fan_in_fan_out on GPT-2's Conv1D layers vs PEFT's forward (README's kinds table)."""
     check_lora(g2["base"], g2["delta"], g2["pm"], g2["model"], engine, mode, ids)
 
 
