@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from spine import prepare  # noqa: E402  (exports SmolLM2 once into bench/.cache)
 
-PROMPT_LEN, NEW = 32, 32
+PROMPT_LEN, NEW = 32, 64
 
 
 def random_delta(man, rank: int, seed: int, path: Path) -> Path:
@@ -110,7 +110,10 @@ def main() -> None:
     t0 = time.perf_counter()
     merged = edgeadapt.load(base, engine="ort", mode="merge")
     merge_load = time.perf_counter() - t0
-    for m in (live, merged):
+    auto = edgeadapt.load(base, engine="ort")  # the default: plain graph until an adapter runs
+    q_auto = edgeadapt.load(base, engine="ort", weights="int4")  # 4-bit: slotless graph until an adapter runs
+    q_live = edgeadapt.load(base, engine="ort", weights="int4", mode="live")
+    for m in (live, merged, auto, q_auto, q_live):
         for r, p in deltas.items():
             m.add_adapter(p, name=f"r{r}")
     for i, p in enumerate(mixed):
@@ -134,8 +137,16 @@ def main() -> None:
         # decode, alternating systems
         merged.use(None)
         put("decode tok/s: bare base (plain graph)", decode_tps(merged))
+        put("decode tok/s: base, auto mode, adapters loaded, none active", decode_tps(auto))
         live.use(None)
         put("decode tok/s: base, live graph, no adapter", decode_tps(live))
+        put("int4 decode tok/s: bare base (auto: slotless graph)", decode_tps(q_auto))
+        q_live.use(None)
+        put("int4 decode tok/s: base, slotted graph, no adapter", decode_tps(q_live))
+        for r in ranks:
+            q_live.use(f"r{r}")
+            put(f"int4 decode tok/s: live rank {r}", decode_tps(q_live))
+        q_live.use(None)
         for r in ranks:
             live.use(f"r{r}")
             put(f"decode tok/s: live rank {r}", decode_tps(live))
@@ -151,11 +162,12 @@ def main() -> None:
         put("batch 8 tok/s: 8 rows, 8 adapters", decode_tps(live, 8, [f"mix{i}" for i in range(8)]))
     med = {k: statistics.median(v) for k, v in res.items()}
     bare = med["decode tok/s: bare base (plain graph)"]
-    lines = [f"# Live adapters: SmolLM2-135M-Instruct fp32 on onnxruntime, all-linear LoRA, {a.rounds} rounds, medians", "",
+    q_bare = med["int4 decode tok/s: bare base (auto: slotless graph)"]
+    lines = [f"# Live adapters: SmolLM2-135M-Instruct (fp32, and the int4 base) on onnxruntime, all-linear LoRA, {a.rounds} rounds, medians", "",
              f"load: live (slotted graph) {live_load:.2f} s, merge (plain graph) {merge_load:.2f} s", "",
              "| figure | value | vs bare base |", "|---|---|---|"]
     for k, v in med.items():
-        ratio = f"{v / bare:.3f}×" if k.startswith("decode") else ""
+        ratio = f"{v / bare:.3f}×" if k.startswith("decode") else f"{v / q_bare:.3f}× (of int4 bare)" if k.startswith("int4") else ""
         lines.append(f"| {k} | {v:.4g} | {ratio} |")
     one, eight = med["batch 8 tok/s: 8 rows, one adapter"], med["batch 8 tok/s: 8 rows, 8 adapters"]
     lines += ["", f"mixed batch (8 rows / 8 adapters) vs (8 rows / one adapter): {eight / one:.2f}×"]
