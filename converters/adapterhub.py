@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgeadapt.arch import permute_qk, qk_heads
-from edgeadapt.bottleneck import BottleneckAdapter, placement
+from edgeadapt.bottleneck import BOTTLENECK_DECODERS, BottleneckAdapter, placement, target_name
 from edgeadapt.delta import LoraDelta
 from edgeadapt.errors import AdapterMismatchError, FormatError, UnsupportedError, collect
 from edgeadapt.kinds import Ia3Adapter
@@ -114,12 +114,19 @@ def _hf_type(cfg: Any) -> str:
 
 def _bottleneck(c: dict[str, Any], tensors: dict[str, np.ndarray], cfg: Any, common: dict[str, Any]) -> BottleneckAdapter:
     _refuse(c, _BN_UNSUPPORTED, "bottleneck")
-    if getattr(cfg, "family", None) != "encoder":
-        raise UnsupportedError("AdapterHub bottleneck adapters are supported on encoder bases (BERT family); "
-                               f"this base is a {cfg.arch!r} decoder")
-    pat = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.(attention\.output|output)\.adapters\.[^.]+\."
-                     r"(adapter_down\.[01]|adapter_up|adapter_norm_before|adapter_norm_after|scaling)(?:\.(weight|bias))?$")
-    params: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    encoder = getattr(cfg, "family", None) == "encoder"
+    if not encoder and cfg.arch not in BOTTLENECK_DECODERS:
+        raise UnsupportedError(f"AdapterHub bottleneck adapters are supported on encoder bases (BERT family) and "
+                               f"llama-family decoders ({', '.join(BOTTLENECK_DECODERS)}); this base is {cfg.arch!r}")
+    if encoder:
+        pat = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.(attention\.output|output)\.adapters\.[^.]+\."
+                         r"(adapter_down\.[01]|adapter_up|adapter_norm_before|adapter_norm_after|scaling)(?:\.(weight|bias))?$")
+        position = {"attention.output": "attn", "output": "ffn"}
+    else:  # llama: the decoder layer's attention_adapters / output_adapters
+        pat = re.compile(r"(?:^|\.)layers\.(\d+)\.(attention_adapters|output_adapters)\.adapters\.[^.]+\."
+                         r"(adapter_down\.[01]|adapter_up|adapter_norm_before|adapter_norm_after|scaling)(?:\.(weight|bias))?$")
+        position = {"attention_adapters": "attn", "output_adapters": "ffn"}
+    params: dict[str, dict[str, np.ndarray]] = {}
     unknown = []
     # adapter_down is Sequential([LayerNorm if ln_before], Linear, activation): the LayerNorm is also
     # saved as adapter_norm_before
@@ -129,17 +136,14 @@ def _bottleneck(c: dict[str, Any], tensors: dict[str, np.ndarray], cfg: Any, com
             "scaling": "scaling"}
     for k, v in tensors.items():
         m = pat.search(k)
-        if not m:
+        if not m or part[m.group(3)] == "?":
             unknown.append(k)
             continue
-        i, pos = int(m.group(1)), "attn" if m.group(2) == "attention.output" else "ffn"
+        t = target_name(int(m.group(1)), position[m.group(2)])
         p, wb = part[m.group(3)], m.group(4)
-        if p == "?":
-            unknown.append(k)
-            continue
-        key = p if p == "scaling" else (f"{p}_bias" if wb == "bias" and p in ("down", "up") else
-                                        p if p in ("down", "up") else f"{p}.{wb}")
-        params.setdefault((i, pos), {})[key] = v
+        key = p if p == "scaling" else (f"{p}_bias" if wb == "bias" else p) if p in ("down", "up") else \
+            f"{p}_{'w' if wb == 'weight' else 'b'}"
+        params.setdefault(t, {})[key] = v
     if unknown:
         raise UnsupportedError(f"AdapterHub bottleneck tensors this converter cannot place: {unknown[:5]}")
     scaling = c.get("scaling", 1.0)
@@ -208,3 +212,35 @@ def _target_namer(cfg: Any):
                 return n
         return None
     return dec
+
+
+# ---- delta files
+def is_adapterhub(folder: str | Path) -> bool:
+    """Is this an AdapterHub adapter folder (``adapter_config.json`` with a ``config`` object, and
+    ``adapter.safetensors`` or ``pytorch_adapter.bin``)?"""
+    folder = Path(folder)
+    p = folder / "adapter_config.json"
+    if not folder.is_dir() or not p.is_file():
+        return False
+    try:
+        meta = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return (isinstance(meta, dict) and isinstance(meta.get("config"), dict)
+            and any((folder / f).is_file() for f in ("adapter.safetensors", "pytorch_adapter.bin")))
+
+
+def export_adapterhub(folder: str | Path, manifest: Any, out: str | Path, *, name: str | None = None,
+                      version: int = 1, dtype: str = "F32") -> Path:
+    """Convert an AdapterHub folder to a delta file pinned to ``manifest``'s base (kind ``lora``,
+    ``ia3`` or ``bottleneck``); verified against the base before anything is written."""
+    from edgeadapt.delta import write_delta
+
+    adapter = convert_adapterhub(folder, manifest, name=name, version=version)
+    if getattr(manifest.arch, "family", None) == "encoder":
+        from edgeadapt.runtime.encoder import check_adapter
+        check_adapter(manifest.arch, manifest.fingerprint, adapter)
+    else:
+        adapter.check_base(manifest.arch, manifest.fingerprint)
+    write_delta(out, adapter, dtype=dtype)
+    return Path(out)

@@ -6,6 +6,7 @@
 from pathlib import Path
 
 import edgeadapt.arch
+import edgeadapt.bottleneck
 import edgeadapt.delta
 import edgeadapt.delta_kinds
 import edgeadapt.fingerprint
@@ -15,6 +16,7 @@ import edgeadapt.manifest
 SECTIONS = [("The delta file (`edgeadapt/delta.py`)", edgeadapt.delta),
             ("Adapter kinds in delta files (`edgeadapt/delta_kinds.py`)", edgeadapt.delta_kinds),
             ("The built-in kinds (`edgeadapt/kinds.py`)", edgeadapt.kinds),
+            ("Bottleneck adapters (`edgeadapt/bottleneck.py`)", edgeadapt.bottleneck),
             ("The base folder (`edgeadapt/manifest.py`)", edgeadapt.manifest),
             ("The canonical layout (`edgeadapt/arch.py`)", edgeadapt.arch),
             ("The base fingerprint (`edgeadapt/fingerprint.py`)", edgeadapt.fingerprint)]

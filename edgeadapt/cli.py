@@ -82,12 +82,22 @@ def export_base_cmd(source: Path, out: Path, gguf_type: str, no_onnx: bool, onnx
                    "measured output error against the fp32 adapter.")
 def export_adapter_cmd(adapter: Path, base: Path, out: Path, name: str | None, version: int, dtype: str,
                        fmt: str, quant: str | None) -> None:
-    """Convert a PEFT folder (LoRA, DoRA, IA3, LoHa, LoKr, VeRA) or a delta .gguf into a file pinned to BASE."""
+    """Convert a PEFT folder (LoRA, DoRA, IA3, LoHa, LoKr, VeRA), an AdapterHub folder (bottleneck, LoRA,
+    IA3) or a delta .gguf into a file pinned to BASE."""
+    from edgeadapt.converters.adapterhub import export_adapterhub, is_adapterhub
     from edgeadapt.converters.peft_kinds import export_peft_kind, is_peft_kind
     from edgeadapt.converters.peft_lora import convert_peft
     from edgeadapt.manifest import read_manifest
 
-    if fmt == "onnx_adapter":
+    adapterhub = is_adapterhub(adapter)
+    if adapterhub and fmt == "gguf":
+        path = export_adapterhub(adapter, read_manifest(base), out, name=name, version=version, dtype=quant or dtype)
+    elif adapterhub:
+        from edgeadapt.errors import UnsupportedError
+
+        raise UnsupportedError(f"{adapter}: --format {fmt} takes PEFT LoRA folders and delta files; convert an "
+                               "AdapterHub folder to a delta file first (--format gguf)")
+    elif fmt == "onnx_adapter":
         import tempfile
 
         from edgeadapt.delta import read_delta
@@ -106,7 +116,7 @@ def export_adapter_cmd(adapter: Path, base: Path, out: Path, name: str | None, v
     else:
         path = convert_peft(adapter, read_manifest(base), out, name=name, version=version, dtype=quant or dtype)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
-    if quant and fmt == "gguf" and not is_peft_kind(adapter):
+    if quant and fmt == "gguf" and not adapterhub and not is_peft_kind(adapter):
         from edgeadapt.converters.quant_report import adapter_report
 
         click.echo("\n".join(adapter_report(adapter, base, path).lines()))

@@ -67,7 +67,7 @@ _KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 # kind name -> module that registers it when imported (read_delta imports it on first use)
 KIND_MODULES: dict[str, str] = {"dora": "edgeadapt.kinds", "ia3": "edgeadapt.kinds", "loha": "edgeadapt.kinds",
-                                "lokr": "edgeadapt.kinds",
+                                "lokr": "edgeadapt.kinds", "bottleneck": "edgeadapt.bottleneck",
                                 **{k: "edgeadapt.kinds_seq" for k in ("embedding_lora", "trainable_tokens",
                                                                       "modules_to_save", "prompt_tuning", "prefix_tuning")}}
 KINDS: dict[str, type["KindAdapter"]] = {}

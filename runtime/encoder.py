@@ -122,6 +122,37 @@ class OrtEncoder:
 
 
 # ---- the model
+def check_adapter(cfg: Any, fingerprint: str, a: Any) -> None:
+    """Refuse, naming every mismatch, an adapter object that does not fit this encoder base."""
+    problems = []
+    if getattr(a, "fingerprint", None) != fingerprint:
+        problems.append(f"base fingerprint: the adapter was made for {getattr(a, 'fingerprint', None)}, "
+                        f"this base is {fingerprint}")
+    if getattr(a, "arch", None) != cfg.arch:
+        problems.append(f"architecture: expected {cfg.arch!r}, found {getattr(a, 'arch', None)!r}")
+    kind = getattr(a, "kind", None)
+    shapes = cfg.linear_shapes()
+    if kind == "bottleneck":
+        collect(problems, AdapterMismatchError, f"adapter {a.name!r} does not fit this base:")
+        a.check_base(cfg, fingerprint)
+        return
+    if kind == "lora":
+        for t, (fa, fb) in a.factors.items():
+            if t not in shapes or (fb.shape[0], fa.shape[1]) != shapes[t]:
+                problems.append(f"{t}: expected a change of shape {list(shapes.get(t, ()))}, found "
+                                f"lora_a {list(fa.shape)} and lora_b {list(fb.shape)}")
+        if getattr(a, "biases", None):
+            problems.append("LoRA bias terms are not supported on encoder bases yet")
+    elif kind == "ia3":
+        for t, p in a.params.items():
+            if "ia3_out" not in p or t not in shapes or p["ia3_out"].shape != (shapes[t][0],):
+                problems.append(f"{t}: expected an output scaling ia3_out [{shapes.get(t, ('?',))[0]}], found "
+                                f"{ {k: list(v.shape) for k, v in p.items()} }")
+    else:
+        problems.append(f"adapter kind {kind!r} does not run on encoder bases; supported: lora, ia3, bottleneck")
+    collect(problems, AdapterMismatchError, f"{kind} adapter {getattr(a, 'name', '?')!r} does not fit this base:")
+
+
 class EncoderModel:
     """An encoder base with adapters beside it. ``embed`` / ``classify`` / ``hidden_states`` take texts
     or token ids and, per call, ``adapters=[...]`` (one entry per row: a name, ``{name: weight}`` or None);
@@ -157,7 +188,10 @@ class EncoderModel:
         object), not yet active. Returns its name."""
         if isinstance(source, (str, os.PathLike)):
             from edgeadapt.delta import read_delta
-            source = read_delta(source)
+            path, source = source, read_delta(source)
+            if self.trust is not None or self.require_signature:
+                from edgeadapt.signing import check_trust
+                check_trust(path, self.trust, self.require_signature)  # the file: a signature covers its bytes
         self._check(source)
         name = name or source.name
         with self._lock:
@@ -167,33 +201,7 @@ class EncoderModel:
         return name
 
     def _check(self, a: Any) -> None:
-        cfg, problems = self.config, []
-        if getattr(a, "fingerprint", None) != self.fingerprint:
-            problems.append(f"base fingerprint: the adapter was made for {getattr(a, 'fingerprint', None)}, "
-                            f"this base is {self.fingerprint}")
-        if getattr(a, "arch", None) != cfg.arch:
-            problems.append(f"architecture: expected {cfg.arch!r}, found {getattr(a, 'arch', None)!r}")
-        kind = getattr(a, "kind", None)
-        shapes = cfg.linear_shapes()
-        if kind == "bottleneck":
-            collect(problems, AdapterMismatchError, f"adapter {a.name!r} does not fit this base:")
-            a.check_base(cfg, self.fingerprint)
-            return
-        if kind == "lora":
-            for t, (fa, fb) in a.factors.items():
-                if t not in shapes or (fb.shape[0], fa.shape[1]) != shapes[t]:
-                    problems.append(f"{t}: expected a change of shape {list(shapes.get(t, ()))}, found "
-                                    f"lora_a {list(fa.shape)} and lora_b {list(fb.shape)}")
-            if getattr(a, "biases", None):
-                problems.append("LoRA bias terms are not supported on encoder bases yet")
-        elif kind == "ia3":
-            for t, p in a.params.items():
-                if "ia3_out" not in p or t not in shapes or p["ia3_out"].shape != (shapes[t][0],):
-                    problems.append(f"{t}: expected an output scaling ia3_out [{shapes.get(t, ('?',))[0]}], found "
-                                    f"{ {k: list(v.shape) for k, v in p.items()} }")
-        else:
-            problems.append(f"adapter kind {kind!r} does not run on encoder bases; supported: lora, ia3, bottleneck")
-        collect(problems, AdapterMismatchError, f"{kind} adapter {getattr(a, 'name', '?')!r} does not fit this base:")
+        check_adapter(self.config, self.fingerprint, a)
 
     def remove_adapter(self, name: str) -> None:
         if name not in self.adapters:
@@ -246,7 +254,7 @@ class EncoderModel:
                         s = ia3.setdefault(t, np.ones((n, 1, shapes[t][0]), np.float32))
                         s[r, 0] += np.float32(w) * (p["ia3_out"] - 1)
                 else:
-                    for i, pos in a.params:
+                    for i, pos in a.positions():
                         slot = bns.setdefault((i, pos), [None] * n)
                         if slot[r] is not None:
                             raise UnsupportedError(f"two bottleneck adapters at blk.{i}.{pos} in one row "

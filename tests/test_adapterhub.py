@@ -16,6 +16,7 @@ adapters = pytest.importorskip("adapters", reason="AdapterHub's `adapters` is no
                                                   "~=4.57: pip install transformers==4.57.6 adapters==1.3.0)")
 
 import edgeadapt  # noqa: E402
+from edgeadapt.delta import read_delta  # noqa: E402
 from edgeadapt.errors import AdapterMismatchError, UnsupportedError  # noqa: E402
 
 BERT = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -92,17 +93,33 @@ def bert(tmp_path_factory):
     return dict(root=root, model=model, manifest=manifest, base=root / "base", ids=ids, mask=mask)
 
 
+def cli(*args):
+    """Run the edgeadapt CLI in-process; return its output, failing the test on a non-zero exit."""
+    from click.testing import CliRunner
+
+    from edgeadapt.cli import main
+
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return res.output
+
+
+def export(folder, base, out, *extra):
+    """AdapterHub folder -> delta file, through ``edgeadapt export-adapter``."""
+    out_text = cli("export-adapter", folder, "--base", base, "-o", out, *extra)
+    assert out_text.startswith(f"wrote {out}")
+    return out
+
+
 @pytest.fixture(scope="module")
 def built(bert):
-    """kind -> (adapters model, converted adapter object)."""
-    from edgeadapt.converters.adapterhub import convert_adapterhub
-
+    """kind -> (adapters model, the delta file the CLI wrote from its saved folder)."""
     out = {}
     for k, (kind, cfg) in enumerate(_configs().items()):
         m = _with_adapter(bert["model"], kind, cfg, seed=10 + k)
         folder = bert["root"] / kind
         m.save_adapter(str(folder), kind, use_safetensors=(k % 2 == 0))  # both file forms
-        out[kind] = (m, convert_adapterhub(folder, bert["manifest"]))
+        out[kind] = (m, export(folder, bert["base"], bert["root"] / f"{kind}.gguf"))
     return out
 
 
@@ -111,14 +128,14 @@ def _masked(a, mask):
 
 
 def _check_kind(bert, built, kind, engine):
-    m_ref, adapter = built[kind]
+    m_ref, path = built[kind]
     ids, mask = bert["ids"], bert["mask"]
     want_h, want_logits = _ref(m_ref, ids, mask)
     base_h, _ = _ref(bert["model"], ids, mask)
     assert np.abs(_masked(want_h - base_h, mask)).max() > 0.05, "the adapter must matter"
     em = edgeadapt.load(bert["base"], engine=engine)
     assert em.engine == engine
-    em.add_adapter(adapter)
+    assert em.add_adapter(path) == kind  # the file: integrity, kind, base fingerprint checked
     em.use(kind)
     np.testing.assert_allclose(_masked(em.hidden_states(ids, mask), mask), _masked(want_h, mask), atol=1e-4, rtol=0)
     np.testing.assert_allclose(em.classify(ids, mask), want_logits, atol=1e-4, rtol=0)
@@ -161,7 +178,7 @@ def test_old_version_alpha_is_r(bert, built, tmp_path):
     meta["version"] = "adapters.1.0.1"
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
     old = convert_adapterhub(tmp_path, bert["manifest"], name="old")
-    new = built["lora"][1]
+    new = read_delta(built["lora"][1])
     t = next(iter(new.factors))
     np.testing.assert_allclose(old.factors[t][1] * 2.0, new.factors[t][1], rtol=1e-6)  # alpha 8 / r 4 vs r / r
     # and the library's own loader agrees
@@ -193,7 +210,7 @@ def test_refusals(bert, built, tmp_path):
     with pytest.raises(AdapterMismatchError, match="hidden_size: the base has 32, the adapter 48"):
         convert_adapterhub(tmp_path / "wrong", bert["manifest"])
     em = edgeadapt.load(bert["base"], engine="numpy")
-    a = built["seq_bn"][1]
+    a = read_delta(built["seq_bn"][1])
     a2 = copy.copy(a)
     a2.fingerprint = "sha256:" + "0" * 64
     with pytest.raises(AdapterMismatchError, match="base fingerprint"):
@@ -202,32 +219,46 @@ def test_refusals(bert, built, tmp_path):
 
 
 # ---- llama-family decoders: AdapterHub LoRA and IA3 become our kinds
-@pytest.mark.parametrize("kind", ["lora", "ia3"])
-@pytest.mark.parametrize("engine", ENGINES)
-def test_llama_lora_ia3(tiny, ids, kind, engine, tmp_path):
+def _llama_config(kind):
     from adapters import IA3Config, LoRAConfig
 
-    from edgeadapt.converters.adapterhub import convert_adapterhub
+    return (LoRAConfig(r=4, alpha=6, attn_matrices=["q", "k", "v"], intermediate_lora=True, output_lora=True)
+            if kind == "lora" else IA3Config(attn_matrices=["q", "k", "v"], intermediate_lora=True, output_lora=True))
 
-    cfg = (LoRAConfig(r=4, alpha=6, attn_matrices=["q", "k", "v"], intermediate_lora=True, output_lora=True)
-           if kind == "lora" else IA3Config(attn_matrices=["q", "k", "v"], intermediate_lora=True, output_lora=True))
-    m = _with_adapter(tiny["model"], kind, cfg, seed=5)
-    m.save_adapter(str(tmp_path), kind, use_safetensors=True)
-    adapter = convert_adapterhub(tmp_path, tiny["manifest"])
+
+@pytest.fixture(scope="module")
+def llama_built(tiny, tmp_path_factory):
+    """kind -> (adapters model on the tiny llama, the delta file the CLI wrote)."""
+    root = tmp_path_factory.mktemp("ah_llama")
+    out = {}
+    for kind in ("lora", "ia3"):
+        m = _with_adapter(tiny["model"], kind, _llama_config(kind), seed=5)
+        m.save_adapter(str(root / kind), kind, use_safetensors=kind == "lora")
+        out[kind] = (m, export(root / kind, tiny["base"], root / f"{kind}.gguf"))
+    return out
+
+
+def _check_llama(tiny, llama_built, kind, engine, mode, ids):
+    m, path = llama_built[kind]
     want = torch_logits(m, ids)
     assert np.abs(want - torch_logits(tiny["model"], ids)).max() > 0.05, "the adapter must matter"
-    em = edgeadapt.load(tiny["base"], engine=engine)
-    em.add_adapter(adapter)
+    em = edgeadapt.load(tiny["base"], engine=engine, mode=mode)
+    em.add_adapter(path)
     em.use(kind)
     np.testing.assert_allclose(em.logits(ids), want, atol=1e-4, rtol=0)
 
 
-def test_llama_bottleneck_is_named(tiny, tmp_path):
-    from adapters import SeqBnConfig
+for _kind in ("lora", "ia3"):
+    for _engine in ENGINES:
+        for _mode in ("merge", "live"):
+            def _test(tiny, llama_built, ids, kind=_kind, engine=_engine, mode=_mode):
+                _check_llama(tiny, llama_built, kind, engine, mode, ids)
+            _test.__name__ = f"test_kind_llama_{_kind}_{_engine}_{_mode}"
+            globals()[_test.__name__] = _test
+del _test
 
-    from edgeadapt.converters.adapterhub import convert_adapterhub
 
-    m = _with_adapter(make_model("llama"), "bn", SeqBnConfig(), 1)
-    m.save_adapter(str(tmp_path), "bn", use_safetensors=True)
-    with pytest.raises(UnsupportedError, match="bottleneck adapters are supported on encoder bases"):
-        convert_adapterhub(tmp_path, tiny["manifest"])
+def test_inspect_says_kind_and_live_only(bert, built):
+    text = cli("inspect", built["seq_bn"][1])
+    assert "kind bottleneck" in text and "merged: no, live: yes" in text
+    assert f"fingerprint {bert['manifest'].fingerprint}" in text

@@ -136,3 +136,94 @@ def test_minilm_embeddings_match_torch(minilm, engine):
     np.testing.assert_array_equal(ids, enc["input_ids"].numpy())  # the same tokens, the same padding
     sim = got @ got.T
     assert sim[0, 1] < 0.9 and np.allclose(np.diag(sim), 1, atol=1e-5)
+
+
+# ---- bottleneck delta files: strict reader
+def _bn_adapter(fingerprint, m=4, d=32, ln_after=True):
+    from edgeadapt.bottleneck import BottleneckAdapter, placement
+
+    rng = np.random.default_rng(1)
+    p = {"down": rng.standard_normal((m, d)), "down_bias": rng.standard_normal(m), "up": rng.standard_normal((d, m)),
+         "up_bias": rng.standard_normal(d)}
+    if ln_after:
+        p |= {"ln_after_w": 1 + rng.standard_normal(d), "ln_after_b": rng.standard_normal(d)}
+    p = {k: v.astype(np.float32) for k, v in p.items()}
+    return BottleneckAdapter(name="bn", version=1, arch="bert", fingerprint=fingerprint,
+                             params={"blk.0.bn_ffn": p, "blk.1.bn_attn": {k: v * np.float32(2) for k, v in p.items()}},
+                             ctrl=placement({"non_linearity": "gelu", "ln_after": ln_after, "original_ln_before": True}))
+
+
+def _reseal(raw: bytes) -> bytes:
+    from edgeadapt.delta_container import UNSIGNED, with_signature
+
+    return with_signature(raw, UNSIGNED, "t.gguf")  # a valid integrity over the hostile bytes
+
+
+def test_bottleneck_file_round_trip(tiny_bert, tmp_path):
+    from edgeadapt.delta import read_delta, write_delta
+
+    man = edgeadapt.load(tiny_bert["root"] / "clf_base", engine="numpy").manifest
+    a = _bn_adapter(man.fingerprint)
+    write_delta(tmp_path / "bn.gguf", a)
+    back = read_delta(tmp_path / "bn.gguf")
+    assert back.kind == "bottleneck" and not back.mergeable and back.live
+    np.testing.assert_array_equal(back.ctrl, a.ctrl)
+    for t in a.params:
+        for k in a.params[t]:
+            np.testing.assert_array_equal(back.params[t][k], a.params[t][k])
+    assert back.metadata["adapter.type"] == "edgeadapt-bottleneck"
+    assert back.metadata["edgeadapt.bottleneck.activation"] == "gelu"
+    back.check_base(man.arch, man.fingerprint)
+    with pytest.raises(edgeadapt.errors.AdapterMismatchError, match="base fingerprint"):
+        back.check_base(man.arch, "sha256:" + "0" * 64)
+    with pytest.raises(UnsupportedError, match="non-linear: it cannot be merged"):
+        back.delta("blk.0.bn_ffn")
+
+
+def test_bottleneck_file_hostile(tiny_bert, tmp_path):
+    from edgeadapt.delta import delta_from_bytes, write_delta
+    from edgeadapt.errors import AdapterMismatchError
+
+    man = edgeadapt.load(tiny_bert["root"] / "clf_base", engine="numpy").manifest
+    a = _bn_adapter(man.fingerprint)
+    write_delta(tmp_path / "ok.gguf", a)
+    ok = (tmp_path / "ok.gguf").read_bytes()
+    # NaN in a tensor, with a valid integrity: refused by the reader
+    marker = a.params["blk.0.bn_ffn"]["up_bias"].tobytes()
+    assert ok.count(marker) == 1
+    raw = ok.replace(marker, np.full(32, np.nan, np.float32).tobytes())
+    with pytest.raises(FormatError, match=r"blk\.0\.bn_ffn\.up_bias: holds NaN or Inf"):
+        delta_from_bytes(_reseal(raw), "nan.gguf")
+    # NaN at write time
+    bad = _bn_adapter(man.fingerprint)
+    bad.params["blk.0.bn_ffn"]["down"][0, 0] = np.inf
+    with pytest.raises(FormatError, match=r"blk\.0\.bn_ffn\.down: holds NaN or Inf"):
+        write_delta(tmp_path / "inf.gguf", bad)
+    # an unknown activation
+    raw = ok.replace(b"gelu", b"mish")
+    with pytest.raises(FormatError, match=r"edgeadapt\.bottleneck\.activation: expected one of .*found 'mish'"):
+        delta_from_bytes(_reseal(raw), "act.gguf")
+    # wrong shapes: up [dim, m] against down [m, dim] of another m
+    w = _bn_adapter(man.fingerprint)
+    w.params["blk.0.bn_ffn"]["up"] = np.ones((32, 3), np.float32)
+    write_delta(tmp_path / "shape.gguf", w)
+    with pytest.raises(FormatError, match=r"blk\.0\.bn_ffn: expected down \[m, dim\].*found up \[32, 3\]"):
+        delta_from_bytes((tmp_path / "shape.gguf").read_bytes(), "shape.gguf")
+    # a missing tensor (ln_after is set, its LayerNorm is not there)
+    w = _bn_adapter(man.fingerprint)
+    del w.params["blk.1.bn_attn"]["ln_after_b"]
+    write_delta(tmp_path / "miss.gguf", w)
+    with pytest.raises(FormatError, match=r"blk\.1\.bn_attn: expected down, down_bias, ln_after_b, ln_after_w, up, "
+                                          r"up_bias; found down, down_bias, ln_after_w, up, up_bias"):
+        delta_from_bytes((tmp_path / "miss.gguf").read_bytes(), "miss.gguf")
+    # a placement key missing
+    raw = ok.replace(b"edgeadapt.bottleneck.input", b"edgeadapt.bottleneck.inpuX")
+    with pytest.raises(FormatError, match=r"edgeadapt\.bottleneck\.input: expected one of h, t, norm, found nothing"):
+        delta_from_bytes(_reseal(raw), "key.gguf")
+    # another width than the base: refused by the base check, naming it
+    w = _bn_adapter(man.fingerprint, d=48)
+    write_delta(tmp_path / "wide.gguf", w)
+    em = edgeadapt.load(tiny_bert["root"] / "clf_base", engine="numpy")
+    with pytest.raises(AdapterMismatchError, match=r"blk\.0\.bn_ffn: the base's width is 32, the adapter's 48"):
+        em.add_adapter(tmp_path / "wide.gguf")
+    assert em.adapters == {}
