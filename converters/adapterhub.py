@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgeadapt.arch import permute_qk, qk_heads
-from edgeadapt.bottleneck import BOTTLENECK_DECODERS, BottleneckAdapter, placement, target_name
+from edgeadapt.bottleneck import BottleneckAdapter, placement, target_name
 from edgeadapt.delta import LoraDelta
 from edgeadapt.errors import AdapterMismatchError, FormatError, UnsupportedError, collect
 from edgeadapt.kinds import Ia3Adapter
@@ -114,18 +114,14 @@ def _hf_type(cfg: Any) -> str:
 
 def _bottleneck(c: dict[str, Any], tensors: dict[str, np.ndarray], cfg: Any, common: dict[str, Any]) -> BottleneckAdapter:
     _refuse(c, _BN_UNSUPPORTED, "bottleneck")
-    encoder = getattr(cfg, "family", None) == "encoder"
-    if not encoder and cfg.arch not in BOTTLENECK_DECODERS:
-        raise UnsupportedError(f"AdapterHub bottleneck adapters are supported on encoder bases (BERT family) and "
-                               f"llama-family decoders ({', '.join(BOTTLENECK_DECODERS)}); this base is {cfg.arch!r}")
-    if encoder:
-        pat = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.(attention\.output|output)\.adapters\.[^.]+\."
-                         r"(adapter_down\.[01]|adapter_up|adapter_norm_before|adapter_norm_after|scaling)(?:\.(weight|bias))?$")
-        position = {"attention.output": "attn", "output": "ffn"}
-    else:  # llama: the decoder layer's attention_adapters / output_adapters
-        pat = re.compile(r"(?:^|\.)layers\.(\d+)\.(attention_adapters|output_adapters)\.adapters\.[^.]+\."
-                         r"(adapter_down\.[01]|adapter_up|adapter_norm_before|adapter_norm_after|scaling)(?:\.(weight|bias))?$")
-        position = {"attention_adapters": "attn", "output_adapters": "ffn"}
+    if getattr(cfg, "family", None) != "encoder":
+        # AdapterHub's Llama runs them at the two residual adds of each decoder block; the decoder
+        # graphs and the numpy decoder have no slots there yet
+        raise UnsupportedError("AdapterHub bottleneck adapters are supported on encoder bases (BERT family); "
+                               f"this base is a {cfg.arch!r} decoder, whose blocks have no bottleneck slots yet")
+    pat = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.(attention\.output|output)\.adapters\.[^.]+\."
+                     r"(adapter_down\.[01]|adapter_up|adapter_norm_before|adapter_norm_after|scaling)(?:\.(weight|bias))?$")
+    position = {"attention.output": "attn", "output": "ffn"}
     params: dict[str, dict[str, np.ndarray]] = {}
     unknown = []
     # adapter_down is Sequential([LayerNorm if ln_before], Linear, activation): the LayerNorm is also

@@ -15,9 +15,6 @@ Per adapted (block i, position p ∈ {attn, ffn}), in AdapterHub's orientation:
 | ln_before, ln_after, adapter_residual_before_ln, original_ln_after | their flags |
 | non_linearity | the one-hot activation (relu, swish/silu, gelu, gelu_new, tanh, sigmoid, leakyrelu, identity) |
 
-On a llama-family decoder (pre-norm: AdapterHub passes no LayerNorm to the adapter layer) LN is
-the identity in the same formula.
-
 Delta file (kind ``bottleneck``, :mod:`edgeadapt.delta_kinds`). Targets are not base tensors:
 ``blk.<i>.bn_attn`` (after the attention sub-layer) and ``blk.<i>.bn_ffn`` (after the FFN). Per
 target the file MUST hold ``down`` [m, dim], ``down_bias`` [m], ``up`` [dim, m] (scaling folded in),
@@ -54,7 +51,6 @@ K = "edgeadapt.bottleneck."
 _CHOICES = {"input": {"h": "x_h", "t": "x_t", "norm": "x_L"}, "residual": {"h": "r_h", "sum": "r_s", "norm": "r_L"}}
 _FLAGS = {"ln_before": "ln_before", "ln_after": "ln_after", "residual_before_ln_after": "arb",
           "original_ln_after": "ln_out"}
-BOTTLENECK_DECODERS = ("llama",)  # decoders whose blocks have the bottleneck slots (AdapterHub's Llama)
 _LN_PARAMS = {"ln_before": ("ln_before_w", "ln_before_b"), "ln_after": ("ln_after_w", "ln_after_b")}
 
 
@@ -208,9 +204,9 @@ class BottleneckAdapter(KindAdapter):
 
     def _extra_problems(self, cfg: Any) -> list[str]:
         problems = []
-        if getattr(cfg, "family", None) != "encoder" and cfg.arch not in BOTTLENECK_DECODERS:
-            problems.append(f"bottleneck adapters run on encoder bases and {', '.join(BOTTLENECK_DECODERS)} "
-                            f"decoders; this base is {cfg.arch!r}")
+        if getattr(cfg, "family", None) != "encoder":
+            problems.append(f"bottleneck adapters run in the slots of an encoder base; this base is a {cfg.arch!r} "
+                            "decoder, whose blocks have no bottleneck slots yet")
         for t, q in self.params.items():
             ip = parse_target(t)
             if ip is None:

@@ -188,10 +188,10 @@ class EncoderModel:
         object), not yet active. Returns its name."""
         if isinstance(source, (str, os.PathLike)):
             from edgeadapt.delta import read_delta
-            path, source = source, read_delta(source)
-            if self.trust is not None or self.require_signature:
-                from edgeadapt.signing import check_trust
-                check_trust(path, self.trust, self.require_signature)  # the file: a signature covers its bytes
+            source = read_delta(source)
+        if self.trust is not None or self.require_signature:
+            from edgeadapt.signing import check_trust
+            check_trust(source, self.trust, self.require_signature)  # the signature covers the file's bytes
         self._check(source)
         name = name or source.name
         with self._lock:

@@ -262,3 +262,20 @@ def test_inspect_says_kind_and_live_only(bert, built):
     text = cli("inspect", built["seq_bn"][1])
     assert "kind bottleneck" in text and "merged: no, live: yes" in text
     assert f"fingerprint {bert['manifest'].fingerprint}" in text
+
+
+def test_llama_bottleneck_is_named(tiny, tmp_path):
+    """Bottleneck adapters on a llama decoder are refused by name, through the CLI (exit 2, nothing written)."""
+    from adapters import SeqBnConfig
+    from click.testing import CliRunner
+
+    from edgeadapt.cli import main
+
+    m = _with_adapter(tiny["model"], "bn", SeqBnConfig(), 1)
+    m.save_adapter(str(tmp_path / "bn"), "bn", use_safetensors=True)
+    res = CliRunner().invoke(main, ["export-adapter", str(tmp_path / "bn"), "--base", str(tiny["base"]),
+                                    "-o", str(tmp_path / "bn.gguf")])
+    assert res.exit_code == 2
+    assert "bottleneck adapters are supported on encoder bases (BERT family); this base is a 'llama' decoder" \
+        in res.output
+    assert not (tmp_path / "bn.gguf").exists()

@@ -178,6 +178,11 @@ def test_bottleneck_file_round_trip(tiny_bert, tmp_path):
         back.check_base(man.arch, "sha256:" + "0" * 64)
     with pytest.raises(UnsupportedError, match="non-linear: it cannot be merged"):
         back.delta("blk.0.bn_ffn")
+    em = edgeadapt.load(tiny_bert["root"] / "clf_base", engine="numpy")
+    em.require_signature = True  # an unsigned file is refused when signatures are required
+    with pytest.raises(edgeadapt.errors.IntegrityError, match="signatures are required"):
+        em.add_adapter(tmp_path / "bn.gguf")
+    assert em.adapters == {}
 
 
 def test_bottleneck_file_hostile(tiny_bert, tmp_path):
