@@ -253,10 +253,16 @@ class Model:
             if want == self.active:
                 return
             t0 = time.perf_counter()
-            if self.requested_mode == "merge" or not self._live_ok or not self._low_rank(want):
+            live = None
+            if self.requested_mode != "merge" and self._live_ok and self._low_rank(want):
+                try:
+                    live = self._seq.plan(self._factors([want]), [want])  # built before anything changes
+                except UnsupportedError:  # a set with no exact live form (an input and an output scale on one
+                    if self.requested_mode == "live":  # layer): auto merges it, live says why not
+                        raise
+            if live is None:
                 self._merge(want)
             else:
-                live = self._seq.plan(self._factors([want]), [want])  # built before anything changes
                 if self._merged:  # leave a merge: back to the pure base weights first
                     self._merge({})
                 if live:
