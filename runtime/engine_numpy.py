@@ -1,7 +1,8 @@
 """A llama-family forward pass in plain numpy, straight from a GGUF base.
 
-Device-side: imports only numpy, gguf, the standard library and ``edgeadapt.arch`` /
-``edgeadapt.errors``; nothing is computed at import time. The I/O contract is the ONNX
+Device-side: imports only numpy, gguf, the standard library, ``edgeadapt.arch`` /
+``edgeadapt.errors`` / ``edgeadapt.gguf_file`` and :mod:`.ggml_weights` (the stored weights and
+their kernels); nothing is computed at import time. The I/O contract is the ONNX
 engine's (``input_ids``/``attention_mask``/``position_ids``/``past`` in, logits and present
 key/values out), so one generation loop drives both.
 """
@@ -10,349 +11,22 @@ from __future__ import annotations
 
 import mmap
 import os
-import struct
 import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import gguf
 import numpy as np
 
 from edgeadapt.arch import ArchConfig
 from edgeadapt.errors import AdapterMismatchError, EdgeAdaptError, FormatError, UnsupportedError, collect
+from edgeadapt.gguf_file import open_gguf
 
-_T = gguf.GGMLQuantizationType
+from .ggml_weights import _FAST_DEQ, _Lazy, _Src
+
 _F32 = np.float32
 _LINEAR_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-# one lazily dequantized slab is at most this many bytes of fp32 (bounds the scratch memory of "lazy")
-_LAZY_CHUNK_BYTES = 4 << 20
 # the fp32 size under which "auto" dequantizes quantized / F16 weights once at load
 _AUTO_LOAD_LIMIT = 2 << 30
-
-
-# ---------------------------------------------------------------- dequantization
-# Fast paths for the common row-block types; each gives bit for bit what gguf.quants.dequantize
-# gives (same float32 operations), without gguf's 16-row split/concatenate round trip.
-def _deq_f16(rows: np.ndarray) -> np.ndarray:
-    return rows.astype(_F32)
-
-
-def _deq_q8_0(rows: np.ndarray) -> np.ndarray:
-    n = rows.shape[0]
-    b = rows.reshape(n, -1, 34)
-    d = b[..., :2].view(np.float16).astype(_F32)  # [n, nb, 1]
-    return (b[..., 2:].view(np.int8) * d).reshape(n, -1)
-
-
-def _nibbles(b: np.ndarray, qs: np.ndarray) -> np.ndarray:
-    """Low nibbles then high nibbles of each block's 16 bytes, as float32 [n, nb, 32]."""
-    out = np.empty((b.shape[0], b.shape[1], 2, 16), _F32)
-    out[..., 0, :] = qs & np.uint8(15)
-    out[..., 1, :] = qs >> np.uint8(4)
-    return out.reshape(b.shape[0], b.shape[1], 32)
-
-
-def _deq_q4_0(rows: np.ndarray) -> np.ndarray:
-    n = rows.shape[0]
-    b = rows.reshape(n, -1, 18)
-    d = b[..., :2].view(np.float16).astype(_F32)  # [n, nb, 1]
-    out = _nibbles(b, b[..., 2:])
-    out -= _F32(8)
-    out *= d
-    return out.reshape(n, -1)
-
-
-def _deq_q4_1(rows: np.ndarray) -> np.ndarray:
-    n = rows.shape[0]
-    b = rows.reshape(n, -1, 20)
-    d = b[..., :2].view(np.float16).astype(_F32)
-    m = b[..., 2:4].view(np.float16).astype(_F32)
-    out = _nibbles(b, b[..., 4:])
-    out *= d
-    out += m
-    return out.reshape(n, -1)
-
-
-_FAST_DEQ: dict[Any, Callable[[np.ndarray], np.ndarray]] = {
-    _T.F16: _deq_f16, _T.Q8_0: _deq_q8_0, _T.Q4_0: _deq_q4_0, _T.Q4_1: _deq_q4_1}
-
-
-def _dequantizer(qtype: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """rows of stored blocks [n, bytes] (or [n, in] for F16/BF16) -> float32 [n, in]."""
-    fast = _FAST_DEQ.get(qtype)
-    if fast is not None:
-        return fast
-    return lambda rows: gguf.quants.dequantize(rows, qtype)
-
-
-# ---------------------------------------------------------------- the file
-# A lean GGUF reader: gguf.GGUFReader builds one numpy view per element of every metadata array,
-# which for a 49k-token vocabulary took 4.2 s and 160 MB before the first weight was touched.
-# The engine needs the scalars and the tensor table; large arrays are stepped over and kept as
-# their length. Every count, length and offset is checked against the file size first.
-_GGUF_MAGIC = 0x46554747  # b"GGUF" little-endian
-_MAX_COUNT = 1 << 20  # tensors or key/values in one file
-_SMALL_ARRAY = 1024  # arrays up to this many elements are read; longer ones are skipped
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NP_ITEM = {_T.F32: np.float32, _T.F16: np.float16}  # other types are viewed as bytes, rows of blocks
-
-
-class _Field:
-    """One metadata value (``contents()``, like gguf's); a skipped long array keeps only its length."""
-
-    __slots__ = ("value", "count")
-
-    def __init__(self, value: Any, count: int = 1):
-        self.value, self.count = value, count
-
-    def contents(self) -> Any:
-        return self.value
-
-    @property
-    def data(self) -> Any:
-        return self.value if isinstance(self.value, list) else range(self.count)
-
-
-class _TensorInfo:
-    __slots__ = ("name", "tensor_type", "shape", "data_offset", "n_bytes", "data")
-
-
-class _GGUF:
-    """``fields`` {key: _Field}, ``tensors`` [_TensorInfo] (shape in ggml order, ``data`` a
-    read-only view of the memmap), ``data`` the memmap itself."""
-
-    def __init__(self, path: Path):
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
-        self.data = mm
-        buf, size = memoryview(mm), len(mm)
-        pos = 0
-
-        def need(n: int, what: str) -> None:
-            if n < 0 or pos + n > size:
-                raise FormatError(f"{path}: {what} runs past the end of the file (offset {pos}, {n} bytes, file {size})")
-
-        def unpack(fmt: str, what: str) -> Any:
-            nonlocal pos
-            n = struct.calcsize(fmt)
-            need(n, what)
-            v = struct.unpack_from(fmt, buf, pos)[0]
-            pos += n
-            return v
-
-        def string(what: str) -> str:
-            nonlocal pos
-            n = unpack("<Q", what)
-            need(n, what)
-            v = bytes(buf[pos:pos + n]).decode("utf-8", errors="replace")
-            pos += n
-            return v
-
-        def value(vtype: int, what: str, depth: int = 0) -> _Field:
-            nonlocal pos
-            if vtype in _SCALARS:
-                return _Field(unpack(_SCALARS[vtype], what))
-            if vtype == 8:
-                return _Field(string(what))
-            if vtype != 9 or depth > 1:
-                raise FormatError(f"{path}: {what}: unknown or too deeply nested value type {vtype}")
-            etype, count = unpack("<I", what), unpack("<Q", what)
-            if etype in _SCALARS and count > _SMALL_ARRAY:  # step over without reading
-                n = count * struct.calcsize(_SCALARS[etype])
-                need(n, what)
-                pos += n
-                return _Field(None, count)
-            if count > size:
-                raise FormatError(f"{path}: {what}: {count} elements cannot fit in {size} bytes")
-            if etype == 8 and count > _SMALL_ARRAY:  # step over the strings: lengths only
-                for _ in range(count):
-                    n = unpack("<Q", what)
-                    need(n, what)
-                    pos += n
-                return _Field(None, count)
-            items = [value(etype, what, depth + 1).value for _ in range(count)]
-            return _Field(items if count <= _SMALL_ARRAY else None, count)
-
-        if size < 24 or unpack("<I", "magic") != _GGUF_MAGIC:
-            raise FormatError(f"{path}: expected a GGUF file (magic 'GGUF'), found {bytes(buf[:4])!r}")
-        version = unpack("<I", "version")
-        if version not in (2, 3):
-            raise UnsupportedError(f"{path}: GGUF version {version} (byte-swapped or too new); this reader takes 2 and 3")
-        n_tensors, n_kv = unpack("<Q", "tensor count"), unpack("<Q", "key/value count")
-        if n_tensors > _MAX_COUNT or n_kv > _MAX_COUNT:
-            raise FormatError(f"{path}: {n_tensors} tensors / {n_kv} key/values is over the {_MAX_COUNT} limit")
-        self.fields: dict[str, _Field] = {}
-        for _ in range(n_kv):
-            key = string("a metadata key")
-            if key in self.fields:
-                raise FormatError(f"{path}: metadata key {key!r} appears twice")
-            self.fields[key] = value(unpack("<I", key), key)
-        infos = []
-        for _ in range(n_tensors):
-            name = string("a tensor name")
-            n_dims = unpack("<I", name)
-            if not 1 <= n_dims <= 4:
-                raise FormatError(f"{path}: tensor {name!r}: expected 1 to 4 dimensions, found {n_dims}")
-            dims = [unpack("<Q", name) for _ in range(n_dims)]
-            infos.append((name, dims, unpack("<I", name), unpack("<Q", name)))
-        align = self.fields["general.alignment"].value if "general.alignment" in self.fields else 32
-        if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            raise FormatError(f"{path}: general.alignment must be a power of two, found {align!r}")
-        start = -(-pos // align) * align
-        self.tensors: list[_TensorInfo] = []
-        seen: set[str] = set()
-        for name, dims, ttype, offset in infos:
-            if name in seen:
-                raise FormatError(f"{path}: tensor {name!r} appears twice")
-            seen.add(name)
-            try:
-                qt = _T(ttype)
-                block, tsize = gguf.GGML_QUANT_SIZES[qt]
-            except (ValueError, KeyError):
-                raise FormatError(f"{path}: tensor {name!r}: unknown tensor type {ttype}") from None
-            if any(d <= 0 or d >= 1 << 40 for d in dims) or dims[0] % block:
-                raise FormatError(f"{path}: tensor {name!r}: bad shape {dims} for {qt.name} (blocks of {block})")
-            n_elems = int(np.prod(dims, dtype=object))
-            n_bytes = n_elems // block * tsize
-            at = start + offset
-            if offset % align or at + n_bytes > size:
-                raise FormatError(f"{path}: tensor {name!r}: data at {at} (+{n_bytes} bytes) is misaligned or past "
-                                  f"the end of the file ({size} bytes)")
-            t = _TensorInfo()
-            t.name, t.tensor_type, t.shape, t.data_offset, t.n_bytes = name, qt, np.array(dims), at, n_bytes
-            rows = list(reversed(dims))  # numpy order
-            raw = mm[at:at + n_bytes]
-            item = _NP_ITEM.get(qt)
-            t.data = (raw.view(item).reshape(rows) if item is not None
-                      else raw.reshape(*rows[:-1], rows[-1] // block * tsize))
-            self.tensors.append(t)
-
-
-class _Src:
-    """One tensor of the file: memmapped, in its stored type."""
-
-    __slots__ = ("name", "qtype", "shape", "data", "deq", "offset", "nbytes")
-
-    def __init__(self, t: Any):
-        self.name = t.name
-        self.offset, self.nbytes = int(t.data_offset), int(t.n_bytes)
-        self.qtype = t.tensor_type
-        self.shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # canonical [out, in]
-        self.data = t.data.view(np.ndarray)  # plain ndarray view of the read-only memmap, no copy
-        self.deq = None if self.qtype == _T.F32 else _dequantizer(self.qtype)
-
-    @property
-    def fp32_bytes(self) -> int:
-        return int(np.prod(self.shape)) * 4
-
-    def rows(self, idx: Any) -> np.ndarray:
-        """Dequantized rows (any index numpy takes on the first axis) of a 2-D tensor."""
-        r = self.data[idx]
-        return r if self.deq is None else self.deq(r)
-
-    def full(self) -> np.ndarray:
-        """The whole tensor as float32 canonical: a view for F32, else a fresh array."""
-        if self.deq is None:
-            return self.data.reshape(self.shape)
-        if len(self.shape) == 1:
-            return self.deq(self.data.reshape(1, -1)).reshape(self.shape)
-        out = np.empty(self.shape, _F32)
-        step = max(1, _LAZY_CHUNK_BYTES // (4 * self.shape[1]))
-        for r0 in range(0, self.shape[0], step):
-            out[r0:r0 + step] = self.deq(self.data[r0:r0 + step])
-        return out
-
-    def fill_t(self, out: np.ndarray) -> None:
-        """Write the tensor transposed ([in, out]) into ``out`` (any strides), slab by slab, so no
-        full-size temporary is made."""
-        step = max(1, _LAZY_CHUNK_BYTES // (4 * self.shape[1]))
-        for r0 in range(0, self.shape[0], step):
-            out[:, r0:r0 + step] = self.rows(slice(r0, r0 + step)).T
-
-
-# ---------------------------------------------------------------- x Wᵀ straight from the blocks
-# For a few rows of x (decode), W = d·q (+ m) is never materialised: per 32-wide block b,
-# y = Σ_b d_b (q_b · x_b) + Σ_b m_b Σ x_b. The integer quants are widened to float32 in long
-# contiguous passes (no per-block inner loops: numpy's broadcasting over 32-wide blocks costs
-# ~15 ns per block per operation, which dominated the dequantize-then-matmul path) and the
-# block dot products are one stacked matmul. Q4_0: m = -8·d.
-_MATVEC_MAX_ROWS = 8  # above this many rows of x, dequantize + one GEMM is faster
-
-
-def _nibble_planes(u32: np.ndarray, r: int, nb: int) -> np.ndarray:
-    """4-bit quants of [r, nb, 4] uint32 words (16 bytes per block) -> float32 [2, r, nb, 16]:
-    plane 0 the low nibbles (elements 0..15 of each block), plane 1 the high ones (16..31)."""
-    q = np.empty((2, r, nb, 16), _F32)
-    q[0] = (u32 & np.uint32(0x0F0F0F0F)).view(np.uint8).reshape(r, nb, 16)
-    u32 >>= np.uint32(4)
-    u32 &= np.uint32(0x0F0F0F0F)
-    q[1] = u32.view(np.uint8).reshape(r, nb, 16)
-    return q
-
-
-def _mv_q4(x: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-    """x [N, in], nibble planes q [2, r, nb, 16], d / m [r, nb] float32 -> [N, r]."""
-    N, nb = x.shape[0], q.shape[2]
-    xv = x.reshape(N, nb, 2, 16).transpose(2, 1, 3, 0)  # [2, nb, 16, N]
-    p = np.matmul(q.transpose(0, 2, 1, 3), xv)  # [2, nb, r, N] block dot products
-    p[0] += p[1]
-    y = np.einsum("brn,rb->nr", p[0], d)
-    if m is not None:
-        y += x.reshape(N, nb, 32).sum(axis=-1) @ m.T
-    return y
-
-
-def _mv_q4_1(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    r, nb = rows.shape[0], rows.shape[1] // 20
-    b = rows.reshape(r, nb, 20)
-    d = b[..., 0:2].view(np.float16)[..., 0].astype(_F32)
-    m = b[..., 2:4].view(np.float16)[..., 0].astype(_F32)
-    u32 = np.ascontiguousarray(rows.view(np.uint32).reshape(r, nb, 5)[..., 1:])
-    return _mv_q4(x, _nibble_planes(u32, r, nb), d, m)
-
-
-def _mv_q4_0(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    r, nb = rows.shape[0], rows.shape[1] // 18
-    d = rows.reshape(r, nb, 18)[..., 0:2].view(np.float16)[..., 0].astype(_F32)
-    u32 = np.ascontiguousarray(rows.view(np.uint16).reshape(r, nb, 9)[..., 1:]).view(np.uint32)
-    return _mv_q4(x, _nibble_planes(u32, r, nb), d, d * _F32(-8))
-
-
-def _mv_q8_0(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    r, nb = rows.shape[0], rows.shape[1] // 34
-    N = x.shape[0]
-    d = rows.reshape(r, nb, 34)[..., 0:2].view(np.float16)[..., 0].astype(_F32)
-    q = np.ascontiguousarray(rows.view(np.uint16).reshape(r, nb, 17)[..., 1:]).view(np.int8).astype(_F32)  # [r, nb, 32]
-    p = np.matmul(q.transpose(1, 0, 2), x.reshape(N, nb, 32).transpose(1, 2, 0))  # [nb, r, N]
-    return np.einsum("brn,rb->nr", p, d)
-
-
-_FAST_MV: dict[Any, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    _T.Q4_0: _mv_q4_0, _T.Q4_1: _mv_q4_1, _T.Q8_0: _mv_q8_0}
-
-
-class _Lazy:
-    """A linear kept in its stored (quantized / F16) form; used slab by slab at each use: for a
-    few rows of x straight from the blocks (Q4_0 / Q4_1 / Q8_0), else dequantized then multiplied."""
-
-    __slots__ = ("src", "out", "step", "mv")
-
-    def __init__(self, src: _Src):
-        self.src = src
-        self.out, inn = src.shape
-        self.step = max(1, _LAZY_CHUNK_BYTES // (4 * inn))
-        self.mv = _FAST_MV.get(src.qtype)
-
-    def matmul(self, x: np.ndarray) -> np.ndarray:
-        y = np.empty((x.shape[0], self.out), _F32)
-        data, deq, step = self.src.data, self.src.deq, self.step
-        if self.mv is not None and x.shape[0] <= _MATVEC_MAX_ROWS:
-            mv = self.mv
-            for r0 in range(0, self.out, step):
-                y[:, r0:r0 + step] = mv(x, data[r0:r0 + step])
-            return y
-        for r0 in range(0, self.out, step):
-            np.matmul(x, deq(data[r0:r0 + step]).T, out=y[:, r0:r0 + step])
-        return y
 
 
 def _lin(x: np.ndarray, w: Any, live: Any, rows: Any = None, nb: int = 1) -> np.ndarray:
@@ -465,8 +139,8 @@ class NumpyEngine:
     "lazy" on Q4_1 at ~0.3× in a third of the memory. Set ``OPENBLAS_NUM_THREADS`` to the cores
     the app can really use, or pass ``threads=`` (process-wide, through OpenBLAS's own setter):
     on an oversubscribed CPU OpenBLAS's spinning threads made decode 2–25× slower (SmolLM2 on
-    a shared 2-core VM: 1.5 tok/s with 2 threads, 15.8 with 1). The file is read with a lean GGUF parser (:class:`_GGUF`) that steps over the
-    tokenizer arrays: gguf.GGUFReader took 4.2 s and 160 MB on SmolLM2's metadata.
+    a shared 2-core VM: 1.5 tok/s with 2 threads, 15.8 with 1). The file is read with :func:`edgeadapt.gguf_file.open_gguf`, which steps over
+    the tokenizer arrays: 0.02 s on SmolLM2, where gguf.GGUFReader took 4.2 s and 160 MB.
 
     Adapters: :meth:`set_weights` replaces whole linear weights (merge mode; the caller adds
     the delta to :meth:`base_weight`). :meth:`set_live` adds ``scale·(x Aᵀ) Bᵀ`` beside the
@@ -497,7 +171,7 @@ class NumpyEngine:
             self.blas_threads_set = set_blas_threads(threads)
         self.path = Path(gguf_path)
         try:
-            reader = _GGUF(self.path)
+            reader = open_gguf(self.path)
         except EdgeAdaptError:
             raise
         except Exception as e:  # numpy / the OS on an unreadable file
@@ -526,7 +200,7 @@ class NumpyEngine:
             if t.name == "rope_freqs.weight":
                 raise UnsupportedError(f"{self.path}: has rope_freqs (llama3-style rope scaling), not supported yet")
             try:
-                srcs[t.name] = _Src(t)
+                srcs[t.name] = _Src(t, reader.view(t))
             except Exception as e:  # pragma: no cover - exotic types gguf cannot view
                 bad_types.append(f"{t.name}: {e}")
         expected = cfg.tensor_shapes()
@@ -901,8 +575,8 @@ class NumpyEngine:
         return bufs
 
     def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
-                lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, embed: np.ndarray | None = None
-                ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+                lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, embed: np.ndarray | None = None,
+                bn: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
         """input_ids int [batch, seq]; attention_mask int [batch, past+seq] (1 real, 0 pad);
         position_ids int [batch, seq]; past None or per layer (key, value) float32
         [batch, n_kv_heads, past_len, head_dim]. Returns logits float32 [batch, seq, vocab]
@@ -923,7 +597,10 @@ class NumpyEngine:
         The arrays are used as given (no copies).
 
         ``embed``: float32 [batch or 1, seq or 1, dim] added to the looked-up embeddings (embedding LoRA,
-        trainable tokens, virtual tokens; the same contract as the ONNX graph's ``embed.delta``)."""
+        trainable tokens, virtual tokens; the same contract as the ONNX graph's ``embed.delta``).
+
+        ``bn``: bottleneck slot inputs ``{bn.<i>.<p>.<part>: [1 or batch, …]}`` at the blocks' residual adds
+        (:mod:`edgeadapt.runtime.bn_slots`; the inputs of ``model_bottleneck.onnx``)."""
         cfg = self.cfg
         ids = np.asarray(input_ids)
         am = np.asarray(attention_mask)
@@ -953,6 +630,9 @@ class NumpyEngine:
         neox = cfg.rope == "neox"
 
         rows = self._check_rows(lora, B) if lora else {}
+        if bn:
+            from .bn_slots import check, residual_add
+            bn = check(cfg, bn, B)
         if self._blocks:
             from .layers import forward_blocks
 
@@ -1021,7 +701,8 @@ class NumpyEngine:
                     sc5 *= keep
                 o = np.matmul(sc, V)  # [B, KV, G*S, hd]
                 o = o.reshape(B, H, S, hd).transpose(0, 2, 1, 3).reshape(N, H * hd)
-                x = x + _lin(o, wo, lo, ro, B)
+                a = _lin(o, wo, lo, ro, B)
+                x = residual_add(bn, i, "attn", a, x, B) if bn else x + a
                 h = _rmsnorm(x, norm[f"blk.{i}.ffn_norm.weight"], eps)
                 if gu is not None and not (rows and any(r is not None and len(r) == 5 for r in (rg, ru))):
                     z = h @ gu
@@ -1043,7 +724,11 @@ class NumpyEngine:
                 e += _F32(1)
                 g *= u
                 g /= e
-                x += _lin(g, wd, ld, rd, B)
+                m = _lin(g, wd, ld, rd, B)
+                if bn:
+                    x = residual_add(bn, i, "ffn", m, x, B)
+                else:
+                    x += m
             h = _rmsnorm(x, norm["output_norm.weight"], eps)
             logits = _lin(h, *self._head, rows.get(self._head_name), B).reshape(B, S, -1)
 
