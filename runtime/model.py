@@ -171,8 +171,9 @@ class Model:
     - ``"auto"`` (default): live — swaps are instant and mixed batches work — and, on the numpy
       engine, once one adapter set has generated ``auto_merge_tokens`` tokens without a change or a
       mixed batch, it is merged (a numpy merge takes a fraction of a second and saves the live
-      matmuls). On onnxruntime auto stays live: its measured live cost is a few percent, while a
-      merge costs a session rebuild on every later swap.
+      matmuls). On onnxruntime auto stays live (a merge costs a session rebuild on every later swap),
+      but runs the bare base on the plain graph until the first adapter is used, then moves once to the
+      slotted graph. A set with no exact live form (an input and an output scale on one layer) is merged.
     """
 
     auto_merge_tokens = 1024
@@ -256,7 +257,7 @@ class Model:
             live = None
             if self.requested_mode != "merge" and self._live_ok and self._low_rank(want):
                 try:
-                    live = self._seq.plan(self._factors([want]), [want])  # built before anything changes
+                    live = self._live_plan([want])  # built before anything changes
                 except UnsupportedError:  # a set with no exact live form (an input and an output scale on one
                     if self.requested_mode == "live":  # layer): auto merges it, live says why not
                         raise
@@ -345,6 +346,17 @@ class Model:
         return {n: float(w) for n, w in spec.items() if w != 0}
 
     # ---- live factors
+    def _live_plan(self, rows: Sequence[Mapping[str, float]]) -> Live:
+        """Everything a live request carries for one set per row: factors, sequence parts, bottleneck slots."""
+        from . import bn_slots
+
+        bn = bn_slots.feeds(self.adapters, rows, self.config.dim)
+        if bn and not (self._engine.name == "numpy" or getattr(self._engine, "bn_slots", False)):
+            raise UnsupportedError("bottleneck adapters run live on onnxruntime through model_bottleneck.onnx, in live "
+                                   f"or auto mode on the fp32 graph; this base folder ({self.manifest.root}) has none: "
+                                   "export the base again, or use engine='numpy'")
+        return bn_slots.attach(self._seq.plan(self._factors(rows), rows), bn)
+
     def _bias_terms(self, want: Mapping[str, float]) -> Live:
         """Σ weight·Δb per target of the lora_bias adapters in ``want``, as live entries without factors."""
         acc: dict[str, np.ndarray] = {}
@@ -359,7 +371,7 @@ class Model:
         f = self._factor_cache.get(name)
         if f is None:
             ad, f = self.adapters[name], {}
-            for t in ad.targets:
+            for t in ([] if getattr(ad, "kind", None) == "bottleneck" else ad.targets):  # bottleneck: block slots
                 if not hasattr(ad, "live_terms"):
                     a, b = ad.live_factors(t)
                     f[t] = (np.ascontiguousarray(a.T), np.ascontiguousarray(b.T))
@@ -438,9 +450,9 @@ class Model:
                     raise UnsupportedError(f"the active set {sorted(self.active)} is merged into the weights; "
                                            "call use(None) (or use a LoRA-family set) before per-row requests")
                 self._merge({})
-                self._live = self._seq.plan(self._factors([self.active]), [self.active]) if self.active else {}
+                self._live = self._live_plan([self.active]) if self.active else {}
         self._stable_tokens = 0
-        plan = self._seq.plan(self._factors(rows), rows) or None
+        plan = self._live_plan(rows) or None
         if plan:
             self._slots_ready()
         return plan
@@ -463,9 +475,10 @@ class Model:
     def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Any, plan: Live | None) -> Any:
         if plan:
             embed = getattr(plan, "embed", None)
-            if embed is not None or getattr(plan, "prefix", None):
+            kw = {"bn": plan.bn} if getattr(plan, "bn", None) else {}  # bottleneck slots (runtime.bn_slots)
+            if embed is not None or getattr(plan, "prefix", None) or kw:
                 return self._engine.forward(ids, mask, pos, past, lora=plan if len(plan) else None,
-                                            embed=None if embed is None else embed(ids))
+                                            embed=None if embed is None else embed(ids), **kw)
             return self._engine.forward(ids, mask, pos, past, lora=plan)
         return self._engine.forward(ids, mask, pos, past)
 
@@ -579,7 +592,8 @@ class Model:
     def _maybe_auto_merge(self, plan: Live | None) -> None:
         """auto mode, numpy engine: merge a set that has been used alone for long enough."""
         if (self.requested_mode != "auto" or self.engine != "numpy" or not self.active or self._merged
-                or self._stable_tokens < self.auto_merge_tokens or plan is not self._live and plan is not None):
+                or self._stable_tokens < self.auto_merge_tokens or plan is not self._live and plan is not None
+                or any(getattr(self.adapters[n], "kind", None) == "bottleneck" for n in self.active)):  # live only
             return
         with self._use_lock:
             if not self._merged and self.active:
