@@ -150,7 +150,7 @@ class SeqAdapter(KindAdapter):
         return b @ a
 
     def base_shape(self, target: str) -> tuple[int | None, ...] | None:
-        return None  # checked in check_base
+        return None  # checked in _extra_problems
 
     # ---- files
     def to_metadata(self) -> list[tuple[str, str, Any]]:
@@ -184,13 +184,10 @@ class SeqAdapter(KindAdapter):
         return sum(int(a.nbytes) for p in self.params.values() for a in p.values())
 
     # ---- checks
-    def check_base(self, cfg: ArchConfig, fingerprint: str) -> None:
-        """Refuse, naming every mismatch at once, if this adapter does not fit the base."""
+    def _extra_problems(self, cfg: ArchConfig) -> list[str]:
+        """What :meth:`AdapterBase.check_base` adds for this kind: factor pairs, embedding parts, the
+        replaced head, virtual tokens."""
         problems = []
-        if self.fingerprint != fingerprint:
-            problems.append(f"base fingerprint: the adapter was made for {self.fingerprint}, this base is {fingerprint}")
-        if self.arch != cfg.arch:
-            problems.append(f"architecture: expected {cfg.arch!r}, found {self.arch!r}")
         shapes = cfg.linear_shapes()
         for t, p in self.params.items():
             if t in (EMBED, HEAD, VIRTUAL):
@@ -235,8 +232,7 @@ class SeqAdapter(KindAdapter):
         bad = sorted(f"{t}.{k}" for t, p in self.params.items() for k, x in p.items() if not np.isfinite(x).all())
         if bad:
             problems.append(f"{', '.join(bad)}: hold NaN or Inf")
-        collect(problems, AdapterMismatchError,
-                f"{self.kind} adapter {self.name!r} ({self.path or 'in memory'}) does not fit this base:")
+        return problems
 
     # ---- run-time pieces
     def embedding_change(self, base_rows: Callable[[np.ndarray], np.ndarray]) -> "EmbedChange | None":
