@@ -34,15 +34,16 @@ class NumpyEncoder:
     def __init__(self, manifest: BaseManifest):
         import gguf
 
+        from edgeadapt.gguf_file import open_gguf
+
         path = manifest.path("gguf")
         if path is None or not path.is_file():
             raise FormatError(f"{manifest.root}: engine 'numpy' needs model.gguf, the folder has none")
         cfg = self.cfg = manifest.arch
-        reader = gguf.GGUFReader(str(path))
+        reader = open_gguf(path)
         w: dict[str, np.ndarray] = {}
         for t in reader.tensors:
-            a = gguf.quants.dequantize(t.data, t.tensor_type)
-            w[t.name] = np.ascontiguousarray(a.reshape(tuple(int(x) for x in reversed(t.shape))), np.float32)
+            w[t.name] = np.ascontiguousarray(gguf.quants.dequantize(reader.view(t), t.ttype).reshape(t.shape), np.float32)
         expected = cfg.tensor_shapes()
         problems = [f"{n}: expected {list(s)}, found {list(w[n].shape) if n in w else 'nothing'}"
                     for n, s in expected.items() if n not in w or w[n].shape != s]
