@@ -195,6 +195,7 @@ class Model:
         self._merged: dict[str, float] = {}  # the set folded into the engine's weights
         self._stable_tokens = 0
         self._factor_cache: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self._set_plans: dict[tuple, Any] = {}  # recent adapter sets -> their live plan: use() is then a lookup
         self._seq = SeqParts(self)  # embedding changes and KV prefixes (edgeadapt.kinds_seq), per adapter
         self.last_swap_seconds = 0.0
 
@@ -234,6 +235,7 @@ class Model:
                 raise AdapterMismatchError(f"adapter {name!r} is active; call use() without it before replacing it")
             self.adapters[name] = delta
             self._factor_cache.pop(name, None)
+            self._set_plans.clear()
             self._seq.forget(name)
         return name
 
@@ -245,6 +247,7 @@ class Model:
         with self._use_lock:
             del self.adapters[name]
             self._factor_cache.pop(name, None)
+            self._set_plans.clear()
             self._seq.forget(name)
 
     def use(self, spec: UseSpec) -> None:
@@ -257,7 +260,7 @@ class Model:
             live = None
             if self.requested_mode != "merge" and self._live_ok and self._low_rank(want):
                 try:
-                    live = self._live_plan([want])  # built before anything changes
+                    live = self._set_plan(want)  # built before anything changes
                 except UnsupportedError:  # a set with no exact live form (an input and an output scale on one
                     if self.requested_mode == "live":  # layer): auto merges it, live says why not
                         raise
@@ -271,6 +274,18 @@ class Model:
                 self._live = live
             self.active, self._stable_tokens = want, 0
             self.last_swap_seconds = time.perf_counter() - t0
+
+    def _set_plan(self, want: dict[str, float]) -> Live:
+        """The live plan of one adapter set, built once and kept while its adapters stay loaded (plans are
+        never mutated), so swapping back to a recent set binds arrays that already exist."""
+        key = tuple(sorted(want.items()))
+        plan = self._set_plans.get(key)
+        if plan is None:
+            plan = self._live_plan([want])
+            if len(self._set_plans) >= 16:
+                self._set_plans.pop(next(iter(self._set_plans)))
+            self._set_plans[key] = plan
+        return plan
 
     def _slots_ready(self) -> None:
         """onnxruntime in auto mode runs the bare base on the plain graph; the first live adapter moves it to

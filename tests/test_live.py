@@ -92,10 +92,11 @@ def test_swapping_thread_never_mixes_adapters(tiny, engine):
         assert len({tuple(v) for v in expected.values()}) == 3
         seen, errors, stop = [], [], threading.Event()
 
-        def swapper():
-            specs = [None, "a", "b"]
-            for i in range(1000):
+        def swapper():  # at least 1,000 swaps, and on until the generators have finished 20 requests
+            specs, i = [None, "a", "b"], 0
+            while i < 1000 or len(seen) < 20 and not errors:
                 m.use(specs[i % 3])
+                i += 1
             stop.set()
 
         def generator():
