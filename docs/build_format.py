@@ -10,6 +10,7 @@ import edgeadapt.bottleneck
 import edgeadapt.delta
 import edgeadapt.delta_kinds
 import edgeadapt.fingerprint
+import edgeadapt.gguf_file
 import edgeadapt.kinds
 import edgeadapt.manifest
 
@@ -19,7 +20,8 @@ SECTIONS = [("The delta file (`edgeadapt/delta.py`)", edgeadapt.delta),
             ("Bottleneck adapters (`edgeadapt/bottleneck.py`)", edgeadapt.bottleneck),
             ("The base folder (`edgeadapt/manifest.py`)", edgeadapt.manifest),
             ("The canonical layout (`edgeadapt/arch.py`)", edgeadapt.arch),
-            ("The base fingerprint (`edgeadapt/fingerprint.py`)", edgeadapt.fingerprint)]
+            ("The base fingerprint (`edgeadapt/fingerprint.py`)", edgeadapt.fingerprint),
+            ("The GGUF container, as read (`edgeadapt/gguf_file.py`)", edgeadapt.gguf_file)]
 
 
 def render() -> str:
