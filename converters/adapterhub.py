@@ -6,7 +6,7 @@ Reads a folder written by ``model.save_adapter``: ``adapter_config.json`` (``{"c
 
 | AdapterHub config | keys | becomes |
 |---|---|---|
-| bottleneck (``seq_bn``, ``double_seq_bn``, ``par``, any BnConfig without gating / PHM / invertible adapters) | ``…attention.output.adapters.<n>.adapter_down.0`` / ``adapter_up``, ``…output.adapters.<n>.…`` | :class:`edgeadapt.bottleneck.BottleneckAdapter` (encoder bases, live) |
+| bottleneck (``seq_bn``, ``double_seq_bn``, ``par``, any BnConfig without gating / PHM / invertible adapters) | BERT: ``…attention.output.adapters.<n>.adapter_down.0`` / ``adapter_up``, ``…output.adapters.<n>.…``; Llama / Mistral: ``…layers.<i>.attention_adapters.adapters.<n>.…``, ``…output_adapters.…`` | :class:`edgeadapt.bottleneck.BottleneckAdapter` (encoder and llama-family bases, live) |
 | LoRA (``composition_mode="add"``) | ``….loras.<n>.lora_A`` [r,in], ``lora_B`` [out,r] | LoRA factors, B·alpha/r (:class:`edgeadapt.delta.LoraDelta`) |
 | IA3 (``composition_mode="scale"``) | ``….loras.<n>.lora_B`` [out,1] | output scaling l·alpha of every target, FFN included (:class:`edgeadapt.kinds.Ia3Adapter`, axis "out") |
 
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeadapt.arch import permute_qk, qk_heads
-from edgeadapt.bottleneck import BottleneckAdapter, placement, target_name
+from edgeadapt.arch import HF_MODEL_TYPES, permute_qk, qk_heads
+from edgeadapt.bottleneck import DECODER_ARCHES, BottleneckAdapter, placement, target_name
 from edgeadapt.delta import LoraDelta
 from edgeadapt.errors import AdapterMismatchError, FormatError, UnsupportedError, collect
 from edgeadapt.kinds import Ia3Adapter
@@ -90,8 +90,9 @@ def convert_adapterhub(folder: str | Path, manifest: Any, *, name: str | None = 
     cfg = manifest.arch
     c = meta["config"]
     problems = []
-    if meta.get("model_type") not in (None, _hf_type(cfg)):
-        problems.append(f"model_type: the base is {_hf_type(cfg)!r}, the adapter was trained on {meta['model_type']!r}")
+    if meta.get("model_type") not in (None, *_hf_types(cfg)):
+        problems.append(f"model_type: the base is {' / '.join(repr(t) for t in _hf_types(cfg))}, the adapter was "
+                        f"trained on {meta['model_type']!r}")
     if meta.get("hidden_size") not in (None, cfg.dim):
         problems.append(f"hidden_size: the base has {cfg.dim}, the adapter {meta['hidden_size']}")
     collect(problems, AdapterMismatchError, f"AdapterHub adapter {folder} does not fit this base:")
@@ -108,20 +109,33 @@ def convert_adapterhub(folder: str | Path, manifest: Any, *, name: str | None = 
     return _lora_family(kind, c, _alpha(meta), tensors, cfg, common)
 
 
-def _hf_type(cfg: Any) -> str:
-    return {"bert": "bert", "qwen2": "qwen2"}.get(cfg.arch, "llama")
+def _hf_types(cfg: Any) -> tuple[str, ...]:
+    """The Hugging Face model types this base's architecture comes from (llama: llama, mistral)."""
+    if getattr(cfg, "family", None) == "encoder":
+        return ("bert",)
+    return tuple(t for t, (arch, _, _) in HF_MODEL_TYPES.items() if arch == cfg.arch) or (cfg.arch,)
 
 
 def _bottleneck(c: dict[str, Any], tensors: dict[str, np.ndarray], cfg: Any, common: dict[str, Any]) -> BottleneckAdapter:
     _refuse(c, _BN_UNSUPPORTED, "bottleneck")
-    if getattr(cfg, "family", None) != "encoder":
-        # AdapterHub's Llama runs them at the two residual adds of each decoder block; the decoder
-        # graphs and the numpy decoder have no slots there yet
-        raise UnsupportedError("AdapterHub bottleneck adapters are supported on encoder bases (BERT family); "
-                               f"this base is a {cfg.arch!r} decoder, whose blocks have no bottleneck slots yet")
-    pat = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.(attention\.output|output)\.adapters\.[^.]+\."
-                     r"(adapter_down\.[01]|adapter_up|adapter_norm_before|adapter_norm_after|scaling)(?:\.(weight|bias))?$")
-    position = {"attention.output": "attn", "output": "ffn"}
+    parts = r"\.adapters\.[^.]+\.(adapter_down\.[01]|adapter_up|adapter_norm_before|adapter_norm_after|scaling)" \
+        r"(?:\.(weight|bias))?$"
+    if getattr(cfg, "family", None) == "encoder":
+        pat = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.(attention\.output|output)" + parts)
+        position = {"attention.output": "attn", "output": "ffn"}
+    elif cfg.arch in DECODER_ARCHES:
+        # AdapterHub's Llama / Mistral: attention_adapters after o_proj, output_adapters after the MLP, each
+        # called with layer_norm=None
+        if c.get("residual_before_ln") == "post_add" and not c.get("is_parallel"):
+            raise UnsupportedError("AdapterHub bottleneck option residual_before_ln='post_add' is not supported on "
+                                   f"a {cfg.arch!r} decoder: its blocks pass no LayerNorm to the adapter, so AdapterHub "
+                                   "sets no adapter residual (its own forward fails); use true or false")
+        pat = re.compile(r"(?:^|\.)layers\.(\d+)\.(attention_adapters|output_adapters)" + parts)
+        position = {"attention_adapters": "attn", "output_adapters": "ffn"}
+    else:
+        raise UnsupportedError("AdapterHub bottleneck adapters are supported on encoder bases (BERT family) and "
+                               f"llama-family decoders ({', '.join(DECODER_ARCHES)}); this base is a {cfg.arch!r} "
+                               "decoder, whose blocks have no bottleneck slots")
     params: dict[str, dict[str, np.ndarray]] = {}
     unknown = []
     # adapter_down is Sequential([LayerNorm if ln_before], Linear, activation): the LayerNorm is also

@@ -86,6 +86,8 @@ def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", 
             files["onnx_live"] = "model_live.onnx"  # the same, slots without defaults (the runtime's live graph)
         if (out / "model_kinds.onnx").is_file():
             files["onnx_kinds"] = "model_kinds.onnx"  # the same, with scale / bias slots (DoRA, IA3, lora_bias)
+        if (out / "model_bottleneck.onnx").is_file():
+            files["onnx_bottleneck"] = "model_bottleneck.onnx"  # model_kinds + bottleneck slots (AdapterHub)
         files["onnx_check"] = "weight_sums.onnx"  # verifies initializer overrides (merge mode)
     for qkind in ("int4", "int8"):
         if onnx and qkind in onnx_weights:  # the quantized bases, adapters live beside them

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import gguf
 import numpy as np
@@ -166,7 +166,9 @@ def _gqa_mask(g: _G, window: int | None = None) -> tuple[str, str, str]:
 
 
 def fused_decoder(cfg: ArchConfig, lin: _Linears, inits: list[TensorProto], name: str, *,
-                  slot_defaults: bool = True) -> onnx.GraphProto:
+                  slot_defaults: bool = True, resid: Any = None) -> onnx.GraphProto:
+    """``resid(g, i, position, y, x) -> x'``, when given, replaces the residual add x + y of block i at
+    "attn" and "ffn" (the bottleneck slots of onnx_bottleneck); the norm after it is then its own node."""
     g = _G()
     g.inits += inits
     eps = float(cfg.rms_eps)
@@ -185,19 +187,22 @@ def fused_decoder(cfg: ArchConfig, lin: _Linears, inits: list[TensorProto], name
             [o, f"present.{i}.key", f"present.{i}.value"], name=f"gqa_{i}", domain=MS,
             num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, do_rotary=0))  # [B,S,H*hd], kv [B,KV,T,hd]
         (a,) = lin.group(g, o, i, GROUPS[1])
-        h, x = _skip_norm(g, a, x, f"blk.{i}.ffn_norm.weight", eps)  # x += attention; h = norm(x)
+        h, x = _skip_norm(g, a, x, f"blk.{i}.ffn_norm.weight", eps, resid and (lambda y, r: resid(g, i, "attn", y, r)))
         # ---- mlp
         gate, up = lin.group(g, h, i, GROUPS[2])  # [B,S,ffn] each
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # silu(gate) * up
         (m,) = lin.group(g, act, i, GROUPS[3])
         nxt = f"blk.{i + 1}.attn_norm.weight" if i + 1 < cfg.n_layers else "output_norm.weight"
-        h, x = _skip_norm(g, m, x, nxt, eps)
+        h, x = _skip_norm(g, m, x, nxt, eps, resid and (lambda y, r: resid(g, i, "ffn", y, r)))
     lin.head(g, h)
     inputs, outputs = _io(cfg, lin.slots, g, slot_defaults)
     return helper.make_graph(g.nodes, name, inputs + [embed_in], outputs, initializer=g.inits)
 
 
-def _skip_norm(g: _G, y: str, x: str, w: str, eps: float) -> tuple[str, str]:
+def _skip_norm(g: _G, y: str, x: str, w: str, eps: float, add: Any = None) -> tuple[str, str]:
+    if add is not None:  # the residual add made by the caller, then the norm alone
+        s = add(y, x)
+        return g.op("SimplifiedLayerNormalization", s, w, axis=-1, epsilon=eps, stash_type=1), s
     g._n += 1
     h, s = f"norm_{g._n}", f"resid_{g._n}"
     g.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [y, x, w], [h, "", "", s],

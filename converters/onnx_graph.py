@@ -321,6 +321,8 @@ def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *
                                      slot_defaults=False), out_dir / LIVE_FILE)
             from .onnx_kinds import save_kinds_graph  # scale / bias slots (DoRA, IA3, lora_bias), loaded lazily
             save_kinds_graph(cfg, inits, out_dir)
+            from .onnx_bottleneck import save_bottleneck_graph  # + bottleneck slots (AdapterHub), loaded lazily
+            save_bottleneck_graph(cfg, inits, out_dir)
     else:
         _save(_decoder(cfg, protos, None), out_dir / "model.onnx")
         if slots:

@@ -29,6 +29,10 @@ Keys (all REQUIRED):
 | ``edgeadapt.bottleneck.activation`` | string | one of :data:`edgeadapt.encoder_slots.ACTS` |
 | ``edgeadapt.bottleneck.ln_before``, ``.ln_after``, ``.residual_before_ln_after``, ``.original_ln_after`` | bool | the flags ``ln_before``, ``ln_after``, ``arb``, ``ln_out`` of the slot formula |
 
+On a llama-family decoder (:data:`DECODER_ARCHES`) the same targets sit at the block's two residual
+adds (after the attention output projection, after the MLP) and the slot formula runs with the
+block's LayerNorm taken as the identity, as AdapterHub's Llama / Mistral do (``layer_norm=None``).
+
 This module imports only numpy: it is used on devices.
 """
 
@@ -47,6 +51,9 @@ _ACT_ALIASES = {"relu": "relu", "swish": "silu", "silu": "silu", "gelu": "gelu",
                 "gelu_pytorch_tanh": "gelu_new", "tanh": "tanh", "sigmoid": "sigmoid", "leakyrelu": "leakyrelu",
                 "linear": "identity", "identity": "identity", None: "identity"}
 K = "edgeadapt.bottleneck."
+# decoder architectures with bottleneck slots: pre-norm blocks x += attn(norm(x)); x += mlp(norm(x)), where
+# AdapterHub's Llama / Mistral call the adapter at both residual adds with no LayerNorm (LN = identity)
+DECODER_ARCHES = ("llama", "qwen2")
 # file key -> (control entries by value) for the two choices, and the four flags
 _CHOICES = {"input": {"h": "x_h", "t": "x_t", "norm": "x_L"}, "residual": {"h": "r_h", "sum": "r_s", "norm": "r_L"}}
 _FLAGS = {"ln_before": "ln_before", "ln_after": "ln_after", "residual_before_ln_after": "arb",
@@ -204,9 +211,10 @@ class BottleneckAdapter(KindAdapter):
 
     def _extra_problems(self, cfg: Any) -> list[str]:
         problems = []
-        if getattr(cfg, "family", None) != "encoder":
-            problems.append(f"bottleneck adapters run in the slots of an encoder base; this base is a {cfg.arch!r} "
-                            "decoder, whose blocks have no bottleneck slots yet")
+        if getattr(cfg, "family", None) != "encoder" and cfg.arch not in DECODER_ARCHES:
+            problems.append(f"bottleneck adapters run in the slots of an encoder base or a llama-family decoder "
+                            f"({', '.join(DECODER_ARCHES)}); this base is a {cfg.arch!r} decoder, whose blocks have "
+                            "no bottleneck slots")
         for t, q in self.params.items():
             ip = parse_target(t)
             if ip is None:

@@ -72,14 +72,39 @@ def defaults(cfg) -> dict[str, np.ndarray]:
         out[ia3_name(w)] = np.ones((1, 1, n_out), np.float32)
     for i in range(cfg.n_layers):
         for p in POSITIONS:
-            n = lambda part: bn_name(i, p, part)  # noqa: E731
-            out[n("ctrl")] = default_ctrl()[None, None]
-            out[n("down")], out[n("down_bias")] = np.zeros((1, d, 0), np.float32), np.zeros((1, 1, 0), np.float32)
-            out[n("up")], out[n("up_bias")] = np.zeros((1, 0, d), np.float32), np.zeros((1, 1, d), np.float32)
-            for ln in ("ln_before", "ln_after"):
-                out[n(f"{ln}.weight")] = np.ones((1, 1, d), np.float32)
-                out[n(f"{ln}.bias")] = np.zeros((1, 1, d), np.float32)
+            out.update({bn_name(i, p, part): a for part, a in bn_defaults(d).items()})
     return out
+
+
+def bn_defaults(dim: int) -> dict[str, np.ndarray]:
+    """part -> the idle value of one bottleneck slot (width 0: the bare base)."""
+    out = {"ctrl": default_ctrl()[None, None],
+           "down": np.zeros((1, dim, 0), np.float32), "down_bias": np.zeros((1, 1, 0), np.float32),
+           "up": np.zeros((1, 0, dim), np.float32), "up_bias": np.zeros((1, 1, dim), np.float32)}
+    for ln in ("ln_before", "ln_after"):
+        out[f"{ln}.weight"] = np.ones((1, 1, dim), np.float32)
+        out[f"{ln}.bias"] = np.zeros((1, 1, dim), np.float32)
+    return out
+
+
+def bn_feeds(dim: int, per_position: dict[tuple[int, str], list[dict[str, np.ndarray] | None]]
+             ) -> dict[str, np.ndarray]:
+    """Slot inputs from {(block, position): per row the adapter's slot arrays (``BottleneckAdapter.slot``)
+    or None}: widths zero-padded to the widest row (exact: a padded unit's up row is zero), a row
+    without an adapter gets the idle slot."""
+    idle, feeds = bn_defaults(dim), {}
+    for (i, pos), per_row in per_position.items():
+        n = len(per_row)
+        m = max(s["down"].shape[1] for s in per_row if s is not None)
+        for part in BN_PARTS:
+            d = idle[part][0]
+            shape = (d.shape[0], m) if part in ("down", "down_bias") else (m, d.shape[1]) if part == "up" else d.shape
+            arr = np.zeros((n, *shape), np.float32)
+            for r, s in enumerate(per_row):
+                v = d if s is None else s[part]
+                arr[r, : v.shape[0], : v.shape[1]] = v
+            feeds[bn_name(i, pos, part)] = arr
+    return feeds
 
 
 # ---- numpy reference of the slot math (the numpy engine uses it; tests compare the graph with it)
@@ -125,13 +150,15 @@ def activation(name: str, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def bottleneck(h: np.ndarray, t: np.ndarray, ln_w: np.ndarray, ln_b: np.ndarray, eps: float,
+def bottleneck(h: np.ndarray, t: np.ndarray, ln_w: np.ndarray | None, ln_b: np.ndarray | None, eps: float,
                s: dict[str, np.ndarray]) -> np.ndarray:
-    """The slot formula above; ``s`` maps part -> array (``ctrl`` [rows,1,18], ...)."""
+    """The slot formula above; ``s`` maps part -> array (``ctrl`` [rows,1,18], ...). ``ln_w`` None: the
+    block has no LayerNorm there (a pre-norm decoder: AdapterHub passes ``layer_norm=None``), LN = identity."""
     c = s["ctrl"]
     k = lambda name: c[..., C[name]:C[name] + 1]  # noqa: E731  [rows, 1, 1]
     sm = h + t
-    L = layer_norm(sm, ln_w, ln_b, eps)
+    ln = (lambda v: v) if ln_w is None else (lambda v: layer_norm(v, ln_w, ln_b, eps))  # noqa: E731
+    L = ln(sm)
     x0 = k("x_h") * h + k("x_t") * t + k("x_L") * L
     r = k("r_h") * h + k("r_s") * sm + k("r_L") * L
     x = k("ln_before") * layer_norm(x0, s["ln_before.weight"], s["ln_before.bias"], ADAPTER_LN_EPS) \
@@ -143,4 +170,4 @@ def bottleneck(h: np.ndarray, t: np.ndarray, ln_w: np.ndarray, ln_b: np.ndarray,
     post = k("ln_after") * layer_norm(pre, s["ln_after.weight"], s["ln_after.bias"], ADAPTER_LN_EPS) \
         + (1 - k("ln_after")) * pre
     out = post + (1 - k("arb")) * r
-    return k("ln_out") * layer_norm(out + t, ln_w, ln_b, eps) + (1 - k("ln_out")) * out
+    return k("ln_out") * ln(out + t) + (1 - k("ln_out")) * out

@@ -9,7 +9,9 @@ Spec (mirrored in docs/FORMAT.md). A base folder MUST hold ``manifest.json``:
 - ``files``: relative paths of ``onnx`` (the graph; its weights in ``model.onnx.data``),
   ``onnx_lora`` (the same graph and weights with LoRA slots, for live adapters; slots default to
   empty, as onnxruntime's ``LoraAdapter`` needs), ``onnx_live`` (the same with every slot required:
-  the runtime's live graph, whose kv cache stays bound in place), ``onnx_check``
+  the runtime's live graph, whose kv cache stays bound in place), ``onnx_kinds`` (scale / bias slots
+  too: DoRA, IA3, lora_bias), ``onnx_bottleneck`` (``onnx_kinds`` plus bottleneck slots at every
+  residual add: AdapterHub adapters), ``onnx_check``
   (the weight-checksum graph that verifies merges), ``gguf`` (the base llama.cpp loads) and
   ``tokenizer`` (a ``tokenizers`` JSON); each MAY be absent;
 - ``tensors``: per canonical (GGUF) tensor name, where it lives in each export:

@@ -83,6 +83,7 @@ class OrtEngine:
         self._linear = list(self.cfg.linear_shapes())
         self._sums_path = manifest.path("onnx_check") or path.parent / "weight_sums.onnx"
         self._kinds_file, self._kinds = manifest.path("onnx_kinds"), None  # scale / bias slots, built on first use
+        self._bn_file, self._bn = manifest.path("onnx_bottleneck"), None  # + bottleneck slots, built on first use
         self.live = bool(live)
         self._lazy = live == "lazy"  # plain graph until the first adapter runs live
         self._slotted_path: Path | None = None
@@ -244,7 +245,7 @@ class OrtEngine:
     # ---- forward
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: Any = None, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                embed: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
+                embed: np.ndarray | None = None, bn: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, Any]:
         """Logits [B, S, vocab] float32 and the cache to pass back as ``past`` for the next tokens.
 
         ``embed``: float32 [B or 1, S or 1, dim], added to the looked-up embeddings (graph input ``embed.delta``).
@@ -253,11 +254,14 @@ class OrtEngine:
 
         ``lora`` (live engines only): {weight: (A [n, in, r], B [n, r, out])}, n = 1 or batch, scale in B.
         On a fused graph (GroupQueryAttention) the cache is a :class:`KVCache` updated in place: pass each
-        one back once. On an older plain graph it is the list of (key, value) arrays of model.onnx."""
-        if lora and not self.live:
+        one back once. On an older plain graph it is the list of (key, value) arrays of model.onnx.
+
+        ``bn``: bottleneck slot inputs {``bn.<i>.<p>.<part>``: array} (:mod:`edgeadapt.runtime.bn_slots`), run on
+        model_bottleneck.onnx beside ``lora``."""
+        if (lora or bn) and not self.live:
             raise AdapterMismatchError("live LoRA factors need the slotted graph: load with mode='live' or 'auto'")
-        if lora and any(len(v) > 2 for v in lora.values()):  # scale / bias terms: model_kinds.onnx
-            return self._forward_kinds(input_ids, attention_mask, position_ids, past, lora, embed)
+        if bn or lora and any(len(v) > 2 for v in lora.values()):  # scale / bias / bottleneck: their own graphs
+            return self._forward_kinds(input_ids, attention_mask, position_ids, past, lora or {}, embed, bn)
         if lora and self._lazy:
             self.ensure_slots()
         ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids))
@@ -297,23 +301,35 @@ class OrtEngine:
         """Can this engine run scale / bias terms live (the fp32 base folder has model_kinds.onnx)?"""
         return self.live and self.weights == "fp32" and self._kinds_file is not None and self._kinds_file.is_file()
 
-    def _forward_kinds(self, ids: Any, mask: Any, pos: Any, past: Any, lora: dict[str, tuple], embed: Any
-                       ) -> tuple[np.ndarray, Any]:
+    @property
+    def bn_slots(self) -> bool:
+        """Can this engine run bottleneck adapters (the fp32 base folder has model_bottleneck.onnx)?"""
+        return self.live and self.weights == "fp32" and self._bn_file is not None and self._bn_file.is_file()
+
+    def _forward_kinds(self, ids: Any, mask: Any, pos: Any, past: Any, lora: dict[str, tuple], embed: Any,
+                       bn: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, Any]:
         """``lora`` entries (A, B, in [n, in], out [n, out], bias [n, out]), any of them None, on model_kinds.onnx
-        (built once, on first use; arrays fed every step)."""
-        if not self.kind_slots:
+        — or, with ``bn`` slot inputs, on model_bottleneck.onnx, which has the same inputs and the bottleneck
+        slots (each built once, on first use; arrays fed every step)."""
+        if bn and not self.bn_slots:
+            raise UnsupportedError("bottleneck adapters run live on onnxruntime through model_bottleneck.onnx, on the "
+                                   f"fp32 graph in live or auto mode; this base folder ({self._root}) has none or the "
+                                   "engine is not live: export the base again, or use engine='numpy'")
+        if not bn and not self.kind_slots:
             raise UnsupportedError("adapters that scale or shift a layer (dora, ia3, lora_bias) run live on onnxruntime "
                                    "through model_kinds.onnx, on the fp32 graph in live or auto mode; this base folder "
                                    f"({self._root}) has none or the engine is not live: export the base again, or use "
                                    "engine='numpy'")
-        if self._kinds is None:
+        attr, file = ("_bn", self._bn_file) if bn else ("_kinds", self._kinds_file)
+        if getattr(self, attr) is None:
             with self._switch:
-                if self._kinds is None:
-                    sess = self._build({}, self._kinds_file)
-                    self._kinds = (_Session(sess, self.cfg, self._linear), self._pending_keep)
+                if getattr(self, attr) is None:
+                    sess = self._build({}, file)
+                    setattr(self, attr, (_Session(sess, self.cfg, self._linear), self._pending_keep))
         if self._keep and self._keep[0]:
-            raise UnsupportedError("merged weights are active; restore the base before running scale / bias terms live")
-        g = self._kinds[0]
+            raise UnsupportedError("merged weights are active; restore the base before running scale / bias terms "
+                                   "or bottleneck adapters live")
+        g = getattr(self, attr)[0]
         if isinstance(past, KVCache):
             raise FormatError("past: this request started on another graph; start a new request")
         ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (ids, mask, pos))
@@ -323,7 +339,7 @@ class OrtEngine:
             for k in range(s):
                 e = embed if embed is None or embed.shape[1] == 1 else embed[:, k:k + 1]
                 lg, past = self._forward_kinds(ids[:, k:k + 1], mask[:, :mask.shape[1] - s + k + 1], pos[:, k:k + 1],
-                                               past, lora, e)
+                                               past, lora, e, bn)
                 out.append(lg)
             return np.concatenate(out, axis=1), past
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
@@ -340,6 +356,8 @@ class OrtEngine:
                     feeds[f"lora.{name}.{key}"] = np.ascontiguousarray(x[:, None, :], np.float32)
         if embed is not None:
             feeds["embed.delta"] = np.ascontiguousarray(embed, np.float32)
+        if bn:
+            feeds.update(bn)
         outs = g.sess.run(self._out_names, feeds)
         return outs[0], [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
 
