@@ -249,11 +249,12 @@ def verify_base(folder: str | os.PathLike) -> str:
     import numpy as np
 
     from .fingerprint import fingerprint
+    from .gguf_file import open_gguf
     from .manifest import read_manifest
 
     man = read_manifest(folder)
     gguf_path = man.path("gguf")
-    reader = gguf.GGUFReader(str(gguf_path)) if gguf_path is not None and gguf_path.is_file() else None
+    reader = open_gguf(gguf_path) if gguf_path is not None and gguf_path.is_file() else None
     problems = []
     if reader is not None:
         f = reader.fields.get("edgeadapt.base.fingerprint")
@@ -269,13 +270,12 @@ def verify_base(folder: str | os.PathLike) -> str:
             a = np.memmap(man.root / o["file"], dtype="<" + {"float32": "f4", "float16": "f2"}[o["dtype"]], mode="r",
                           offset=o["offset"], shape=tuple(o["shape"]))
             return a.T if o["layout"] == "in_out" else a
-    elif reader is not None and all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in reader.tensors):
+    elif reader is not None and all(t.ttype == gguf.GGMLQuantizationType.F32 for t in reader.tensors):
         source = "model.gguf"
         by_name = {t.name: t for t in reader.tensors}
 
         def load(n: str) -> Any:
-            t = by_name[n]
-            return t.data.reshape(tuple(int(x) for x in reversed(t.shape.tolist())))
+            return reader.view(by_name[n])
     else:
         raise UnsupportedError(f"{man.root}: no float32 copy of the weights (model.onnx.data or an F32 model.gguf) "
                                "to recompute the fingerprint from; a quantized-only base can only be pinned by signing it")
