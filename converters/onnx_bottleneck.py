@@ -20,6 +20,7 @@ as they are; the runtime builds this session only while a bottleneck adapter is 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -46,16 +47,19 @@ def _gelu_tanh(g: _G, z: str) -> str:
     return g.op("Mul", z, g.op("Sigmoid", a2))
 
 
-def bottleneck_nodes(g: _G, i: int, p: str, h: str, t: str, ones: str, zeros: str) -> str:
-    """The slot formula with LN = identity: s = h + t; x0 = x_h·h + x_t·t + x_L·s; r = r_h·h + (r_s + r_L)·s; …"""
+def bottleneck_nodes(g: _G, i: int, p: str, h: str, t: str, ones: str, zeros: str, ln: Any = None) -> str:
+    """The slot formula of :mod:`edgeadapt.encoder_slots` at block i, position p; ``ln(name) -> name`` the
+    block's LayerNorm (an encoder), or None: LN = identity (a pre-norm decoder)."""
+    ln = ln or (lambda v: v)
     n = lambda part: bn_name(i, p, part)  # noqa: E731
     one = g.const(1.0, np.float32)
     ctrl = n("ctrl")
     k = lambda key: g.op("Slice", ctrl, g.const([C[key]]), g.const([C[key] + 1]), g.const([-1]))  # noqa: E731 [rows,1,1]
     blend = lambda c, a, b: g.op("Add", g.op("Mul", c, a), g.op("Mul", g.op("Sub", one, c), b))  # noqa: E731
     s = g.op("Add", h, t)
-    x0 = g.op("Add", g.op("Add", g.op("Mul", k("x_h"), h), g.op("Mul", k("x_t"), t)), g.op("Mul", k("x_L"), s))
-    r = g.op("Add", g.op("Mul", k("r_h"), h), g.op("Mul", g.op("Add", k("r_s"), k("r_L")), s))
+    L = ln(s)
+    x0 = g.op("Add", g.op("Add", g.op("Mul", k("x_h"), h), g.op("Mul", k("x_t"), t)), g.op("Mul", k("x_L"), L))
+    r = g.op("Add", g.op("Add", g.op("Mul", k("r_h"), h), g.op("Mul", k("r_s"), s)), g.op("Mul", k("r_L"), L))
     x = blend(k("ln_before"), _ln_rows(g, x0, n("ln_before.weight"), n("ln_before.bias"), ones, zeros), x0)
     z = g.op("Add", g.op("MatMul", x, n("down")), n("down_bias"))  # [B,S,m]
     a = None
@@ -67,7 +71,7 @@ def bottleneck_nodes(g: _G, i: int, p: str, h: str, t: str, ones: str, zeros: st
     pre = g.op("Add", u, g.op("Mul", arb, r))
     post = blend(k("ln_after"), _ln_rows(g, pre, n("ln_after.weight"), n("ln_after.bias"), ones, zeros), pre)
     out = g.op("Add", post, g.op("Mul", g.op("Sub", one, arb), r))
-    return blend(k("ln_out"), g.op("Add", out, t), out)
+    return blend(k("ln_out"), ln(g.op("Add", out, t)), out)
 
 
 def save_bottleneck_graph(cfg: ArchConfig, inits: list[TensorProto], out_dir: Path) -> Path:

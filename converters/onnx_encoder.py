@@ -25,8 +25,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgeadapt.encoder_arch import EncoderConfig
-from edgeadapt.encoder_slots import (ACTS, ADAPTER_LN_EPS, C, NORMS, POSITIONS, bn_name, defaults, ia3_name,
-                                     lora_names)
+from edgeadapt.encoder_slots import ADAPTER_LN_EPS, NORMS, defaults, ia3_name, lora_names
 
 from .onnx_graph import NEG, OPSET, _DataWriter, _G, _weight_table
 
@@ -69,14 +68,6 @@ class _Enc:
         self.ones = self.g.const(np.ones(d, np.float32), np.float32)
         self.zeros = self.g.const(np.zeros(d, np.float32), np.float32)
 
-    def coef(self, ctrl: str, key: str) -> str:  # [rows, 1, 1]
-        return self.g.op("Slice", ctrl, self.g.const([C[key]]), self.g.const([C[key] + 1]), self.g.const([-1]))
-
-    def blend(self, c: str, a: str, b: str) -> str:
-        """c·a + (1 − c)·b."""
-        g = self.g
-        return g.op("Add", g.op("Mul", c, a), g.op("Mul", g.op("Sub", g.const(1.0, np.float32), c), b))
-
     def linear(self, x: str, w: str) -> str:
         g = self.g
         base = g.op("Add", g.op("MatMul", x, w), w[: -len("weight")] + "bias")
@@ -84,29 +75,11 @@ class _Enc:
         return g.op("Mul", g.op("Add", base, g.op("MatMul", g.op("MatMul", x, a), b)), ia3_name(w))
 
     def bottleneck(self, i: int, p: str, h: str, t: str) -> str:
-        g, n = self.g, lambda part: bn_name(i, p, part)
+        from .onnx_bottleneck import bottleneck_nodes  # the slot formula, shared with the decoder graph
+
         norm = f"blk.{i}.{NORMS[p]}"
-        ctrl = n("ctrl")
-        k = lambda key: self.coef(ctrl, key)  # noqa: E731
-        s = g.op("Add", h, t)
-        L = _ln(g, s, f"{norm}.weight", f"{norm}.bias", self.cfg.ln_eps)
-        x0 = g.op("Add", g.op("Add", g.op("Mul", k("x_h"), h), g.op("Mul", k("x_t"), t)), g.op("Mul", k("x_L"), L))
-        r = g.op("Add", g.op("Add", g.op("Mul", k("r_h"), h), g.op("Mul", k("r_s"), s)), g.op("Mul", k("r_L"), L))
-        x = self.blend(k("ln_before"), _ln_rows(g, x0, n("ln_before.weight"), n("ln_before.bias"), self.ones,
-                                                 self.zeros), x0)
-        z = g.op("Add", g.op("MatMul", x, n("down")), n("down_bias"))
-        a = None
-        for name in ACTS:
-            term = g.op("Mul", k(f"act_{name}"), _act(g, name, z))
-            a = term if a is None else g.op("Add", a, term)
-        u = g.op("Add", g.op("MatMul", a, n("up")), n("up_bias"))
-        arb = k("arb")
-        pre = g.op("Add", u, g.op("Mul", arb, r))
-        post = self.blend(k("ln_after"), _ln_rows(g, pre, n("ln_after.weight"), n("ln_after.bias"), self.ones,
-                                                   self.zeros), pre)
-        out = g.op("Add", post, g.op("Mul", g.op("Sub", g.const(1.0, np.float32), arb), r))
-        return self.blend(k("ln_out"), _ln(g, g.op("Add", out, t), f"{norm}.weight", f"{norm}.bias", self.cfg.ln_eps),
-                          out)
+        return bottleneck_nodes(self.g, i, p, h, t, self.ones, self.zeros,
+                                lambda v: _ln(self.g, v, f"{norm}.weight", f"{norm}.bias", self.cfg.ln_eps))
 
     def build(self) -> tuple[list, list]:
         cfg, g = self.cfg, self.g

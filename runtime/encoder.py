@@ -17,8 +17,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from edgeadapt.encoder_slots import (NORMS, POSITIONS, bn_name, bottleneck, defaults, gelu, gelu_tanh, ia3_name,
-                                     layer_norm, lora_names)
+from edgeadapt.encoder_slots import (NORMS, POSITIONS, bn_feeds, bn_name, bottleneck, defaults, gelu, gelu_tanh,
+                                     ia3_name, layer_norm, lora_names)
 from edgeadapt.errors import (AdapterMismatchError, AdapterNotFoundError, FormatError, MissingDependencyError,
                               UnsupportedError, collect)
 from edgeadapt.manifest import BaseManifest
@@ -274,18 +274,7 @@ class EncoderModel:
             feeds[lora_names(t)[0]], feeds[lora_names(t)[1]] = A, B
         for t, s in ia3.items():
             feeds[ia3_name(t)] = s
-        dflt = defaults(cfg) if bns else {}
-        for (i, pos), per_row in bns.items():
-            m = max(s["down"].shape[1] for s in per_row if s is not None)
-            for part in ("ctrl", "down", "down_bias", "up", "up_bias", "ln_before.weight", "ln_before.bias",
-                         "ln_after.weight", "ln_after.bias"):
-                d = dflt[bn_name(i, pos, part)][0]
-                shape = (d.shape[0], m) if part in ("down", "down_bias") else (m, d.shape[1]) if part == "up" else d.shape
-                arr = np.zeros((n, *shape), np.float32)
-                for r, s in enumerate(per_row):
-                    v = d if s is None else s[part]
-                    arr[r, : v.shape[0], : v.shape[1]] = v
-                feeds[bn_name(i, pos, part)] = arr
+        feeds.update(bn_feeds(cfg.dim, bns))
         return feeds
 
     # ---- inference
