@@ -345,7 +345,7 @@ def test_llama_per_row_bottleneck_lora_none(tiny, llama_bn, engine):
     """One batch, rows [bottleneck, LoRA, none] = each row run alone by the library; logits and greedy decode."""
     rng = np.random.default_rng(3)
     ids = rng.integers(3, 256, size=(3, 7)).tolist()
-    em = edgeadapt.load(tiny["base"], engine=engine, mode="live")
+    em = edgeadapt.load(tiny["base"], engine=engine, mode="auto")  # onnxruntime: the plain graph until needed
     for kind in ("double_seq_bn", "lora", "par"):
         em.add_adapter(llama_bn[kind][1])
     rows = ["double_seq_bn", "lora", None]
@@ -355,8 +355,11 @@ def test_llama_per_row_bottleneck_lora_none(tiny, llama_bn, engine):
         np.testing.assert_allclose(got[r], torch_logits(m, ids[r:r + 1])[0], atol=1e-4, rtol=0)
     outs = em.generate_batch(ids, 6, adapters=rows)
     assert outs == [_greedy(m, ids[r], 6) for r, m in enumerate(refs)]
-    em.use("par")  # an active bottleneck and per-row requests beside it
+    em.use("par")  # active in auto mode: it stays live (numpy's auto-merge skips what cannot merge)
+    em.auto_merge_tokens = 1
+    assert em.generate_ids(ids[0], 6) == _greedy(llama_bn["par"][0], ids[0], 6)
     np.testing.assert_allclose(em.logits(ids[:1]), torch_logits(llama_bn["par"][0], ids[:1]), atol=1e-4, rtol=0)
+    assert em.mode == "live"
     with pytest.raises(UnsupportedError, match=r"two bottleneck adapters at blk\.0\.ffn in one row .*Stack"):
         em.logits(ids, adapters=[["double_seq_bn", "par"], None, None])
 
