@@ -78,14 +78,14 @@ def render(ids: list[str]) -> str:
             kind = ("ah_" if "test_adapterhub" in node else "") + m["kind"]
             row = ROWS.get(kind, (f"`{kind}`", "?"))
             cells.setdefault(row, set()).add((m["engine"], m["mode"]))
-    head = ("| kind | defined by | onnxruntime, merged | onnxruntime, live | numpy, merged | numpy, live | mergeable |\n"
+    head = ("| kind | defined by | onnxruntime, merged | onnxruntime, live | numpy, merged | numpy, live | runs merged |\n"
             "|---|---|---|---|---|---|---|")
     lines = [head]
     order = {v: i for i, v in enumerate(dict.fromkeys(ROWS.values()))}
     for row in sorted(cells, key=lambda r: (r[1] != "PEFT", order.get(r, len(order)), r)):
         have = cells[row]
         marks = ["✓" if c in have else "—" for c in COLUMNS]
-        mergeable = "yes" if any(mode == "merge" for _, mode in have) else "no (live only)"
+        mergeable = "yes" if any(mode == "merge" for _, mode in have) else "live only"
         lines.append(f"| {row[0]} | {row[1]} | " + " | ".join(marks) + f" | {mergeable} |")
     return "\n".join(lines)
 
