@@ -105,9 +105,9 @@ class OrtEngine:
         self._g, self._keep = _Session(sess, self.cfg, self._linear), keep
 
     # what forward reads, always from one _Session
-    _session = property(lambda self: self._g.sess)
-    _slots = property(lambda self: self._g.slots)
-    _inplace = property(lambda self: self._g.inplace)
+    _session = property(lambda self: self._current().sess)
+    _slots = property(lambda self: self._current().slots)
+    _inplace = property(lambda self: self._current().inplace)
 
     @property
     def graph(self) -> str:
@@ -126,9 +126,24 @@ class OrtEngine:
         with self._switch:
             if self._path == self._slotted_path:
                 return
-            sess = self._build({}, self._slotted_path)
+            # release the plain session first (requests running on it keep it alive until they end): the
+            # two sessions, each with its prepacked copy of the weights, are not resident together
+            self._g = None  # forward waits on self._switch meanwhile
+            try:
+                sess = self._build({}, self._slotted_path)
+            except BaseException:
+                self._adopt(self._build({}))  # the plain graph again: nothing changed
+                raise
             self._path, self._probe = self._slotted_path, None
             self._adopt(sess, self._pending_keep)
+
+    def _current(self) -> "_Session":
+        """The running session; while a switch builds the next one, wait for it."""
+        g = self._g
+        if g is None:
+            with self._switch:
+                g = self._g
+        return g
 
     # ---- sessions
     def _options(self) -> Any:
@@ -265,12 +280,12 @@ class OrtEngine:
         if lora and self._lazy:
             self.ensure_slots()
         ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids))
-        g = self._g
+        g = self._current()
         if embed is not None and not g.embed:
             raise FormatError(f"{self._path.name} has no embed.delta input (embedding changes, virtual tokens); "
                               "export the base again with this edgeadapt")
         if isinstance(past, KVCache) or g.inplace and embed is None and not past:
-            return self._forward_inplace(ids, mask, pos, past, lora)
+            return self._forward_inplace(ids, mask, pos, past, lora, g)
         b = ids.shape[0]
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
         empty = np.zeros((b, self.cfg.n_kv_heads, 0, self.cfg.head_dim), np.float32)
@@ -361,12 +376,12 @@ class OrtEngine:
         outs = g.sess.run(self._out_names, feeds)
         return outs[0], [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
 
-    def _forward_inplace(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Any, lora: Any
-                     ) -> tuple[np.ndarray, "KVCache"]:
+    def _forward_inplace(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Any, lora: Any,
+                         g: "_Session") -> tuple[np.ndarray, "KVCache"]:
         b, s = ids.shape
         t = mask.shape[1]
         if past is None:
-            past = KVCache(self, b, t)
+            past = KVCache(self, b, t, g)
         elif not isinstance(past, KVCache) or past.batch != b or past.length != t - s:
             found = (f"a KVCache of {past.length} tokens for batch {past.batch}" if isinstance(past, KVCache)
                      else type(past).__name__)
@@ -374,7 +389,7 @@ class OrtEngine:
                               f"(attention_mask covers past + new tokens), found {found}; a KVCache is updated in "
                               "place, so pass each one back once")
         if s > 1 and b > 1 and past.length:  # GroupQueryAttention takes several new tokens after a past only at batch 1
-            out = [self._forward_inplace(ids[:, k:k + 1], mask[:, :t - s + k + 1], pos[:, k:k + 1], past, lora)[0]
+            out = [self._forward_inplace(ids[:, k:k + 1], mask[:, :t - s + k + 1], pos[:, k:k + 1], past, lora, g)[0]
                    for k in range(s)]
             return np.concatenate(out, axis=1), past
         return past.run(ids, mask, pos, lora), past
@@ -457,9 +472,9 @@ class KVCache:
     IOBinding, so GroupQueryAttention writes each step's keys in place (nothing is copied per token).
     Grows by doubling. Bound LoRA inputs stay bound until the plan (the ``lora`` dict) changes."""
 
-    def __init__(self, engine: OrtEngine, batch: int, tokens: int):
+    def __init__(self, engine: OrtEngine, batch: int, tokens: int, g: "_Session"):
         cfg = engine.cfg
-        g = self._g = engine._g  # this session and its slots, whatever the engine switches to later
+        self._g = g  # this session and its slots, whatever the engine switches to later
         self._engine, self.sess, self.batch, self.length = engine, g.sess, batch, 0
         self._slots, self._empty_slot = g.slots, g.empty_slot
         self.io = self.sess.io_binding()
