@@ -40,7 +40,8 @@ from edgeadapt.arch import ArchConfig
 from edgeadapt.converters.hf import check_complete
 from edgeadapt.errors import UnsupportedError
 
-from .onnx_graph import NEG, OPSET, Progress, _DataWriter, _G, add_embed_delta, lora_input_names, rope_tables
+from .onnx_graph import (NEG, OPSET, Progress, _DataWriter, _G, add_embed_delta, add_head_delta, lora_input_names,
+                         rope_tables)
 from .onnx_quant import BLOCK, QWeight, quantize
 
 MS = "com.microsoft"
@@ -196,6 +197,8 @@ def fused_decoder(cfg: ArchConfig, lin: _Linears, inits: list[TensorProto], name
         h, x = _skip_norm(g, m, x, nxt, eps, resid and (lambda y, r: resid(g, i, "ffn", y, r)))
     lin.head(g, h)
     inputs, outputs = _io(cfg, lin.slots, g, slot_defaults)
+    if lin.slots:  # graphs that serve adapters (not the bare base): + a live change of some head rows
+        inputs += add_head_delta(g, h, cfg.dim)
     return helper.make_graph(g.nodes, name, inputs + [embed_in], outputs, initializer=g.inits)
 
 

@@ -10,6 +10,11 @@ Handled (PEFT 0.21 key names, ``base_model.model.`` prefix):
   ``…embed_tokens.trainable_tokens_delta``): [n, dim] rows that replace the embedding's rows.
 - ``modules_to_save``: ``lm_head`` (a replaced output head, merged) and ``embed_tokens`` (kept as
   replaced rows: only the rows that differ from the base when its float32 table is at hand).
+
+On a base whose head is tied to the embedding, PEFT 0.21 ties trainable tokens to the head (the head
+rows of those ids are replaced by the same rows), trains a separate copy of ``lm_head`` in
+``modules_to_save`` (the embedding stays the base's), and ties the head to a saved embedding only with
+``ensure_weight_tying``. The head's changed rows are kept as ``head_rows`` and run live.
 - prompt tuning (``PROMPT_TUNING``) and prefix tuning (``PREFIX_TUNING``): ``prompt_embeddings``.
 
 Linear LoRA factors saved beside these parts are converted as :mod:`converters.peft_lora` does.
@@ -97,7 +102,8 @@ def convert_peft_seq(folder: str | Path, manifest: Any, *, name: str | None = No
         if any(not _is_embed(t) for t in tm):
             raise UnsupportedError(f"{folder}: TRAINABLE_TOKENS on {tm} is not supported (embed_tokens only)")
         rows = _tt_rows(folder, pc, cfg, tensors, [])
-        adapter = SeqAdapter.build("trainable_tokens", token_rows=rows, source="peft TRAINABLE_TOKENS", **common)
+        adapter = SeqAdapter.build("trainable_tokens", token_rows=rows, head_rows=rows if cfg.tied_embeddings else None,
+                                   source="peft TRAINABLE_TOKENS", **common)
     elif kind == "LORA":
         adapter = _lora(folder, pc, cfg, tensors, manifest, common)
     else:
@@ -185,6 +191,8 @@ def _lora(folder: Path, pc: dict[str, Any], cfg: ArchConfig, tensors: dict[str, 
     # ---- trainable tokens
     if pc.get("trainable_token_indices"):
         parts["token_rows"] = _tt_rows(folder, pc, cfg, tensors, problems)
+        if cfg.tied_embeddings:  # PEFT ties a TrainableTokensLayer on lm_head to the embedding's
+            parts["head_rows"] = parts["token_rows"]
         kinds.append("trainable_tokens")
     # ---- modules_to_save
     mts = pc.get("modules_to_save") or []
@@ -193,7 +201,13 @@ def _lora(folder: Path, pc: dict[str, Any], cfg: ArchConfig, tensors: dict[str, 
             w = tensors.pop(f"{HEAD}.weight", None)
             if w is None:
                 raise FormatError(f"{folder}: modules_to_save names {module!r} but {PREFIX}{HEAD}.weight is not saved")
-            parts["head"] = np.ascontiguousarray(w, np.float32)
+            if not cfg.tied_embeddings:
+                parts["head"] = np.ascontiguousarray(w, np.float32)
+            elif w.shape != (cfg.vocab_size, cfg.dim):
+                problems.append(f"{HEAD}.weight: expected [{cfg.vocab_size}, {cfg.dim}], found {list(w.shape)}")
+            else:  # a trained copy of the tied head: its rows that differ from the embedding, live
+                ids = np.arange(cfg.vocab_size) if base_e is None else np.flatnonzero((w != base_e).any(axis=1))
+                parts["head_rows"] = (ids.astype(np.int64), np.ascontiguousarray(w[ids], np.float32))
         elif _is_embed(module):
             w = tensors.pop(f"{EMBED}.weight", None)
             if w is None or w.shape != (cfg.vocab_size, cfg.dim):
@@ -203,6 +217,10 @@ def _lora(folder: Path, pc: dict[str, Any], cfg: ArchConfig, tensors: dict[str, 
                 raise UnsupportedError(f"{folder}: trainable tokens and modules_to_save of the embedding together")
             ids = np.arange(cfg.vocab_size) if base_e is None else np.flatnonzero((w != base_e).any(axis=1))
             parts["token_rows"] = (ids.astype(np.int64), np.ascontiguousarray(w[ids], np.float32))
+            if cfg.tied_embeddings and pc.get("ensure_weight_tying"):  # PEFT ties the head to the saved copy
+                if "head_rows" in parts:
+                    raise UnsupportedError(f"{folder}: modules_to_save of lm_head and embed_tokens on a tied head")
+                parts["head_rows"] = parts["token_rows"]
         else:
             raise UnsupportedError(f"{folder}: modules_to_save={module!r} is not supported (lm_head and embed_tokens are)")
         kinds.append("modules_to_save")

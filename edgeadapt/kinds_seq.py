@@ -8,7 +8,8 @@ optional; a converter fills the parts its kind has (float32, canonical layout):
 | ``factors`` | {w: (A [r,in], s·B [out,r])} | plain LoRA on linear weights (PEFT saves them beside the others) |
 | ``embed_lora`` | (A [r,vocab], s·B [dim,r]) | embedding LoRA: E'[t] = E[t] + s·(B@A)[:, t] |
 | ``token_rows`` | (ids int64 [n], rows [n,dim]) | trainable tokens / a saved embedding: E'[ids] = rows (replacement) |
-| ``head`` | [vocab, dim] | ``modules_to_save`` of the output head: W_out' = head (replacement, merged) |
+| ``head`` | [vocab, dim] | ``modules_to_save`` of an untied output head: W_out' = head (replacement, merged) |
+| ``head_rows`` | (ids int64 [k], rows [k,dim]) | a tied head's changed rows: W_out'[ids] = rows, embedding untouched (live) |
 | ``prompt`` | [n_virtual, dim] | prompt tuning: virtual token embeddings before the input |
 | ``prefix`` | [n_virtual, layers·2·kv_dim] | prefix tuning: raw keys / values before every layer's cache |
 
@@ -18,6 +19,10 @@ engine), so a tied output head keeps reading the base table — as PEFT's embedd
 Prompt tuning's virtual tokens are run through the base once (placeholder ids whose embedding
 change makes them the virtual embeddings) and, like prefix tuning, become a KV prefix the
 runtime puts before the cache; real tokens then start at position ``n_virtual``, as in PEFT.
+A tied head (one table for embedding and head) is changed the same way, after the head: the runtime
+adds h @ (rows - E[ids])ᵀ to the logits of ``ids`` (``head.delta`` / ``head.ids`` of the ONNX graph),
+so trainable tokens (PEFT ties the head rows to the embedding rows) and ``modules_to_save`` of
+``lm_head`` (PEFT trains a copy of the head, the embedding stays the base's) both run live.
 Prefix keys are stored in the base's key layout: for a "norm"-rope base, each head's dimensions
 are permuted as the k rows of the base are (:func:`edgeadapt.arch.permute_qk`).
 Files: the delta-file kind registry (:mod:`edgeadapt.delta_kinds`) reads and writes these kinds, one
@@ -37,6 +42,7 @@ from .errors import AdapterMismatchError, FormatError, UnsupportedError, collect
 
 EMBED, HEAD, VIRTUAL = "token_embd.weight", "output.weight", "virtual"  # targets that are not linear slots
 K_TOKEN_IDS = "edgeadapt.seq.token_ids"  # uint32 array: the ids whose rows ``token_embd.weight.rows`` replace
+K_HEAD_IDS = "edgeadapt.seq.head_ids"  # uint32 array: the ids whose head rows ``output.weight.rows`` replace
 SEQ_KINDS = ("embedding_lora", "trainable_tokens", "modules_to_save", "prompt_tuning", "prefix_tuning")
 
 
@@ -53,6 +59,7 @@ class SeqAdapter(KindAdapter):
     """
 
     token_ids: np.ndarray | None = None  # int64 [n], the rows of params["token_embd.weight"]["rows"]
+    head_ids: np.ndarray | None = None  # int64 [k], the rows of params["output.weight"]["rows"]
     kind: ClassVar[str] = "seq"
     needs_base: ClassVar[bool] = True  # the head replacement is W' = head, i.e. ΔW = head - W
     PARAMS: ClassVar[dict[str, tuple[int, ...]]] = {"lora_a": (2,), "lora_b": (2,), "emb_a": (2,), "emb_b": (2,),
@@ -62,6 +69,7 @@ class SeqAdapter(KindAdapter):
     def build(cls, kind: str, *, factors: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
               embed_lora: tuple[np.ndarray, np.ndarray] | None = None,
               token_rows: tuple[np.ndarray, np.ndarray] | None = None, head: np.ndarray | None = None,
+              head_rows: tuple[np.ndarray, np.ndarray] | None = None,
               prompt: np.ndarray | None = None, prefix: np.ndarray | None = None, **fields: Any) -> "SeqAdapter":
         """The adapter of registered ``kind`` from its parts (all float32, canonical layout)."""
         f32 = lambda x: np.ascontiguousarray(x, np.float32)  # noqa: E731
@@ -77,11 +85,15 @@ class SeqAdapter(KindAdapter):
             params[EMBED] = e
         if head is not None:
             params[HEAD] = {"head": f32(head)}
+        hids = None
+        if head_rows is not None:
+            hids = np.asarray(head_rows[0], np.int64)
+            params.setdefault(HEAD, {})["rows"] = f32(head_rows[1])
         if prompt is not None:
             params[VIRTUAL] = {"prompt": f32(prompt)}
         if prefix is not None:
             params[VIRTUAL] = {"prefix": f32(prefix)}
-        return SEQ_CLASSES[kind](params=params, token_ids=ids, **fields)
+        return SEQ_CLASSES[kind](params=params, token_ids=ids, head_ids=hids, **fields)
 
     # ---- the parts
     @property
@@ -101,6 +113,11 @@ class SeqAdapter(KindAdapter):
     @property
     def head(self) -> np.ndarray | None:
         return self.params.get(HEAD, {}).get("head")
+
+    @property
+    def head_rows(self) -> tuple[np.ndarray, np.ndarray] | None:
+        h = self.params.get(HEAD, {})
+        return (self.head_ids, h["rows"]) if "rows" in h else None
 
     @property
     def prompt(self) -> np.ndarray | None:
@@ -133,6 +150,10 @@ class SeqAdapter(KindAdapter):
     def changes_embedding(self) -> bool:
         return self.embed_lora is not None or self.token_rows is not None
 
+    @property
+    def changes_head(self) -> bool:
+        return self.head_rows is not None
+
     def live_factors(self, target: str) -> tuple[np.ndarray, np.ndarray]:
         return self.factors[target]
 
@@ -154,8 +175,8 @@ class SeqAdapter(KindAdapter):
 
     # ---- files
     def to_metadata(self) -> list[tuple[str, str, Any]]:
-        ids = self.token_ids
-        return [] if ids is None else [(K_TOKEN_IDS, "ARRAY_UINT32", [int(i) for i in ids])]
+        return [(k, "ARRAY_UINT32", [int(i) for i in ids]) for k, ids in ((K_TOKEN_IDS, self.token_ids),
+                                                                           (K_HEAD_IDS, self.head_ids)) if ids is not None]
 
     @classmethod
     def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, dict[str, np.ndarray]], **fields: Any
@@ -163,21 +184,23 @@ class SeqAdapter(KindAdapter):
         where = fields.get("path") or "<bytes>"
         problems = []
         for t, p in tensors.items():
-            allowed = ({"emb_a", "emb_b", "rows"} if t == EMBED else {"head"} if t == HEAD
+            allowed = ({"emb_a", "emb_b", "rows"} if t == EMBED else {"head", "rows"} if t == HEAD
                        else {"prompt", "prefix"} if t == VIRTUAL else {"lora_a", "lora_b"})
             if not set(p) <= allowed or set(p) & {"lora_a", "lora_b", "emb_a", "emb_b"} and not (
                     {"lora_a", "lora_b"} <= set(p) or {"emb_a", "emb_b"} <= set(p)):
                 problems.append(f"{t}: expected parameters among {sorted(allowed)} (pairs complete), found {sorted(p)}")
-        ids = meta.get(K_TOKEN_IDS)
-        rows = tensors.get(EMBED, {}).get("rows")
-        if (ids is None) != (rows is None):
-            problems.append(f"token rows: {K_TOKEN_IDS} and token_embd.weight.rows come together")
-        elif ids is not None and (not isinstance(ids, list) or len(ids) != rows.shape[0]):
-            problems.append(f"{K_TOKEN_IDS}: expected {rows.shape[0]} ids (one per row), found "
-                            f"{len(ids) if isinstance(ids, list) else type(ids).__name__}")
+        got = {}
+        for key, t in ((K_TOKEN_IDS, EMBED), (K_HEAD_IDS, HEAD)):
+            ids = meta.get(key)
+            rows = tensors.get(t, {}).get("rows")
+            if (ids is None) != (rows is None):
+                problems.append(f"{key} and {t}.rows come together")
+            elif ids is not None and (not isinstance(ids, list) or len(ids) != rows.shape[0]):
+                problems.append(f"{key}: expected {rows.shape[0]} ids (one per row), found "
+                                f"{len(ids) if isinstance(ids, list) else type(ids).__name__}")
+            got[key] = None if ids is None else np.asarray(ids, np.int64)
         collect(problems, FormatError, f"{where}: bad {cls.kind} parameters:")
-        token_ids = None if ids is None else np.asarray(ids, np.int64)
-        return cls(params=tensors, token_ids=token_ids, **fields)
+        return cls(params=tensors, token_ids=got[K_TOKEN_IDS], head_ids=got[K_HEAD_IDS], **fields)
 
     @property
     def nbytes(self) -> int:
@@ -213,13 +236,23 @@ class SeqAdapter(KindAdapter):
                 problems.append(f"token rows: ids must lie in [0, {V}), found {int(ids.min())}…{int(ids.max())}")
             if len(np.unique(ids)) != len(ids):
                 problems.append("token rows: an id appears twice")
-            if cfg.tied_embeddings:
-                problems.append("token rows: this base ties its output head to token_embd, and PEFT then replaces "
-                                "the head rows of these tokens too; a tied head change is not supported yet")
+        if self.head_rows is not None:
+            ids, rows = self.head_rows
+            if not cfg.tied_embeddings:
+                problems.append("head rows: this base has its own output.weight (untied); a head change is a full "
+                                "replacement there")
+            if rows.shape != (len(ids), D):
+                problems.append(f"head rows: expected [{len(ids)}, {D}] (one row of dim {D} per token id), "
+                                f"found {list(rows.shape)}")
+            if len(ids) and (ids.min() < 0 or ids.max() >= V):
+                problems.append(f"head rows: ids must lie in [0, {V}), found {int(ids.min())}…{int(ids.max())}")
+            if len(np.unique(ids)) != len(ids):
+                problems.append("head rows: an id appears twice")
         if self.head is not None:
             if cfg.tied_embeddings:
                 problems.append("modules_to_save lm_head: this base ties its output head to token_embd (no "
-                                "separate output.weight); an untied head replacement is not supported yet")
+                                "separate output.weight to replace); convert it again for this base, which keeps "
+                                "the changed head rows (run live)")
             elif self.head.shape != (V, D):
                 problems.append(f"output head: expected [{V}, {D}], found {list(self.head.shape)}")
         if self.prompt is not None and self.prompt.shape[1:] != (D,):
@@ -247,6 +280,14 @@ class SeqAdapter(KindAdapter):
             rows = (self.token_rows[1][order] - base_rows(ids)).astype(np.float32)  # replacement -> change
         a, b = self.embed_lora if self.embed_lora is not None else (None, None)
         return EmbedChange(a, None if b is None else np.ascontiguousarray(b.T), ids, rows)
+
+    def head_change(self, base_rows: Callable[[np.ndarray], np.ndarray]) -> "tuple[np.ndarray, np.ndarray] | None":
+        """(ids sorted int64 [k], rows - E[ids] float32 [k, dim]): the change of a tied head's rows, or None."""
+        if self.head_rows is None:
+            return None
+        order = np.argsort(self.head_rows[0])
+        ids = np.ascontiguousarray(self.head_rows[0][order], np.int64)
+        return ids, (self.head_rows[1][order] - base_rows(ids)).astype(np.float32)
 
     def prefix_kv(self, cfg: ArchConfig) -> list[tuple[np.ndarray, np.ndarray]]:
         """Prefix tuning's cache prefix: per layer (key, value) float32 [n_kv_heads, n_virtual, head_dim]."""

@@ -576,7 +576,8 @@ class NumpyEngine:
 
     def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
                 lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, embed: np.ndarray | None = None,
-                bn: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+                bn: dict[str, np.ndarray] | None = None, head: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
         """input_ids int [batch, seq]; attention_mask int [batch, past+seq] (1 real, 0 pad);
         position_ids int [batch, seq]; past None or per layer (key, value) float32
         [batch, n_kv_heads, past_len, head_dim]. Returns logits float32 [batch, seq, vocab]
@@ -598,6 +599,9 @@ class NumpyEngine:
 
         ``embed``: float32 [batch or 1, seq or 1, dim] added to the looked-up embeddings (embedding LoRA,
         trainable tokens, virtual tokens; the same contract as the ONNX graph's ``embed.delta``).
+
+        ``head``: (ids int64 [k], delta float32 [batch or 1, k, dim]): logits[b, s, ids] += h[b, s] @ delta[b]ᵀ
+        after the output head (the graph inputs ``head.ids`` / ``head.delta``).
 
         ``bn``: bottleneck slot inputs ``{bn.<i>.<p>.<part>: [1 or batch, …]}`` at the blocks' residual adds
         (:mod:`edgeadapt.runtime.bn_slots`; the inputs of ``model_bottleneck.onnx``)."""
@@ -636,7 +640,7 @@ class NumpyEngine:
         if self._blocks:
             from .layers import forward_blocks
 
-            return forward_blocks(self, ids, am, pos, past, past_len, rows, embed)
+            return forward_blocks(self, ids, am, pos, past, past_len, rows, embed, head)
         no_rows = (None,) * len(_LINEAR_KINDS)
 
         x = self._embed(ids.reshape(-1))  # [N, D] float32
@@ -731,6 +735,8 @@ class NumpyEngine:
                     x += m
             h = _rmsnorm(x, norm["output_norm.weight"], eps)
             logits = _lin(h, *self._head, rows.get(self._head_name), B).reshape(B, S, -1)
+            if head is not None:
+                add_head_delta(logits, h, head)
 
         present = [(_ro(kb[:, :, :T]), _ro(vb[:, :, :T])) for kb, vb in bufs]
         st = getattr(self._tls, "kv", None)
@@ -738,6 +744,17 @@ class NumpyEngine:
         return logits, present
 
     __call__ = forward
+
+
+def add_head_delta(logits: np.ndarray, h: np.ndarray, head: tuple[np.ndarray, np.ndarray]) -> None:
+    """logits [B, S, V] += at columns ids: h [B·S, D] @ delta[b]ᵀ (delta [B or 1, k, D])."""
+    ids, d = np.asarray(head[0], np.int64), np.asarray(head[1], _F32)
+    B, S, _ = logits.shape
+    if d.ndim != 3 or d.shape[0] not in (1, B) or d.shape[1:] != (len(ids), h.shape[-1]):
+        raise ValueError(f"head: expected ids [k] and delta float32 [{B} or 1, k, {h.shape[-1]}], found ids "
+                         f"{list(ids.shape)} and delta {list(d.shape)}")
+    if len(ids):
+        logits[:, :, ids] += np.matmul(h.reshape(B, S, -1), d.transpose(0, 2, 1))
 
 
 def _rmsnorm(x: np.ndarray, w: np.ndarray, eps: np.float32) -> np.ndarray:

@@ -260,12 +260,15 @@ class OrtEngine:
     # ---- forward
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: Any = None, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                embed: np.ndarray | None = None, bn: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, Any]:
+                embed: np.ndarray | None = None, bn: dict[str, np.ndarray] | None = None,
+                head: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, Any]:
         """Logits [B, S, vocab] float32 and the cache to pass back as ``past`` for the next tokens.
 
         ``embed``: float32 [B or 1, S or 1, dim], added to the looked-up embeddings (graph input ``embed.delta``).
         ``past`` may also be a list of (key, value) [B, KV, P, hd] made by the caller (a KV prefix); such a
         request, and one with ``embed``, runs on arrays fed each step rather than the in-place cache.
+        ``head``: (ids int64 [k], delta float32 [B or 1, k, dim]), a live change of some head rows (graph inputs
+        ``head.ids`` / ``head.delta``, on the graphs that serve adapters); it too runs on fed arrays.
 
         ``lora`` (live engines only): {weight: (A [n, in, r], B [n, r, out])}, n = 1 or batch, scale in B.
         On a fused graph (GroupQueryAttention) the cache is a :class:`KVCache` updated in place: pass each
@@ -276,15 +279,19 @@ class OrtEngine:
         if (lora or bn) and not self.live:
             raise AdapterMismatchError("live LoRA factors need the slotted graph: load with mode='live' or 'auto'")
         if bn or lora and any(len(v) > 2 for v in lora.values()):  # scale / bias / bottleneck: their own graphs
-            return self._forward_kinds(input_ids, attention_mask, position_ids, past, lora or {}, embed, bn)
-        if lora and self._lazy:
+            return self._forward_kinds(input_ids, attention_mask, position_ids, past, lora or {}, embed, bn, head)
+        if (lora or head is not None) and self._lazy:
             self.ensure_slots()
         ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids))
         g = self._current()
         if embed is not None and not g.embed:
             raise FormatError(f"{self._path.name} has no embed.delta input (embedding changes, virtual tokens); "
                               "export the base again with this edgeadapt")
-        if isinstance(past, KVCache) or g.inplace and embed is None and not past:
+        if head is not None and not g.head:
+            raise UnsupportedError(f"{self._path.name} has no head.delta input: a change of the output head (trainable "
+                                   "tokens or modules_to_save on a tied head) runs live on the graphs that serve "
+                                   "adapters (mode='live' or 'auto'); export the base again with this edgeadapt")
+        if isinstance(past, KVCache) or g.inplace and embed is None and head is None and not past:
             return self._forward_inplace(ids, mask, pos, past, lora, g)
         b = ids.shape[0]
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
@@ -298,13 +305,17 @@ class OrtEngine:
             feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = a, bb
         if embed is not None:
             feeds["embed.delta"] = np.ascontiguousarray(embed, np.float32)
+        if head is not None:
+            feeds["head.ids"], feeds["head.delta"] = (np.ascontiguousarray(head[0], np.int64),
+                                                      np.ascontiguousarray(head[1], np.float32))
         s = ids.shape[1]
         if g.fused and past and b > 1 and s > 1 and past[0][0].shape[2] > 0:
             # GroupQueryAttention takes several new tokens after a past only at batch 1: one at a time
             out = []
             for k in range(s):
                 e = embed if embed is None or embed.shape[1] == 1 else embed[:, k:k + 1]
-                lg, past = self.forward(ids[:, k:k + 1], mask[:, :mask.shape[1] - s + k + 1], pos[:, k:k + 1], past, lora, e)
+                lg, past = self.forward(ids[:, k:k + 1], mask[:, :mask.shape[1] - s + k + 1], pos[:, k:k + 1], past, lora, e,
+                                        head=head)
                 out.append(lg)
             return np.concatenate(out, axis=1), past
         outs = g.sess.run(self._out_names, feeds)
@@ -322,7 +333,7 @@ class OrtEngine:
         return self.live and self.weights == "fp32" and self._bn_file is not None and self._bn_file.is_file()
 
     def _forward_kinds(self, ids: Any, mask: Any, pos: Any, past: Any, lora: dict[str, tuple], embed: Any,
-                       bn: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, Any]:
+                       bn: dict[str, np.ndarray] | None = None, head: Any = None) -> tuple[np.ndarray, Any]:
         """``lora`` entries (A, B, in [n, in], out [n, out], bias [n, out]), any of them None, on model_kinds.onnx
         — or, with ``bn`` slot inputs, on model_bottleneck.onnx, which has the same inputs and the bottleneck
         slots (each built once, on first use; arrays fed every step)."""
@@ -354,7 +365,7 @@ class OrtEngine:
             for k in range(s):
                 e = embed if embed is None or embed.shape[1] == 1 else embed[:, k:k + 1]
                 lg, past = self._forward_kinds(ids[:, k:k + 1], mask[:, :mask.shape[1] - s + k + 1], pos[:, k:k + 1],
-                                               past, lora, e, bn)
+                                               past, lora, e, bn, head)
                 out.append(lg)
             return np.concatenate(out, axis=1), past
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
@@ -373,6 +384,11 @@ class OrtEngine:
             feeds["embed.delta"] = np.ascontiguousarray(embed, np.float32)
         if bn:
             feeds.update(bn)
+        if head is not None:
+            if not g.head:
+                raise UnsupportedError(f"{file.name} has no head.delta input; export the base again with this edgeadapt")
+            feeds["head.ids"], feeds["head.delta"] = (np.ascontiguousarray(head[0], np.int64),
+                                                      np.ascontiguousarray(head[1], np.float32))
         outs = g.sess.run(self._out_names, feeds)
         return outs[0], [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
 
@@ -420,6 +436,7 @@ class _Session:
         # (model_lora.onnx keeps them for onnxruntime's LoraAdapter): that graph feeds arrays every step
         self.inplace = self.fused and not any(f"lora.{n}.a" in defaults for n in self.slots)
         self.embed = "embed.delta" in inputs | defaults  # base folders exported before it have no such input
+        self.head = "head.delta" in inputs | defaults  # only the graphs that serve adapters have it
 
 
     def slot_arrays(self, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -96,7 +96,7 @@ def _linear(eng: Any, i: int, kind: str, x: np.ndarray, rows: dict, B: int) -> n
 
 # ---------------------------------------------------------------- forward
 def forward_blocks(eng: Any, ids: np.ndarray, am: np.ndarray, pos: np.ndarray, past: Any, past_len: int,
-                   rows: dict, embed: np.ndarray | None = None) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+                   rows: dict, embed: np.ndarray | None = None, head: Any = None) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
     """The engine's forward for the families of this module (arguments already validated). ``embed``
     [batch or 1, seq or 1, dim] is added to the looked-up embedding rows (before Gemma's √dim scale)."""
     cfg = eng.cfg
@@ -204,6 +204,10 @@ def forward_blocks(eng: Any, ids: np.ndarray, am: np.ndarray, pos: np.ndarray, p
             x += d
         h = _norm(eng, x, "output_norm", eps)
         logits = _lin(h, *eng._head, rows.get(eng._head_name) if rows else None, B).reshape(B, S, -1)
+        if head is not None:  # a live change of some head rows, before any softcap
+            from .engine_numpy import add_head_delta
+
+            add_head_delta(logits, h, head)
         if cfg.final_softcap:
             c = _F32(cfg.final_softcap)
             logits /= c

@@ -500,6 +500,9 @@ class Model:
         if plan:
             embed = getattr(plan, "embed", None)
             kw = {"bn": plan.bn} if getattr(plan, "bn", None) else {}  # bottleneck slots (runtime.bn_slots)
+            head = getattr(plan, "head", None)
+            if head is not None:  # a tied head's changed rows (runtime.seq.HeadFn)
+                kw["head"] = head(ids.shape[0])
             if embed is not None or getattr(plan, "prefix", None) or kw:
                 return self._engine.forward(ids, mask, pos, past, lora=plan if len(plan) else None,
                                             embed=None if embed is None else embed(ids), **kw)

@@ -6,6 +6,8 @@ fields, set only when an active adapter acts on the embeddings or the sequence
 
 - ``embed``: :class:`EmbedFn`, ids [B, S] -> the change of their embeddings [B, S, dim], fed to
   the engine (``embed.delta`` of the ONNX graph, an add in the numpy engine);
+- ``head``: :class:`HeadFn`, batch size -> (ids [k], delta [B or 1, k, dim]): a live change of some rows
+  of a tied output head (``head.ids`` / ``head.delta`` of the ONNX graph, an add after the head in numpy);
 - ``prefix``: per row, the names of the prompt / prefix tuning adapters whose KV prefix the row
   starts with. :class:`Prefixes` turns them, at request time, into past keys/values
   [B, KV, P, hd] left-padded to the longest prefix, and the attention mask of that past
@@ -30,10 +32,29 @@ class Plan(dict):
     """Live factors (``{weight: (A, B)}``) plus ``embed`` / ``prefix`` (see the module docstring)."""
 
     embed: "EmbedFn | None" = None
+    head: "HeadFn | None" = None
     prefix: list[str | None] | None = None  # per row (one entry = every row): a prefix adapter's name
 
     def __bool__(self) -> bool:
-        return len(self) > 0 or self.embed is not None or self.prefix is not None
+        return len(self) > 0 or self.embed is not None or self.head is not None or self.prefix is not None
+
+
+class HeadFn:
+    """Per row, Σ weight·(ids, Δrows) of that row's adapters -> (union of ids [k], delta [n, k, dim]),
+    n = 1 when every row has the same set."""
+
+    def __init__(self, rows: list[list[tuple[tuple[np.ndarray, np.ndarray], float]]], dim: int):
+        ids = np.unique(np.concatenate([i for r in rows for (i, _), _ in r] or [np.zeros(0, np.int64)]))
+        delta = np.zeros((len(rows), len(ids), dim), np.float32)
+        for b, r in enumerate(rows):
+            for (i, d), w in r:
+                delta[b, np.searchsorted(ids, i)] += d if w == 1.0 else d * np.float32(w)
+        self.ids, self.delta = ids.astype(np.int64), delta
+
+    def __call__(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.delta.shape[0] not in (1, batch):
+            raise FormatError(f"head change made for {self.delta.shape[0]} rows, the batch has {batch}")
+        return self.ids, self.delta
 
 
 class EmbedFn:
@@ -58,17 +79,20 @@ class SeqParts:
     def __init__(self, model: Any):
         self.m = model
         self._embed: dict[str, Any] = {}
+        self._head: dict[str, Any] = {}
         self._kv: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         self._lock = threading.Lock()
 
     def forget(self, name: str) -> None:
         self._embed.pop(name, None)
+        self._head.pop(name, None)
         self._kv.pop(name, None)
 
     # ---- plans
     def plan(self, live: Mapping[str, Any], rows: Sequence[Mapping[str, float]]) -> Any:
         """``live`` unchanged when no row has embedding / sequence parts, else a :class:`Plan` over it."""
         embeds: list[list[tuple[Any, float]]] = []
+        heads: list[list[tuple[Any, float]]] = []
         prefixes: list[str | None] = []
         for want in rows:
             seq = {n: w for n, w in want.items() if getattr(self.m.adapters[n], "n_virtual", 0)}
@@ -79,11 +103,15 @@ class SeqParts:
             prefixes.append(next(iter(seq), None))
             embeds.append([(self._change(n), w) for n, w in want.items()
                            if getattr(self.m.adapters[n], "changes_embedding", False)])
-        if not any(embeds) and not any(prefixes):
+            heads.append([(self._head_change(n), w) for n, w in want.items()
+                          if getattr(self.m.adapters[n], "changes_head", False)])
+        if not any(embeds) and not any(prefixes) and not any(heads):
             return live
         plan = Plan(live)
         if any(embeds):
             plan.embed = EmbedFn(embeds, self.m.config.dim)
+        if any(heads):
+            plan.head = HeadFn(heads, self.m.config.dim)
         if any(prefixes):
             plan.prefix = prefixes
         return plan
@@ -92,6 +120,12 @@ class SeqParts:
         c = self._embed.get(name)
         if c is None:
             c = self._embed[name] = self.m.adapters[name].embedding_change(self.base_rows)
+        return c
+
+    def _head_change(self, name: str) -> Any:
+        c = self._head.get(name)
+        if c is None:
+            c = self._head[name] = self.m.adapters[name].head_change(self.base_rows)
         return c
 
     def base_rows(self, ids: np.ndarray) -> np.ndarray:

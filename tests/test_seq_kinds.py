@@ -255,11 +255,115 @@ def test_tied_head_embedding_lora_changes_only_the_input(tied, engine, tmp_path)
     np.testing.assert_allclose(m.logits(ids), torch_logits(pm, ids), atol=1e-4, rtol=0)
 
 
-def test_tied_head_row_changes_are_refused(tied, tmp_path):
-    """PEFT's trainable tokens on a tied base replace the head rows too; not supported yet, said so."""
-    from edgeadapt.converters.peft_seq import convert_peft_seq
+# trainable tokens and modules_to_save(lm_head) on the tied base: PEFT replaces the head rows of the trainable
+# tokens too (a TrainableTokensLayer on lm_head tied to the embedding's), and trains a copy of lm_head while the
+# embedding stays the base's; both run live as a change of some head rows (head.ids / head.delta)
+TIED = {"trainable_tokens_tied": "trainable_tokens", "lora_trainable_tokens_tied": "lora_trainable_tokens",
+        "modules_to_save_tied": "modules_to_save"}
 
-    model, man, _ = tied
-    _peft(model, "trainable_tokens", 6).save_pretrained(tmp_path)
-    with pytest.raises(AdapterMismatchError, match="ties its output head to token_embd, and PEFT then replaces"):
-        convert_peft_seq(tmp_path, man)
+
+@pytest.fixture(scope="module")
+def tied_adapters(tied, tmp_path_factory):
+    from click.testing import CliRunner
+
+    from edgeadapt.cli import main
+
+    model, _, root = tied
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            pm = _peft(model, TIED[kind], seed=31 + list(TIED).index(kind))
+            folder = tmp_path_factory.mktemp(kind)
+            pm.save_pretrained(folder)
+            out = folder / f"{kind}.gguf"
+            res = CliRunner().invoke(main, ["export-adapter", str(folder), "--base", str(root / "base"), "-o", str(out),
+                                            "--name", kind])
+            assert res.exit_code == 0, res.output
+            cache[kind] = (pm, out)
+        return cache[kind]
+
+    return get
+
+
+def _check_tied(tied, tied_adapters, kind, engine):
+    model, _, root = tied
+    pm, path = tied_adapters(kind)
+    ids = _ids()
+    m = edgeadapt.load(root / "base", engine=engine)
+    m.add_adapter(path, name=kind)
+    m.use(kind)
+    want, base = torch_logits(pm, ids), torch_logits(model, ids)
+    assert np.abs(want - base).max() > 0.05, "the adapter must matter"
+    np.testing.assert_allclose(m.logits(ids), want, atol=1e-4, rtol=0)
+    assert m.mode == "live"
+    assert m.generate_ids(ids[0], 5, adapter=kind) == _peft_greedy(pm, kind, ids[0], 5)  # through the cache
+    m.use(None)
+    np.testing.assert_allclose(m.logits(ids), base, atol=1e-4, rtol=0)
+
+
+def _make_tied_test(kind, engine):
+    def test(tied, tied_adapters):
+        _check_tied(tied, tied_adapters, kind, engine)
+
+    test.__doc__ = f"{TIED[kind]} on a tied head, {engine} engine (live), gives PEFT's logits"
+    return test
+
+
+for _kind in TIED:
+    for _engine in ENGINES:
+        globals()[f"test_kind_{_kind}_{_engine}_live"] = _make_tied_test(_kind, _engine)
+
+
+def test_tied_head_parts_peft_semantics(tied, tied_adapters):
+    """What the converter keeps matches what PEFT does on a tied base: trainable tokens change the same rows of
+    embedding and head; modules_to_save(lm_head) changes head rows only (PEFT's embedding stays the base's)."""
+    from edgeadapt.delta import read_delta
+
+    model, _, _ = tied
+    tt_pm, tt_path = tied_adapters("trainable_tokens_tied")
+    tt = read_delta(tt_path)
+    np.testing.assert_array_equal(tt.head_ids, TOKENS)
+    np.testing.assert_array_equal(tt.head_rows[1], tt.token_rows[1])
+    mts_pm, mts_path = tied_adapters("modules_to_save_tied")
+    mts = read_delta(mts_path)
+    assert mts.token_rows is None and mts.head is None and 0 < len(mts.head_ids) <= 256
+    base_e = model.get_input_embeddings().weight.detach().numpy()
+    peft_e = mts_pm.get_input_embeddings().weight.detach().numpy()
+    np.testing.assert_array_equal(peft_e, base_e)  # PEFT trains a copy of the head; the embedding is untouched
+    head = mts_pm.get_output_embeddings()
+    w = getattr(head, "modules_to_save", None)
+    w = (w["default"] if w is not None else head).weight.detach().numpy()
+    np.testing.assert_array_equal(mts.head_rows[1], w[mts.head_ids])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tied_head_mixed_rows(tied, tied_adapters, engine):
+    """Rows with different head changes (trainable tokens, a trained head copy, none) in one forward pass."""
+    model, _, root = tied
+    (tt_pm, tt), (mts_pm, mts) = tied_adapters("trainable_tokens_tied"), tied_adapters("modules_to_save_tied")
+    ids = _ids()
+    rows = [ids[0], ids[1], ids[0]]
+    m = edgeadapt.load(root / "base", engine=engine, mode="live")
+    m.add_adapter(tt, name="t")
+    m.add_adapter(mts, name="h")
+    got = m.logits(rows, adapters=["t", "h", None])
+    np.testing.assert_allclose(got[0], torch_logits(tt_pm, [rows[0]])[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got[1], torch_logits(mts_pm, [rows[1]])[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got[2], torch_logits(model, [rows[2]])[0], atol=1e-4, rtol=0)
+    prompts = [ids[0][:7], ids[1], ids[0][:4]]
+    outs = m.generate_batch(prompts, 4, adapters=["t", "h", None])
+    assert outs == [m.generate_ids(prompts[0], 4, adapter="t"), m.generate_ids(prompts[1], 4, adapter="h"),
+                    m.generate_ids(prompts[2], 4)]
+
+
+def test_tied_head_change_is_refused_without_the_graph_input(tied, tied_adapters):
+    """The bare graphs (model.onnx) have no head.delta: a head change on them is refused by name."""
+    _, _, root = tied
+    _, tt = tied_adapters("trainable_tokens_tied")
+
+    m = edgeadapt.load(root / "base", engine="ort", mode="merge")
+    m.add_adapter(tt, name="t")
+    with pytest.raises(UnsupportedError, match="has no head.delta input"):
+        m.use("t")
+        m.logits(_ids())
