@@ -163,6 +163,9 @@ class SeqAdapter(KindAdapter):
 
     def delta(self, target: str, base: np.ndarray | None = None) -> np.ndarray:
         """ΔW, float32 [out, in]: B@A of a LoRA factor pair, or head - W for the replaced head."""
+        if target == EMBED and self.embed_lora is not None:  # merged embedding LoRA (untied bases): s·(B@A)ᵀ
+            a, b = self.embed_lora
+            return np.ascontiguousarray((b @ a).T, np.float32)
         if target == HEAD and self.head is not None:
             if base is None:
                 raise AdapterMismatchError(f"adapter {self.name!r} replaces output.weight and needs the base weight")
@@ -268,17 +271,19 @@ class SeqAdapter(KindAdapter):
         return problems
 
     # ---- run-time pieces
-    def embedding_change(self, base_rows: Callable[[np.ndarray], np.ndarray]) -> "EmbedChange | None":
+    def embedding_change(self, base_rows: Callable[[np.ndarray], np.ndarray], lora: bool = True
+                         ) -> "EmbedChange | None":
         """The per-token change of this adapter's embedding parts; ``base_rows(ids)`` gives the base's own
-        rows [n, dim] (those a replacement is measured against)."""
-        if not self.changes_embedding:
+        rows [n, dim] (those a replacement is measured against). ``lora=False``: without the embedding LoRA
+        (merged into token_embd.weight)."""
+        if not self.changes_embedding or not lora and self.token_rows is None:
             return None
         ids = rows = None
         if self.token_rows is not None:
             order = np.argsort(self.token_rows[0])
             ids = np.ascontiguousarray(self.token_rows[0][order], np.int64)
             rows = (self.token_rows[1][order] - base_rows(ids)).astype(np.float32)  # replacement -> change
-        a, b = self.embed_lora if self.embed_lora is not None else (None, None)
+        a, b = self.embed_lora if self.embed_lora is not None and lora else (None, None)
         return EmbedChange(a, None if b is None else np.ascontiguousarray(b.T), ids, rows)
 
     def head_change(self, base_rows: Callable[[np.ndarray], np.ndarray]) -> "tuple[np.ndarray, np.ndarray] | None":

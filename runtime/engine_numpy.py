@@ -365,6 +365,11 @@ class NumpyEngine:
         problems: list[str] = []
         new: dict[str, np.ndarray] = {}
         for n, a in overrides.items():
+            if n == "token_embd.weight" and not self.cfg.tied_embeddings:  # a merged embedding change (untied head)
+                ok = self._check_tensor(n, a, (self.cfg.vocab_size, self.cfg.dim), problems)
+                if ok is not None:
+                    new[n] = np.ascontiguousarray(ok)
+                continue
             if n not in shapes:
                 self._unknown(n, problems)
                 continue
@@ -531,10 +536,15 @@ class NumpyEngine:
 
     # ------------------------------------------------------------ forward
     def embedding_rows(self, ids: np.ndarray) -> np.ndarray:
-        """The rows of token_embd this engine looks up for ``ids`` [n]: float32 [n, dim]."""
-        return self._embed(np.asarray(ids, np.int64).reshape(-1))
+        """The base's rows of token_embd for ``ids`` [n] (as this engine dequantizes them; never a merged
+        override): float32 [n, dim]."""
+        return self._embed_base(np.asarray(ids, np.int64).reshape(-1))
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
+        o = self._overrides.get("token_embd.weight")  # merged embedding change (untied bases)
+        return self._embed_base(ids) if o is None else np.ascontiguousarray(o[ids])
+
+    def _embed_base(self, ids: np.ndarray) -> np.ndarray:
         if self._embd_t is not None:
             return np.ascontiguousarray(self._embd_t[:, ids].T)  # gathered rows [n, dim]
         src = self._src["token_embd.weight"]

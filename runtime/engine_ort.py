@@ -210,6 +210,8 @@ class OrtEngine:
         problems = []
         for n, w in overrides.items():
             shape = self.cfg.linear_shapes().get(n)
+            if n == "token_embd.weight" and not self.cfg.tied_embeddings:  # a merged embedding change (untied head)
+                shape = (self.cfg.vocab_size, self.cfg.dim)
             if shape is None or n not in self._table:
                 problems.append(f"{n}: not an adaptable weight of this base")
             elif tuple(w.shape) != shape or w.dtype != np.float32:
@@ -245,7 +247,8 @@ class OrtEngine:
     def _verify_sums(self, overrides: dict[str, np.ndarray]) -> None:
         if not self._sums_path.is_file():
             raise FormatError(f"{self._sums_path} is missing: the base folder is incomplete; export it again")
-        got = self._build(overrides, self._sums_path).run(["weight_sums"], {})[0].astype(np.float64)
+        lin = {n: w for n, w in overrides.items() if n in self._linear}  # weight_sums.onnx sums the linears
+        got = self._build(lin, self._sums_path).run(["weight_sums"], {})[0].astype(np.float64)
         bad = []
         for i, n in enumerate(self._linear):
             if n in overrides:
@@ -326,6 +329,11 @@ class OrtEngine:
     def kind_slots(self) -> bool:
         """Can this engine run scale / bias terms live (the fp32 base folder has model_kinds.onnx)?"""
         return self.live and self.weights == "fp32" and self._kinds_file is not None and self._kinds_file.is_file()
+
+    @property
+    def head_slots(self) -> bool:
+        """Can this engine change head rows live (``head.delta``: the slotted graphs, so live or auto mode)?"""
+        return self.live
 
     @property
     def bn_slots(self) -> bool:

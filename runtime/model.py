@@ -333,12 +333,21 @@ class Model:
             raise UnsupportedError(f"adapters {sorted(n for n in want if getattr(self.adapters[n], 'biases', None))} "
                                    "change biases (lora_bias), which onnxruntime runs live only: load with mode='live' "
                                    "or 'auto' from a base folder with model_kinds.onnx, or use engine='numpy'")
-        seq = self._seq.plan(biases, [want]) if want else {}
+        # an embedding LoRA on an untied base merges exactly into token_embd.weight (on a tied base that table is
+        # the head too, which PEFT's embedding LoRA leaves alone: there it rides live, after the lookup)
+        embed = set() if self.config.tied_embeddings else {
+            n for n in want if getattr(self.adapters[n], "embed_lora", None) is not None}
+        seq = self._seq.plan(biases, [want], embed) if want else {}
+        if getattr(seq, "head", None) is not None and not getattr(self._engine, "head_slots", True):
+            raise UnsupportedError(f"adapters {sorted(n for n in want if getattr(self.adapters[n], 'changes_head', False))} "
+                                   "change rows of a tied output head, which onnxruntime runs live only (head.delta of "
+                                   "the graphs that serve adapters): load with mode='live' or 'auto', or use "
+                                   "engine='numpy'")
         deltas: dict[str, np.ndarray] = {}
         bases: dict[str, np.ndarray] = {}
         for name, weight in want.items():
             a = self.adapters[name]
-            for target in a.targets:
+            for target in list(a.targets) + (["token_embd.weight"] if name in embed else []):
                 if getattr(a, "needs_base", False):  # DoRA, IA3: the change depends on the immutable base
                     base = bases.get(target)
                     if base is None:

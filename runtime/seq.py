@@ -85,12 +85,14 @@ class SeqParts:
 
     def forget(self, name: str) -> None:
         self._embed.pop(name, None)
+        self._embed.pop((name, "rows"), None)
         self._head.pop(name, None)
         self._kv.pop(name, None)
 
     # ---- plans
-    def plan(self, live: Mapping[str, Any], rows: Sequence[Mapping[str, float]]) -> Any:
-        """``live`` unchanged when no row has embedding / sequence parts, else a :class:`Plan` over it."""
+    def plan(self, live: Mapping[str, Any], rows: Sequence[Mapping[str, float]], merged_embed: Any = ()) -> Any:
+        """``live`` unchanged when no row has embedding / sequence parts, else a :class:`Plan` over it.
+        ``merged_embed``: adapters whose embedding LoRA is merged into token_embd.weight (left out here)."""
         embeds: list[list[tuple[Any, float]]] = []
         heads: list[list[tuple[Any, float]]] = []
         prefixes: list[str | None] = []
@@ -101,8 +103,8 @@ class SeqParts:
                 raise UnsupportedError(f"{self.m.adapters[n].kind} adapter {n!r} prepends virtual tokens and runs alone, "
                                        f"at weight 1; found the set {dict(want)}")
             prefixes.append(next(iter(seq), None))
-            embeds.append([(self._change(n), w) for n, w in want.items()
-                           if getattr(self.m.adapters[n], "changes_embedding", False)])
+            embeds.append([(c, w) for n, w in want.items() if getattr(self.m.adapters[n], "changes_embedding", False)
+                           for c in [self._change(n, n not in merged_embed)] if c is not None])
             heads.append([(self._head_change(n), w) for n, w in want.items()
                           if getattr(self.m.adapters[n], "changes_head", False)])
         if not any(embeds) and not any(prefixes) and not any(heads):
@@ -116,11 +118,11 @@ class SeqParts:
             plan.prefix = prefixes
         return plan
 
-    def _change(self, name: str) -> Any:
-        c = self._embed.get(name)
-        if c is None:
-            c = self._embed[name] = self.m.adapters[name].embedding_change(self.base_rows)
-        return c
+    def _change(self, name: str, lora: bool = True) -> Any:
+        key = name if lora else (name, "rows")
+        if key not in self._embed:
+            self._embed[key] = self.m.adapters[name].embedding_change(self.base_rows, lora)
+        return self._embed[key]
 
     def _head_change(self, name: str) -> Any:
         c = self._head.get(name)

@@ -129,6 +129,32 @@ for _kind in _configs():
         globals()[f"test_kind_{_kind}_{_engine}_{_mode(_kind)}"] = _make_test(_kind, _engine)
 
 
+# embedding LoRA merged (mode="merge") on an untied base: E + s·(B@A)ᵀ into token_embd.weight, nothing live
+def _check_embedding_merge(tiny, seq_adapters, engine):
+    kind, pm, path, _ = seq_adapters("embedding_lora")
+    ids = _ids()
+    m = edgeadapt.load(tiny["base"], engine=engine, mode="merge")
+    m.add_adapter(path)
+    m.use(kind)
+    assert m.mode == "merge"
+    assert getattr(m._live, "embed", None) is None, "the embedding change is merged, not fed live"
+    np.testing.assert_allclose(m.logits(ids), _peft_logits(pm, kind, ids), atol=1e-4, rtol=0)
+    m.use(None)
+    np.testing.assert_allclose(m.logits(ids), torch_logits(tiny["model"], ids), atol=1e-4, rtol=0)
+
+
+def _make_merge_test(engine):
+    def test(tiny, seq_adapters):
+        _check_embedding_merge(tiny, seq_adapters, engine)
+
+    test.__doc__ = f"embedding LoRA merged into token_embd.weight on the {engine} engine gives PEFT's logits"
+    return test
+
+
+for _engine in ENGINES:
+    globals()[f"test_kind_embedding_lora_{_engine}_merge"] = _make_merge_test(_engine)
+
+
 # ---- files
 @pytest.mark.parametrize("kind", list(_configs()))
 def test_file_round_trip(tiny, seq_adapters, kind):
@@ -253,6 +279,12 @@ def test_tied_head_embedding_lora_changes_only_the_input(tied, engine, tmp_path)
     m.use("e")
     ids = _ids()
     np.testing.assert_allclose(m.logits(ids), torch_logits(pm, ids), atol=1e-4, rtol=0)
+    # merge mode: the linears merge, the embedding change stays live (merging it would change the tied head)
+    m = edgeadapt.load(root / "base", engine=engine, mode="merge")
+    m.add_adapter(convert_peft_seq(tmp_path, man, name="e"))
+    m.use("e")
+    assert m.mode == "merge" and m._live.embed is not None
+    np.testing.assert_allclose(m.logits(ids), torch_logits(pm, ids), atol=1e-4, rtol=0)
 
 
 # trainable tokens and modules_to_save(lm_head) on the tied base: PEFT replaces the head rows of the trainable
@@ -358,12 +390,17 @@ def test_tied_head_mixed_rows(tied, tied_adapters, engine):
 
 
 def test_tied_head_change_is_refused_without_the_graph_input(tied, tied_adapters):
-    """The bare graphs (model.onnx) have no head.delta: a head change on them is refused by name."""
-    _, _, root = tied
+    """The bare graphs (model.onnx) have no head.delta: onnxruntime in merge mode refuses a head change by name,
+    before anything changes; the engine itself refuses one fed to a graph without the input."""
+    model, _, root = tied
     _, tt = tied_adapters("trainable_tokens_tied")
-
     m = edgeadapt.load(root / "base", engine="ort", mode="merge")
     m.add_adapter(tt, name="t")
-    with pytest.raises(UnsupportedError, match="has no head.delta input"):
+    with pytest.raises(UnsupportedError, match="change rows of a tied output head, which onnxruntime runs live only"):
         m.use("t")
-        m.logits(_ids())
+    assert m.active == {}
+    ids = _ids()
+    np.testing.assert_allclose(m.logits(ids), torch_logits(model, ids), atol=1e-4, rtol=0)
+    with pytest.raises(UnsupportedError, match="model.onnx has no head.delta input"):
+        m._engine.forward(np.array(ids), np.ones((2, 9), np.int64), np.tile(np.arange(9), (2, 1)),
+                          head=(np.array([5]), np.ones((1, 1, 64), np.float32)))
