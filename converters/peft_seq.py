@@ -196,7 +196,12 @@ def _lora(folder: Path, pc: dict[str, Any], cfg: ArchConfig, tensors: dict[str, 
         kinds.append("trainable_tokens")
     # ---- modules_to_save
     mts = pc.get("modules_to_save") or []
+    seen: set[str] = set()  # PEFT may list one module twice ("embed_tokens", "model.embed_tokens")
     for module in ([mts] if isinstance(mts, str) else list(mts)):
+        part = HEAD if module == HEAD or module.endswith("." + HEAD) else EMBED if _is_embed(module) else module
+        if part in seen:
+            continue
+        seen.add(part)
         if module == HEAD or module.endswith("." + HEAD):
             w = tensors.pop(f"{HEAD}.weight", None)
             if w is None:
@@ -221,6 +226,9 @@ def _lora(folder: Path, pc: dict[str, Any], cfg: ArchConfig, tensors: dict[str, 
                 if "head_rows" in parts:
                     raise UnsupportedError(f"{folder}: modules_to_save of lm_head and embed_tokens on a tied head")
                 parts["head_rows"] = parts["token_rows"]
+                h = tensors.pop(f"{HEAD}.weight", None)  # PEFT saves the tied head too: the same table
+                if h is not None and not np.array_equal(h, w):
+                    problems.append(f"{HEAD}.weight: saved beside a tied embedding copy, expected the same table")
         else:
             raise UnsupportedError(f"{folder}: modules_to_save={module!r} is not supported (lm_head and embed_tokens are)")
         kinds.append("modules_to_save")

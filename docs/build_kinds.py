@@ -36,6 +36,9 @@ ROWS = {
     "trainable_tokens": ("trainable tokens", "PEFT"),
     "lora_trainable_tokens": ("trainable tokens", "PEFT"),
     "modules_to_save": ("`modules_to_save` (replacement head)", "PEFT"),
+    "trainable_tokens_tied": ("trainable tokens, tied head", "PEFT"),
+    "lora_trainable_tokens_tied": ("trainable tokens, tied head", "PEFT"),
+    "modules_to_save_tied": ("`modules_to_save` of a tied head (changed head rows)", "PEFT"),
     "prompt_tuning": ("prompt tuning", "PEFT"),
     "prefix_tuning": ("prefix tuning", "PEFT"),
     # AdapterHub on BERT (tests/test_adapterhub.py: test_kind_<kind>_…) and on llama (test_kind_llama_<kind>_…)

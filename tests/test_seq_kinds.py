@@ -404,3 +404,31 @@ def test_tied_head_change_is_refused_without_the_graph_input(tied, tied_adapters
     with pytest.raises(UnsupportedError, match="model.onnx has no head.delta input"):
         m._engine.forward(np.array(ids), np.ones((2, 9), np.int64), np.tile(np.arange(9), (2, 1)),
                           head=(np.array([5]), np.ones((1, 1, 64), np.float32)))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("tying", [False, True])
+def test_tied_embedding_modules_to_save(tied, tmp_path, engine, tying):
+    """modules_to_save of embed_tokens on a tied base: PEFT changes the embedding only, or, with
+    ensure_weight_tying, the head as well (tied to the embedding's trained copy). Both as PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    from edgeadapt.converters.peft_seq import convert_peft_seq
+
+    model, man, root = tied
+    torch.manual_seed(8)
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False,
+                                                         modules_to_save=["embed_tokens"], ensure_weight_tying=tying))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p[TOKENS] += 0.3 * torch.randn_like(p[TOKENS])
+    pm.eval().save_pretrained(tmp_path)
+    a = convert_peft_seq(tmp_path, man, name="e")
+    assert (a.head_rows is not None) == tying
+    m = edgeadapt.load(root / "base", engine=engine)
+    m.add_adapter(a)
+    ids = _ids()
+    want = torch_logits(pm, ids)
+    assert np.abs(want - torch_logits(model, ids)).max() > 0.05
+    np.testing.assert_allclose(m.logits(ids, adapters=["e", "e"]), want, atol=1e-4, rtol=0)
