@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from spine import prepare  # noqa: E402  (exports SmolLM2 once into bench/.cache)
 
-PROMPT_LEN, NEW = 32, 64
+PROMPT_LEN, NEW = 32, 128
 
 
 def random_delta(man, rank: int, seed: int, path: Path) -> Path:
@@ -119,6 +119,8 @@ def main() -> None:
     for i, p in enumerate(mixed):
         live.add_adapter(p, name=f"mix{i}")
 
+    for m in (live, merged, auto, q_auto, q_live):  # one full decode each first: a new session's first run is slow
+        decode_tps(m)
     res: dict[str, list[float]] = {}
     put = lambda k, v: res.setdefault(k, []).append(v)  # noqa: E731
     for _ in range(a.rounds):
@@ -136,7 +138,7 @@ def main() -> None:
         merged.use(None)
         # decode, alternating systems
         merged.use(None)
-        put("decode tok/s: bare base (plain graph)", decode_tps(merged))
+        put("decode tok/s: bare base, merge-mode model after a swap back (plain graph)", decode_tps(merged))
         put("decode tok/s: base, auto mode, adapters loaded, none active", decode_tps(auto))
         live.use(None)
         put("decode tok/s: base, live graph, no adapter", decode_tps(live))
@@ -160,10 +162,17 @@ def main() -> None:
         live.use(None)
         put("batch 8 tok/s: 8 rows, one adapter", decode_tps(live, 8, ["mix0"] * 8))
         put("batch 8 tok/s: 8 rows, 8 adapters", decode_tps(live, 8, [f"mix{i}" for i in range(8)]))
-    med = {k: statistics.median(v) for k, v in res.items()}
-    bare = med["decode tok/s: bare base (plain graph)"]
+    # decode figures: the best round (a shared VM's neighbours only ever slow a run down; identical configurations
+    # — the bare base and auto mode with idle adapters run the same graph — agree best this way); others: medians
+    med = {k: (max(v) if "tok/s" in k else statistics.median(v)) for k, v in res.items()}
+    # the reference: the plain graph in auto mode (the merge-mode model's bare figure follows a session rebuild)
+    bare = med["decode tok/s: base, auto mode, adapters loaded, none active"]
     q_bare = med["int4 decode tok/s: bare base (auto: slotless graph)"]
-    lines = [f"# Live adapters: SmolLM2-135M-Instruct (fp32, and the int4 base) on onnxruntime, all-linear LoRA, {a.rounds} rounds, medians", "",
+    lines = [f"# Live adapters: SmolLM2-135M-Instruct (fp32, and the int4 base) on onnxruntime, all-linear LoRA, {a.rounds} rounds", "",
+             f"Systems alternated within each round; tokens/s: the best of the {a.rounds} rounds, {NEW} tokens after a "
+             f"{PROMPT_LEN}-token prompt; times: medians. The bare base and auto mode with idle adapters run the same "
+             "graph: the first is measured right after that model rebuilt its session (a merge swap back to the base), and "
+             "its gap to the second shows what a fresh session costs at first; ratios are against the second.", "",
              f"load: live (slotted graph) {live_load:.2f} s, merge (plain graph) {merge_load:.2f} s", "",
              "| figure | value | vs bare base |", "|---|---|---|"]
     for k, v in med.items():
