@@ -65,10 +65,13 @@ def run_demo(out: Path, *, engine: str, prompt: str, echo: Callable[[str], None]
     echo(f"[4/4] prompt: {prompt!r}")
     for label, spec in (("base", None), ("billing", "billing"), ("tech", "tech"),
                         ("billing 0.5 + tech 0.5", {"billing": 0.5, "tech": 0.5}), ("base again", None)):
+        graph = getattr(m._engine, "graph", None)
         m.use(spec)
         swap = m.last_swap_seconds
+        moved = graph is not None and m._engine.graph != graph  # auto mode: once, plain graph -> slotted graph
+        why = f"; first live adapter: one-time move to {m._engine.graph}" if moved else ""
         t = time.perf_counter()
         text = m.generate(prompt, max_new_tokens=48)
         dt = time.perf_counter() - t
-        echo(f"\n--- {label}  (swap {1e3 * swap:.0f} ms, generate {dt:.1f}s)\n{text.strip()}")
+        echo(f"\n--- {label}  (swap {1e3 * swap:.0f} ms{why}, generate {dt:.1f}s)\n{text.strip()}")
     echo(f"\ndemo finished in {time.perf_counter() - t0:.1f}s")
