@@ -221,20 +221,9 @@ class EncoderModel:
             self.active, self._feeds = want, feeds
 
     def _normalise(self, spec: UseSpec) -> dict[str, float]:
-        if spec is None:
-            return {}
-        if isinstance(spec, str):
-            spec = {spec: 1.0}
-        elif not isinstance(spec, Mapping):
-            spec = {s: 1.0 for s in spec}
-        missing = [n for n in spec if n not in self.adapters]
-        if missing:
-            raise AdapterNotFoundError(f"no adapter named {missing}; loaded: {sorted(self.adapters)}")
-        bad = [f"{n}={w!r}" for n, w in spec.items()
-               if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w)]
-        if bad:
-            raise AdapterMismatchError(f"adapter weights must be finite numbers, found {bad}")
-        return {n: float(w) for n, w in spec.items() if w != 0}
+        from .model import normalise_spec  # the decoder's rules, one implementation
+
+        return normalise_spec(spec, self.adapters)
 
     def _build(self, rows: Sequence[Mapping[str, float]]) -> Feeds:
         """Slot inputs for one set per row (one entry = every row alike): LoRA ranks concatenated and

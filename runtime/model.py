@@ -122,6 +122,25 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
     return model
 
 
+def normalise_spec(spec: UseSpec, adapters: Mapping[str, Any]) -> dict[str, float]:
+    """A ``use()`` spec (a name, names, ``{name: weight}`` or None) as {name: weight}, zero weights dropped;
+    every name must be loaded and every weight a finite number."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        spec = {spec: 1.0}
+    elif not isinstance(spec, Mapping):
+        spec = {s: 1.0 for s in spec}
+    missing = [n for n in spec if n not in adapters]
+    if missing:
+        raise AdapterNotFoundError(f"no adapter named {missing}; loaded: {sorted(adapters)}")
+    bad = [f"{n}={w!r}" for n, w in spec.items()
+           if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w)]
+    if bad:
+        raise AdapterMismatchError(f"adapter weights must be finite numbers, found {bad}")
+    return {n: float(w) for n, w in spec.items() if w != 0}
+
+
 class _RWLock:
     """Many generations at once, or one weight change: a merge never lands mid-generation. A waiting merge
     goes first (new requests wait for it, so a stream of requests cannot starve it), except for a thread that
@@ -363,20 +382,7 @@ class Model:
             self._live = seq
 
     def _normalise(self, spec: UseSpec) -> dict[str, float]:
-        if spec is None:
-            return {}
-        if isinstance(spec, str):
-            spec = {spec: 1.0}
-        elif not isinstance(spec, Mapping):
-            spec = {s: 1.0 for s in spec}
-        missing = [n for n in spec if n not in self.adapters]
-        if missing:
-            raise AdapterNotFoundError(f"no adapter named {missing}; loaded: {sorted(self.adapters)}")
-        bad = [f"{n}={w!r}" for n, w in spec.items()
-               if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w)]
-        if bad:
-            raise AdapterMismatchError(f"adapter weights must be finite numbers, found {bad}")
-        return {n: float(w) for n, w in spec.items() if w != 0}
+        return normalise_spec(spec, self.adapters)
 
     # ---- live factors
     def _live_plan(self, rows: Sequence[Mapping[str, float]]) -> Live:
