@@ -202,14 +202,18 @@ class KindAdapter(AdapterBase):
                 raise FormatError(f"{K_QK_HEADS} = {qk}: no head count for {', '.join(zero)}")
         return cls(params=tensors, heads=heads, **fields)
 
+    def _base_hf(self, target: str, base: np.ndarray | None, h: int | None) -> np.ndarray | None:
+        """The immutable base tensor in the training library's row order (q/k rows unpermuted), when needed."""
+        if not self.needs_base:
+            return None
+        if base is None:
+            raise AdapterMismatchError(f"{self.kind} adapter {self.name!r} needs the base weight of {target}")
+        return unpermute_qk(base, h) if h else base
+
     def delta(self, target: str, base: np.ndarray | None = None) -> np.ndarray:
         """ΔW (float32, canonical layout) of one target, from the immutable base tensor when ``needs_base``."""
         h = self.heads.get(target)
-        w_hf = None
-        if self.needs_base:
-            if base is None:
-                raise AdapterMismatchError(f"{self.kind} adapter {self.name!r} needs the base weight of {target}")
-            w_hf = unpermute_qk(base, h) if h else base
+        w_hf = self._base_hf(target, base, h)
         d = np.asarray(self._delta_hf(self.params[target], w_hf), dtype=np.float32)
         return permute_qk(d, h) if h else d
 
@@ -218,11 +222,7 @@ class KindAdapter(AdapterBase):
         if not self.live:
             return None
         h = self.heads.get(target)
-        w_hf = None
-        if self.needs_base:
-            if base is None:
-                raise AdapterMismatchError(f"{self.kind} adapter {self.name!r} needs the base weight of {target}")
-            w_hf = unpermute_qk(base, h) if h else base
+        w_hf = self._base_hf(target, base, h)
         t = self._live_hf(self.params[target], w_hf)
         if h:  # rows (outputs) move; inputs do not
             t = t._replace(**{k: permute_qk(getattr(t, k), h) for k in ("b", "out_scale", "bias")

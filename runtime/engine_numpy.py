@@ -635,7 +635,6 @@ class NumpyEngine:
             raise ValueError(f"input_ids: expected token ids in [0, {cfg.vocab_size}), found {ids.min()}..{ids.max()}")
 
         H, KV, hd, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
-        G = H // KV
         qd, kvd, F = cfg.q_dim, cfg.kv_dim, cfg.ffn_dim
         half = hd // 2
         eps = np.float32(cfg.rms_eps)
@@ -701,20 +700,7 @@ class NumpyEngine:
                 _rope(q.reshape(B, S, H, hd), qr.transpose(0, 2, 1, 3), cos, sin, half, neox)
                 _rope(k.reshape(B, S, KV, hd), kb[:, :, past_len:T].transpose(0, 2, 1, 3), cos, sin, half, neox)
                 vb[:, :, past_len:T] = v.reshape(B, S, KV, hd).transpose(0, 2, 1, 3)
-                K = kb[:, :, :T]
-                V = vb[:, :, :T]
-                # grouped-query attention: query head h uses kv head h // G
-                sc = np.matmul(qr.reshape(B, KV, G * S, hd), K.transpose(0, 1, 3, 2))  # [B, KV, G*S, T]
-                sc *= scale
-                sc5 = sc.reshape(B, KV, G, S, T)
-                sc5 += bias
-                sc -= sc.max(axis=-1, keepdims=True)
-                np.exp(sc, out=sc)
-                sc /= sc.sum(axis=-1, keepdims=True)
-                if keep is not None:
-                    sc5 *= keep
-                o = np.matmul(sc, V)  # [B, KV, G*S, hd]
-                o = o.reshape(B, H, S, hd).transpose(0, 2, 1, 3).reshape(N, H * hd)
+                o = _attend(qr, kb[:, :, :T], vb[:, :, :T], scale, bias, keep)  # [N, H*hd]
                 a = _lin(o, wo, lo, ro, B)
                 x = residual_add(bn, i, "attn", a, x, B) if bn else x + a
                 h = _rmsnorm(x, norm[f"blk.{i}.ffn_norm.weight"], eps)
@@ -774,6 +760,26 @@ def _rmsnorm(x: np.ndarray, w: np.ndarray, eps: np.float32) -> np.ndarray:
     np.sqrt(ms, out=ms)
     np.divide(_F32(1), ms, out=ms)
     return (x * ms) * w
+
+
+def _attend(qr: np.ndarray, K: np.ndarray, V: np.ndarray, scale: Any, bias: np.ndarray, keep: np.ndarray | None
+            ) -> np.ndarray:
+    """Grouped-query attention: qr [B, H, S, hd] (roped), K / V [B, KV, T, hd], additive ``bias`` [B, 1, 1, S, T],
+    ``keep`` (zeros the rows of queries that see no key) or None -> [B*S, H*hd]. Query head h uses kv head h // G."""
+    B, H, S, hd = qr.shape
+    KV, T = K.shape[1], K.shape[2]
+    G = H // KV
+    sc = np.matmul(qr.reshape(B, KV, G * S, hd), K.transpose(0, 1, 3, 2))  # [B, KV, G*S, T]
+    sc *= scale
+    sc5 = sc.reshape(B, KV, G, S, T)
+    sc5 += bias
+    sc -= sc.max(axis=-1, keepdims=True)
+    np.exp(sc, out=sc)
+    sc /= sc.sum(axis=-1, keepdims=True)
+    if keep is not None:
+        sc5 *= keep
+    o = np.matmul(sc, V)  # [B, KV, G*S, hd]
+    return o.reshape(B, H, S, hd).transpose(0, 2, 1, 3).reshape(B * S, H * hd)
 
 
 def _rope(x: np.ndarray, out: np.ndarray, cos: np.ndarray, sin: np.ndarray, half: int, neox: bool) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .engine_numpy import _lin, _rmsnorm, _ro, _rope
+from .engine_numpy import _attend, _lin, _rmsnorm, _ro, _rope
 
 _F32 = np.float32
 _GELU_C = _F32(np.sqrt(2.0 / np.pi))
@@ -107,7 +107,6 @@ def forward_blocks(eng: Any, ids: np.ndarray, am: np.ndarray, pos: np.ndarray, p
     T = past_len + S
     N = B * S
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    G = H // KV
     qd, kvd = cfg.q_dim, cfg.kv_dim
     eps = _F32(cfg.rms_eps)
     half = hd // 2
@@ -176,17 +175,7 @@ def forward_blocks(eng: Any, ids: np.ndarray, am: np.ndarray, pos: np.ndarray, p
                 _rope(k, kb[:, :, past_len:T].transpose(0, 2, 1, 3), cos, sin, half, neox)
             vb[:, :, past_len:T] = v.reshape(B, S, KV, hd).transpose(0, 2, 1, 3)
             bias, keep = masks[cfg.window(i)]
-            sc = np.matmul(qr.reshape(B, KV, G * S, hd), kb[:, :, :T].transpose(0, 1, 3, 2))  # [B, KV, G*S, T]
-            sc *= scale
-            sc5 = sc.reshape(B, KV, G, S, T)
-            sc5 += bias
-            sc -= sc.max(axis=-1, keepdims=True)
-            np.exp(sc, out=sc)
-            sc /= sc.sum(axis=-1, keepdims=True)
-            if keep is not None:
-                sc5 *= keep
-            o = np.matmul(sc, vb[:, :, :T])  # [B, KV, G*S, hd]
-            o = o.reshape(B, H, S, hd).transpose(0, 2, 1, 3).reshape(N, H * hd)
+            o = _attend(qr, kb[:, :, :T], vb[:, :, :T], scale, bias, keep)  # [N, H*hd]
             a = _linear(eng, i, "attn_output", o, rows, B)
             if cfg.post_norms:
                 a = _norm(eng, a, f"{p}.post_attention_norm", eps)

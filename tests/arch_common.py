@@ -3,7 +3,6 @@ exported with the CLI, then both engines are compared with transformers / PEFT i
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from click.testing import CliRunner
 import edgeadapt
 from edgeadapt.cli import main
 
-from conftest import torch, torch_logits
+from conftest import add_lora as conftest_add_lora, torch, torch_logits
 
 TOL = 1e-4
 
@@ -44,18 +43,8 @@ def export(model, root: Path, name: str = "base") -> Path:
 
 
 def add_lora(model, seed: int, **cfg):
-    """A PEFT LoRA with random, non-zero B, on its own copy of the base."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    conf = dict(r=4, lora_alpha=8, init_lora_weights=False, lora_dropout=0.0)
-    conf.update(cfg)
-    pm = get_peft_model(copy.deepcopy(model), LoraConfig(**conf))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.mul_(3.0)
-    return pm.eval()
+    """A PEFT LoRA with random, non-zero B, on its own copy of the base (rank 4, alpha 8; targets given)."""
+    return conftest_add_lora(model, seed, **{"r": 4, "lora_alpha": 8, **cfg})
 
 
 def export_lora(pm, root: Path, base: Path, name: str) -> Path:
