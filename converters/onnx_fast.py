@@ -45,7 +45,7 @@ from .onnx_graph import (NEG, OPSET, Progress, _DataWriter, _G, add_embed_delta,
 from .onnx_quant import BLOCK, QWeight, quantize
 
 MS = "com.microsoft"
-SLOT_GROUPS = "edgeadapt.slot_groups"  # model property: JSON {slot: [weights]} of grouped slots (quantized graphs)
+SLOT_GROUPS = "edgeadapt.slot_groups"  # model property: JSON {slot: [weights]} of grouped slots
 QUANT_FILES = {"int4": "model_int4.onnx", "int8": "model_int8.onnx"}
 ACCURACY_LEVEL = 4  # MatMulNBits: quantize activations to int8 per block, as llama.cpp's 4-bit dot products do
 GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
@@ -58,8 +58,34 @@ def _group_name(parts: tuple[str, ...]) -> str:
 
 # ---- linear layers: float32 (one MatMul per weight, overridable) or quantized (one MatMulNBits per group)
 class _Linears:
-    def __init__(self, cfg: ArchConfig, slots: dict[str, tuple[int, int]] | None):
-        self.cfg, self.slots = cfg, slots or {}
+    """``grouped``: one slot per group of weights that read the same input (q|k|v, gate|up) — A = [A_q | A_k |
+    A_v] (ranks side by side), B block-diagonal, added to the fused product before its split: a third of the
+    slot operators of one slot per weight, which is what idle and active slots cost per token. The groups are
+    saved as the SLOT_GROUPS model property; the runtime builds the group arrays from per-weight factors."""
+
+    def __init__(self, cfg: ArchConfig, slots: dict[str, tuple[int, int]] | None, grouped: bool = False):
+        self.cfg, self.slots = cfg, dict(slots or {})
+        self.groups: dict[str, list[str]] = {}
+        for i in range(cfg.n_layers) if self.slots and grouped else ():
+            for parts in GROUPS:
+                ws = [f"blk.{i}.{p}.weight" for p in parts]
+                if len(parts) > 1 and all(w in self.slots for w in ws):
+                    name = f"blk.{i}.{_group_name(parts)}"
+                    self.groups[name] = ws
+                    shapes = [self.slots.pop(w) for w in ws]
+                    self.slots[name] = (sum(o for o, _ in shapes), shapes[0][1])
+
+    def props(self) -> dict[str, str] | None:
+        return {SLOT_GROUPS: json.dumps(self.groups)} if self.groups else None
+
+    def _split(self, g: _G, x: str, y: str, i: int, parts: tuple[str, ...]) -> list[str]:
+        """The fused product y of a group -> + its group slot -> one output per weight (+ per-weight slots)."""
+        prefix = f"blk.{i}.{_group_name(parts)}"
+        if prefix in self.groups:
+            y = self._slot(g, x, y, prefix)
+        sizes = [self.cfg.linear_shapes()[f"blk.{i}.{p}.weight"][0] for p in parts]
+        ys = g.ops("Split", y, g.const(sizes), n_out=len(parts), axis=-1) if len(parts) > 1 else [y]
+        return [self._slot(g, x, yp, f"blk.{i}.{p}.weight") for yp, p in zip(ys, parts)]
 
     def _slot(self, g: _G, x: str, y: str, weight: str) -> str:
         if weight not in self.slots:
@@ -73,9 +99,16 @@ class _Linears:
 
 
 class _F32Linears(_Linears):
-    """Weights are the GGUF-named [in, out] initializers of model.onnx.data, each fed to its MatMul."""
+    """Weights are the GGUF-named [in, out] initializers of model.onnx.data, each fed to its MatMul — or, with
+    ``grouped``, q|k|v and gate|up concatenated in the graph (onnxruntime folds the Concat of initializers
+    once, at load) into one product per group, with grouped slots. A session of a grouped graph cannot take
+    weight overrides (they would feed the folded Concat, which no longer reads them): merges run on model.onnx."""
 
     def group(self, g: _G, x: str, i: int, parts: tuple[str, ...]) -> list[str]:
+        if len(parts) > 1 and f"blk.{i}.{_group_name(parts)}" in self.groups:
+            w = g.op("Concat", *[f"blk.{i}.{p}.weight" for p in parts], axis=1)
+            ys = self._split(g, x, g.op("MatMul", x, w), i, parts)
+            return [self._bias(g, y, f"blk.{i}.{p}") for y, p in zip(ys, parts)]
         out = []
         for p in parts:
             w = f"blk.{i}.{p}.weight"
@@ -99,20 +132,8 @@ class _QLinears(_Linears):
     """Initializers <group>.qweight / .scales / .offsets / .bias written by build_quant_onnx."""
 
     def __init__(self, cfg: ArchConfig, slots, meta: dict[str, QWeight], accuracy_level: int):
-        super().__init__(cfg, slots)
+        super().__init__(cfg, slots, grouped=True)
         self.meta, self.acc = meta, accuracy_level
-        # one slot per group of weights that read the same input (q|k|v, gate|up): A = [A_q | A_k | A_v]
-        # (ranks side by side), B block-diagonal, added to the fused product before the split — a third of
-        # the slot operators of one slot per weight, which is what idle and active slots cost per token
-        self.groups: dict[str, list[str]] = {}
-        for i in range(cfg.n_layers) if self.slots else ():
-            for parts in GROUPS:
-                ws = [f"blk.{i}.{p}.weight" for p in parts]
-                if len(parts) > 1 and all(w in self.slots for w in ws):
-                    name = f"blk.{i}.{_group_name(parts)}"
-                    self.groups[name] = ws
-                    shapes = [self.slots.pop(w) for w in ws]
-                    self.slots[name] = (sum(o for o, _ in shapes), shapes[0][1])
 
     def _matmul(self, g: _G, x: str, prefix: str, bias: bool = False) -> str:
         q = self.meta[prefix]
@@ -125,13 +146,8 @@ class _QLinears(_Linears):
         return y
 
     def group(self, g: _G, x: str, i: int, parts: tuple[str, ...]) -> list[str]:
-        prefix = f"blk.{i}.{_group_name(parts)}"
-        y = self._matmul(g, x, prefix, bias=self.cfg.qkv_bias and parts[0] == "attn_q")
-        if prefix in self.groups:
-            y = self._slot(g, x, y, prefix)
-        sizes = [self.cfg.linear_shapes()[f"blk.{i}.{p}.weight"][0] for p in parts]
-        ys = g.ops("Split", y, g.const(sizes), n_out=len(parts), axis=-1) if len(parts) > 1 else [y]
-        return [self._slot(g, x, yp, f"blk.{i}.{p}.weight") for yp, p in zip(ys, parts)]
+        y = self._matmul(g, x, f"blk.{i}.{_group_name(parts)}", bias=self.cfg.qkv_bias and parts[0] == "attn_q")
+        return self._split(g, x, y, i, parts)
 
     def embed(self, g: _G) -> str:  # Q8_0 rows, dequantized as gathered: (q - 128)·d
         return g.op("GatherBlockQuantized", "token_embd.data", "input_ids", "token_embd.scales", domain=MS,
@@ -302,8 +318,7 @@ def build_quant_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: P
     lin = _QLinears(cfg, cfg.linear_shapes() if slots else None, q, accuracy_level)
     # slots without defaults: onnxruntime's IOBinding cannot bind an input that has an initializer, and the
     # engine binds every slot (idle ones to rank-0 arrays) so that the kv cache is updated in place
-    save_fused(fused_decoder(cfg, lin, inits, f"edgeadapt_{cfg.arch}_{kind}", slot_defaults=False), path,
-               {SLOT_GROUPS: json.dumps(lin.groups)} if lin.groups else None)
+    save_fused(fused_decoder(cfg, lin, inits, f"edgeadapt_{cfg.arch}_{kind}", slot_defaults=False), path, lin.props())
     info = {"file": path.name, "data": path.name + ".data"}
     if slots:  # the same weights without slots: the bare base at full speed (the runtime switches at first use)
         plain = path.with_name(path.stem + "_base.onnx")

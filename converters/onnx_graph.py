@@ -6,6 +6,8 @@ Files written by :func:`build_onnx` into ``out_dir``
                      from default-domain operators only — the reference the fused one is tested against)
   model_lora.onnx    the same decoder over the same weights with a LoRA slot beside every linear
                      layer (see "LoRA slots" below)
+  model_live.onnx    the runtime's live graph: the same slots without defaults, q|k|v and gate|up
+                     grouped (see "Grouped slots" below)
   weight_sums.onnx   a tiny check model over the same initializers (see "weight_sums" below)
   model.onnx.data    the ONE external data file of both; every model weight in it is a plain
                      little-endian float32 array at the offset the returned table gives
@@ -41,10 +43,15 @@ LoRA slots (model_lora.onnx): extra optional inputs, two per weight W of cfg.lin
   The names are onnxruntime LoraAdapter parameter names: a .onnx_adapter holding them works
   with RunOptions.add_active_adapter on this graph.
 
-Quantized bases (:func:`edgeadapt.converters.onnx_fast.build_quant_onnx`): model_int4.onnx /
-model_int8.onnx keep this contract with two differences: nothing is overridable (linear weights are
-MatMulNBits blocks), and their LoRA slots have no default, so every lora.<W>.a/b is fed (rank 0
-when idle).
+Grouped slots (model_live.onnx, model_int4.onnx, model_int8.onnx): the linear layers that read one
+input are one product — q|k|v and gate|up — with ONE slot per group, lora.blk.{i}.attn_qkv.a/b and
+lora.blk.{i}.ffn_gate_up.a/b: a = [a_q | a_k | a_v] (ranks side by side), b block-diagonal, so
+(x @ a) @ b = [x a_q b_q | x a_k b_k | x a_v b_v]. The model property edgeadapt.slot_groups lists
+them ({slot: [weights]}). Four slots a layer instead of seven: per token, slot operators cost more
+than their arithmetic. Nothing is fed with a default: every slot is bound (rank 0 when idle).
+model_live.onnx fuses the float weights with a Concat of initializers that onnxruntime folds at
+load, so its weights are NOT overridable (an override would feed the folded Concat): merges run on
+model.onnx. In the quantized bases the linear weights are MatMulNBits blocks: nothing to override.
 
 weight_sums.onnx contract
   no input to feed (``reduce_axes`` is an overridable initializer: leave it alone);
@@ -71,7 +78,7 @@ OPSET = 17
 DATA_FILE = "model.onnx.data"
 VERIFY_FILE = "weight_sums.onnx"
 LORA_FILE = "model_lora.onnx"
-LIVE_FILE = "model_live.onnx"  # model_lora.onnx without slot defaults: the runtime's in-place kv cache binds it
+LIVE_FILE = "model_live.onnx"  # grouped slots without defaults: the runtime's in-place kv cache binds it
 NEG = float(np.finfo(np.float32).min)  # masked score: "minus infinity" that keeps softmax finite
 _ALIGN_BIG, _ALIGN_SMALL, _BIG = 65536, 64, 1 << 20  # offset alignment in the data file
 
@@ -333,10 +340,12 @@ def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *
         if slots:
             save_fused(fused_decoder(cfg, _F32Linears(cfg, linear), inits, f"edgeadapt_{cfg.arch}_lora"),
                        out_dir / LORA_FILE)
-            # the same graph with every slot required (rank 0 = idle): onnxruntime's IOBinding cannot bind an
-            # input that has a default, and binding is what keeps the kv cache in place between tokens
-            save_fused(fused_decoder(cfg, _F32Linears(cfg, linear), inits, f"edgeadapt_{cfg.arch}_live",
-                                     slot_defaults=False), out_dir / LIVE_FILE)
+            # the runtime's live graph: every slot required (rank 0 = idle; onnxruntime's IOBinding cannot bind an
+            # input that has a default, and binding is what keeps the kv cache in place between tokens), q|k|v and
+            # gate|up fused with one slot per group (see onnx_fast._Linears): 4 slots a layer instead of 7
+            live = _F32Linears(cfg, linear, grouped=True)
+            save_fused(fused_decoder(cfg, live, inits, f"edgeadapt_{cfg.arch}_live", slot_defaults=False),
+                       out_dir / LIVE_FILE, live.props())
             from .onnx_kinds import save_kinds_graph  # scale / bias slots (DoRA, IA3, lora_bias), loaded lazily
             save_kinds_graph(cfg, inits, out_dir)
             from .onnx_bottleneck import save_bottleneck_graph  # + bottleneck slots (AdapterHub), loaded lazily

@@ -93,16 +93,22 @@ class OrtEngine:
             self._slotted_path = _slotted_graph(manifest)
             if not self._lazy:
                 self._path = self._slotted_path
+        self._plain_path = path if weights == "fp32" else None  # model.onnx: where merged weights run
+        self._folded: set[Path] = set()  # graphs whose weights are fused in-graph: not overridable (model_live.onnx)
         self._out_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.cfg.n_layers) for kv in ("key", "value")]
         self._switch = threading.Lock()
-        self._adopt(self._build({}))
+        self._adopt(self._build({}), path=self._path)
         self._probe: np.ndarray | None = None  # made at the first set_weights: a cold start does not pay for it
         self._mm: dict[str, np.memmap] = {}
 
-    def _adopt(self, sess: Any, keep: Any = ()) -> None:
-        """Make ``sess`` the running session: one assignment, so a concurrent request sees the old session
-        with everything derived from it, or the new one with its own (a request reads ``self._g`` once)."""
-        self._g, self._keep = _Session(sess, self.cfg, self._linear), keep
+    def _adopt(self, sess: Any, keep: Any = (), *, path: Path) -> None:
+        """Make ``sess`` (built from ``path``) the running session: one assignment, so a concurrent request sees
+        the old session with everything derived from it, or the new one with its own (a request reads
+        ``self._g`` once)."""
+        g = _Session(sess, self.cfg, self._linear, path)
+        if g.groups and self.weights == "fp32":  # q|k|v, gate|up concatenated in the graph (onnx_fast._F32Linears)
+            self._folded.add(path)
+        self._g, self._keep = g, keep
 
     # what forward reads, always from one _Session
     _session = property(lambda self: self._current().sess)
@@ -111,8 +117,9 @@ class OrtEngine:
 
     @property
     def graph(self) -> str:
-        """The file of the running session (model.onnx until a lazy engine first runs an adapter)."""
-        return self._path.name
+        """The file of the running session: model.onnx until a lazy engine first runs an adapter, and while
+        merged weights run (the live graph's weights are fused in-graph, so merges run on model.onnx)."""
+        return self._current().path.name
 
     def ensure_slots(self) -> None:
         """A lazy live engine (``live="lazy"``: the bare base runs on the plain graph, at its full speed) moves
@@ -132,10 +139,10 @@ class OrtEngine:
             try:
                 sess = self._build({}, self._slotted_path)
             except BaseException:
-                self._adopt(self._build({}))  # the plain graph again: nothing changed
+                self._adopt(self._build({}), path=self._path)  # the plain graph again: nothing changed
                 raise
             self._path, self._probe = self._slotted_path, None
-            self._adopt(sess, self._pending_keep)
+            self._adopt(sess, self._pending_keep, path=self._path)
 
     def _current(self) -> "_Session":
         """The running session; while a switch builds the next one, wait for it."""
@@ -173,7 +180,10 @@ class OrtEngine:
         for i in range(self.cfg.n_layers):
             for kv in ("key", "value"):
                 feeds[f"past.{i}.{kv}"] = np.zeros((1, self.cfg.n_kv_heads, 0, self.cfg.head_dim), np.float32)
-        return sess.run(["logits"], feeds)[0]
+        g = sess if isinstance(sess, _Session) else _Session(sess, self.cfg, self._linear, self._path)
+        for n in g.required:  # a graph whose slots have no default: idle (rank 0)
+            feeds[f"lora.{n}.a"], feeds[f"lora.{n}.b"] = g.empty_slot[n]
+        return g.sess.run(["logits"], feeds)[0]
 
     # ---- weights
     def base_weight(self, name: str) -> np.ndarray:
@@ -206,7 +216,7 @@ class OrtEngine:
                                    "of a small delta); run adapters live (mode='live' or 'auto'), or load "
                                    "weights='fp32' to merge")
         if self._probe is None:
-            self._probe = self._probe_logits(self._session)
+            self._probe = self._probe_logits(self._current())
         problems = []
         for n, w in overrides.items():
             shape = self.cfg.linear_shapes().get(n)
@@ -219,7 +229,10 @@ class OrtEngine:
             elif not np.isfinite(w).all():
                 problems.append(f"{n}: holds NaN or Inf")
         collect(problems, AdapterMismatchError, "cannot apply these weights:")
-        sess = self._build(overrides)
+        # a graph with weights fused in-graph ignores overrides (they feed a Concat onnxruntime folded at load):
+        # merged weights run on the plain graph, and the live graph comes back with the base weights ({})
+        path = self._plain_path if overrides and self._path in self._folded else self._path
+        sess = self._build(overrides, path)
         keep = self._pending_keep
         probe = self._probe_logits(sess)
         if overrides:
@@ -229,7 +242,7 @@ class OrtEngine:
             raise OverrideNotAppliedError(
                 f"onnxruntime built a session whose output did not change although {len(changed)} weights did "
                 f"(e.g. {changed[0]}); the model was left as it was")
-        self._adopt(sess, keep)
+        self._adopt(sess, keep, path=path)
         self._probe = probe
 
     def _changed(self, overrides: dict[str, np.ndarray]) -> list[str]:
@@ -288,10 +301,10 @@ class OrtEngine:
         ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids))
         g = self._current()
         if embed is not None and not g.embed:
-            raise FormatError(f"{self._path.name} has no embed.delta input (embedding changes, virtual tokens); "
+            raise FormatError(f"{g.path.name} has no embed.delta input (embedding changes, virtual tokens); "
                               "export the base again with this edgeadapt")
         if head is not None and not g.head:
-            raise UnsupportedError(f"{self._path.name} has no head.delta input: a change of the output head (trainable "
+            raise UnsupportedError(f"{g.path.name} has no head.delta input: a change of the output head (trainable "
                                    "tokens or modules_to_save on a tied head) runs live on the graphs that serve "
                                    "adapters (mode='live' or 'auto'); export the base again with this edgeadapt")
         if isinstance(past, KVCache) or g.inplace and embed is None and head is None and not past:
@@ -359,7 +372,7 @@ class OrtEngine:
             with self._switch:
                 if getattr(self, attr) is None:
                     sess = self._build({}, file)
-                    setattr(self, attr, (_Session(sess, self.cfg, self._linear), self._pending_keep))
+                    setattr(self, attr, (_Session(sess, self.cfg, self._linear, file), self._pending_keep))
         if self._keep and self._keep[0]:
             raise UnsupportedError("merged weights are active; restore the base before running scale / bias terms "
                                    "or bottleneck adapters live")
@@ -422,13 +435,13 @@ class OrtEngine:
 class _Session:
     """A session and what forward derives from its inputs, replaced whole when the engine switches graphs."""
 
-    def __init__(self, sess: Any, cfg: Any, linear: list[str]):
+    def __init__(self, sess: Any, cfg: Any, linear: list[str], path: Path):
         meta = sess.get_modelmeta().custom_metadata_map
-        self.sess = sess
+        self.sess, self.path = sess, path
         self.fused = meta.get("edgeadapt.attention") == "GroupQueryAttention"  # see OrtEngine.forward
         inputs = {i.name for i in sess.get_inputs()}
         defaults = {i.name for i in sess.get_overridable_initializers()}
-        # grouped slots (quantized graphs): one slot for q|k|v and one for gate|up, see onnx_fast._QLinears
+        # grouped slots (model_live.onnx, quantized graphs): one slot for q|k|v and one for gate|up, see onnx_fast._Linears
         self.groups: dict[str, list[str]] = json.loads(meta.get("edgeadapt.slot_groups", "{}"))
         grouped = {w for ws in self.groups.values() for w in ws}
         self.slots = [n for n in list(linear) + list(self.groups) if n not in grouped and f"lora.{n}.a" in inputs | defaults]

@@ -149,10 +149,17 @@ def test_kinds_stack_like_their_merge(tiny, ids, kinds, engine):
     with pytest.raises(UnsupportedError, match="ffn_down.weight: an input scale and an output scale"):
         live.use(spec)
     assert live.active == {"loha": 0.3, "a": 0.5, "ia3": -0.5}  # a refused use() changes nothing
+    auto.use({"a": 0.5})  # first live: on onnxruntime, auto moves to model_live.onnx (weights fused in-graph)
+    before = auto.logits(ids)
     auto.use(spec)
     merged.use(spec)
     assert auto.mode == "merge"
+    if engine == "ort":  # model_live.onnx cannot take weight overrides: the merge runs on model.onnx
+        assert auto._engine.graph == "model.onnx"
     np.testing.assert_allclose(auto.logits(ids), merged.logits(ids), atol=1e-4, rtol=0)
+    auto.use({"a": 0.5})  # and back to live, on the live graph with the base weights
+    assert auto.mode == "live" and (engine != "ort" or auto._engine.graph == "model_live.onnx")
+    np.testing.assert_array_equal(auto.logits(ids), before)
 
 
 def test_inspect_says_kind_and_forms(tiny, kinds):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -63,7 +64,7 @@ def _logits(path, feeds, cfg):
     """Logits of the graph at ``path``; its LoRA slots that ``feeds`` leaves out get rank 0 (the quantized
     graphs' slots have no default)."""
     sess = _session(path)
-    slots = _Session(sess, cfg, list(cfg.linear_shapes()))  # per-weight factors -> the graph's (grouped) slots
+    slots = _Session(sess, cfg, list(cfg.linear_shapes()), Path(path))  # per-weight factors -> the graph's (grouped) slots
     lora = {k[5:-2]: (feeds[k], feeds[k[:-2] + ".b"]) for k in feeds if k.startswith("lora.") and k.endswith(".a")}
     feeds = {k: v for k, v in feeds.items() if not k.startswith("lora.")}
     arrays = slots.slot_arrays(lora)
