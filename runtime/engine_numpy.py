@@ -22,57 +22,12 @@ from edgeadapt.errors import AdapterMismatchError, EdgeAdaptError, FormatError, 
 from edgeadapt.gguf_file import open_gguf
 
 from .ggml_weights import _FAST_DEQ, _Lazy, _Src
+from .row_lora import _add_rows, _has_terms, _lin, _mm, check_rows
 
 _F32 = np.float32
 _LINEAR_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # the fp32 size under which "auto" dequantizes quantized / F16 weights once at load
 _AUTO_LOAD_LIMIT = 2 << 30
-
-
-def _lin(x: np.ndarray, w: Any, live: Any, rows: Any = None, nb: int = 1) -> np.ndarray:
-    """x [N, in] -> [N, out]; ``w`` is an fp32 [in, out] array (any strides) or a _Lazy; ``live``
-    the engine's fused (Aᵀ, Bᵀ); ``rows`` this call's per-row factors (see :func:`_add_rows`), or
-    (A, B, in, out, bias) with scale / bias terms (see :func:`_lin_terms`)."""
-    if rows is not None and len(rows) == 5:
-        return _lin_terms(x, w, live, rows, nb)
-    y = w.matmul(x) if type(w) is _Lazy else x @ w
-    if live is not None:
-        y += (x @ live[0]) @ live[1]
-    if rows is not None:
-        _add_rows(y, x, rows, nb)
-    return y
-
-
-def _lin_terms(x: np.ndarray, w: Any, live: Any, rows: tuple, nb: int) -> np.ndarray:
-    """``out ⊙ ((x ⊙ in) @ W) + live + (x A) B + bias`` (DoRA, IA3, lora_bias; see edgeadapt.delta_kinds.LiveTerms).
-    Each term is None, shared ([d]; A [in, r]) or per row ([nb, d]; A [nb, in, r])."""
-    a, b, s_in, s_out, bias = rows
-    xin = x if s_in is None else _per_row(x, s_in, nb, np.multiply)
-    y = w.matmul(xin) if type(w) is _Lazy else xin @ w
-    if s_out is not None:
-        y = _per_row(y, s_out, nb, np.multiply)
-    if live is not None:
-        y += (x @ live[0]) @ live[1]
-    if a is not None:
-        _add_rows(y, x, (a, b), nb)
-    return y if bias is None else _per_row(y, bias, nb, np.add)
-
-
-def _per_row(x: np.ndarray, v: np.ndarray, nb: int, op: Any) -> np.ndarray:
-    """op(x [N, d], v) with v [d] for every row, or [nb, d] for the nb rows of the batch (N = nb·seq)."""
-    if v.ndim == 1:
-        return op(x, v)
-    return op(x.reshape(nb, -1, x.shape[1]), v[:, None, :]).reshape(x.shape)
-
-
-def _add_rows(y: np.ndarray, x: np.ndarray, f: tuple[np.ndarray, np.ndarray], nb: int) -> None:
-    """y [N, out] += (x A) B, N = nb·seq. ``f`` = (A [in, r], B [r, out]) shared by every row, or
-    (A [nb, in, r], B [nb, r, out]) with row b of the batch using slice b (batched matmul)."""
-    a, b = f
-    if a.ndim == 2:
-        y += (x @ a) @ b
-    else:
-        y += np.matmul(np.matmul(x.reshape(nb, -1, x.shape[1]), a), b).reshape(y.shape)  # [nb, seq, out]
 
 
 def _ro(a: np.ndarray) -> np.ndarray:
@@ -444,95 +399,6 @@ class NumpyEngine:
             self._rebuild()
             raise
 
-    def _check_rows(self, lora: Any, batch: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Validate :meth:`forward`'s ``lora`` (every problem named at once) without copying.
-
-        Returns name -> (A, B): 2-D [in, r] / [r, out] when shared by the batch (n = 1), else 3-D
-        [batch, in, r] / [batch, r, out]. Rank-0 entries (an ONNX-style empty default) are dropped."""
-        if not isinstance(lora, dict):
-            raise AdapterMismatchError(f"lora: expected a dict {{gguf linear name: (A [n, in, r], B [n, r, out])}}, "
-                                       f"found {type(lora).__name__}")
-        shapes = self._shapes
-        problems: list[str] = []
-        out_f: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        ns = "1" if batch == 1 else f"1 or {batch}"
-        for name, f in lora.items():
-            if name not in shapes:
-                self._unknown(name, problems)
-                continue
-            o, i = shapes[name]
-            if isinstance(f, (tuple, list)) and len(f) == 5:  # (A, B, in, out, bias): scale / bias terms
-                t = self._check_terms(name, f, batch, i, o, problems)
-                if t is not None:
-                    out_f[name] = t
-                continue
-            if not (isinstance(f, (tuple, list)) and len(f) == 2):
-                problems.append(f"{name}: expected a pair (A [n, {i}, r], B [n, r, {o}]), found {type(f).__name__}")
-                continue
-            a, b = f
-            bad = False
-            for label, t, want in (("A", a, f"[n, {i}, r]"), ("B", b, f"[n, r, {o}]")):
-                if not isinstance(t, np.ndarray) or t.dtype != _F32 or t.ndim != 3:
-                    problems.append(f"{name}.{label}: expected float32 {want} with n = {ns}, found "
-                                    f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', ()))}")
-                    bad = True
-            if bad:
-                continue
-            n, r = a.shape[0], a.shape[2]
-            if n not in (1, batch) or a.shape[1] != i or b.shape != (n, r, o):
-                problems.append(f"{name}: expected A [n, {i}, r] and B [n, r, {o}] with n = {ns} and one r, "
-                                f"found A {list(a.shape)} and B {list(b.shape)}")
-                continue
-            if not (np.isfinite(a).all() and np.isfinite(b).all()):
-                which = " and ".join(lb for lb, t in (("A", a), ("B", b)) if not np.isfinite(t).all())
-                problems.append(f"{name}: expected finite values, found NaN/inf in {which}")
-                continue
-            if r:
-                out_f[name] = (a[0], b[0]) if n == 1 else (a, b)
-        collect(problems, AdapterMismatchError, f"per-row adapter factors do not fit this base and batch of {batch} "
-                "(nothing was computed):")
-        return out_f
-
-    def _check_terms(self, name: str, f: Any, batch: int, i: int, o: int, problems: list[str]) -> tuple | None:
-        """One (A, B, in [n, in], out [n, out], bias [n, out]) entry, any term None (A and B together)."""
-        a, b, *rest = f
-        ns = "1" if batch == 1 else f"1 or {batch}"
-        ok = True
-        n_seen = set()
-        if (a is None) != (b is None):
-            problems.append(f"{name}: A and B must both be given or both be None")
-            return None
-        if a is not None:
-            if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype == _F32
-                    and a.ndim == b.ndim == 3 and a.shape[1] == i and b.shape == (a.shape[0], a.shape[2], o)):
-                problems.append(f"{name}: expected A [n, {i}, r] and B [n, r, {o}] float32 with n = {ns}, found "
-                                f"{list(getattr(a, 'shape', ()))} and {list(getattr(b, 'shape', ()))}")
-                ok = False
-            else:
-                n_seen.add(a.shape[0])
-        for label, t, d in zip(("in", "out", "bias"), rest, (i, o, o)):
-            if t is None:
-                continue
-            if not (isinstance(t, np.ndarray) and t.dtype == _F32 and t.ndim == 2 and t.shape[1] == d):
-                problems.append(f"{name}.{label}: expected float32 [n, {d}] with n = {ns}, found "
-                                f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', ()))}")
-                ok = False
-            else:
-                n_seen.add(t.shape[0])
-        if ok and (not n_seen <= {1, batch} or len(n_seen) > 1):
-            problems.append(f"{name}: every term must have n = {ns} rows (one n for all), found {sorted(n_seen)}")
-            ok = False
-        if ok and not all(np.isfinite(t).all() for t in f if t is not None):
-            problems.append(f"{name}: expected finite values, found NaN/inf")
-            ok = False
-        if not ok:
-            return None
-        n = n_seen.pop() if n_seen else 1
-        if a is not None and a.shape[2] == 0:
-            a = b = None
-        if n == 1:
-            return (None if a is None else a[0], None if b is None else b[0], *(None if t is None else t[0] for t in rest))
-        return (a, b, *rest)
 
     # ------------------------------------------------------------ forward
     def embedding_rows(self, ids: np.ndarray) -> np.ndarray:
@@ -642,7 +508,7 @@ class NumpyEngine:
         norm = self._norm
         neox = cfg.rope == "neox"
 
-        rows = self._check_rows(lora, B) if lora else {}
+        rows = check_rows(lora, B, self._shapes, self._unknown) if lora else {}
         if bn:
             from .bn_slots import check, residual_add
             bn = check(cfg, bn, B)
@@ -679,12 +545,12 @@ class NumpyEngine:
                 qkv, gu, (wq, lq), (wk, lk), (wv, lv), (wo, lo), (wg, lg), (wu, lu), (wd, ld) = self._layers[i]
                 rq, rk, rv, ro, rg, ru, rd = [rows.get(n) for n in self._names[i]] if rows else no_rows
                 h = _rmsnorm(x, norm[f"blk.{i}.attn_norm.weight"], eps)
-                if qkv is not None and not (rows and any(r is not None and len(r) == 5 for r in (rq, rk, rv))):
-                    y = h @ qkv
+                if qkv is not None and not (rows and any(_has_terms(r) for r in (rq, rk, rv))):
+                    y = _mm(h, qkv, B)
                     q, k, v = y[:, :qd], y[:, qd:qd + kvd], y[:, qd + kvd:]
                     for t, lv_, rw in ((q, lq, rq), (k, lk, rk), (v, lv, rv)):
                         if lv_ is not None:
-                            t += (h @ lv_[0]) @ lv_[1]
+                            t += _mm(_mm(h, lv_[0], B), lv_[1], B)
                         if rw is not None:
                             _add_rows(t, h, rw, B)
                 else:
@@ -704,13 +570,13 @@ class NumpyEngine:
                 a = _lin(o, wo, lo, ro, B)
                 x = residual_add(bn, i, "attn", a, x, B) if bn else x + a
                 h = _rmsnorm(x, norm[f"blk.{i}.ffn_norm.weight"], eps)
-                if gu is not None and not (rows and any(r is not None and len(r) == 5 for r in (rg, ru))):
-                    z = h @ gu
+                if gu is not None and not (rows and any(_has_terms(r) for r in (rg, ru))):
+                    z = _mm(h, gu, B)
                     g, u = z[:, :F], z[:, F:]
                     if lg is not None:
-                        g += (h @ lg[0]) @ lg[1]
+                        g += _mm(_mm(h, lg[0], B), lg[1], B)
                     if lu is not None:
-                        u += (h @ lu[0]) @ lu[1]
+                        u += _mm(_mm(h, lu[0], B), lu[1], B)
                     if rg is not None:
                         _add_rows(g, h, rg, B)
                     if ru is not None:
@@ -730,7 +596,7 @@ class NumpyEngine:
                 else:
                     x += m
             h = _rmsnorm(x, norm["output_norm.weight"], eps)
-            logits = _lin(h, *self._head, rows.get(self._head_name), B).reshape(B, S, -1)
+            logits = _lin(h, *self._head, rows.get(self._head_name), B, head=True).reshape(B, S, -1)
             if head is not None:
                 add_head_delta(logits, h, head)
 

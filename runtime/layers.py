@@ -192,7 +192,7 @@ def forward_blocks(eng: Any, ids: np.ndarray, am: np.ndarray, pos: np.ndarray, p
                 d = _norm(eng, d, f"{p}.post_ffw_norm", eps)
             x += d
         h = _norm(eng, x, "output_norm", eps)
-        logits = _lin(h, *eng._head, rows.get(eng._head_name) if rows else None, B).reshape(B, S, -1)
+        logits = _lin(h, *eng._head, rows.get(eng._head_name) if rows else None, B, head=True).reshape(B, S, -1)
         if head is not None:  # a live change of some head rows, before any softcap
             from .engine_numpy import add_head_delta
 

@@ -448,6 +448,11 @@ class Model:
             if len(per_row) == 1 and len(per_row[0][t][0]) == 1:  # one adapter: its arrays, no copy
                 a, b = per_row[0][t][0][0], per_row[0][t][1][0]
                 out[t] = (a[None], b[None])
+            elif len(per_row) > 1 and t not in extras and self._engine.name == "numpy":
+                from .row_lora import RowLoRA  # each row at its own rank, as it runs alone: bit-identical to it
+
+                out[t] = RowLoRA([(_cat(row[t][0], 1), _cat(row[t][1], 0)) if ranks[i] else None
+                                  for i, row in enumerate(per_row)], n_in, n_out, f"factors of {t}")
             else:
                 A = np.zeros((len(per_row), n_in, max(ranks)), np.float32)
                 B = np.zeros((len(per_row), max(ranks), n_out), np.float32)
@@ -640,6 +645,10 @@ class Model:
         with self._use_lock:
             if not self._merged and self.active:
                 self._merge(self.active)
+
+
+def _cat(arrays: list[np.ndarray], axis: int) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=axis)
 
 
 def _add_terms(acc: list, terms: tuple, w: float, target: str, name: str) -> None:
