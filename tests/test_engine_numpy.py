@@ -292,6 +292,36 @@ def test_per_row_lora_equals_each_row_alone(base, mode):
     assert np.array_equal(eng.forward(ids, mask, pos)[0], plain)  # nothing stays behind
 
 
+@pytest.mark.parametrize("mode", ["auto", "load"])
+def test_row_lora_rows_are_bit_identical_to_each_row_alone(base, mode):
+    """RowLoRA: each row at its own rank (4, 2, none, 4 again), no zero padding: the batch equals
+    every row run alone with its 2-D factors exactly, where the padded slot form differs in the last bits."""
+    from edgeadapt.runtime.row_lora import RowLoRA
+
+    _, _, cfg, _, path = base
+    eng = NumpyEngine(path, dequantize=mode)
+    shapes = cfg.linear_shapes()
+    rng = np.random.default_rng(21)
+    tx = ["blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.1.ffn_up.weight", "blk.1.ffn_down.weight"]
+    ty = ["blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.0.ffn_gate.weight", "blk.1.ffn_down.weight"]
+    X, Y = _factors(rng, shapes, tx, 4), _factors(rng, shapes, ty, 2)
+    per = [X, Y, None, X]
+    lora = {n: RowLoRA([(np.ascontiguousarray(f[n][0].T), np.ascontiguousarray(f[n][1].T)) if f and n in f else None
+                        for f in per], shapes[n][1], shapes[n][0]) for n in sorted(set(tx) | set(ty))}
+    ids = np.random.default_rng(22).integers(1, 256, size=(4, 6), dtype=np.int64)
+    mask, pos = np.ones_like(ids), np.tile(np.arange(6), (4, 1))
+    got, _ = eng.forward(ids, mask, pos, lora=lora)
+    for b, f in enumerate(per):
+        alone, _ = eng.forward(ids[b:b + 1], mask[:1], pos[:1], lora=_shared(f) if f else None)
+        np.testing.assert_array_equal(got[b], alone[0])
+    assert np.abs(got[0] - eng.forward(ids[:1], mask[:1], pos[:1])[0][0]).max() > 1e-2  # X does something
+    with pytest.raises(AdapterMismatchError, match=r"blk.0.attn_q.weight: expected per-row factors of 3 rows, "
+                                                   r"64 in, 64 out, found 4 rows"):
+        eng.forward(ids[:3], mask[:3], pos[:3], lora=lora)
+    with pytest.raises(AdapterMismatchError, match=r"row 1: expected float32 A \[64, r\] and B \[r, 64\]"):
+        RowLoRA([None, (np.zeros((64, 2), np.float32), np.zeros((3, 64), np.float32))], 64, 64)
+
+
 def test_shared_lora_equals_set_live_and_merged(base):
     kind, model, cfg, _, path = base
     eng = NumpyEngine(path)
