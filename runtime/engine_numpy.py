@@ -468,8 +468,10 @@ class NumpyEngine:
         ``{gguf linear name: (A, B)}``, A float32 [n, in, r], B float32 [n, r, out], scales
         already folded into B, n = 1 (one adapter for every row) or n = batch (row b uses
         A[b], B[b]; a row without an adapter has zero slices; ranks of different adapters are
-        zero-padded to one r). Each named linear computes ``x Wᵀ (+ set_weights / set_live
-        state) + (x A) B`` per row. Checked in full, raising :class:`AdapterMismatchError`
+        zero-padded to one r), or a :class:`~edgeadapt.runtime.row_lora.RowLoRA` (each row at its
+        own rank; a row's output is then bit-identical to that row run alone with its 2-D factors,
+        as the per-row requests of :mod:`.model` do). Each named linear computes ``x Wᵀ
+        (+ set_weights / set_live state) + (x A) B`` per row. Checked in full, raising :class:`AdapterMismatchError`
         naming every bad tensor, before anything is computed or the KV cache is touched.
         The arrays are used as given (no copies).
 
