@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -21,9 +19,13 @@ from edgeadapt.delta import LoraDelta, read_delta
 from edgeadapt.errors import AdapterMismatchError, AdapterNotFoundError, FormatError, UnsupportedError
 from edgeadapt.manifest import BaseManifest, read_manifest
 
+from .row_lora import add_terms, cat
+from .rwlock import RWLock
 from .sampling import Sampler
 from .seq import SeqParts
 from .tokenizer import StreamDecoder, Tokenizer
+
+Live = dict[str, Any]  # a live plan: weight -> the factors the engine runs (see _factors)
 
 ENGINES = ("auto", "ort", "numpy")
 UseSpec = str | Mapping[str, float] | Sequence[str] | None
@@ -141,51 +143,6 @@ def normalise_spec(spec: UseSpec, adapters: Mapping[str, Any]) -> dict[str, floa
     return {n: float(w) for n, w in spec.items() if w != 0}
 
 
-class _RWLock:
-    """Many generations at once, or one weight change: a merge never lands mid-generation. A waiting merge
-    goes first (new requests wait for it, so a stream of requests cannot starve it), except for a thread that
-    already holds a read: it may read again (a request inside a running stream never deadlocks)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers: dict[int, int] = {}  # thread id -> reads held
-        self._writer, self._waiting = False, 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        me = threading.get_ident()
-        with self._cond:
-            if not self._readers.get(me):
-                while self._writer or self._waiting:
-                    self._cond.wait()
-            self._readers[me] = self._readers.get(me, 0) + 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers[me] -= 1
-                if not self._readers[me]:
-                    del self._readers[me]
-                self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            try:
-                while self._writer or self._readers:
-                    self._cond.wait()
-            finally:
-                self._waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
 class Model:
     """A base with adapters. Modes (``load(..., mode=)``):
 
@@ -218,7 +175,7 @@ class Model:
         self.requested_mode = mode
         self._live_ok = engine.name == "numpy" or bool(getattr(engine, "live", False))
         self._tokenizer: Tokenizer | None = None
-        self._lock, self._use_lock = _RWLock(), threading.Lock()
+        self._lock, self._use_lock = RWLock(), threading.Lock()
         self._live: Live = {}  # factors of the active set (live mode), replaced whole, never mutated
         self._merged: dict[str, float] = {}  # the set folded into the engine's weights
         self._stable_tokens = 0
@@ -438,7 +395,7 @@ class Model:
                         a_list.append(at)
                         b_list.append(bt if w == 1.0 else bt * np.float32(w))
                     if len(terms) == 5:
-                        _add_terms(extras.setdefault(t, [[None] * 3 for _ in rows])[i], terms[2:], w, t, name)
+                        add_terms(extras.setdefault(t, [[None] * 3 for _ in rows])[i], terms[2:], w, t, name)
             per_row.append(row)
         out: Live = {}
         shapes = self.config.linear_shapes()
@@ -451,7 +408,7 @@ class Model:
             elif len(per_row) > 1 and t not in extras and self._engine.name == "numpy":
                 from .row_lora import RowLoRA  # each row at its own rank, as it runs alone: bit-identical to it
 
-                out[t] = RowLoRA([(_cat(row[t][0], 1), _cat(row[t][1], 0)) if ranks[i] else None
+                out[t] = RowLoRA([(cat(row[t][0], 1), cat(row[t][1], 0)) if ranks[i] else None
                                   for i, row in enumerate(per_row)], n_in, n_out, f"factors of {t}")
             else:
                 A = np.zeros((len(per_row), n_in, max(ranks)), np.float32)
@@ -645,20 +602,3 @@ class Model:
         with self._use_lock:
             if not self._merged and self.active:
                 self._merge(self.active)
-
-
-def _cat(arrays: list[np.ndarray], axis: int) -> np.ndarray:
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=axis)
-
-
-def _add_terms(acc: list, terms: tuple, w: float, target: str, name: str) -> None:
-    """Accumulate one adapter's (in, out, bias) terms of one row with weight w, as their merged changes add:
-    scales 1 + Σ w (s − 1), bias Σ w·b. An input and an output scale on one layer do not compose exactly live."""
-    for k, v in enumerate(terms):
-        if v is None:
-            continue
-        step = np.float32(w) * (v - np.float32(1)) if k < 2 else np.float32(w) * v
-        acc[k] = (np.float32(1) + step if k < 2 else step) if acc[k] is None else acc[k] + step
-    if acc[0] is not None and acc[1] is not None:
-        raise UnsupportedError(f"{target}: an input scale and an output scale on one layer (adapter {name!r} with "
-                               "another) do not stack exactly live; use() them to merge, or serve them apart")

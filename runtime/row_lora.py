@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edgeadapt.errors import AdapterMismatchError, collect
+from edgeadapt.errors import AdapterMismatchError, UnsupportedError, collect
 
 from .ggml_weights import _Lazy
 
@@ -239,3 +239,20 @@ def _check_terms(name: str, f: Any, batch: int, i: int, o: int, problems: list[s
     if n == 1:
         return (None if a is None else a[0], None if b is None else b[0], *(None if t is None else t[0] for t in rest))
     return (a, b, *rest)
+
+
+def cat(arrays: list[np.ndarray], axis: int) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=axis)
+
+
+def add_terms(acc: list, terms: tuple, w: float, target: str, name: str) -> None:
+    """Accumulate one adapter's (in, out, bias) terms of one row with weight w, as their merged changes add:
+    scales 1 + Σ w (s − 1), bias Σ w·b. An input and an output scale on one layer do not compose exactly live."""
+    for k, v in enumerate(terms):
+        if v is None:
+            continue
+        step = np.float32(w) * (v - np.float32(1)) if k < 2 else np.float32(w) * v
+        acc[k] = (np.float32(1) + step if k < 2 else step) if acc[k] is None else acc[k] + step
+    if acc[0] is not None and acc[1] is not None:
+        raise UnsupportedError(f"{target}: an input scale and an output scale on one layer (adapter {name!r} with "
+                               "another) do not stack exactly live; use() them to merge, or serve them apart")
