@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .engine_numpy import _attend, _lin, _rmsnorm, _ro, _rope
+from .numpy_ops import _attend, _rmsnorm, _ro, _rope
+from .row_lora import _lin
 
 _F32 = np.float32
 _GELU_C = _F32(np.sqrt(2.0 / np.pi))
@@ -194,7 +195,7 @@ def forward_blocks(eng: Any, ids: np.ndarray, am: np.ndarray, pos: np.ndarray, p
         h = _norm(eng, x, "output_norm", eps)
         logits = _lin(h, *eng._head, rows.get(eng._head_name) if rows else None, B, head=True).reshape(B, S, -1)
         if head is not None:  # a live change of some head rows, before any softcap
-            from .engine_numpy import add_head_delta
+            from .numpy_ops import add_head_delta
 
             add_head_delta(logits, h, head)
         if cfg.final_softcap:
