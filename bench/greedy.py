@@ -203,7 +203,7 @@ def run_all(gguf: str, adapter: dict[str, str], ids: list[list[int]], threads: i
 
 
 def pair_stats(res: dict, settings: list[str], ref: str, other: str) -> dict:
-    same, first, agree, steps, dis, ties, dl = 0, [], 0, 0, 0, 0, []
+    same, first, agree, steps, dis, ties, dl, dm = 0, [], 0, 0, 0, 0, [], []
     for setting in settings:
         g, f = res["greedy"][setting], res["forced"][setting][(ref, other)]
         for (rt, margins), (ot, _), (ft, d) in zip(g[ref], g[other], f):
@@ -216,20 +216,24 @@ def pair_stats(res: dict, settings: list[str], ref: str, other: str) -> dict:
                 else:
                     dis += 1
                     ties += mg < NEAR_TIE
+                    dm.append(mg)
             dl.append(d)
     return {"identical": same, "n": len(first), "first_div": float(np.mean(first)), "forced_top1": agree / steps,
-            "disagreements": dis, "near_ties": ties, "dlogit": float(np.mean(dl))}
+            "disagreements": dis, "near_ties": ties, "dlogit": float(np.mean(dl)),
+            "dis_margin": float(np.median(dm)) if dm else None}
 
 
 def _rows(res: dict, pairs: list, groups: list[tuple[str, list[str]]]) -> list[str]:
     lines = ["| reference | system | adapter | identical | 1st div. (of 32) | forced top-1 | "
-             "near-ties (margin < 0.1) | mean abs Δlogit |", "|---|---|---|---|---|---|---|---|"]
+             "near-ties (margin < 0.1) | ref. margin there (median) | mean abs Δlogit |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for ref, other in pairs:
         for label, settings in groups:
             s = pair_stats(res, settings, ref, other)
-            tie = f"{s['near_ties']}/{s['disagreements']}" if s["disagreements"] else "—"
+            tie, mg = (f"{s['near_ties']}/{s['disagreements']}", f"{s['dis_margin']:.2f}") if s["disagreements"] \
+                else ("—", "—")
             lines.append(f"| {ref} | {other} | {label} | {s['identical']}/{s['n']} | {s['first_div']:.1f} | "
-                         f"{100 * s['forced_top1']:.1f} % | {tie} | {s['dlogit']:.3f} |")
+                         f"{100 * s['forced_top1']:.1f} % | {tie} | {mg} | {s['dlogit']:.3f} |")
     return lines
 
 
@@ -247,6 +251,9 @@ def report(res: dict, meta: dict, pairs: list) -> str:
              f"Pooled over both settings ({2 * n} continuations, {2 * n * N_NEW} forced steps per pair):", ""]
     lines += _rows(res, pairs, [("both", settings)])
     lines += ["", "Per setting:", ""] + _rows(res, pairs, [(s, [s]) for s in settings])
+    lines += ["", "Per prompt and system: greedy.json. How far one changed rounding moves the logits once activations "
+              "are quantized (the first generated position, every system against every other): greedy_floor.md "
+              "(``--floor``)."]
     lines += ["", "Reference top-2 margins over all greedy steps (median): "
               + ", ".join(f"{r} {np.median([m for st in settings for _, ms in res['greedy'][st][r] for m in ms]):.2f}"
                           for r in refs) + " logit.", ""]
@@ -267,7 +274,8 @@ def floor(gguf: str, ids: list[list[int]], threads: int, log) -> str:
     import edgeadapt
 
     out = {}
-    for name in ["llama.cpp", "llama.cpp b1", "llama.cpp f32kv", "numpy", "numpy ggml-sim", "numpy ggml-sim f32kv"]:
+    for name in ["llama.cpp", "llama.cpp b1", "llama.cpp f32kv", "ort int4", "numpy", "numpy ggml-sim",
+                 "numpy ggml-sim f32kv"]:
         s = make(name, gguf, None, threads)
         out[name] = [s.step(p, 1)[1][0] for p in ids]
         s.close()
@@ -279,7 +287,11 @@ def floor(gguf: str, ids: list[list[int]], threads: int, log) -> str:
         undo()
         del m
     names = list(out)
-    lines = [f"Mean abs Δlogit at the first generated position ({len(ids)} prompts, bare base):", "",
+    lines = ["# First generated position: every system against every other — SmolLM2-135M-Instruct Q4_1", "",
+             "`python bench/greedy.py --floor`. numpy = exact float32 arithmetic on the Q4_1 weights; numpy ggml-sim = "
+             "the numpy engine with llama.cpp's roundings (bench/llamacpp_sim.py: Q8_1 / Q8_0 activations, f16 kv "
+             "and attention operands, double-sum RMS norm); its last two variants drop one of them each.", "",
+             f"Mean abs Δlogit ({len(ids)} prompts, bare base):", "",
              "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for a in names:
         lines.append(f"| {a} | " + " | ".join(
