@@ -57,7 +57,7 @@ class OrtEngine:
     name = "ort"
 
     def __init__(self, manifest: BaseManifest, *, threads: int | None = None, live: bool | str = False,
-                 weights: str = "fp32"):
+                 weights: str = "fp32", defer: bool = False):
         self._ort = import_ort()
         if weights not in WEIGHTS:
             raise UnsupportedError(f"weights {weights!r} is not one of {tuple(WEIGHTS)}")
@@ -97,7 +97,13 @@ class OrtEngine:
         self._folded: set[Path] = set()  # graphs whose weights are fused in-graph: not overridable (model_live.onnx)
         self._out_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.cfg.n_layers) for kv in ("key", "value")]
         self._switch = threading.Lock()
-        self._adopt(self._build({}), path=self._path)
+        self._g: _Session | None = None
+        self._keep: Any = ()
+        # ``defer`` (a lazy engine): build the plain session when it first runs, not here — a cold start whose
+        # first request uses an adapter then builds only the slotted graph (one session build, not two)
+        self._deferred = bool(defer and self._lazy)
+        if not self._deferred:
+            self._adopt(self._build({}), path=self._path)
         self._probe: np.ndarray | None = None  # made at the first set_weights: a cold start does not pay for it
         self._mm: dict[str, np.memmap] = {}
 
@@ -133,6 +139,7 @@ class OrtEngine:
         with self._switch:
             if self._path == self._slotted_path:
                 return
+            self._deferred = False  # a deferred engine goes straight to the slotted graph
             # release the plain session first (requests running on it keep it alive until they end): the
             # two sessions, each with its prepacked copy of the weights, are not resident together
             self._g = None  # forward waits on self._switch meanwhile
@@ -150,6 +157,9 @@ class OrtEngine:
         if g is None:
             with self._switch:
                 g = self._g
+                if g is None and self._deferred:  # first use of a deferred engine: the plain graph
+                    self._adopt(self._build({}), path=self._path)
+                    self._deferred, g = False, self._g
         return g
 
     # ---- sessions

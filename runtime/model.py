@@ -19,6 +19,7 @@ from edgeadapt.delta import LoraDelta, read_delta
 from edgeadapt.errors import AdapterMismatchError, AdapterNotFoundError, FormatError, UnsupportedError
 from edgeadapt.manifest import BaseManifest, read_manifest
 
+from .engines import make_engine
 from .row_lora import add_terms, cat
 from .rwlock import RWLock
 from .sampling import Sampler
@@ -27,60 +28,10 @@ from .tokenizer import StreamDecoder, Tokenizer
 
 Live = dict[str, Any]  # a live plan: weight -> the factors the engine runs (see _factors)
 
-ENGINES = ("auto", "ort", "numpy")
 UseSpec = str | Mapping[str, float] | Sequence[str] | None
 
 
-def _make_engine(manifest: BaseManifest, engine: str, threads: int | None, *, dequantize: str = "auto",
-                 live: bool = False, weights: str = "fp32") -> Any:
-    """"ort": onnxruntime on model.onnx (``weights`` "int4" | "int8": on model_int4.onnx | model_int8.onnx),
-    or an error saying why not. "numpy": model.gguf in numpy (``dequantize`` = its "auto" | "load" | "lazy").
-    "auto": onnxruntime when it imports and builds a session on that graph, else numpy; the numpy engine
-    then says why in ``auto_reason``."""
-    if engine not in ENGINES:
-        raise UnsupportedError(f"engine {engine!r} is not one of {ENGINES}")
-    if weights not in WEIGHTS:
-        raise UnsupportedError(f"weights {weights!r} is not one of {WEIGHTS}")
-    if weights != "fp32" and engine == "numpy":
-        raise UnsupportedError(f"weights={weights!r} picks an ONNX graph for onnxruntime; the numpy engine runs "
-                               f"model.gguf as it is ({manifest.gguf_type or 'its own types'}): use engine='ort'")
-    why = None
-    if engine != "numpy":
-        onnx_path = manifest.path("onnx" if weights == "fp32" else f"onnx_{weights}")
-        if onnx_path is None or not onnx_path.is_file():
-            want = "model.onnx" if weights == "fp32" else f"model_{weights}.onnx"
-            if engine == "ort":
-                found = f"no {want} in manifest.json" if onnx_path is None else f"{onnx_path.name} is missing"
-                fix = ("without --no-onnx" if weights == "fp32" else f"with --onnx-quant {weights}")
-                raise FormatError(f"{manifest.root}: engine 'ort' needs {want}, found {found}; export the base "
-                                  f"{fix}, or use engine='numpy' (runs model.gguf)")
-            why = f"the base folder has no {want}"
-        else:
-            try:
-                from .engine_ort import OrtEngine
-                return OrtEngine(manifest, threads=threads, live=live, weights=weights)
-            except ImportError as e:  # MissingDependencyError included: the expected case on a device
-                if engine == "ort":
-                    raise
-                why = f"onnxruntime does not import ({e})"
-            except Exception as e:  # installed but broken (bad wheel, session build failure): say so
-                if engine == "ort":
-                    raise
-                why = f"onnxruntime failed on {onnx_path.name}: {type(e).__name__}: {e}"
-                import warnings
-                warnings.warn(f"engine='auto' falls back to numpy: {why}", RuntimeWarning, stacklevel=3)
-    gguf_path = manifest.path("gguf")
-    if gguf_path is None or not gguf_path.is_file():
-        raise FormatError(f"{manifest.root}: engine {engine!r} needs model.gguf (numpy)"
-                          + (f" because {why}" if why else "") + ", and the folder has none; export the base again")
-    from .engine_numpy import NumpyEngine
-    eng = NumpyEngine(gguf_path, manifest.arch, dequantize=dequantize, threads=threads)
-    eng.auto_reason = why
-    return eng
-
-
 MODES = ("auto", "merge", "live")
-WEIGHTS = ("fp32", "int4", "int8")
 
 
 def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", threads: int | None = None,
@@ -89,7 +40,10 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
     """Load a base folder made by ``edgeadapt export-base``.
 
     ``engine``: "ort" (onnxruntime), "numpy" (pure numpy, from model.gguf) or "auto"
-    (onnxruntime when it imports and the folder has model.onnx, else numpy); ``m.engine`` says which.
+    (onnxruntime when it imports and builds a session on model.onnx, else numpy); ``m.engine`` says
+    which. With "ort" in mode "auto", the first onnxruntime session is built when the model first runs
+    (the plain graph), or when an adapter is first used (the slotted graph only): a cold start that
+    begins with an adapter pays one session build, not two.
     ``mode``: how adapters are applied — see :class:`Model`.
     ``weights`` (onnxruntime): "fp32" (model.onnx), or "int4" / "int8" (model_int4.onnx / model_int8.onnx,
     written by ``export-base --onnx-quant``): the quantized base with adapters live beside it, in float32.
@@ -119,7 +73,7 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
     if trust is not None and not hasattr(trust, "keys"):
         from edgeadapt.signing import TrustStore
         trust = TrustStore.load(*([trust] if isinstance(trust, (str, os.PathLike)) else trust))
-    model = Model(manifest, _make_engine(manifest, engine, threads, live=live, weights=weights, dequantize=dequantize), mode=mode)
+    model = Model(manifest, make_engine(manifest, engine, threads, live=live, weights=weights, dequantize=dequantize), mode=mode)
     model.trust, model.require_signature, model.store = trust, require_signature, store
     return model
 

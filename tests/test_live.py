@@ -208,3 +208,38 @@ def test_auto_mode_runs_the_bare_base_on_the_plain_graph(tiny, ids):
                                atol=1e-4, rtol=0)
     explicit = edgeadapt.load(tiny["base"], engine="ort", mode="live")
     assert explicit._engine.graph == "model_live.onnx"  # mode="live": slots from the start, no first-use cost
+
+
+def test_ort_by_name_defers_its_first_session(tiny, ids, monkeypatch):
+    """engine="ort", mode auto: no session at load; the first run builds the plain graph, or — when the first
+    request uses an adapter — only the slotted one (a cold start with an adapter builds one session, not two).
+    engine="auto" still builds at load: a failed build is what sends it to numpy."""
+    from edgeadapt.runtime.engine_ort import OrtEngine
+
+    built = []
+    real = OrtEngine._build
+    monkeypatch.setattr(OrtEngine, "_build", lambda self, overrides, path=None: (
+        built.append((path or self._path).name), real(self, overrides, path))[1])
+    ref = edgeadapt.load(tiny["base"], engine="ort", mode="live")
+    ref.add_adapter(tiny["a"], name="a")
+    ref.use("a")
+    want_a, built[:] = ref.logits(ids), []
+
+    m = edgeadapt.load(tiny["base"], engine="ort")
+    m.add_adapter(tiny["a"], name="a")
+    assert built == []
+    m.use("a")
+    np.testing.assert_array_equal(m.logits(ids), want_a)
+    assert built == ["model_live.onnx"]
+    m.use(None)
+    np.testing.assert_allclose(m.logits(ids), torch_logits(tiny["model"], ids), atol=1e-4, rtol=0)
+
+    built[:] = []
+    bare = edgeadapt.load(tiny["base"], engine="ort")
+    assert built == [] and bare._engine.graph == "model.onnx" and built == ["model.onnx"]
+    np.testing.assert_allclose(bare.logits(ids), torch_logits(tiny["model"], ids), atol=1e-4, rtol=0)
+    assert built == ["model.onnx"]
+
+    built[:] = []
+    edgeadapt.load(tiny["base"], engine="auto")
+    assert built == ["model.onnx"]
