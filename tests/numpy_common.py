@@ -93,3 +93,14 @@ def make_llama(tmp_path_factory):
     model = _make("llama")
     cfg, w = from_transformers(model)
     return cfg, w, _write(cfg, w, tmp_path_factory.mktemp("llama-only") / "m.gguf", "F32")
+
+
+# fixtures: imported by the test modules under these names (pytest registers them by their ``name``)
+@pytest.fixture(scope="module", params=["llama", "qwen2"], name="base")
+def base_fixture(request, tmp_path_factory):
+    return make_base(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", name="llama")
+def llama_fixture(tmp_path_factory):
+    return make_llama(tmp_path_factory)

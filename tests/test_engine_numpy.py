@@ -15,17 +15,8 @@ from edgeadapt.arch import unpermute_qk  # noqa: E402
 from edgeadapt.errors import AdapterMismatchError, UnsupportedError  # noqa: E402
 from edgeadapt.runtime import engine_numpy  # noqa: E402
 from edgeadapt.runtime.engine_numpy import NumpyEngine  # noqa: E402
-from numpy_common import _batch, _hf_logits, _real, torch, make_base, make_llama  # noqa: E402
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def base(request, tmp_path_factory):
-    return make_base(request.param, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return make_llama(tmp_path_factory)
+from numpy_common import _batch, _hf_logits, _real  # noqa: E402
+from numpy_common import base_fixture, llama_fixture  # noqa: E402,F401 (the fixtures base, llama)
 
 
 # ---------------------------------------------------------------- 1. batch with left padding

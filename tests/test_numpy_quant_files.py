@@ -15,17 +15,8 @@ from edgeadapt.errors import FormatError, UnsupportedError  # noqa: E402
 from edgeadapt.gguf_file import SMALL_ARRAY, open_gguf  # noqa: E402
 from edgeadapt.runtime import engine_numpy, ggml_weights  # noqa: E402
 from edgeadapt.runtime.engine_numpy import NumpyEngine  # noqa: E402
-from numpy_common import Q, _batch, _real, _write, make_base, make_llama  # noqa: E402
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def base(request, tmp_path_factory):
-    return make_base(request.param, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return make_llama(tmp_path_factory)
+from numpy_common import Q, _batch, _real, _write  # noqa: E402
+from numpy_common import base_fixture, llama_fixture  # noqa: E402,F401 (the fixtures base, llama)
 
 
 # ---------------------------------------------------------------- 4. quantized bases
