@@ -231,26 +231,12 @@ class SeqAdapter(KindAdapter):
                 problems.append(f"embedding LoRA: expected A [r, {V}] and B [{D}, r] (vocab {V}, dim {D}), "
                                 f"found {list(a.shape)} and {list(b.shape)}")
         if self.token_rows is not None:
-            ids, rows = self.token_rows
-            if rows.shape != (len(ids), D):
-                problems.append(f"token rows: expected [{len(ids)}, {D}] (one row of dim {D} per token id), "
-                                f"found {list(rows.shape)}")
-            if len(ids) and (ids.min() < 0 or ids.max() >= V):
-                problems.append(f"token rows: ids must lie in [0, {V}), found {int(ids.min())}…{int(ids.max())}")
-            if len(np.unique(ids)) != len(ids):
-                problems.append("token rows: an id appears twice")
+            _check_rows("token rows", *self.token_rows, D, V, problems)
         if self.head_rows is not None:
-            ids, rows = self.head_rows
             if not cfg.tied_embeddings:
                 problems.append("head rows: this base has its own output.weight (untied); a head change is a full "
                                 "replacement there")
-            if rows.shape != (len(ids), D):
-                problems.append(f"head rows: expected [{len(ids)}, {D}] (one row of dim {D} per token id), "
-                                f"found {list(rows.shape)}")
-            if len(ids) and (ids.min() < 0 or ids.max() >= V):
-                problems.append(f"head rows: ids must lie in [0, {V}), found {int(ids.min())}…{int(ids.max())}")
-            if len(np.unique(ids)) != len(ids):
-                problems.append("head rows: an id appears twice")
+            _check_rows("head rows", *self.head_rows, D, V, problems)
         if self.head is not None:
             if cfg.tied_embeddings:
                 problems.append("modules_to_save lm_head: this base ties its output head to token_embd (no "
@@ -337,3 +323,13 @@ class EmbedChange:
             hit = self.ids[k] == ids
             out[hit] += self.rows[k[hit]]
         return out
+
+
+def _check_rows(label: str, ids: np.ndarray, rows: np.ndarray, D: int, V: int, problems: list[str]) -> None:
+    """Rows [len(ids), D] for distinct token ids in [0, V): what token rows and head rows both hold."""
+    if rows.shape != (len(ids), D):
+        problems.append(f"{label}: expected [{len(ids)}, {D}] (one row of dim {D} per token id), found {list(rows.shape)}")
+    if len(ids) and (ids.min() < 0 or ids.max() >= V):
+        problems.append(f"{label}: ids must lie in [0, {V}), found {int(ids.min())}…{int(ids.max())}")
+    if len(np.unique(ids)) != len(ids):
+        problems.append(f"{label}: an id appears twice")
