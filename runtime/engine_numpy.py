@@ -23,7 +23,7 @@ from edgeadapt.gguf_file import open_gguf
 
 from .ggml_weights import _FAST_DEQ, _Lazy, _Src
 from .numpy_ops import _attend, _rmsnorm, _ro, _rope, add_head_delta, set_blas_threads
-from .row_lora import _add_rows, _has_terms, _lin, _mm, check_rows
+from .row_lora import _add_rows, _has_terms, _lin, _low_rank, _mm, check_rows
 
 _F32 = np.float32
 _LINEAR_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -522,7 +522,7 @@ class NumpyEngine:
                     q, k, v = y[:, :qd], y[:, qd:qd + kvd], y[:, qd + kvd:]
                     for t, lv_, rw in ((q, lq, rq), (k, lk, rk), (v, lv, rv)):
                         if lv_ is not None:
-                            t += _mm(_mm(h, lv_[0], mb), lv_[1], mb)
+                            t += _low_rank(h, *lv_, mb)
                         if rw is not None:
                             _add_rows(t, h, rw, mb)
                 else:
@@ -546,9 +546,9 @@ class NumpyEngine:
                     z = _mm(h, gu, mb)
                     g, u = z[:, :F], z[:, F:]
                     if lg is not None:
-                        g += _mm(_mm(h, lg[0], mb), lg[1], mb)
+                        g += _low_rank(h, *lg, mb)
                     if lu is not None:
-                        u += _mm(_mm(h, lu[0], mb), lu[1], mb)
+                        u += _low_rank(h, *lu, mb)
                     if rg is not None:
                         _add_rows(g, h, rg, mb)
                     if ru is not None:

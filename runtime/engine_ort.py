@@ -108,10 +108,10 @@ class OrtEngine:
         self._mm: dict[str, np.memmap] = {}
 
     def _adopt(self, sess: Any, keep: Any = (), *, path: Path) -> None:
-        """Make ``sess`` (built from ``path``) the running session: one assignment, so a concurrent request sees
-        the old session with everything derived from it, or the new one with its own (a request reads
-        ``self._g`` once)."""
-        g = _Session(sess, self.cfg, self._linear, path)
+        """Make ``sess`` (built from ``path``; or its _Session) the running session: one assignment, so a
+        concurrent request sees the old session with everything derived from it, or the new one with its own
+        (a request reads ``self._g`` once)."""
+        g = sess if isinstance(sess, _Session) else _Session(sess, self.cfg, self._linear, path)
         if g.groups and self.weights == "fp32":  # q|k|v, gate|up concatenated in the graph (onnx_fast._F32Linears)
             self._folded.add(path)
         self._g, self._keep = g, keep
@@ -183,14 +183,13 @@ class OrtEngine:
         self._pending_keep = (arrays, values, so)  # must outlive the session: onnxruntime uses the buffers as they are
         return sess
 
-    def _probe_logits(self, sess: Any) -> np.ndarray:
+    def _probe_logits(self, g: "_Session") -> np.ndarray:
         """Logits of a fixed two-token input: a fingerprint of the weights a session really uses."""
         feeds = {"input_ids": np.array([[1, 2]], np.int64) % self.cfg.vocab_size,
                  "attention_mask": np.ones((1, 2), np.int64), "position_ids": np.array([[0, 1]], np.int64)}
         for i in range(self.cfg.n_layers):
             for kv in ("key", "value"):
                 feeds[f"past.{i}.{kv}"] = np.zeros((1, self.cfg.n_kv_heads, 0, self.cfg.head_dim), np.float32)
-        g = sess if isinstance(sess, _Session) else _Session(sess, self.cfg, self._linear, self._path)
         for n in g.required:  # a graph whose slots have no default: idle (rank 0)
             feeds[f"lora.{n}.a"], feeds[f"lora.{n}.b"] = g.empty_slot[n]
         return g.sess.run(["logits"], feeds)[0]
@@ -242,7 +241,7 @@ class OrtEngine:
         # a graph with weights fused in-graph ignores overrides (they feed a Concat onnxruntime folded at load):
         # merged weights run on the plain graph, and the live graph comes back with the base weights ({})
         path = self._plain_path if overrides and self._path in self._folded else self._path
-        sess = self._build(overrides, path)
+        sess = _Session(self._build(overrides, path), self.cfg, self._linear, path)
         keep = self._pending_keep
         probe = self._probe_logits(sess)
         if overrides:

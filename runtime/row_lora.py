@@ -90,6 +90,11 @@ def _mm(x: np.ndarray, w: np.ndarray, nb: int) -> np.ndarray:
     return np.matmul(x.reshape(nb, -1, x.shape[1]), w).reshape(x.shape[0], w.shape[1])
 
 
+def _low_rank(x: np.ndarray, a: np.ndarray, b: np.ndarray, nb: int) -> np.ndarray:
+    """(x A) B for A [in, r], B [r, out] shared by the nb rows of x [nb·seq, in], each row as it runs alone."""
+    return _mm(_mm(x, a, nb), b, nb)
+
+
 def _lin(x: np.ndarray, w: Any, live: Any, rows: Any = None, nb: int = 1, head: bool = False) -> np.ndarray:
     """x [N, in] -> [N, out]; ``w`` is an fp32 [in, out] array (any strides) or a _Lazy; ``live``
     the engine's fused (Aᵀ, Bᵀ); ``rows`` this call's per-row factors (see :func:`_add_rows`), or
@@ -100,7 +105,7 @@ def _lin(x: np.ndarray, w: Any, live: Any, rows: Any = None, nb: int = 1, head: 
         return _lin_terms(x, w, live, rows, nb)
     y = w.matmul(x) if type(w) is _Lazy else _mm(x, w, 1 if head else nb)
     if live is not None:
-        y += _mm(_mm(x, live[0], nb), live[1], nb)
+        y += _low_rank(x, *live, nb)
     if rows is not None:
         _add_rows(y, x, rows, nb)
     return y
@@ -115,7 +120,7 @@ def _lin_terms(x: np.ndarray, w: Any, live: Any, rows: tuple, nb: int) -> np.nda
     if s_out is not None:
         y = _per_row(y, s_out, nb, np.multiply)
     if live is not None:
-        y += _mm(_mm(x, live[0], nb), live[1], nb)
+        y += _low_rank(x, *live, nb)
     if a is not None:
         _add_rows(y, x, (a, b), nb)
     return y if bias is None else _per_row(y, bias, nb, np.add)
@@ -136,7 +141,7 @@ def _add_rows(y: np.ndarray, x: np.ndarray, f: Any, nb: int) -> None:
         return
     a, b = f
     if a.ndim == 2:
-        y += _mm(_mm(x, a, nb), b, nb)
+        y += _low_rank(x, a, b, nb)
     else:
         y += np.matmul(np.matmul(x.reshape(nb, -1, x.shape[1]), a), b).reshape(y.shape)  # [nb, seq, out]
 
@@ -198,6 +203,7 @@ def check_rows(lora: Any, batch: int, shapes: dict[str, tuple[int, int]], unknow
     collect(problems, AdapterMismatchError, f"per-row adapter factors do not fit this base and batch of {batch} "
             "(nothing was computed):")
     return out_f
+
 
 def _check_terms(name: str, f: Any, batch: int, i: int, o: int, problems: list[str]) -> tuple | None:
     """One (A, B, in [n, in], out [n, out], bias [n, out]) entry, any term None (A and B together)."""
