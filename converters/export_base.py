@@ -51,6 +51,7 @@ def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", 
     source's blocks of that type are copied bit for bit, anything else is quantized from float32."""
     import gguf
 
+    from .genai import write_genai_config
     from .gguf_base import write_base_gguf
     from .onnx_graph import build_onnx
 
@@ -89,6 +90,7 @@ def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", 
         if (out / "model_bottleneck.onnx").is_file():
             files["onnx_bottleneck"] = "model_bottleneck.onnx"  # model_kinds + bottleneck slots (AdapterHub)
         files["onnx_check"] = "weight_sums.onnx"  # verifies initializer overrides (merge mode)
+        files["genai"] = write_genai_config(out, cfg)  # the folder as an onnxruntime-genai model
     for qkind in ("int4", "int8"):
         if onnx and qkind in onnx_weights:  # the quantized bases, adapters live beside them
             from .onnx_fast import build_quant_onnx, gguf_source

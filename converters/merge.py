@@ -178,6 +178,10 @@ def merge_adapters(base: str | os.PathLike, adapters: Sequence[tuple[str | os.Pa
         for kind, file in (("onnx_lora", "model_lora.onnx"), ("onnx_live", "model_live.onnx"), ("onnx_check", "weight_sums.onnx")):
             if (out / file).is_file():
                 files[kind] = file
+        if "onnx_lora" in files:
+            from .genai import write_genai_config
+
+            files["genai"] = write_genai_config(out, man.arch)
     tok = man.path("tokenizer")
     if tok is not None and tok.is_file():
         shutil.copy(tok, out / "tokenizer.json")

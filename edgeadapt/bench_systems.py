@@ -217,27 +217,14 @@ class Genai(System):
     def load(self) -> None:
         import onnxruntime_genai as og
 
+        from edgeadapt.converters.genai import genai_config
         from edgeadapt.manifest import read_manifest
 
         man = read_manifest(self.spec.base)
-        a = man.arch
         self.dir = Path(tempfile.mkdtemp(prefix="genai_"))
         for f in (man.path("onnx_lora"), man.path("onnx_lora").parent / "model.onnx.data"):
             os.symlink(f, self.dir / f.name)
-        cfg = {"model": {"type": "llama", "context_length": self.spec.ctx, "vocab_size": a.vocab_size,
-                         "bos_token_id": a.bos_token_id or 0, "eos_token_id": a.eos_token_ids or [0], "pad_token_id": 0,
-                         "decoder": {"session_options": {"log_id": "genai", "intra_op_num_threads": self.spec.threads,
-                                                         "provider_options": []},
-                                     "filename": man.path("onnx_lora").name, "head_size": a.head_dim,
-                                     "hidden_size": a.dim, "num_attention_heads": a.n_heads,
-                                     "num_hidden_layers": a.n_layers, "num_key_value_heads": a.n_kv_heads,
-                                     "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                                                "position_ids": "position_ids", "past_key_names": "past.%d.key",
-                                                "past_value_names": "past.%d.value"},
-                                     "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                                                 "present_value_names": "present.%d.value"}}},
-               "search": {"do_sample": False, "max_length": self.spec.ctx, "num_beams": 1,
-                          "past_present_share_buffer": False}}
+        cfg = genai_config(man.arch, man.path("onnx_lora").name, threads=self.spec.threads, max_length=self.spec.ctx)
         (self.dir / "genai_config.json").write_text(json.dumps(cfg))
         self.og = og
         self.model = og.Model(str(self.dir))

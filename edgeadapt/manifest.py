@@ -12,7 +12,8 @@ Spec (mirrored in docs/FORMAT.md). A base folder MUST hold ``manifest.json``:
   the runtime's live graph, whose kv cache stays bound in place), ``onnx_kinds`` (scale / bias slots
   too: DoRA, IA3, lora_bias), ``onnx_bottleneck`` (``onnx_kinds`` plus bottleneck slots at every
   residual add: AdapterHub adapters), ``onnx_check``
-  (the weight-checksum graph that verifies merges), ``gguf`` (the base llama.cpp loads) and
+  (the weight-checksum graph that verifies merges), ``genai`` (``genai_config.json``: the folder as an
+  onnxruntime-genai model running ``onnx_lora``), ``gguf`` (the base llama.cpp loads) and
   ``tokenizer`` (a ``tokenizers`` JSON); each MAY be absent;
 - ``tensors``: per canonical (GGUF) tensor name, where it lives in each export:
   ``{"onnx": {"onnx", "layout", "file", "offset", "length", "dtype", "shape"}, "hf": <source name>}``
