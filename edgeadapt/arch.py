@@ -14,6 +14,8 @@ Canonical layout (used by every export, delta file and engine):
 Families (``ArchConfig.arch`` = the GGUF architecture):
   llama   Llama, SmolLM2, Mistral (a sliding window, when set, on every layer)
   qwen2   Qwen2 / Qwen2.5 (q/k/v biases, "neox" rope)
+  qwen3   Qwen3 dense decoders: Qwen2's layout without the q/k/v biases, an RMS norm over each head
+          of q and k before rope (plain ``w``), head_dim given by the config (q_dim may differ from dim)
   gemma3  Gemma 3 text decoder: (1+w) RMS norms, √dim-scaled embeddings, GELU-tanh gated FFN,
           q/k RMS norm per head, post-attention / post-FFN norms, query_pre_attn_scalar,
           sliding-window layers with their own rope base, linear rope scaling on the global
@@ -38,10 +40,11 @@ HF_MODEL_TYPES: dict[str, tuple[str, str, bool]] = {
     "llama": ("llama", "norm", False),  # Llama 2/3, SmolLM2, TinyLlama
     "mistral": ("llama", "norm", False),  # llama.cpp converts Mistral as llama
     "qwen2": ("qwen2", "neox", True),  # Qwen2 / Qwen2.5: biases on q, k, v
+    "qwen3": ("qwen3", "neox", False),  # Qwen3ForCausalLM: no biases, q/k RMS norm per head
     "gemma3_text": ("gemma3", "neox", False),  # Gemma3ForCausalLM (the text decoder of Gemma 3)
     "gpt2": ("gpt2", "none", False),  # GPT2LMHeadModel
 }
-GGUF_ARCHES: dict[str, tuple[str, bool]] = {"llama": ("norm", False), "qwen2": ("neox", True),
+GGUF_ARCHES: dict[str, tuple[str, bool]] = {"llama": ("norm", False), "qwen2": ("neox", True), "qwen3": ("neox", False),
                                             "gemma3": ("neox", False), "gpt2": ("none", False)}
 # architectures whose Hugging Face linear layers are Conv1D ([in, out]; PEFT's fan_in_fan_out)
 CONV1D_ARCHES = frozenset({"gpt2"})
@@ -50,7 +53,7 @@ GEMMA3_SWA_PATTERN = 6  # llama.cpp's gemma3 default: every 6th layer is global,
 
 @dataclass(frozen=True)
 class ArchConfig:
-    arch: str  # GGUF architecture name: "llama" | "qwen2" | "gemma3" | "gpt2"
+    arch: str  # GGUF architecture name: "llama" | "qwen2" | "qwen3" | "gemma3" | "gpt2"
     n_layers: int
     dim: int
     ffn_dim: int
@@ -73,7 +76,7 @@ class ArchConfig:
     gated_ffn: bool = True  # down(act(gate)·up); False: down(act(up)) (GPT-2)
     fused_qkv: bool = False  # one attn_qkv linear, rows q | k | v (GPT-2)
     linear_bias: bool = False  # every block linear and every norm has a bias (GPT-2)
-    qk_norm: bool = False  # RMS norm over each head of q and k, before rope (Gemma 3)
+    qk_norm: bool = False  # RMS norm over each head of q and k, before rope (Qwen3, Gemma 3)
     post_norms: bool = False  # post_attention_norm / post_ffw_norm before each residual add (Gemma 3)
     learned_pos: bool = False  # position_embd [context_length, dim] added to the embedding (GPT-2)
     embed_scale: float = 1.0  # token embeddings are multiplied by this (Gemma: √dim)
@@ -184,7 +187,7 @@ class ArchConfig:
         arch, rope, bias = HF_MODEL_TYPES[mt]
         n_heads = g["num_attention_heads"]
         head_dim = g.get("head_dim") or g["hidden_size"] // n_heads
-        if mt != "gemma3_text" and head_dim * n_heads != g["hidden_size"]:
+        if mt not in ("gemma3_text", "qwen3") and head_dim * n_heads != g["hidden_size"]:
             raise UnsupportedError(f"head_dim {head_dim} × heads {n_heads} != hidden_size {g['hidden_size']}")
         if mt in ("llama", "mistral") and g.get("attention_bias") or g.get("mlp_bias"):
             raise UnsupportedError("attention_bias / mlp_bias on a llama model is not supported yet")
@@ -199,6 +202,8 @@ class ArchConfig:
                       bos_token_id=g.get("bos_token_id"), eos_token_ids=eos, pad_token_id=g.get("pad_token_id"))
         if mt == "gemma3_text":
             return _from_hf_gemma3(g, common)
+        if mt == "qwen3":
+            return _from_hf_qwen3(g, common)
         rp = _rope_params(g, None)
         theta, scale = _rope_of(rp, g.get("rope_theta"), 10000.0)
         window = g.get("sliding_window") if g.get("use_sliding_window", True) else None
@@ -229,6 +234,13 @@ class ArchConfig:
         if vocab is None:
             vocab = len(f["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in f else None
         head_dim = int(get(f"{arch}.attention.key_length", get(f"{arch}.rope.dimension_count", dim // n_heads)))
+        v_dim = int(get(f"{arch}.attention.value_length", head_dim))
+        if v_dim != head_dim:
+            raise UnsupportedError(f"GGUF {arch}: attention.value_length {v_dim} != key_length {head_dim} is not supported")
+        rope_dims = int(get(f"{arch}.rope.dimension_count", head_dim))
+        if rope != "none" and rope_dims != head_dim:
+            raise UnsupportedError(f"GGUF {arch}: partial rope (rope.dimension_count {rope_dims} of head_dim "
+                                   f"{head_dim}) is not supported")
         eos = get("tokenizer.ggml.eos_token_id", None)
         eot = get("tokenizer.ggml.eot_token_id", None)
         eos_ids = [int(x) for x in (eos, eot) if x is not None]
@@ -256,6 +268,11 @@ class ArchConfig:
             kw.update(norm="rms", act="gelu_tanh", qk_norm=True, post_norms=True, embed_scale=float(dim ** 0.5),
                       attn_scale=float(get(f"{arch}.attention.scale", default_scale)),
                       rope_theta_swa=float(get(f"{arch}.rope.freq_base_swa", 10000.0)), swa_layers=swa)
+        elif arch == "qwen3":
+            if window is not None:  # llama.cpp's qwen3 has no sliding window: a file that sets one is not ours
+                raise UnsupportedError(f"GGUF qwen3 with {arch}.attention.sliding_window = {window} is not supported "
+                                       "(Qwen3 runs full attention on every layer)")
+            kw.update(qk_norm=True)
         elif arch == "gpt2":
             kw.update(norm="layer", act="gelu_tanh", gated_ffn=False, fused_qkv=True, linear_bias=True,
                       learned_pos=True)
@@ -351,6 +368,26 @@ def _from_hf_gemma3(g: dict[str, Any], common: dict[str, Any]) -> ArchConfig:
                       rope_theta_swa=theta_swa, sliding_window=g.get("sliding_window"),
                       swa_layers=[i for i, t in enumerate(types) if t == "sliding_attention"],
                       final_softcap=None if softcap is None else float(softcap))
+
+
+def _from_hf_qwen3(g: dict[str, Any], common: dict[str, Any]) -> ArchConfig:
+    """Qwen3: full attention everywhere, no biases, SiLU; what else a config can switch on is refused by name."""
+    problems = []
+    if g.get("attention_bias"):
+        problems.append(f"attention_bias={g['attention_bias']!r} is not supported (Qwen3 has no q/k/v/o biases)")
+    types = g.get("layer_types") or []
+    if g.get("use_sliding_window") or "sliding_attention" in types:
+        problems.append(f"use_sliding_window={g.get('use_sliding_window')!r} (layer_types {types!r}) is not supported: "
+                        "llama.cpp's qwen3 runs full attention on every layer")
+    if set(types) - {"full_attention", "sliding_attention"}:
+        problems.append(f"layer_types {types!r}: expected full_attention only")
+    act = g.get("hidden_act", "silu")
+    if act != "silu":
+        problems.append(f"hidden_act {act!r} is not supported (silu only)")
+    if problems:
+        raise UnsupportedError("qwen3: " + "; ".join(problems))
+    theta, scale = _rope_of(_rope_params(g, None), g.get("rope_theta"), 10000.0)
+    return ArchConfig(**common, rope_theta=theta, rope_scale=scale, qk_norm=True)
 
 
 def _from_hf_gpt2(g: dict[str, Any]) -> ArchConfig:

@@ -1,0 +1,206 @@
+"""Qwen3 end to end: a tiny Qwen3ForCausalLM with head_dim (24) independent of hidden / heads (64 / 4),
+GQA, random non-trivial q_norm / k_norm weights and an untied head, exported with the CLI and run on
+both engines against transformers and PEFT; llama.cpp loads the GGUF base and the delta file and
+agrees; what the family cannot take is refused by name."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import edgeadapt
+from edgeadapt.arch import ArchConfig
+from edgeadapt.errors import UnsupportedError
+
+from arch_common import (TOL, add_lora, byte_tokenizer, check_cached_decode, check_left_padded, check_logits, check_lora,
+                         cli, export, export_lora, greedy_hf, llama_cpp_greedy, randomize)
+from conftest import ENGINES, torch, torch_logits
+
+transformers = pytest.importorskip("transformers")
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def qwen3_config(**over):
+    from transformers import Qwen3Config
+
+    cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=24, max_position_embeddings=128, rms_norm_eps=1e-6,
+               rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, tie_word_embeddings=False,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager")
+    cfg.update(over)
+    return Qwen3Config(**cfg)
+
+
+def make_qwen3(seed: int = 0, **over):
+    from transformers import Qwen3ForCausalLM
+
+    return randomize(Qwen3ForCausalLM(qwen3_config(**over)), seed, norm_around=1.0)
+
+
+@pytest.fixture(scope="module")
+def q3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen3")
+    model = make_qwen3()
+    base = export(model, root)
+    pa = add_lora(model, 1, target_modules=ALL_LINEAR, use_rslora=True, rank_pattern={"down_proj": 6})
+    pb = add_lora(model, 2, r=2, lora_alpha=3, target_modules=["q_proj", "k_proj", "gate_proj"])
+    return dict(root=root, model=model, base=base, pa=pa, pb=pb, a=export_lora(pa, root, base, "a"),
+                b=export_lora(pb, root, base, "b"))
+
+
+@pytest.fixture
+def ids():
+    return np.random.default_rng(0).integers(3, 256, size=(2, 11)).tolist()
+
+
+def test_card(q3):
+    cfg = edgeadapt.load(q3["base"], engine="numpy")._engine.cfg
+    assert (cfg.arch, cfg.rope, cfg.qk_norm, cfg.qkv_bias, cfg.head_dim, cfg.q_dim, cfg.dim) == (
+        "qwen3", "neox", True, False, 24, 96, 64)
+    assert (cfg.rope_theta, cfg.sliding_window, cfg.tied_embeddings, cfg.post_norms) == (50000.0, None, False, False)
+
+
+def test_gguf_card_reads_back(q3):
+    """The GGUF base alone (llama.cpp's keys) gives the same card: key_length carries head_dim."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(q3["base"] / "model.gguf"))
+    assert reader.fields["qwen3.attention.key_length"].contents() == 24
+    assert reader.fields["qwen3.attention.value_length"].contents() == 24
+    got = ArchConfig.from_gguf(reader)
+    want = ArchConfig.from_hf(q3["model"].config)
+    assert got.rms_eps == pytest.approx(want.rms_eps, rel=1e-6)  # stored as float32
+    same = {"rms_eps": got.rms_eps, "pad_token_id": got.pad_token_id}  # no pad id is written without a tokenizer
+    assert got.to_dict() == {**want.to_dict(), **same}
+
+
+def test_qk_norm_matters(q3, ids):
+    """The q/k norm weights are really exercised: with them at one, transformers' logits differ."""
+    plain = copy.deepcopy(q3["model"])
+    with torch.no_grad():
+        for layer in plain.model.layers:
+            layer.self_attn.q_norm.weight.fill_(1.0)
+            layer.self_attn.k_norm.weight.fill_(1.0)
+    assert np.abs(torch_logits(plain, ids) - torch_logits(q3["model"], ids)).max() > 1e-2
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_logits_match_transformers(q3, ids, engine):
+    check_logits(q3["base"], q3["model"], engine, ids)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_left_padded_batch(q3, engine):
+    check_left_padded(q3["base"], q3["model"], engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cached_decode_step(q3, ids, engine):
+    check_cached_decode(q3["base"], q3["model"], engine, ids)
+
+
+@pytest.mark.parametrize("mode", ["merge", "live"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_lora_matches_peft(q3, ids, engine, mode):
+    check_lora(q3["base"], q3["a"], q3["pa"], q3["model"], engine, mode, ids)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_per_row_adapters(q3, engine):
+    """One left-padded batch, one adapter per row (a, b, none): each row as PEFT / transformers computes it."""
+    m = edgeadapt.load(q3["base"], engine=engine, mode="live")
+    m.add_adapter(q3["a"], name="a")
+    m.add_adapter(q3["b"], name="b")
+    rng = np.random.default_rng(4)
+    rows = [rng.integers(3, 256, size=n).tolist() for n in (9, 6, 4)]
+    width = max(map(len, rows))
+    padded = [[0] * (width - len(r)) + r for r in rows]
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    got = m.logits(padded, mask, adapters=["a", "b", None])
+    for row, ref, out in zip(rows, (q3["pa"], q3["pb"], q3["model"]), got):
+        np.testing.assert_allclose(out[width - len(row):], torch_logits(ref, [row])[0], atol=TOL, rtol=0)
+    assert np.abs(got[1][width - 6:] - torch_logits(q3["model"], [rows[1]])[0]).max() > 0.05  # b matters
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_greedy_generation_matches_transformers(q3, engine):
+    m = edgeadapt.load(q3["base"], engine=engine)
+    prompt = [5, 17, 42, 99, 7, 8]
+    want = greedy_hf(q3["model"], prompt, 10)
+    want = want[: want.index(2)] if 2 in want else want
+    assert m.generate_ids(prompt, max_new_tokens=10) == want
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_greedy_generation_with_lora_matches_peft(q3, engine):
+    m = edgeadapt.load(q3["base"], engine=engine, mode="live")
+    m.add_adapter(q3["a"], name="a")
+    m.use("a")
+    prompt = [9, 33, 4, 120, 64]
+    want = greedy_hf(q3["pa"], prompt, 10)
+    want = want[: want.index(2)] if 2 in want else want
+    assert m.generate_ids(prompt, max_new_tokens=10) == want
+
+
+# ---- llama.cpp
+@pytest.fixture(scope="module")
+def q3_cpp(tmp_path_factory):
+    """A tied Qwen3 with a vocabulary llama.cpp can load, its base, and a PEFT LoRA on every linear layer."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install llama-cpp-python)")
+    root = tmp_path_factory.mktemp("qwen3_cpp")
+    model = make_qwen3(3, tie_word_embeddings=True, num_hidden_layers=3)
+    hf = root / "hf"
+    model.save_pretrained(hf)
+    byte_tokenizer(hf, bos=1, eos=2, pad=0)
+    cli("export-base", hf, root / "base", "--gguf-type", "F32", "--no-onnx")
+    pm = add_lora(model, 5, target_modules=ALL_LINEAR)
+    return dict(root=root, model=model, base=root / "base", pm=pm, delta=export_lora(pm, root, root / "base", "a"))
+
+
+def llama_cpp_logits(gguf_path, prompt, lora=None) -> np.ndarray:
+    import llama_cpp
+
+    kw = dict(lora_path=str(lora)) if lora else {}
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=128, n_threads=1, verbose=False, logits_all=True,
+                          type_k=0, type_v=0, **kw)  # an F32 kv cache (ggml type 0; the default is F16)
+    llm.eval(prompt)
+    return np.array(llm.scores[: len(prompt)], np.float32)
+
+
+def test_llama_cpp_agrees(q3_cpp):
+    """llama.cpp loads our GGUF as qwen3 (head_dim from key_length) and gives transformers' logits and our
+    greedy tokens."""
+    prompt = [5, 17, 42, 99, 7, 8, 9, 10]
+    ours = edgeadapt.load(q3_cpp["base"], engine="numpy")
+    got = ours.generate_ids(prompt, max_new_tokens=8)
+    want = greedy_hf(q3_cpp["model"], prompt, 8)
+    want = want[: want.index(2)] if 2 in want else want
+    assert got == want
+    assert llama_cpp_greedy(q3_cpp["base"] / "model.gguf", prompt, len(got) or 1)[: len(got)] == got
+    theirs = llama_cpp_logits(q3_cpp["base"] / "model.gguf", prompt)
+    np.testing.assert_allclose(theirs, torch_logits(q3_cpp["model"], [prompt])[0], atol=TOL, rtol=0)
+
+
+def test_llama_cpp_agrees_with_lora(q3_cpp):
+    """llama.cpp takes our delta file as a LoRA of the qwen3 base and computes PEFT's logits."""
+    prompt = [5, 17, 42, 99, 7, 8, 9, 10]
+    want = torch_logits(q3_cpp["pm"], [prompt])[0]
+    assert np.abs(want - torch_logits(q3_cpp["model"], [prompt])[0]).max() > 0.05, "the adapter must matter"
+    theirs = llama_cpp_logits(q3_cpp["base"] / "model.gguf", prompt, lora=q3_cpp["delta"])
+    np.testing.assert_allclose(theirs, want, atol=TOL, rtol=0)
+
+
+# ---- refused by name
+@pytest.mark.parametrize("over,match", [
+    (dict(attention_bias=True), "qwen3: attention_bias=True is not supported"),
+    (dict(use_sliding_window=True, sliding_window=4, max_window_layers=1), "qwen3: use_sliding_window=True"),
+    (dict(hidden_act="gelu"), "qwen3: hidden_act 'gelu' is not supported"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                           "original_max_position_embeddings": 32}), "rope_scaling .*yarn.* is not supported"),
+])
+def test_refused_configs(over, match):
+    with pytest.raises(UnsupportedError, match=match):
+        ArchConfig.from_hf(qwen3_config(**over))
