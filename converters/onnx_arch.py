@@ -1,4 +1,4 @@
-"""The decoder graph of the families beyond llama / qwen2 (Gemma 3, GPT-2), from default-domain
+"""The decoder graph of the families beyond llama / qwen2 / qwen3 (Gemma 3, GPT-2), from default-domain
 operators only (opset 17).
 
 Same contract as :mod:`edgeadapt.converters.onnx_graph` (inputs, outputs, LoRA slots, initializer
@@ -22,7 +22,7 @@ from edgeadapt.arch import ArchConfig
 
 from .onnx_graph import NEG, _G, _linear, _rms_norm, _rope, lora_input_names, rope_tables
 
-FUSED_ARCHES = frozenset({"llama", "qwen2"})  # the families onnx_fast's fused graph expresses
+FUSED_ARCHES = frozenset({"llama", "qwen2", "qwen3"})  # the families onnx_fast's fused graph expresses
 
 
 def rope_initializers(cfg: ArchConfig) -> dict[str, np.ndarray]:

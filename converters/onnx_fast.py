@@ -6,7 +6,8 @@ past.{i}.key/value -> logits, present.{i}.key/value = concat(past, new) on axis 
 optional inputs lora.<W>.a [n, in, r] / lora.<W>.b [n, r, out] (n = 1 or batch, scale in b,
 empty defaults). What changes is how a layer is computed (com.microsoft, onnxruntime >= 1.22):
 
-  SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization  RMS norm (+ the residual add)
+  SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization  RMS norm (+ the residual add); Qwen3's
+                     q/k norm is a SimplifiedLayerNormalization over q viewed as [B,S,heads,head_dim]
   RotaryEmbedding    rope on q and k at the given position_ids (any left padding)
   GroupQueryAttention  causal GQA over past + new keys, padding masked by an attention_bias
                      built once from attention_mask; rotary off (done above, so positions stay
@@ -196,6 +197,9 @@ def fused_decoder(cfg: ArchConfig, lin: _Linears, inits: list[TensorProto], name
     for i in range(cfg.n_layers):
         # ---- attention
         q, k, v = lin.group(g, h, i, GROUPS[0])  # [B,S,H*hd], [B,S,KV*hd], [B,S,KV*hd]
+        if cfg.qk_norm:  # Qwen3: RMS norm over each head of q and k (a [..., heads, head_dim] view), before rope
+            q, k = (_head_norm(g, t, f"blk.{i}.attn_{c}_norm.weight", n, cfg.head_dim, eps)
+                    for t, c, n in ((q, "q", cfg.n_heads), (k, "k", cfg.n_kv_heads)))
         q = g.op("RotaryEmbedding", q, "position_ids", "rope.cos", "rope.sin", domain=MS, interleaved=interleaved)
         k = g.op("RotaryEmbedding", k, "position_ids", "rope.cos", "rope.sin", domain=MS, interleaved=interleaved)
         o = f"attn_{i}"
@@ -216,6 +220,13 @@ def fused_decoder(cfg: ArchConfig, lin: _Linears, inits: list[TensorProto], name
     if lin.slots:  # graphs that serve adapters (not the bare base): + a live change of some head rows
         inputs += add_head_delta(g, h, cfg.dim)
     return helper.make_graph(g.nodes, name, inputs + [embed_in], outputs, initializer=g.inits)
+
+
+def _head_norm(g: _G, x: str, w: str, heads: int, hd: int, eps: float) -> str:
+    """x [B,S,heads*hd] -> RMS norm of each head with w [hd] -> [B,S,heads*hd]."""
+    y = g.op("SimplifiedLayerNormalization", g.op("Reshape", x, g.const([0, 0, heads, hd])), w, axis=-1,
+             epsilon=eps, stash_type=1)
+    return g.op("Reshape", y, g.const([0, 0, heads * hd]))
 
 
 def _skip_norm(g: _G, y: str, x: str, w: str, eps: float, add: Any = None) -> tuple[str, str]:

@@ -31,7 +31,8 @@ Initializers (names are the GGUF names; overridable with SessionOptions.add_init
   token_embd.weight            [vocab, dim]  as-is; Gather, and Gemm(transB=1) for tied logits
   blk.{i}.attn_q.weight, ...   [in, out]     linear weights TRANSPOSED from canonical [out, in],
   output.weight (if untied)    [in, out]     each the direct input of a MatMul (no node between)
-  *_norm.weight, blk.{i}.attn_{q,k,v}.bias   as-is (q/k rows permuted for "norm" rope, as canonical)
+  *_norm.weight, blk.{i}.attn_{q,k,v}.bias   as-is (q/k rows permuted for "norm" rope, as canonical;
+                               attn_{q,k}_norm.weight [head_dim]: Qwen3's RMS norm per head before rope)
   rope.cos, rope.sin           [context_length, head_dim/2]  helpers, not model weights
 
 LoRA slots (model_lora.onnx): extra optional inputs, two per weight W of cfg.linear_shapes()
@@ -227,8 +228,12 @@ def lora_input_names(weight: str) -> tuple[str, str]:
 
 def _attention(g: _G, cfg: ArchConfig, i: int, x: str, cos: str, sin: str, mask: str) -> str:
     H, KV, hd, p = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, f"blk.{i}"
-    q = _rope(g, _linear(g, x, f"{p}.attn_q", cfg.qkv_bias), cos, sin, cfg, H)  # [B,S,H,hd]
-    k = _rope(g, _linear(g, x, f"{p}.attn_k", cfg.qkv_bias), cos, sin, cfg, KV)  # [B,S,KV,hd]
+    q, k = _linear(g, x, f"{p}.attn_q", cfg.qkv_bias), _linear(g, x, f"{p}.attn_k", cfg.qkv_bias)
+    if cfg.qk_norm:  # Qwen3: RMS norm over each head of q and k, before rope
+        q, k = (g.op("Reshape", _rms_norm(g, g.op("Reshape", t, g.const([0, 0, n, hd])), f"{p}.attn_{c}_norm.weight",
+                                          cfg.rms_eps), g.const([0, 0, n * hd])) for t, n, c in ((q, H, "q"), (k, KV, "k")))
+    q = _rope(g, q, cos, sin, cfg, H)  # [B,S,H,hd]
+    k = _rope(g, k, cos, sin, cfg, KV)  # [B,S,KV,hd]
     v = g.op("Reshape", _linear(g, x, f"{p}.attn_v", cfg.qkv_bias), g.const([0, 0, KV, hd]))
     q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # [B,H,S,hd]
     k = g.op("Concat", f"past.{i}.key", g.op("Transpose", k, perm=[0, 2, 1, 3]), axis=2,

@@ -33,7 +33,8 @@ _AUTO_LOAD_LIMIT = 2 << 30
 
 # ---------------------------------------------------------------- engine
 class NumpyEngine:
-    """Llama / Qwen2 forward pass in numpy from a GGUF base, with merged or live adapters.
+    """Llama / Qwen2 / Qwen3 forward pass in numpy from a GGUF base (Gemma 3 and GPT-2 through the blocks of
+    :mod:`.layers`), with merged or live adapters.
 
     Weights stay memory-mapped from the file. How linear weights are held (``dequantize=``):
 
@@ -192,8 +193,8 @@ class NumpyEngine:
                                              ** (np.arange(0, hd, 2, dtype=_F32) / np.float32(hd)))).astype(_F32)
         if cfg.rope_scale != 1.0:  # linear rope scaling divides inv_freq (transformers' "linear")
             self._inv_freq = (self._inv_freq / np.float32(cfg.rope_scale)).astype(_F32)
-        # Gemma 3 / GPT-2 run the blocks of runtime/layers.py; llama / qwen2 the forward below
-        self._blocks = cfg.arch not in ("llama", "qwen2")
+        # Gemma 3 / GPT-2 run the blocks of runtime/layers.py; llama / qwen2 / qwen3 the forward below
+        self._blocks = cfg.arch not in ("llama", "qwen2", "qwen3")
         self._scale = np.float32(hd ** -0.5)
 
         self._shapes = cfg.linear_shapes()
@@ -505,7 +506,7 @@ class NumpyEngine:
         seen = allowed.any(axis=-1)  # [B, S]
         keep = None if seen.all() else seen.astype(_F32)[:, None, None, :, None]
         bufs = self._kv_buffers(past, B, past_len, T)
-        qkv_bias = cfg.qkv_bias
+        qkv_bias, qk_norm = cfg.qkv_bias, cfg.qk_norm
         scale = self._scale
         # layer products row by row (see row_lora._mm) when rows may differ from each other — per-row adapters —
         # or in decode (seq 1: matrix-vector products, no slower); a batch of prompts sharing one adapter set
@@ -533,6 +534,9 @@ class NumpyEngine:
                     q += norm[f"blk.{i}.attn_q.bias"]
                     k += norm[f"blk.{i}.attn_k.bias"]
                     v += norm[f"blk.{i}.attn_v.bias"]
+                if qk_norm:  # Qwen3: RMS norm over each head of q and k, before rope
+                    q = _rmsnorm(q.reshape(B, S, H, hd), norm[f"blk.{i}.attn_q_norm.weight"], eps)
+                    k = _rmsnorm(k.reshape(B, S, KV, hd), norm[f"blk.{i}.attn_k_norm.weight"], eps)
                 kb, vb = bufs[i]
                 qr = np.empty((B, H, S, hd), _F32)
                 _rope(q.reshape(B, S, H, hd), qr.transpose(0, 2, 1, 3), cos, sin, half, neox)

@@ -145,6 +145,69 @@ def test_greedy_generation_with_lora_matches_peft(q3, engine):
     assert m.generate_ids(prompt, max_new_tokens=10) == want
 
 
+# ---- the fused onnxruntime graph, its plain-operator reference, and the quantized bases
+def test_ort_runs_the_fused_graph(q3):
+    """model.onnx is the com.microsoft graph: q/k norms are SimplifiedLayerNormalization over the heads,
+    attention is GroupQueryAttention (the logits tests above check its numbers)."""
+    import onnx
+
+    g = onnx.load(str(q3["base"] / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in g.node]
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("RotaryEmbedding") == 4
+    head_norms = [n.input[1] for n in g.node if n.op_type == "SimplifiedLayerNormalization"
+                  and n.input[1].endswith(("attn_q_norm.weight", "attn_k_norm.weight"))]
+    assert sorted(head_norms) == [f"blk.{i}.attn_{c}_norm.weight" for i in range(2) for c in "kq"]
+
+
+def test_reference_graph_matches_transformers(q3, ids, tmp_path):
+    """The default-domain graph (build_onnx fused=False) computes the same q/k norms."""
+    from edgeadapt.converters.hf import from_transformers
+    from edgeadapt.converters.onnx_graph import build_onnx
+    from test_quant_base import _feeds, _logits
+
+    cfg, w = from_transformers(q3["model"])
+    build_onnx(cfg, w, tmp_path, fused=False)
+    got = _logits(tmp_path / "model.onnx", _feeds(cfg, ids), cfg)
+    np.testing.assert_allclose(got, torch_logits(q3["model"], ids), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_quantized_graph_computes_its_blocks_with_lora(q3, kind, tmp_path):
+    """accuracy_level 0: the int4 / int8 graph with a live LoRA = the fp32 graph of its own dequantized
+    weights with ΔW merged in float32 (so the quantized graph's q/k norms are those verified above)."""
+    from edgeadapt.converters.hf import from_transformers
+    from edgeadapt.converters.onnx_fast import build_quant_onnx
+    from edgeadapt.converters.onnx_graph import build_onnx
+    from edgeadapt.delta import read_delta
+    from test_quant_base import TOL_EXACT, _dequantized, _feeds, _logits, _lora_feeds
+
+    cfg, w = from_transformers(q3["model"])
+    build_quant_onnx(cfg, w, tmp_path / "q", kind, accuracy_level=0)
+    d = read_delta(q3["a"])
+    merged = _dequantized(cfg, w, kind)
+    for t in d.targets:
+        merged[t] = merged[t] + d.delta(t)
+    build_onnx(cfg, merged, tmp_path / "want", slots=False)
+    ids = np.random.default_rng(1).integers(3, 256, (2, 9))
+    got = _logits(tmp_path / "q" / f"model_{kind}.onnx", _feeds(cfg, ids, lora=_lora_feeds(d)), cfg)
+    want = _logits(tmp_path / "want" / "model.onnx", _feeds(cfg, ids), cfg)
+    assert np.abs(got - want).max() < TOL_EXACT
+
+
+def test_quantized_base_through_load(q3, ids, tmp_path):
+    """export-base --onnx-weights int4: edgeadapt.load runs it with a live adapter, near PEFT (quantization
+    error only, the bound of tests/test_quant_base.py)."""
+    from edgeadapt.converters.export_base import export_base
+    from test_quant_base import TOL_MODEL
+
+    export_base(q3["root"] / "hf_base", tmp_path / "q", gguf_type="F32", onnx_weights=("fp32", "int4"))
+    m = edgeadapt.load(tmp_path / "q", engine="ort", weights="int4", mode="live")
+    m.add_adapter(q3["a"], name="a")
+    m.use("a")
+    err = np.abs(m.logits(ids) - torch_logits(q3["pa"], ids))
+    assert err.max() < TOL_MODEL["int4"][0] and err.mean() < TOL_MODEL["int4"][1], (err.max(), err.mean())
+
+
 # ---- llama.cpp
 @pytest.fixture(scope="module")
 def q3_cpp(tmp_path_factory):
