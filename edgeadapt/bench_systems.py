@@ -76,6 +76,7 @@ class Edgeadapt(System):
 
         self.m = edgeadapt.load(self.spec.base, engine=self.engine, weights=self.weights, threads=self.spec.threads)
         self.m.config = replace(self.m.config, eos_token_ids=[])  # fixed-length decoding
+        self.m.auto_merge_tokens = None  # the rounds measure live adapters, never an automatic merge
 
     def add(self, key: str) -> None:
         self.m.add_adapter(self.spec.adapters[key]["gguf"], name=key)

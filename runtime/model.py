@@ -107,15 +107,20 @@ class Model:
       ``use()`` only binds arrays (microseconds), strengths change without touching files,
       several adapters stack (ranks concatenated), and each row of a batch may have its own
       adapter (``adapters=[...]`` of :meth:`logits` / :meth:`generate`). Idle slots cost nothing.
-    - ``"auto"`` (default): live — swaps are instant and mixed batches work — and, on the numpy
-      engine, once one adapter set has generated ``auto_merge_tokens`` tokens without a change or a
-      mixed batch, it is merged (a numpy merge takes a fraction of a second and saves the live
-      matmuls). On onnxruntime auto stays live (a merge costs a session rebuild on every later swap),
-      but runs the bare base on the plain graph until the first adapter is used, then moves once to the
-      slotted graph. A set with no exact live form (an input and an output scale on one layer) is merged.
+    - ``"auto"`` (default): live — swaps are instant and mixed batches work — and, once one adapter
+      set has generated ``auto_merge_tokens`` tokens without a change or a mixed batch, it is merged
+      at the start of the next request, which then runs at the bare base's speed. A numpy merge takes a
+      fraction of a second; on onnxruntime it builds a session on ``model.onnx`` (about a second on
+      SmolLM2-135M), and the next swap builds the live one again (about half a second) — so the default
+      threshold, 1024 tokens, is past the point where the live products (8–13 % of a decode step at
+      rank 16) have cost more than the two builds. Quantized weights (``weights="int4"``/``"int8"``)
+      stay live: merging would re-quantize them. ``auto_merge_tokens = None`` never merges.
+      On onnxruntime the bare base runs on the plain graph until the first adapter is used, then moves
+      once to the slotted graph. A set with no exact live form (an input and an output scale on one
+      layer) is merged.
     """
 
-    auto_merge_tokens = 1024
+    auto_merge_tokens: int | None = 1024
     trust: Any = None  # edgeadapt.signing.TrustStore
     require_signature = False
     store: str | os.PathLike | None = None
@@ -517,7 +522,7 @@ class Model:
         """Decode loop: yields [(row, token)] for the rows still running, step by step."""
         if not rows or any(len(r) == 0 for r in rows):
             raise FormatError("cannot generate from an empty prompt")
-        self._maybe_auto_merge(plan)
+        plan = self._maybe_auto_merge(plan)
         plan = plan if plan is not None else (self._live or None)
         eos = set(self.config.eos_token_ids)
         width = max(len(r) for r in rows)
@@ -547,12 +552,22 @@ class Model:
                 pos = pos[:, -1:] + 1
                 mask = np.concatenate([mask, running.astype(np.int64)[:, None]], axis=1)
 
-    def _maybe_auto_merge(self, plan: Live | None) -> None:
-        """auto mode, numpy engine: merge a set that has been used alone for long enough."""
-        if (self.requested_mode != "auto" or self.engine != "numpy" or not self.active or self._merged
+    def _maybe_auto_merge(self, plan: Live | None) -> Live | None:
+        """auto mode: merge a set that has been used alone for long enough (numpy, or onnxruntime's fp32 graph;
+        quantized weights stay live: a merge would re-quantize them). Returns the plan the request runs with:
+        after a merge, not the live factors it was given (they are in the weights now)."""
+        mergeable = self.engine == "numpy" or getattr(self._engine, "weights", None) == "fp32"
+        if (self.requested_mode != "auto" or not mergeable or not self.auto_merge_tokens or not self.active
+                or self._merged
                 or self._stable_tokens < self.auto_merge_tokens or plan is not self._live and plan is not None
                 or any(getattr(self.adapters[n], "kind", None) == "bottleneck" for n in self.active)):  # live only
-            return
+            return plan
         with self._use_lock:
-            if not self._merged and self.active:
+            if self._merged or not self.active or plan is not None and plan is not self._live:
+                return plan  # a use() came in between
+            try:
                 self._merge(self.active)
+            except UnsupportedError:  # this engine runs the set live only (e.g. lora_bias without bias slots)
+                self._stable_tokens = -(1 << 62)  # until the next use(): the request goes on live
+                return plan
+        return None

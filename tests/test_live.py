@@ -173,20 +173,39 @@ def test_onnx_adapter_for_another_base_is_refused(tiny, tmp_path):
     assert m.adapters == {}
 
 
-def test_auto_mode_merges_a_long_lived_adapter_on_numpy(tiny, ids):
-    m = edgeadapt.load(tiny["base"], engine="numpy", mode="auto")
+def test_auto_mode_merges_a_long_lived_adapter(tiny, ids, engine):
+    m = edgeadapt.load(tiny["base"], engine=engine, mode="auto")
     m.auto_merge_tokens = 20
     m.add_adapter(tiny["a"], name="a")
+    m.add_adapter(tiny["b"], name="b")
     m.use("a")
     live = m.logits(ids)
     assert m.mode == "live"
-    for _ in range(3):
-        m.generate_ids([5, 6, 7], 10)
+    tokens = m.generate_ids([5, 6, 7], 10)
+    m.logits(ids, adapters=["a", "b"])  # a mixed batch starts the count again
+    for _ in range(2):
+        assert m.generate_ids([5, 6, 7], 10) == tokens
+    assert m.mode == "live"
+    assert m.generate_ids([5, 6, 7], 10) == tokens  # 20 tokens of "a" alone: this request runs merged
     assert m.mode == "merge"
+    if engine == "ort":
+        assert m._engine.graph == "model.onnx"  # merged weights run on the plain graph
     np.testing.assert_allclose(m.logits(ids), live, atol=1e-4, rtol=0)
-    m.use(None)  # back to live, instantly, from the pure base
+    m.use(None)  # back to live, from the pure base
     assert m.mode == "live"
     np.testing.assert_allclose(m.logits(ids), torch_logits(tiny["model"], ids), atol=1e-4, rtol=0)
+    m.use("b")
+    np.testing.assert_allclose(m.logits(ids), torch_logits(tiny["peft_b"], ids), atol=1e-4, rtol=0)
+
+
+def test_auto_merge_stays_off_for_quantized_weights_and_when_disabled(tiny, ids):
+    m = edgeadapt.load(tiny["base"], engine="ort", mode="auto")
+    m.auto_merge_tokens = None
+    m.add_adapter(tiny["a"], name="a")
+    m.use("a")
+    for _ in range(3):
+        m.generate_ids([5, 6, 7], 10)
+    assert m.mode == "live" and m._engine.graph == "model_live.onnx"
 
 
 def test_auto_mode_runs_the_bare_base_on_the_plain_graph(tiny, ids):
