@@ -6,6 +6,7 @@ agrees; what the family cannot take is refused by name."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,6 +146,41 @@ def test_greedy_generation_with_lora_matches_peft(q3, engine):
     assert m.generate_ids(prompt, max_new_tokens=10) == want
 
 
+# ---- other PEFT kinds (the live scale / bias graph and the embedding-change input of the fused graph)
+def _kind_configs():
+    from peft import IA3Config, LoraConfig
+
+    return {"dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=ALL_LINEAR, init_lora_weights=False),
+            "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+            "embedding_lora": LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "k_proj"],
+                                         init_lora_weights=False)}
+
+
+@pytest.fixture(scope="module")
+def q3_kinds(q3):
+    from peft import get_peft_model
+
+    out = {}
+    for i, (kind, conf) in enumerate(_kind_configs().items()):
+        torch.manual_seed(20 + i)
+        pm = get_peft_model(copy.deepcopy(q3["model"]), conf)
+        with torch.no_grad():  # trained-looking parameters: PEFT starts these as a no-op
+            for n, p in pm.named_parameters():
+                if "ia3_" in n or "magnitude" in n:
+                    p.copy_(1.0 + 0.3 * torch.randn_like(p))
+                elif "lora_" in n:
+                    p.copy_(0.3 * torch.randn_like(p))
+        out[kind] = (pm.eval(), export_lora(pm.eval(), q3["root"], q3["base"], kind))
+    return out
+
+
+@pytest.mark.parametrize("kind,mode", [("dora", "merge"), ("dora", "live"), ("ia3", "live"), ("embedding_lora", "live")])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_other_kinds_match_peft(q3, q3_kinds, ids, engine, kind, mode):
+    pm, path = q3_kinds[kind]
+    check_lora(q3["base"], path, pm, q3["model"], engine, mode, ids)
+
+
 # ---- the fused onnxruntime graph, its plain-operator reference, and the quantized bases
 def test_ort_runs_the_fused_graph(q3):
     """model.onnx is the com.microsoft graph: q/k norms are SimplifiedLayerNormalization over the heads,
@@ -254,6 +290,46 @@ def test_llama_cpp_agrees_with_lora(q3_cpp):
     assert np.abs(want - torch_logits(q3_cpp["model"], [prompt])[0]).max() > 0.05, "the adapter must matter"
     theirs = llama_cpp_logits(q3_cpp["base"] / "model.gguf", prompt, lora=q3_cpp["delta"])
     np.testing.assert_allclose(theirs, want, atol=TOL, rtol=0)
+
+
+def _llama_cpp_converter():
+    """llama.cpp's convert_hf_to_gguf.py: $LLAMA_CPP_DIR, or the source tree llama-cpp-python was built from."""
+    import glob
+    import os
+
+    dirs = [os.environ.get("LLAMA_CPP_DIR", "")] + sorted(glob.glob("/tmp/lcp/*/vendor/llama.cpp"))
+    return next((Path(d) / "convert_hf_to_gguf.py" for d in dirs if d and (Path(d) / "convert_hf_to_gguf.py").is_file()),
+                None)
+
+
+# the converter names a BPE tokenizer by hashing its output on a test text; the test vocabulary is none it knows
+_CONVERT = """import sys
+sys.path.insert(0, sys.argv[1])
+import conversion.base as base, conversion.qwen as qwen
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"
+qwen.Qwen2Model.set_vocab = lambda self: self._set_vocab_gpt2()
+import convert_hf_to_gguf
+sys.argv = ["convert_hf_to_gguf.py", sys.argv[2], "--outfile", sys.argv[3], "--outtype", "f32"]
+convert_hf_to_gguf.main()
+"""
+
+
+def test_gguf_from_llama_cpp_converter(q3_cpp, ids, tmp_path):
+    """A GGUF written by llama.cpp's own converter from the HF folder (no rope.dimension_count, head_dim as
+    key_length) exports and runs on both engines with transformers' logits."""
+    import subprocess
+    import sys
+
+    conv = _llama_cpp_converter()
+    if conv is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (set LLAMA_CPP_DIR to a llama.cpp checkout)")
+    gguf_path = tmp_path / "qwen3.gguf"
+    res = subprocess.run([sys.executable, "-c", _CONVERT, str(conv.parent), str(q3_cpp["root"] / "hf"), str(gguf_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cli("export-base", gguf_path, tmp_path / "base", "--gguf-type", "source")
+    for engine in ENGINES:
+        check_logits(tmp_path / "base", q3_cpp["model"], engine, ids)
 
 
 # ---- refused by name
