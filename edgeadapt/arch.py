@@ -207,6 +207,13 @@ class ArchConfig:
         rp = _rope_params(g, None)
         theta, scale = _rope_of(rp, g.get("rope_theta"), 10000.0)
         window = g.get("sliding_window") if g.get("use_sliding_window", True) else None
+        types = set(g.get("layer_types") or [])  # Qwen2: windowed from layer max_window_layers on
+        if window is not None and types == {"full_attention"}:
+            window = None
+        elif window is not None and len(types) > 1:
+            raise UnsupportedError(f"{mt}: sliding_window on some layers only (layer_types {g['layer_types']!r}, "
+                                   f"max_window_layers {g.get('max_window_layers')!r}) is not supported; "
+                                   "the window is supported on every layer or none")
         if window is not None and (not isinstance(window, int) or window < 1):
             raise UnsupportedError(f"sliding_window {window!r}: expected a positive integer or null")
         return cls(**common, rope_theta=theta, rope_scale=scale, sliding_window=window)

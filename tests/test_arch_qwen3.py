@@ -332,7 +332,67 @@ def test_gguf_from_llama_cpp_converter(q3_cpp, ids, tmp_path):
         check_logits(tmp_path / "base", q3_cpp["model"], engine, ids)
 
 
-# ---- refused by name
+# ---- cards of published configs, and what is refused by name
+QWEN3_06B = {  # Qwen/Qwen3-0.6B config.json (transformers 4.51 keys: rope_theta / rope_scaling, no layer_types)
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02,
+    "intermediate_size": 3072, "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936}
+
+
+def test_card_of_qwen3_06b_config():
+    cfg = ArchConfig.from_hf(QWEN3_06B)
+    assert (cfg.arch, cfg.n_layers, cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.q_dim) == (
+        "qwen3", 28, 1024, 3072, 16, 8, 128, 2048)
+    assert (cfg.rope, cfg.rope_theta, cfg.rope_scale, cfg.qk_norm, cfg.qkv_bias, cfg.tied_embeddings) == (
+        "neox", 1e6, 1.0, True, False, True)
+    assert (cfg.sliding_window, cfg.swa_layers, cfg.eos_token_ids, cfg.context_length) == (None, None, [151645], 40960)
+    assert cfg.tensor_shapes()["blk.27.attn_q_norm.weight"] == (128,) and "output.weight" not in cfg.tensor_shapes()
+
+
+def test_qwen2_window_on_some_layers_is_refused():
+    """Qwen2 (the same config keys): a window on every layer or none is a card; on some layers only is refused."""
+    from transformers import Qwen2Config
+
+    def card(**kw):
+        return ArchConfig.from_hf(Qwen2Config(num_hidden_layers=3, sliding_window=4, **kw))
+
+    assert card(use_sliding_window=False).sliding_window is None
+    assert card(use_sliding_window=True, max_window_layers=0).sliding_window == 4
+    assert card(use_sliding_window=True, max_window_layers=3).sliding_window is None
+    with pytest.raises(UnsupportedError, match=r"qwen2: sliding_window on some layers only .*max_window_layers 1"):
+        card(use_sliding_window=True, max_window_layers=1)
+
+
+def _gguf_card(tmp_path, **keys):
+    """The card of a tensor-less qwen3 GGUF with the hparams of the test model and ``keys`` on top."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "qwen3")
+    for k, v in dict(block_count=2, context_length=128, embedding_length=64, feed_forward_length=96,
+                     vocab_size=256, **{"attention.head_count": 4, "attention.head_count_kv": 2,
+                                        "attention.key_length": 24}, **keys).items():
+        w.add_key_value(f"qwen3.{k}", v, gguf.GGUFValueType.UINT32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return ArchConfig.from_gguf(gguf.GGUFReader(str(tmp_path / "k.gguf")))
+
+
+@pytest.mark.parametrize("keys,match", [
+    ({"attention.sliding_window": 4}, "GGUF qwen3 with qwen3.attention.sliding_window = 4 is not supported"),
+    ({"attention.value_length": 16}, "GGUF qwen3: attention.value_length 16 != key_length 24 is not supported"),
+    ({"rope.dimension_count": 12}, r"GGUF qwen3: partial rope \(rope.dimension_count 12 of head_dim 24\)"),
+])
+def test_refused_gguf_keys(tmp_path, keys, match):
+    assert _gguf_card(tmp_path).head_dim == 24
+    with pytest.raises(UnsupportedError, match=match):
+        _gguf_card(tmp_path, **keys)
+
+
 @pytest.mark.parametrize("over,match", [
     (dict(attention_bias=True), "qwen3: attention_bias=True is not supported"),
     (dict(use_sliding_window=True, sliding_window=4, max_window_layers=1), "qwen3: use_sliding_window=True"),
