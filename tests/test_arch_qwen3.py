@@ -146,6 +146,25 @@ def test_greedy_generation_with_lora_matches_peft(q3, engine):
     assert m.generate_ids(prompt, max_new_tokens=10) == want
 
 
+# ---- merge into a new base, extract from a fine-tune
+@pytest.mark.parametrize("engine", ENGINES)
+def test_merged_base_equals_peft(q3, ids, tmp_path, engine):
+    """`edgeadapt merge` folds the adapter into a new qwen3 base (q/k norms carried over): PEFT's logits."""
+    cli("merge", q3["base"], q3["a"], "-o", tmp_path / "m", "--no-report")
+    np.testing.assert_allclose(edgeadapt.load(tmp_path / "m", engine=engine).logits(ids), torch_logits(q3["pa"], ids),
+                               atol=TOL, rtol=0)
+
+
+def test_extract_from_a_fine_tune(q3, ids, tmp_path):
+    """A full fine-tune (PEFT's merge of adapter a, saved as a plain Qwen3 folder) -> low-rank delta by SVD of
+    the linear-weight changes (rank 6 holds them all) -> PEFT's logits on both engines."""
+    ft = copy.deepcopy(q3["pa"]).merge_and_unload()
+    ft.save_pretrained(tmp_path / "ft")
+    cli("extract", tmp_path / "ft", "--base", q3["base"], "-o", tmp_path / "x.gguf", "--rank", "6", "--no-report")
+    for engine in ENGINES:
+        check_lora(q3["base"], tmp_path / "x.gguf", q3["pa"], q3["model"], engine, "live", ids)
+
+
 # ---- other PEFT kinds (the live scale / bias graph and the embedding-change input of the fused graph)
 def _kind_configs():
     from peft import IA3Config, LoraConfig
