@@ -2,7 +2,8 @@
 
 From a GGUF source the source's metadata (tokenizer, chat template, hparams) is carried over;
 from a Hugging Face folder the hparams are written from the architecture card and a GPT-2 BPE
-tokenizer is taken with gguf's own vocab readers. Tensor types: F32, F16, Q8_0 (1-D tensors
+tokenizer is taken with gguf's own vocab readers (llama.cpp's pre-tokenizer named from its split
+regex, see LLAMA_CPP_PRE). Tensor types: F32, F16, Q8_0 (1-D tensors
 stay F32, and tensors whose rows are not a multiple of the block size fall back to F16, as
 llama.cpp's converter does), or ``source`` to keep a GGUF source's tensors bit for bit.
 """
@@ -24,6 +25,12 @@ FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTL
               "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 KEY_FINGERPRINT = "edgeadapt.base.fingerprint"
 _NOT_COPIED = {"general.file_type", "general.alignment", KEY_FINGERPRINT}
+# tokenizer.json's Split regex -> llama.cpp's pre-tokenizer name (tokenizer.ggml.pre; llama.cpp's converter finds
+# the same name by hashing a tokenization). Anything else is written as "default".
+LLAMA_CPP_PRE = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",  # Qwen2, Qwen2.5, Qwen3: one digit per piece
+}
 
 
 def _tensor_type(name: str, a: np.ndarray, qtype: str) -> gguf.GGMLQuantizationType:
@@ -88,7 +95,7 @@ def _hf_fields(writer: gguf.GGUFWriter, cfg: ArchConfig, tokenizer_dir: Path | N
         tokens += [f"[PAD{i}]".encode() for i in range(cfg.vocab_size - len(tokens))]
         types += [gguf.TokenType.UNUSED] * (cfg.vocab_size - len(types))
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("default")
+        writer.add_tokenizer_pre(_bpe_pre(tokenizer_dir / "tokenizer.json"))
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         gguf.vocab.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=cfg.vocab_size).add_to_gguf(writer)
@@ -96,6 +103,19 @@ def _hf_fields(writer: gguf.GGUFWriter, cfg: ArchConfig, tokenizer_dir: Path | N
         for key, val in (("bos", cfg.bos_token_id), ("eos", cfg.eos_token_ids[0] if cfg.eos_token_ids else None)):
             if val is not None:
                 getattr(writer, f"add_{key}_token_id")(val)
+
+
+def _bpe_pre(path: Path) -> str:
+    """llama.cpp's name for the pre-tokenizer of a tokenizer.json ("default" for one not in LLAMA_CPP_PRE)."""
+    import json
+
+    try:
+        pre = json.loads(path.read_text(encoding="utf-8")).get("pre_tokenizer") or {}
+    except (OSError, ValueError):
+        return "default"
+    parts = (pre.get("pretokenizers") or [pre]) if isinstance(pre, dict) else []
+    regexes = [(p.get("pattern") or {}).get("Regex") for p in parts if isinstance(p, dict) and p.get("type") == "Split"]
+    return next((LLAMA_CPP_PRE[r] for r in regexes if r in LLAMA_CPP_PRE), "default")
 
 
 def write_base_gguf(cfg: ArchConfig, weights: dict[str, np.ndarray], path: Path, *, qtype: str = "F32",

@@ -79,6 +79,27 @@ def test_tokenizer_gives_llama_cpps_ids(models_dir, vocab_base):
 
 
 @pytest.mark.slow
+def test_gguf_from_a_hf_folder_tokenizes_like_llama_cpp(models_dir, vocab_base, tmp_path):
+    """From a Hugging Face folder with a Qwen tokenizer.json, the GGUF's vocabulary is written with llama.cpp's
+    "qwen2" pre-tokenizer (one digit per piece, its own punctuation rule): llama.cpp then gives the expected
+    ids on every test text ("default" missed 6 of 47)."""
+    import gguf
+    import llama_cpp
+    from transformers import PreTrainedTokenizerFast
+
+    model = make_qwen3(4, vocab_size=151936, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645)
+    model.save_pretrained(tmp_path / "hf")
+    PreTrainedTokenizerFast(tokenizer_file=str(vocab_base[1] / "tokenizer.json"), eos_token="<|im_end|>",
+                            pad_token="<|endoftext|>").save_pretrained(tmp_path / "hf")
+    cli("export-base", tmp_path / "hf", tmp_path / "base", "--gguf-type", "F32", "--no-onnx")
+    reader = gguf.GGUFReader(str(tmp_path / "base" / "model.gguf"))
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "base" / "model.gguf"), n_ctx=64, verbose=False, vocab_only=True)
+    cases = _vocab_tests(models_dir)
+    assert [llm.tokenize(t.encode(), add_bos=False, special=False) for t, _ in cases] == [i for _, i in cases]
+
+
+@pytest.mark.slow
 def test_greedy_from_text_agrees_with_llama_cpp(vocab_base):
     _, base = vocab_base
     ours = edgeadapt.load(base, engine="numpy")
