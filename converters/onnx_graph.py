@@ -353,8 +353,11 @@ def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *
                        out_dir / LIVE_FILE, live.props())
             from .onnx_kinds import save_kinds_graph  # scale / bias slots (DoRA, IA3, lora_bias), loaded lazily
             save_kinds_graph(cfg, inits, out_dir)
-            from .onnx_bottleneck import save_bottleneck_graph  # + bottleneck slots (AdapterHub), loaded lazily
-            save_bottleneck_graph(cfg, inits, out_dir)
+            from edgeadapt.bottleneck import DECODER_ARCHES
+
+            if cfg.arch in DECODER_ARCHES:  # + bottleneck slots (AdapterHub's Llama / Mistral), loaded lazily
+                from .onnx_bottleneck import save_bottleneck_graph
+                save_bottleneck_graph(cfg, inits, out_dir)
     else:
         _save(_decoder(cfg, protos, None), out_dir / "model.onnx")
         if slots:

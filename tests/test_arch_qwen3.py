@@ -212,6 +212,29 @@ def test_ort_runs_the_fused_graph(q3):
     head_norms = [n.input[1] for n in g.node if n.op_type == "SimplifiedLayerNormalization"
                   and n.input[1].endswith(("attn_q_norm.weight", "attn_k_norm.weight"))]
     assert sorted(head_norms) == [f"blk.{i}.attn_{c}_norm.weight" for i in range(2) for c in "kq"]
+    # the live and the scale / bias graphs are written; bottleneck slots are not (AdapterHub has no Qwen3)
+    assert (q3["base"] / "model_live.onnx").is_file() and (q3["base"] / "model_kinds.onnx").is_file()
+    assert not (q3["base"] / "model_bottleneck.onnx").exists()
+
+
+def test_adapterhub_bottleneck_is_refused_by_name(q3, tmp_path):
+    import json
+
+    from edgeadapt.converters.adapterhub import convert_adapterhub
+    from edgeadapt.manifest import read_manifest
+
+    (tmp_path / "bn").mkdir()
+    (tmp_path / "bn" / "adapter_config.json").write_text(json.dumps({
+        "config": {"architecture": "bottleneck", "mh_adapter": False, "output_adapter": True, "reduction_factor": 16,
+                   "non_linearity": "relu", "original_ln_before": True, "original_ln_after": True,
+                   "residual_before_ln": True, "ln_before": False, "ln_after": False, "scaling": 1.0},
+        "hidden_size": 64, "model_class": "Qwen3ForCausalLM", "model_type": "qwen3", "name": "bn", "version": "1.3.0"}))
+    from safetensors.numpy import save_file
+
+    key = "model.layers.0.output_adapters.adapters.bn.adapter_down.0.weight"
+    save_file({key: np.ones((4, 64), np.float32)}, str(tmp_path / "bn" / "adapter.safetensors"))
+    with pytest.raises(UnsupportedError, match="this base is a 'qwen3' decoder, whose blocks have no bottleneck slots"):
+        convert_adapterhub(tmp_path / "bn", read_manifest(q3["base"]))
 
 
 def test_reference_graph_matches_transformers(q3, ids, tmp_path):
