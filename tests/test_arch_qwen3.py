@@ -64,6 +64,17 @@ def test_card(q3):
     assert (cfg.rope_theta, cfg.sliding_window, cfg.tied_embeddings, cfg.post_norms) == (50000.0, None, False, False)
 
 
+def test_cli_inspect_shows_the_head_layout(q3):
+    from click.testing import CliRunner
+
+    from edgeadapt.cli import main
+
+    res = CliRunner().invoke(main, ["inspect", str(q3["base"])])
+    assert res.exit_code == 0, res.output
+    assert "architecture  qwen3: 2 layers, dim 64, ffn 96, heads 4/2 kv × head_dim 24, q/k norm, vocab 256, rope neox" \
+        in res.output
+
+
 def test_gguf_card_reads_back(q3):
     """The GGUF base alone (llama.cpp's keys) gives the same card: key_length carries head_dim."""
     import gguf
