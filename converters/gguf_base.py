@@ -100,6 +100,7 @@ def _hf_fields(writer: gguf.GGUFWriter, cfg: ArchConfig, tokenizer_dir: Path | N
         writer.add_token_types(types)
         gguf.vocab.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=cfg.vocab_size).add_to_gguf(writer)
     else:
+        writer.add_tokenizer_model("none")  # no vocabulary: llama.cpp then loads the model for token ids in, logits out
         for key, val in (("bos", cfg.bos_token_id), ("eos", cfg.eos_token_ids[0] if cfg.eos_token_ids else None)):
             if val is not None:
                 getattr(writer, f"add_{key}_token_id")(val)

@@ -373,6 +373,15 @@ def test_llama_cpp_agrees(q3_cpp):
     np.testing.assert_allclose(theirs, torch_logits(q3_cpp["model"], [prompt])[0], atol=TOL, rtol=0)
 
 
+def test_llama_cpp_loads_a_base_without_vocabulary(q3):
+    """Exported from a folder without a tokenizer, the GGUF names no vocabulary ("none"): llama.cpp still
+    loads it and computes transformers' logits from token ids."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install llama-cpp-python)")
+    prompt = [5, 17, 42, 99, 7]
+    theirs = llama_cpp_logits(q3["base"] / "model.gguf", prompt)
+    np.testing.assert_allclose(theirs, torch_logits(q3["model"], [prompt])[0], atol=TOL, rtol=0)
+
+
 def test_llama_cpp_agrees_with_lora(q3_cpp):
     """llama.cpp takes our delta file as a LoRA of the qwen3 base and computes PEFT's logits."""
     prompt = [5, 17, 42, 99, 7, 8, 9, 10]
