@@ -452,6 +452,27 @@ def test_card_of_qwen3_06b_config():
     assert cfg.tensor_shapes()["blk.27.attn_q_norm.weight"] == (128,) and "output.weight" not in cfg.tensor_shapes()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_qwen2_window_on_every_layer_matches_transformers(tmp_path, engine):
+    """Qwen2 with use_sliding_window and max_window_layers 0: windowed everywhere, as the card says."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def config(window: bool):
+        return Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                           use_sliding_window=window, sliding_window=3, max_window_layers=0, bos_token_id=1,
+                           eos_token_id=2, attn_implementation="eager")
+
+    model = randomize(Qwen2ForCausalLM(config(True)), 8, norm_around=1.0)
+    base = export(model, tmp_path)
+    ids = np.random.default_rng(5).integers(3, 256, size=(2, 10)).tolist()
+    full = Qwen2ForCausalLM(config(False)).eval()
+    full.load_state_dict(model.state_dict())
+    assert np.abs(torch_logits(full, ids) - torch_logits(model, ids)).max() > 1e-2  # the window matters
+    check_logits(base, model, engine, ids)
+    check_cached_decode(base, model, engine, ids)
+
+
 def test_qwen2_window_on_some_layers_is_refused():
     """Qwen2 (the same config keys): a window on every layer or none is a card; on some layers only is refused."""
     from transformers import Qwen2Config
