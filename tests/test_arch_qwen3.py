@@ -1,7 +1,10 @@
 """Qwen3 end to end: a tiny Qwen3ForCausalLM with head_dim (24) independent of hidden / heads (64 / 4),
 GQA, random non-trivial q_norm / k_norm weights and an untied head, exported with the CLI and run on
-both engines against transformers and PEFT; llama.cpp loads the GGUF base and the delta file and
-agrees; what the family cannot take is refused by name."""
+both engines against transformers and PEFT (LoRA merged, live and per row; DoRA, IA3, embedding LoRA;
+merge into a new base; extract from a fine-tune); the fused onnxruntime graph, its plain reference and
+the int4 / int8 graphs; onnxruntime-genai on the base folder; llama.cpp on our GGUF base and delta file,
+and our export of llama.cpp's own GGUF; what the family cannot take is refused by name (and Qwen2's
+window, read from the same config keys)."""
 
 from __future__ import annotations
 
