@@ -16,11 +16,21 @@ from .hf import from_gguf_file, from_hf_folder
 Progress = Callable[[str, int, int], None]
 
 
-def _tokenizer_from_gguf(src: Path, out: Path) -> tuple[str | None, dict[str, Any]]:
-    """tokenizer.json from a GGUF's vocabulary, through transformers' GGUF tokenizer converter."""
+def _tokenizer_from_gguf(src: Path, out: Path, reader: Any) -> tuple[str | None, dict[str, Any]]:
+    """tokenizer.json from a GGUF's vocabulary, through transformers' GGUF tokenizer converter; a GGUF
+    without one (``tokenizer.ggml.model`` "none" or no token list) gives a base without a tokenizer
+    (token ids in, logits out), as an HF folder without tokenizer.json does."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    field = reader.fields.get("tokenizer.ggml.model")
+    model = field.contents() if field is not None else None
+    if model in (None, "none") or "tokenizer.ggml.tokens" not in reader.fields:
+        return None, {}
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    except Exception as e:  # the converter's own error is a bare KeyError / ValueError
+        raise UnsupportedError(f"{src.name}: transformers cannot convert its {model!r} tokenizer to tokenizer.json "
+                               f"({type(e).__name__}: {e})") from e
     tok.save_pretrained(str(out / "_tok"))
     shutil.move(str(out / "_tok" / "tokenizer.json"), out / "tokenizer.json")
     shutil.rmtree(out / "_tok")
@@ -103,7 +113,7 @@ def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", 
     write_base_gguf(cfg, weights, out / "model.gguf", qtype=gguf_type, fingerprint=fp, source=reader,
                     tokenizer_dir=None if reader is not None else source, progress=progress)
     files["gguf"] = "model.gguf"
-    chat, special = (_tokenizer_from_gguf(source, out) if kind == "gguf" else _tokenizer_from_hf(source, out))
+    chat, special = (_tokenizer_from_gguf(source, out, reader) if kind == "gguf" else _tokenizer_from_hf(source, out))
     if (out / "tokenizer.json").is_file():
         files["tokenizer"] = "tokenizer.json"
     if kind == "hf" and (source / "config.json").is_file():

@@ -6,6 +6,7 @@ by one (``1 + w``, as llama.cpp's converter stores them)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,6 +56,21 @@ def from_transformers(model: Any) -> tuple[ArchConfig, dict[str, np.ndarray]]:
     return cfg, canonical_from_state_dict(cfg, model.state_dict())
 
 
+def _with_generation_eos(cfg: ArchConfig, folder: Path) -> ArchConfig:
+    """transformers' generate stops at generation_config.json's eos ids (Qwen3, Llama 3 instruct models list
+    several there, config.json one): the card carries the union, config.json's first."""
+    gen = folder / "generation_config.json"
+    try:
+        eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    except (ValueError, AttributeError) as e:
+        raise FormatError(f"{gen}: not a JSON object ({e})") from e
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not isinstance(eos, list) or not all(isinstance(i, int) and 0 <= i < cfg.vocab_size for i in eos):
+        raise FormatError(f"{gen}: eos_token_id must be token ids below {cfg.vocab_size}, found {eos!r}")
+    extra = [i for i in eos if i not in cfg.eos_token_ids]
+    return replace(cfg, eos_token_ids=list(cfg.eos_token_ids) + extra) if extra else cfg
+
+
 def from_hf_folder(folder: Path, progress: Progress | None = None) -> tuple[ArchConfig, dict[str, np.ndarray]]:
     """A Hugging Face model folder (config.json + *.safetensors) -> (card, canonical weights)."""
     from safetensors import safe_open  # host side only
@@ -63,7 +79,7 @@ def from_hf_folder(folder: Path, progress: Progress | None = None) -> tuple[Arch
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise FormatError(f"{folder} is not a Hugging Face model folder: expected config.json, found {sorted(p.name for p in folder.iterdir())}")
-    cfg = ArchConfig.from_hf(json.loads(cfg_path.read_text()))
+    cfg = _with_generation_eos(ArchConfig.from_hf(json.loads(cfg_path.read_text())), folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FormatError(f"{folder} holds no *.safetensors weights (pickled .bin weights are not read)")

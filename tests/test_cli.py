@@ -103,3 +103,40 @@ def test_adapter_weight_spec():
     assert _file_weight("a.gguf:-1") == ("a.gguf", -1.0)
     assert _file_weight("a.gguf") == ("a.gguf", 1.0)
     assert _file_weight("C:/x/a.gguf") == ("C:/x/a.gguf", 1.0)
+
+
+def test_export_base_from_a_gguf_without_a_vocabulary(tiny, tmp_path, ids):
+    """Our own model.gguf of a folder without a tokenizer says tokenizer.ggml.model = none: exporting from it
+    gives a base without a tokenizer (token ids in, logits out), with the same logits."""
+    import numpy as np
+
+    import edgeadapt
+    from edgeadapt.manifest import read_manifest
+
+    res = CliRunner().invoke(main, ["export-base", str(tiny["base"] / "model.gguf"), str(tmp_path / "again"),
+                                    "--gguf-type", "F32"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    man = read_manifest(tmp_path / "again")
+    assert man.path("tokenizer") is None and man.fingerprint == tiny["manifest"].fingerprint
+    np.testing.assert_array_equal(edgeadapt.load(tmp_path / "again", engine="numpy").logits(ids),
+                                  edgeadapt.load(tiny["base"], engine="numpy").logits(ids))
+
+
+def test_generation_config_eos_ids_join_the_card(hf_dir, tmp_path):
+    """Chat models list several eos ids in generation_config.json (config.json has one): generation stops at each."""
+    import shutil
+
+    from edgeadapt.arch import ArchConfig
+    from edgeadapt.converters.hf import from_hf_folder
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_dir / "hf", folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "bos_token_id": 1}))
+    cfg, _ = from_hf_folder(folder)
+    assert cfg.eos_token_ids == [2, 7]
+    assert ArchConfig.from_hf(json.loads((folder / "config.json").read_text())).eos_token_ids == [2]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 10 ** 9]}))
+    from edgeadapt.errors import FormatError
+
+    with pytest.raises(FormatError, match=r"eos_token_id must be token ids below 256, found \[2, 1000000000\]"):
+        from_hf_folder(folder)
