@@ -139,6 +139,7 @@ class Model:
         self._merged: dict[str, float] = {}  # the set folded into the engine's weights
         self._stable_tokens = 0
         self._factor_cache: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self._live_kind: dict[str, bool] = {}  # per loaded adapter: has a live form on this engine
         self._set_plans: dict[tuple, Any] = {}  # recent adapter sets -> their live plan: use() is then a lookup
         self._seq = SeqParts(self)  # embedding changes and KV prefixes (edgeadapt.kinds_seq), per adapter
         self.last_swap_seconds = 0.0
@@ -179,6 +180,7 @@ class Model:
                 raise AdapterMismatchError(f"adapter {name!r} is active; call use() without it before replacing it")
             self.adapters[name] = delta
             self._factor_cache.pop(name, None)
+            self._live_kind.pop(name, None)
             self._set_plans.clear()
             self._seq.forget(name)
         return name
@@ -191,6 +193,7 @@ class Model:
         with self._use_lock:
             del self.adapters[name]
             self._factor_cache.pop(name, None)
+            self._live_kind.pop(name, None)
             self._set_plans.clear()
             self._seq.forget(name)
 
@@ -245,6 +248,12 @@ class Model:
         return all(self._runs_live(n) for n in want)
 
     def _runs_live(self, name: str) -> bool:
+        known = self._live_kind.get(name)
+        if known is None:
+            known = self._live_kind[name] = self._has_live_form(name)
+        return known
+
+    def _has_live_form(self, name: str) -> bool:
         a = self.adapters[name]
         if hasattr(a, "low_rank"):
             return bool(a.low_rank)
