@@ -300,43 +300,6 @@ def test_quantized_base_through_load(q3, ids, tmp_path):
     assert err.max() < TOL_MODEL["int4"][0] and err.mean() < TOL_MODEL["int4"][1], (err.max(), err.mean())
 
 
-def test_onnxruntime_genai_runs_the_base_and_adapter(q3, tmp_path):
-    """The base folder is an onnxruntime-genai model (genai_config.json over model_lora.onnx): its logits and
-    greedy tokens are ours, with and without our .onnx_adapter."""
-    pytest.importorskip("onnxruntime_genai")
-    import onnxruntime_genai as og
-
-    from edgeadapt.delta import read_delta
-    from edgeadapt.runtime.onnx_adapter import write_onnx_adapter
-
-    prompt = [5, 17, 33, 9, 41]
-
-    def genai_run(name):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
-        gen = og.Generator(model, params)
-        if name:
-            gen.set_active_adapter(adapters, name)
-        gen.append_tokens(prompt)
-        logits, out = np.asarray(gen.get_output("logits")).copy(), []
-        while not gen.is_done():
-            gen.generate_next_token()
-            out.append(int(gen.get_next_tokens()[0]))
-        return logits, out
-
-    path = write_onnx_adapter(read_delta(q3["a"]), tmp_path / "a.onnx_adapter")
-    model = og.Model(str(q3["base"]))
-    adapters = og.Adapters(model)
-    adapters.load(str(path), "a")
-    ours = edgeadapt.load(q3["base"], engine="ort", mode="live")
-    ours.add_adapter(q3["a"], name="a")
-    for name, reference in ((None, q3["model"]), ("a", q3["pa"])):
-        logits, tokens = genai_run(name)
-        ours.use(name)
-        np.testing.assert_allclose(logits, torch_logits(reference, [prompt]), atol=TOL, rtol=0)
-        assert tokens == ours.generate_ids(prompt, len(tokens)), name
-
-
 # ---- llama.cpp
 @pytest.fixture(scope="module")
 def q3_cpp(tmp_path_factory):

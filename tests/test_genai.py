@@ -1,6 +1,6 @@
 """A base folder is an onnxruntime-genai model: its genai_config.json runs model_lora.onnx, and
 adapters written with ``export-adapter --format onnx_adapter`` load through ``og.Adapters``.
-Checked against our live path and PEFT, on the fused llama graph and the generic GPT-2 graph."""
+Checked against our live path and PEFT, on the fused llama and Qwen3 graphs and the generic GPT-2 graph."""
 
 from __future__ import annotations
 
@@ -34,9 +34,20 @@ def gpt2(tmp_path_factory):
     return dict(root=root, base=base, model=model, peft_a=pm, a=export_lora(pm, root, base, "a"))
 
 
-@pytest.fixture(params=["llama", "gpt2"])
-def family(request, tiny, gpt2):
-    return tiny if request.param == "llama" else gpt2
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    from test_arch_qwen3 import make_qwen3  # head_dim 24 over a hidden size of 64, q/k norms
+
+    root = tmp_path_factory.mktemp("genai_qwen3")
+    model = make_qwen3()
+    base = export(model, root)
+    pm = add_lora(model, 6, target_modules="all-linear")
+    return dict(root=root, base=base, model=model, peft_a=pm, a=export_lora(pm, root, base, "a"))
+
+
+@pytest.fixture(params=["llama", "gpt2", "qwen3"])
+def family(request):
+    return request.getfixturevalue("tiny" if request.param == "llama" else request.param)
 
 
 def _genai_run(model, adapters, name):
