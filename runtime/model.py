@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ from edgeadapt.errors import AdapterMismatchError, AdapterNotFoundError, FormatE
 from edgeadapt.manifest import BaseManifest, read_manifest
 
 from .engines import make_engine
-from .row_lora import add_terms, cat
+from .row_lora import add_terms, slot_inputs
 from .rwlock import RWLock
 from .sampling import Sampler
 from .seq import SeqParts
@@ -365,44 +366,13 @@ class Model:
                     if len(terms) == 5:
                         add_terms(extras.setdefault(t, [[None] * 3 for _ in rows])[i], terms[2:], w, t, name)
             per_row.append(row)
-        out: Live = {}
-        shapes = self.config.linear_shapes()
-        for t in sorted({t for row in per_row for t in row}):
-            n_out, n_in = shapes[t]
-            ranks = [sum(a.shape[1] for a in row[t][0]) if t in row else 0 for row in per_row]
-            if len(per_row) == 1 and len(per_row[0][t][0]) == 1:  # one adapter: its arrays, no copy
-                a, b = per_row[0][t][0][0], per_row[0][t][1][0]
-                out[t] = (a[None], b[None])
-            elif len(per_row) > 1 and t not in extras and self._engine.name == "numpy":
-                from .row_lora import RowLoRA  # each row at its own rank, as it runs alone: bit-identical to it
-
-                out[t] = RowLoRA([(cat(row[t][0], 1), cat(row[t][1], 0)) if ranks[i] else None
-                                  for i, row in enumerate(per_row)], n_in, n_out, f"factors of {t}")
-            else:
-                A = np.zeros((len(per_row), n_in, max(ranks)), np.float32)
-                B = np.zeros((len(per_row), max(ranks), n_out), np.float32)
-                for i, row in enumerate(per_row):
-                    if ranks[i]:
-                        A[i, :, : ranks[i]] = np.concatenate(row[t][0], axis=1)
-                        B[i, : ranks[i]] = np.concatenate(row[t][1], axis=0)
-                out[t] = (A, B)
-            if t in extras:  # per row: identity where a row has no such term
-                cols = []
-                for k, (fill, n) in enumerate(((1.0, n_in), (1.0, n_out), (0.0, n_out))):
-                    vals = [r[k] for r in extras[t]]
-                    if all(v is None for v in vals):
-                        cols.append(None)
-                    elif len(vals) == 1:
-                        cols.append(vals[0][None].astype(np.float32))
-                    else:
-                        cols.append(np.stack([np.full(n, fill, np.float32) if v is None else v for v in vals]).astype(np.float32))
-                out[t] = (*out[t], *cols)
-        return out
+        return slot_inputs(per_row, extras, self.config.linear_shapes(), self._engine.name == "numpy")
 
     def _plan(self, adapters: Sequence[UseSpec] | None, batch: int) -> Live | None:
-        """The live factors for one request, captured once: later swaps do not touch a running request."""
+        """A request's own per-row plan ({} for rows that all run the bare base), or None: the active set, which
+        :meth:`_request` reads when the request starts. Either way later swaps do not touch a running request."""
         if adapters is None:
-            return self._live or None
+            return None
         if len(adapters) != batch:
             raise FormatError(f"adapters= names one entry per row: expected {batch}, found {len(adapters)}")
         if not self._live_ok or self.requested_mode == "merge":
@@ -413,18 +383,39 @@ class Model:
         if odd:
             raise UnsupportedError(f"per-row adapters must be low rank (LoRA family); {odd} merge into the weights "
                                    "instead: serve them with use()")
-        if self._merged:  # per-row rows run beside the pure base
-            with self._use_lock:
-                if not self._low_rank(self.active):
-                    raise UnsupportedError(f"the active set {sorted(self.active)} is merged into the weights; "
-                                           "call use(None) (or use a LoRA-family set) before per-row requests")
-                self._merge({})
-                self._live = self._live_plan([self.active]) if self.active else {}
+        self._unmerge()  # per-row rows run beside the pure base
         self._stable_tokens = 0
-        plan = self._live_plan(rows) or None
+        plan = self._live_plan(rows) or {}
         if plan:
             self._slots_ready()
         return plan
+
+    def _unmerge(self) -> None:
+        """Back to the pure base weights, the merged set live again (a request with its own rows needs them)."""
+        if not self._merged:
+            return
+        with self._use_lock:
+            if not self._merged:
+                return
+            if not self._low_rank(self.active):
+                raise UnsupportedError(f"the active set {sorted(self.active)} is merged into the weights; "
+                                       "call use(None) (or use a LoRA-family set) before per-row requests")
+            self._merge({})
+            self._live = self._live_plan([self.active]) if self.active else {}
+            self._stable_tokens = 0
+
+    @contextmanager
+    def _request(self, plan: Live | None) -> Iterator[Live | None]:
+        """One request's read lock and the plan it runs with. None: the active set as it is when the request
+        starts (the weights and the live factors of one state: a merge or a swap between the call and the lock
+        cannot pair the factors of one with the weights of another). A request's own rows run on the pure base
+        weights: when a merge came in between, it is undone first."""
+        while True:
+            with self._lock.read():  # a merge waits for this request; a live swap never touches it
+                if plan is None or not self._merged:
+                    yield (self._live or None) if plan is None else (plan or None)
+                    return
+            self._unmerge()
 
     # ---- inference
     def logits(self, ids: Sequence[Sequence[int]] | np.ndarray, attention_mask: np.ndarray | None = None, *,
@@ -436,8 +427,7 @@ class Model:
         if mask.shape != ids.shape:
             raise FormatError(f"attention_mask must have the shape of ids {list(ids.shape)}, found {list(mask.shape)}")
         pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
-        plan = self._plan(adapters, ids.shape[0])
-        with self._lock.read():
+        with self._request(self._plan(adapters, ids.shape[0])) as plan:
             past, mask, pos = self._seq.past(plan, mask, pos)  # a KV prefix (prompt / prefix tuning), if any
             return self._forward(ids, mask, pos, past, plan)[0]
 
@@ -531,8 +521,9 @@ class Model:
         """Decode loop: yields [(row, token)] for the rows still running, step by step."""
         if not rows or any(len(r) == 0 for r in rows):
             raise FormatError("cannot generate from an empty prompt")
-        plan = self._maybe_auto_merge(plan)
-        plan = plan if plan is not None else (self._live or None)
+        shared = plan is None  # the active set, not rows of its own
+        if shared:
+            self._maybe_auto_merge()
         eos = set(self.config.eos_token_ids)
         width = max(len(r) for r in rows)
         x = self._check_ids([[0] * (width - len(r)) + list(r) for r in rows])
@@ -540,7 +531,7 @@ class Model:
         pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
         running = np.ones(len(rows), bool)
         past = None
-        with self._lock.read():  # a merge waits for this request; a live swap never touches it
+        with self._request(plan) as plan:
             past, mask, pos = self._seq.past(plan, mask, pos)  # a KV prefix (prompt / prefix tuning), if any
             for _ in range(max_new_tokens):
                 logits, past = self._forward(x, mask, pos, past, plan)
@@ -552,7 +543,7 @@ class Model:
                             running[i] = False
                         else:
                             step.append((i, int(t)))
-                if plan is None or len(rows) == 1:
+                if shared or len(rows) == 1:
                     self._stable_tokens += len(step)
                 if not running.any():
                     return
@@ -561,22 +552,19 @@ class Model:
                 pos = pos[:, -1:] + 1
                 mask = np.concatenate([mask, running.astype(np.int64)[:, None]], axis=1)
 
-    def _maybe_auto_merge(self, plan: Live | None) -> Live | None:
-        """auto mode: merge a set that has been used alone for long enough (numpy, or onnxruntime's fp32 graph;
-        quantized weights stay live: a merge would re-quantize them). Returns the plan the request runs with:
-        after a merge, not the live factors it was given (they are in the weights now)."""
+    def _maybe_auto_merge(self) -> None:
+        """auto mode: merge the active set once it has been used alone for long enough (numpy, or onnxruntime's
+        fp32 graph; quantized weights stay live: a merge would re-quantize them). The request that called this
+        reads the state it runs with afterwards, under its lock (:meth:`_request`)."""
         mergeable = self.engine == "numpy" or getattr(self._engine, "weights", None) == "fp32"
         if (self.requested_mode != "auto" or not mergeable or not self.auto_merge_tokens or not self.active
-                or self._merged
-                or self._stable_tokens < self.auto_merge_tokens or plan is not self._live and plan is not None
+                or self._merged or self._stable_tokens < self.auto_merge_tokens
                 or any(getattr(self.adapters[n], "kind", None) == "bottleneck" for n in self.active)):  # live only
-            return plan
+            return
         with self._use_lock:
-            if self._merged or not self.active or plan is not None and plan is not self._live:
-                return plan  # a use() came in between
+            if self._merged or not self.active or self._stable_tokens < self.auto_merge_tokens:
+                return  # a use() came in between
             try:
                 self._merge(self.active)
             except UnsupportedError:  # this engine runs the set live only (e.g. lora_bias without bias slots)
-                self._stable_tokens = -(1 << 62)  # until the next use(): the request goes on live
-                return plan
-        return None
+                self._stable_tokens = -(1 << 62)  # until the next use(): requests go on live

@@ -1,4 +1,5 @@
-"""Per-call adapter factors of the numpy engine: their validation and how a linear applies them.
+"""Per-call adapter factors: how a request's sets become what the engines run (:func:`slot_inputs`, both
+engines), and, on the numpy engine, their validation and how a linear applies them.
 
 Device-side (numpy only). A linear computes ``x Wᵀ`` plus, per call (``forward(lora=)``):
 
@@ -262,3 +263,41 @@ def add_terms(acc: list, terms: tuple, w: float, target: str, name: str) -> None
     if acc[0] is not None and acc[1] is not None:
         raise UnsupportedError(f"{target}: an input scale and an output scale on one layer (adapter {name!r} with "
                                "another) do not stack exactly live; use() them to merge, or serve them apart")
+
+
+def slot_inputs(per_row: list[dict[str, tuple[list[np.ndarray], list[np.ndarray]]]], extras: dict[str, list[list]],
+                shapes: dict[str, tuple[int, int]], row_lora: bool) -> dict[str, Any]:
+    """Per target, what the engine runs for one set per row: ``per_row[i][target]`` = (the row's Aᵀ list, its Bᵀ
+    list, weights folded in; ranks concatenate), ``extras[target][i]`` = the row's [in, out, bias] scale / bias
+    terms. One row with one adapter: its own arrays, no copy. Several rows: a :class:`RowLoRA` (``row_lora``, the
+    numpy engine: bit-identical to each row alone), else the padded slot form A [n, in, r], B [n, r, out]."""
+    out: dict[str, Any] = {}
+    for t in sorted({t for row in per_row for t in row}):
+        n_out, n_in = shapes[t]
+        ranks = [sum(a.shape[1] for a in row[t][0]) if t in row else 0 for row in per_row]
+        if len(per_row) == 1 and len(per_row[0][t][0]) == 1:  # one adapter: its arrays, no copy
+            a, b = per_row[0][t][0][0], per_row[0][t][1][0]
+            out[t] = (a[None], b[None])
+        elif len(per_row) > 1 and t not in extras and row_lora:  # each row at its own rank, as it runs alone
+            out[t] = RowLoRA([(cat(row[t][0], 1), cat(row[t][1], 0)) if ranks[i] else None
+                              for i, row in enumerate(per_row)], n_in, n_out, f"factors of {t}")
+        else:
+            A = np.zeros((len(per_row), n_in, max(ranks)), np.float32)
+            B = np.zeros((len(per_row), max(ranks), n_out), np.float32)
+            for i, row in enumerate(per_row):
+                if ranks[i]:
+                    A[i, :, : ranks[i]] = np.concatenate(row[t][0], axis=1)
+                    B[i, : ranks[i]] = np.concatenate(row[t][1], axis=0)
+            out[t] = (A, B)
+        if t in extras:  # per row: identity where a row has no such term
+            cols = []
+            for k, (fill, n) in enumerate(((1.0, n_in), (1.0, n_out), (0.0, n_out))):
+                vals = [r[k] for r in extras[t]]
+                if all(v is None for v in vals):
+                    cols.append(None)
+                elif len(vals) == 1:
+                    cols.append(vals[0][None].astype(np.float32))
+                else:
+                    cols.append(np.stack([np.full(n, fill, np.float32) if v is None else v for v in vals]).astype(np.float32))
+            out[t] = (*out[t], *cols)
+    return out

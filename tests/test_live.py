@@ -134,6 +134,63 @@ def test_swapping_thread_never_mixes_adapters(tiny, engine):
         assert seen and set(seen) <= {tuple(v) for v in expected.values()}, (mode, len(seen))
 
 
+def test_automatic_merges_and_swaps_never_mix(tiny, engine):
+    """auto mode merging a set every few tokens while a thread swaps and others generate: a request reads the
+    weights and the live factors of one state (a merge between the call and its lock once ran a set's live
+    factors on top of its merged weights)."""
+    import random
+    import time
+
+    ref = edgeadapt.load(tiny["base"], engine=engine, mode="live")
+    m = edgeadapt.load(tiny["base"], engine=engine, mode="auto")
+    m.auto_merge_tokens = 4
+    for x in (ref, m):
+        x.add_adapter(tiny["a"], name="a")
+        x.add_adapter(tiny["b"], name="b")
+    prompt = [5, 17, 42, 99, 7]
+    expected = {}
+    for spec in (None, "a", "b"):
+        ref.use(spec)
+        expected[spec] = tuple(ref.generate_ids(prompt, 6))
+    seen, errors, merged, stop = [], [], [], threading.Event()
+
+    def swapper():
+        rng = random.Random(0)
+        for i in range(120):
+            m.use([None, "a", "b"][i % 3])
+            time.sleep(rng.random() * 0.02)  # long enough, at times, for a merge
+            merged.append(m.mode == "merge")
+        stop.set()
+
+    def generator(rows):
+        try:
+            while not stop.is_set():
+                if rows:  # rows of their own: the pure base under them, whatever the active set
+                    out = m.generate_batch([prompt, prompt], 6, adapters=["b", None])
+                    assert (tuple(out[0]), tuple(out[1])) == (expected["b"], expected[None])
+                else:
+                    seen.append(tuple(m.generate_ids(prompt, 6)))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=swapper)] + [threading.Thread(target=generator, args=(r,)) for r in (0, 0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert any(merged), "no automatic merge happened: the test did not exercise them"
+    assert seen and set(seen) <= set(expected.values())
+
+
+def test_rows_of_their_own_run_the_bare_base_beside_an_active_set(tiny, ids, engine):
+    m = edgeadapt.load(tiny["base"], engine=engine, mode="live")
+    m.add_adapter(tiny["a"], name="a")
+    bare = m.generate_ids(ids[0], 6)
+    m.use("a")
+    assert m.generate_batch([ids[0]], 6, adapters=[None])[0] == bare != m.generate_ids(ids[0], 6)
+
+
 def test_onnxruntime_lora_adapter_on_our_graph(tiny, ids, tmp_path):
     """Our .onnx_adapter through onnxruntime's own LoraAdapter / RunOptions equals our live path."""
     ort = pytest.importorskip("onnxruntime")
