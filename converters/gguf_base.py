@@ -3,7 +3,8 @@
 From a GGUF source the source's metadata (tokenizer, chat template, hparams) is carried over;
 from a Hugging Face folder the hparams are written from the architecture card and a GPT-2 BPE
 tokenizer is taken with gguf's own vocab readers (llama.cpp's pre-tokenizer named from its split
-regex, see LLAMA_CPP_PRE). Tensor types: F32, F16, Q8_0 (1-D tensors
+regex, see LLAMA_CPP_PRE). A card with Llama 3.x rope scaling adds ``rope_freqs.weight`` (F32
+[head_dim/2], the per-frequency divisors llama.cpp's converter writes). Tensor types: F32, F16, Q8_0 (1-D tensors
 stay F32, and tensors whose rows are not a multiple of the block size fall back to F16, as
 llama.cpp's converter does), or ``source`` to keep a GGUF source's tensors bit for bit.
 """
@@ -24,6 +25,7 @@ QTYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType
 FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
               "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 KEY_FINGERPRINT = "edgeadapt.base.fingerprint"
+ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"  # [head_dim/2] float32 rope divisors
 _NOT_COPIED = {"general.file_type", "general.alignment", KEY_FINGERPRINT}
 # tokenizer.json's Split regex -> llama.cpp's pre-tokenizer name (tokenizer.ggml.pre; llama.cpp's converter finds
 # the same name by hashing a tokenization). Anything else is written as "default".
@@ -141,6 +143,8 @@ def write_base_gguf(cfg: ArchConfig, weights: dict[str, np.ndarray], path: Path,
                               if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
                               else t.data.shape, raw_dtype=t.tensor_type)
     else:
+        if cfg.rope_freqs is not None:  # Llama 3.x rope scaling: llama.cpp divides each frequency by these
+            weights = {**weights, ROPE_FREQS: np.asarray(cfg.rope_freqs, np.float32)}
         names = sorted(weights, key=_order)
         for i, name in enumerate(names):
             a = weights[name]

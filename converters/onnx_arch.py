@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from edgeadapt.arch import ArchConfig
+from edgeadapt.arch import ArchConfig, rope_inv_freq
 
 from .onnx_graph import NEG, _G, _linear, _rms_norm, _rope, lora_input_names, rope_tables
 
@@ -30,10 +30,9 @@ def rope_initializers(cfg: ArchConfig) -> dict[str, np.ndarray]:
     if cfg.rope == "none":
         return {}
     out: dict[str, np.ndarray] = {}
-    full = rope_tables(cfg, cfg.rope_theta, cfg.rope_scale)
-    out["rope.cos"], out["rope.sin"] = full
+    out["rope.cos"], out["rope.sin"] = rope_tables(cfg)
     if cfg.rope_theta_swa is not None and cfg.sliding_window is not None:
-        out["rope_swa.cos"], out["rope_swa.sin"] = rope_tables(cfg, cfg.rope_theta_swa, 1.0)
+        out["rope_swa.cos"], out["rope_swa.sin"] = rope_tables(cfg, rope_inv_freq(cfg.head_dim, cfg.rope_theta_swa))
     return out
 
 

@@ -85,18 +85,10 @@ _ALIGN_BIG, _ALIGN_SMALL, _BIG = 65536, 64, 1 << 20  # offset alignment in the d
 
 
 # ---- rope tables (exactly transformers' float32 arithmetic)
-def rope_tables(cfg: ArchConfig, theta: float | None = None, factor: float | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [context_length, head_dim/2] of angle pos * inv_freq, all float32 (base ``theta``,
-    default cfg.rope_theta; linear scaling ``factor``, default cfg.rope_scale, divides inv_freq)."""
-    hd = cfg.head_dim
-    theta = cfg.rope_theta if theta is None else theta
-    factor = cfg.rope_scale if factor is None else factor
-    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, hd, 2, dtype=np.int64)
-                                                  .astype(np.float32) / np.float32(hd))))
-    inv_freq = inv_freq.astype(np.float32)  # [hd/2]
-    if factor != 1.0:
-        inv_freq = (inv_freq / np.float32(factor)).astype(np.float32)
+def rope_tables(cfg: ArchConfig, inv_freq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [context_length, head_dim/2] of angle pos * inv_freq, all float32; ``inv_freq`` [head_dim/2]
+    defaults to the full-attention layers' (cfg.rope_inv_freq: base, linear factor, Llama 3.x divisors)."""
+    inv_freq = cfg.rope_inv_freq() if inv_freq is None else inv_freq
     pos = np.arange(cfg.context_length, dtype=np.float32)[:, None]  # [ctx, 1]
     ang = (pos * inv_freq[None, :]).astype(np.float32)  # [ctx, hd/2]
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)

@@ -12,7 +12,8 @@ Canonical layout (used by every export, delta file and engine):
   fused ``c_attn`` is the single linear ``attn_qkv`` (q | k | v rows), as llama.cpp stores it.
 
 Families (``ArchConfig.arch`` = the GGUF architecture):
-  llama   Llama, SmolLM2, Mistral (a sliding window, when set, on every layer)
+  llama   Llama, SmolLM2, Mistral (a sliding window, when set, on every layer); Llama 3.x rope
+          scaling ("llama3") as per-frequency divisors ``rope_freqs``, llama.cpp's rope_freqs.weight
   qwen2   Qwen2 / Qwen2.5 (q/k/v biases, "neox" rope)
   qwen3   Qwen3 dense decoders: Qwen2's layout without the q/k/v biases, an RMS norm over each head
           of q and k before rope (plain ``w``), head_dim given by the config (q_dim may differ from dim)
@@ -26,6 +27,7 @@ Families (``ArchConfig.arch`` = the GGUF architecture):
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -82,6 +84,8 @@ class ArchConfig:
     embed_scale: float = 1.0  # token embeddings are multiplied by this (Gemma: √dim)
     attn_scale: float | None = None  # attention logit scale; None = 1/√head_dim
     rope_scale: float = 1.0  # linear rope scaling factor (angle = pos/factor · inv_freq), full-attention layers
+    rope_freqs: list[float] | None = None  # Llama 3.x rope scaling: inv_freq[i] is divided by rope_freqs[i]
+    #                                        ([head_dim/2], llama.cpp's rope_freqs.weight), full-attention layers
     rope_theta_swa: float | None = None  # rope base of the sliding-window layers (None: rope_theta)
     sliding_window: int | None = None  # on windowed layers a query sees keys at distance < this
     swa_layers: list[int] | None = None  # the windowed layers (None: all, when sliding_window is set)
@@ -110,9 +114,25 @@ class ArchConfig:
     def layer_rope(self, layer: int) -> tuple[float, float]:
         """(rope base, linear scaling factor) of ``layer``: windowed layers of an architecture with
         its own local base (Gemma 3) use that base, unscaled; the others rope_theta and rope_scale."""
-        if self.rope_theta_swa is not None and self.window(layer) is not None:
+        if self.local_rope(layer):
             return self.rope_theta_swa, 1.0
         return self.rope_theta, self.rope_scale
+
+    def local_rope(self, layer: int) -> bool:
+        """Whether ``layer`` is a windowed layer with its own rope base (Gemma 3's local layers)."""
+        return self.rope_theta_swa is not None and self.window(layer) is not None
+
+    def rope_inv_freq(self, layer: int | None = None) -> np.ndarray:
+        """float32 [head_dim/2]: the rope frequencies of ``layer`` (None: a full-attention layer) in
+        transformers' float32 arithmetic, theta^(-2i/head_dim), divided by the layer's linear factor and,
+        on the layers that use rope_theta, by ``rope_freqs[i]`` (Llama 3.x scaling, as llama.cpp divides
+        by rope_freqs.weight)."""
+        local = layer is not None and self.local_rope(layer)
+        theta, factor = (self.rope_theta_swa, 1.0) if local else (self.rope_theta, self.rope_scale)
+        inv = rope_inv_freq(self.head_dim, theta, factor)
+        if self.rope_freqs is not None and not local:
+            inv = (inv / np.asarray(self.rope_freqs, np.float32)).astype(np.float32)
+        return inv
 
     def block_linears(self) -> tuple[str, ...]:
         """The linear kinds of one block (GGUF names without ``blk.i.`` / ``.weight``)."""
@@ -205,7 +225,12 @@ class ArchConfig:
         if mt == "qwen3":
             return _from_hf_qwen3(g, common)
         rp = _rope_params(g, None)
-        theta, scale = _rope_of(rp, g.get("rope_theta"), 10000.0)
+        freqs = None
+        if (rp.get("rope_type", rp.get("type")) or "") == "llama3":  # Llama 3.1 / 3.2 / 3.3
+            theta = float(rp.get("rope_theta", g.get("rope_theta") or 10000.0))
+            scale, freqs = 1.0, llama3_rope_freqs(rp, theta, head_dim)
+        else:
+            theta, scale = _rope_of(rp, g.get("rope_theta"), 10000.0)
         window = g.get("sliding_window") if g.get("use_sliding_window", True) else None
         types = set(g.get("layer_types") or [])  # Qwen2: windowed from layer max_window_layers on
         if window is not None and types == {"full_attention"}:
@@ -216,7 +241,7 @@ class ArchConfig:
                                    "the window is supported on every layer or none")
         if window is not None and (not isinstance(window, int) or window < 1):
             raise UnsupportedError(f"sliding_window {window!r}: expected a positive integer or null")
-        return cls(**common, rope_theta=theta, rope_scale=scale, sliding_window=window)
+        return cls(**common, rope_theta=theta, rope_scale=scale, rope_freqs=freqs, sliding_window=window)
 
     @classmethod
     def from_gguf(cls, reader: Any) -> "ArchConfig":
@@ -262,6 +287,7 @@ class ArchConfig:
         softcap = get(f"{arch}.final_logit_softcapping", None)
         kw: dict[str, Any] = dict(
             rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)), rope_scale=factor,
+            rope_freqs=_gguf_rope_freqs(reader, arch, head_dim),
             rms_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon",
                               get(f"{arch}.attention.layer_norm_epsilon", 1e-5))),
             sliding_window=None if window is None else int(window),
@@ -292,6 +318,28 @@ class ArchConfig:
                    pad_token_id=None if pad is None else int(pad), **kw)
 
 
+def _gguf_rope_freqs(reader: Any, arch: str, head_dim: int) -> list[float] | None:
+    """The per-frequency rope divisors of a GGUF (llama.cpp's rope_freqs.weight, Llama 3.x), checked."""
+    import gguf
+
+    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    t = next((t for t in reader.tensors if t.name == name), None)
+    if t is None:
+        return None
+    if arch != "llama":
+        raise UnsupportedError(f"GGUF {arch} with {name} (per-frequency rope scaling) is not supported "
+                               "(Llama 3.x rope scaling on the llama family only)")
+    strict = hasattr(reader, "view")  # edgeadapt.gguf_file's reader, else gguf.GGUFReader
+    ttype, shape = (t.ttype if strict else t.tensor_type), [int(x) for x in t.shape]
+    if ttype != gguf.GGMLQuantizationType.F32 or shape != [head_dim // 2]:
+        raise FormatError(f"GGUF {name}: expected F32 [{head_dim // 2}] (head_dim / 2), found "
+                          f"{gguf.GGMLQuantizationType(ttype).name} {shape}")
+    freqs = np.asarray(reader.view(t) if strict else t.data, np.float32).reshape(-1)
+    if not (np.isfinite(freqs).all() and (freqs > 0).all()):
+        raise FormatError(f"GGUF {name}: expected positive finite divisors, found {freqs.tolist()}")
+    return [float(x) for x in freqs]
+
+
 # ---- validation of a card read from a manifest (hostile until checked)
 _FEATURES: dict[str, tuple] = {"rope": ("norm", "neox", "none"), "norm": ("rms", "layer"), "act": ("silu", "gelu_tanh")}
 _FLAGS = ("gated_ffn", "fused_qkv", "linear_bias", "qk_norm", "post_norms", "learned_pos")
@@ -299,8 +347,6 @@ _FLAGS = ("gated_ffn", "fused_qkv", "linear_bias", "qk_norm", "post_norms", "lea
 
 def check_features(d: dict[str, Any], problems: list[str]) -> None:
     """Append to ``problems`` what is wrong with the per-family fields of a card dict."""
-    import math
-
     for key, allowed in _FEATURES.items():
         if key in d and d[key] not in allowed:
             problems.append(f"arch.{key}: expected one of {list(allowed)}, found {d[key]!r}")
@@ -316,6 +362,15 @@ def check_features(d: dict[str, Any], problems: list[str]) -> None:
         if key in d and not (optional and d[key] is None) and not number(d[key]):
             problems.append(f"arch.{key}: expected a positive finite number{' or null' if optional else ''}, "
                             f"found {d[key]!r}")
+    freqs, hd = d.get("rope_freqs"), d.get("head_dim")
+    if freqs is not None:
+        half = hd // 2 if isinstance(hd, int) and not isinstance(hd, bool) else None
+        if not (isinstance(freqs, list) and len(freqs) == half and all(number(x) for x in freqs)):
+            problems.append(f"arch.rope_freqs: expected null or a list of head_dim/2 = {half} positive finite numbers, "
+                            f"found {freqs!r}"[:300])
+        elif d.get("arch") != "llama" or d.get("rope", "norm") == "none":
+            problems.append(f"arch.rope_freqs: Llama 3.x rope scaling is for the llama family with rope, found arch "
+                            f"{d.get('arch')!r}, rope {d.get('rope', 'norm')!r}")
     w = d.get("sliding_window")
     if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
         problems.append(f"arch.sliding_window: expected a positive integer or null, found {w!r}")
@@ -344,7 +399,8 @@ def _rope_of(rp: dict[str, Any], theta: Any, default: float) -> tuple[float, flo
     """(base, linear factor) of one set of rope parameters; anything but default / linear is refused."""
     kind = rp.get("rope_type", rp.get("type", "default")) or "default"
     if kind not in ("default", "linear"):
-        raise UnsupportedError(f"rope_scaling {rp!r} is not supported yet (plain or linear rope only)")
+        raise UnsupportedError(f"rope_scaling {rp!r} is not supported yet (plain or linear rope; llama3 on the "
+                               "llama family)")
     base = rp.get("rope_theta", theta if theta is not None else default)
     return float(base), float(rp.get("factor", 1.0)) if kind == "linear" else 1.0
 
@@ -415,6 +471,40 @@ def _from_hf_gpt2(g: dict[str, Any]) -> ArchConfig:
                       bos_token_id=g.get("bos_token_id"), eos_token_ids=[] if eos is None else [eos],
                       pad_token_id=g.get("pad_token_id"), norm="layer", act="gelu_tanh", gated_ffn=False,
                       fused_qkv=True, linear_bias=True, learned_pos=True)
+
+
+# ---- rope frequencies
+def rope_inv_freq(head_dim: int, theta: float, factor: float = 1.0) -> np.ndarray:
+    """float32 [head_dim/2]: 1 / theta^(2i/head_dim) as transformers computes it in float32, divided by a
+    linear scaling ``factor``."""
+    inv = (np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
+                                                    / np.float32(head_dim)))).astype(np.float32)
+    return (inv / np.float32(factor)).astype(np.float32) if factor != 1.0 else inv
+
+
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def llama3_rope_freqs(rp: dict[str, Any], theta: float, head_dim: int) -> list[float]:
+    """The per-frequency divisors of Llama 3.x rope scaling ([head_dim/2], float32 values), computed as
+    llama.cpp's converter writes rope_freqs.weight; ``inv_freq / divisor`` is transformers' llama3 inv_freq:
+    wavelengths under original_max / high_freq_factor keep their frequency, those over original_max /
+    low_freq_factor are divided by ``factor``, those between are interpolated smoothly."""
+    missing = [k for k in LLAMA3_KEYS if not isinstance(rp.get(k), (int, float)) or isinstance(rp.get(k), bool)]
+    if missing:
+        raise UnsupportedError(f"rope_scaling {rp!r}: llama3 rope needs numbers for {list(LLAMA3_KEYS)}; "
+                               f"missing or not a number: {missing}")
+    factor, low, high, old = (float(rp[k]) for k in LLAMA3_KEYS)
+    if not (math.isfinite(factor) and factor > 0 and 0 < low < high and math.isfinite(high) and old > 0):
+        raise UnsupportedError(f"rope_scaling {rp!r}: llama3 rope needs factor > 0, 0 < low_freq_factor < "
+                               "high_freq_factor and original_max_position_embeddings > 0")
+    f32 = np.float32
+    inv = rope_inv_freq(head_dim, theta)  # [hd/2]
+    wavelen = (f32(2 * math.pi) / inv).astype(f32)
+    smooth = ((f32(old) / wavelen - f32(low)) / f32(high - low)).astype(f32)
+    medium = (f32(1) / ((f32(1) - smooth) / f32(factor) + smooth)).astype(f32)
+    out = np.where(wavelen < f32(old / high), f32(1), np.where(wavelen > f32(old / low), f32(factor), medium))
+    return [float(x) for x in out.astype(f32)]
 
 
 # ---- llama.cpp's q/k row permutation (its converter's LlamaModel.permute)

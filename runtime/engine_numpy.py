@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+import gguf
 import numpy as np
 
 from edgeadapt.arch import ArchConfig
@@ -26,6 +27,7 @@ from .numpy_ops import _attend, _rmsnorm, _ro, _rope, add_head_delta, set_blas_t
 from .row_lora import _add_rows, _has_terms, _lin, _low_rank, _mm, check_rows
 
 _F32 = np.float32
+_ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"  # Llama 3.x rope divisors [head_dim/2]
 _LINEAR_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # the fp32 size under which "auto" dequantizes quantized / F16 weights once at load
 _AUTO_LOAD_LIMIT = 2 << 30
@@ -118,9 +120,11 @@ class NumpyEngine:
 
         srcs: dict[str, _Src] = {}
         bad_types: list[str] = []
+        file_freqs = None
         for t in reader.tensors:
-            if t.name == "rope_freqs.weight":
-                raise UnsupportedError(f"{self.path}: has rope_freqs (llama3-style rope scaling), not supported yet")
+            if t.name == _ROPE_FREQS:  # Llama 3.x rope divisors: the card carries them (checked below)
+                file_freqs = np.asarray(reader.view(t), _F32).reshape(-1)
+                continue
             try:
                 srcs[t.name] = _Src(t, reader.view(t))
             except Exception as e:  # pragma: no cover - exotic types gguf cannot view
@@ -135,6 +139,11 @@ class NumpyEngine:
                     srcs[n].deq(srcs[n].data.reshape(srcs[n].data.shape[0] if srcs[n].data.ndim > 1 else 1, -1)[:1])
                 except Exception as e:
                     problems.append(f"{n}: tensor type {srcs[n].qtype.name} cannot be dequantized by gguf: {e}")
+        card_freqs = None if cfg.rope_freqs is None else np.asarray(cfg.rope_freqs, _F32)
+        if (file_freqs is None) != (card_freqs is None) or (file_freqs is not None and not np.array_equal(
+                file_freqs, card_freqs)):
+            problems.append(f"{_ROPE_FREQS}: expected {'none' if card_freqs is None else card_freqs.tolist()} "
+                            f"(the card's rope_freqs), found {'none' if file_freqs is None else file_freqs.tolist()}")
         collect(problems, FormatError, f"{self.path} does not hold the tensors of its {arch} architecture card:")
         self._src = srcs
 
@@ -189,10 +198,7 @@ class NumpyEngine:
 
         # ---- rotary
         hd = cfg.head_dim
-        self._inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta)
-                                             ** (np.arange(0, hd, 2, dtype=_F32) / np.float32(hd)))).astype(_F32)
-        if cfg.rope_scale != 1.0:  # linear rope scaling divides inv_freq (transformers' "linear")
-            self._inv_freq = (self._inv_freq / np.float32(cfg.rope_scale)).astype(_F32)
+        self._inv_freq = cfg.rope_inv_freq()  # [hd/2]: base, linear factor, Llama 3.x divisors
         # Gemma 3 / GPT-2 run the blocks of runtime/layers.py; llama / qwen2 / qwen3 the forward below
         self._blocks = cfg.arch not in ("llama", "qwen2", "qwen3")
         self._scale = np.float32(hd ** -0.5)

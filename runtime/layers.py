@@ -7,7 +7,7 @@ call and holds the weights, this module runs the blocks the architecture card de
   block i    h = norm(x, attn_norm)                      RMS, or LayerNorm with bias ("layer")
              q, k, v = h Wqᵀ, h Wkᵀ, h Wvᵀ (+ biases)   or one attn_qkv split in three
              q, k = rms(q, attn_q_norm), rms(k, attn_k_norm) per head   (qk_norm)
-             q, k = rope(q), rope(k) with the layer's base and linear factor (cfg.layer_rope)
+             q, k = rope(q), rope(k) at the layer's frequencies (cfg.rope_inv_freq)
              a = softmax(q kᵀ · scale + mask) v, mask = causal ∧ attention_mask ∧ window(i)
              x += post_attention_norm(a Woᵀ + b)         (post_norms; else x += a Woᵀ + b)
              h = norm(x, ffn_norm); f = act(h Wgᵀ)·(h Wuᵀ) (gated) or act(h Wuᵀ + b)
@@ -58,12 +58,6 @@ def _gelu_tanh(x: np.ndarray) -> np.ndarray:
     return t
 
 
-def _inv_freq(head_dim: int, theta: float, factor: float) -> np.ndarray:
-    """float32 [head_dim/2], as transformers computes it (linear scaling divides inv_freq)."""
-    inv = (_F32(1.0) / (_F32(theta) ** (np.arange(0, head_dim, 2, dtype=_F32) / _F32(head_dim)))).astype(_F32)
-    return inv / _F32(factor) if factor != 1.0 else inv
-
-
 class _Arch:
     """Per-engine constants of the card, made once (the engine keeps one)."""
 
@@ -71,12 +65,12 @@ class _Arch:
         cfg = eng.cfg
         self.norm_bias = cfg.linear_bias
         self.pos = eng._src["position_embd.weight"].full() if cfg.learned_pos else None
-        self.ropes = {}  # (theta, factor) -> inv_freq
+        self.ropes = {}  # local rope (Gemma 3's windowed layers)? -> inv_freq [hd/2] (cfg.rope_inv_freq)
         if cfg.rope != "none":
             for i in range(cfg.n_layers):
-                key = cfg.layer_rope(i)
+                key = cfg.local_rope(i)
                 if key not in self.ropes:
-                    self.ropes[key] = _inv_freq(cfg.head_dim, *key)
+                    self.ropes[key] = cfg.rope_inv_freq(i)
 
 
 def _norm(eng: Any, x: np.ndarray, name: str, eps: np.float32) -> np.ndarray:
@@ -126,7 +120,7 @@ def forward_blocks(eng: Any, ids: np.ndarray, am: np.ndarray, pos: np.ndarray, p
             raise ValueError(f"position_ids: expected positions in [0, {cfg.context_length}), found "
                              f"{pos.min()}..{pos.max()}")
         x += aux.pos[pos.reshape(-1)]
-    # rope tables of every (base, factor) in use: cos/sin [B, S, 1, half]
+    # rope tables of the full-attention and the local layers: cos/sin [B, S, 1, half]
     tables = {}
     for key, inv in aux.ropes.items():
         ang = pos.astype(_F32)[:, :, None] * inv
@@ -170,7 +164,7 @@ def forward_blocks(eng: Any, ids: np.ndarray, am: np.ndarray, pos: np.ndarray, p
                 qr[...] = q.transpose(0, 2, 1, 3)
                 kb[:, :, past_len:T] = k.transpose(0, 2, 1, 3)
             else:
-                cos, sin = tables[cfg.layer_rope(i)]
+                cos, sin = tables[cfg.local_rope(i)]
                 neox = cfg.rope == "neox"
                 _rope(q, qr.transpose(0, 2, 1, 3), cos, sin, half, neox)
                 _rope(k, kb[:, :, past_len:T].transpose(0, 2, 1, 3), cos, sin, half, neox)
