@@ -66,6 +66,16 @@ def test_card(l3):
     assert freqs[0] == 1.0 and 1.0 < freqs[1] < freqs[2] < 8.0 and (freqs[3:] == 8.0).all()
 
 
+def test_cli_inspect_names_the_scaling(l3):
+    from click.testing import CliRunner
+
+    from edgeadapt.cli import main
+
+    res = CliRunner().invoke(main, ["inspect", str(l3["base"])])
+    assert res.exit_code == 0, res.output
+    assert "vocab 256, rope norm with Llama 3.x scaling, tied False" in res.output
+
+
 def test_frequencies_are_transformers(l3):
     """inv_freq / rope_freqs is transformers' llama3 inv_freq (to the last bit or one ulp)."""
     cfg = ArchConfig.from_hf(l3["model"].config)
@@ -123,6 +133,29 @@ def test_reference_graph_matches_transformers(l3, ids, tmp_path):
     np.testing.assert_allclose(got, torch_logits(l3["model"], ids), atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_merged_base_equals_peft(l3, ids, tmp_path, engine):
+    """`edgeadapt merge` writes a new base that keeps the scaling (card, rope tables, rope_freqs.weight)."""
+    cli("merge", l3["base"], l3["a"], "-o", tmp_path / "m", "--no-report")
+    m = edgeadapt.load(tmp_path / "m", engine=engine)
+    assert m._engine.cfg.rope_freqs == llama3_rope_freqs(LLAMA3, 10000.0, 16)
+    np.testing.assert_allclose(m.logits(ids), torch_logits(l3["pa"], ids), atol=TOL, rtol=0)
+
+
+def test_quantized_base_through_load(l3, ids, tmp_path):
+    """export-base --onnx-weights int4: the int4 graph reads the scaled tables too (near PEFT, to the
+    quantization bound of tests/test_quant_base.py)."""
+    from edgeadapt.converters.export_base import export_base
+    from test_quant_base import TOL_MODEL
+
+    export_base(l3["root"] / "hf_base", tmp_path / "q", gguf_type="F32", onnx_weights=("fp32", "int4"))
+    m = edgeadapt.load(tmp_path / "q", engine="ort", weights="int4", mode="live")
+    m.add_adapter(l3["a"], name="a")
+    m.use("a")
+    err = np.abs(m.logits(ids) - torch_logits(l3["pa"], ids))
+    assert err.max() < TOL_MODEL["int4"][0] and err.mean() < TOL_MODEL["int4"][1], (err.max(), err.mean())
+
+
 # ---- GGUF: our writer, llama.cpp, and back
 def _gguf_freqs(path) -> np.ndarray:
     import gguf
@@ -156,11 +189,11 @@ def test_export_from_our_gguf(l3, ids, tmp_path, gguf_type):
         np.testing.assert_allclose(m.logits(ids), torch_logits(l3["model"], ids), atol=TOL, rtol=0)
 
 
-def _llama_cpp_logits(gguf_path, prompt):
+def _llama_cpp_logits(gguf_path, prompt, lora=None):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install llama-cpp-python)")
     from test_arch_qwen3 import llama_cpp_logits
 
-    return llama_cpp_logits(gguf_path, prompt)
+    return llama_cpp_logits(gguf_path, prompt, lora=lora)
 
 
 def _rewrite_gguf(src, dst, freqs):
@@ -196,6 +229,15 @@ def test_llama_cpp_agrees(l3, tmp_path):
     np.testing.assert_allclose(theirs, want, atol=TOL, rtol=0)
     unscaled = _llama_cpp_logits(_rewrite_gguf(l3["base"] / "model.gguf", tmp_path / "plain.gguf", None), prompt)
     assert np.abs(unscaled - want).max() > 1e-2
+
+
+def test_llama_cpp_agrees_with_lora(l3):
+    """llama.cpp takes our delta file as a LoRA of the scaled base and computes PEFT's logits."""
+    prompt = np.random.default_rng(4).integers(3, 256, size=24).tolist()
+    want = torch_logits(l3["pa"], [prompt])[0]
+    assert np.abs(want - torch_logits(l3["model"], [prompt])[0]).max() > 0.05, "the adapter must matter"
+    np.testing.assert_allclose(_llama_cpp_logits(l3["base"] / "model.gguf", prompt, lora=l3["a"]), want,
+                               atol=TOL, rtol=0)
 
 
 _CONVERT = """import sys
