@@ -156,6 +156,33 @@ def test_quantized_base_through_load(l3, ids, tmp_path):
     assert err.max() < TOL_MODEL["int4"][0] and err.mean() < TOL_MODEL["int4"][1], (err.max(), err.mean())
 
 
+def test_llama32_rope_far_out(tmp_path):
+    """Llama 3.2's own rope parameters (head_dim 64, base 5e5, factor 32, original 8192) at positions past
+    12,000, where the scaling moves every angle by radians: both engines within 1e-4 of transformers."""
+    from transformers import LlamaForCausalLM
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, **{k: LLAMA32_1B["rope_scaling"][k] for k in (
+        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
+    shape = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16384)
+    model = randomize(LlamaForCausalLM(llama3_config(rope=rope, **shape)), 6, norm_around=1.0)
+    plain = randomize(LlamaForCausalLM(llama3_config(rope={"rope_type": "default", "rope_theta": 500000.0}, **shape)),
+                      6, norm_around=1.0)
+    base = export(model, tmp_path)
+    ids = np.random.default_rng(6).integers(3, 256, size=(2, 8))
+    pos = np.broadcast_to(12000 + 37 * np.arange(8), (2, 8)).astype(np.int64)  # 12000 … 12259
+
+    def hf(m):
+        with torch.no_grad():
+            return m(torch.tensor(ids), position_ids=torch.tensor(pos)).logits.numpy()
+
+    want = hf(model)
+    assert np.abs(hf(plain) - want).max() > 1e-2
+    for engine in ENGINES:
+        eng = edgeadapt.load(base, engine=engine)._engine
+        got, _ = eng.forward(ids, np.ones_like(ids), np.ascontiguousarray(pos), None)
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=0, err_msg=engine)
+
+
 # ---- GGUF: our writer, llama.cpp, and back
 def _gguf_freqs(path) -> np.ndarray:
     import gguf
@@ -176,6 +203,9 @@ def test_gguf_carries_rope_freqs(l3):
     got, want = ArchConfig.from_gguf(reader), ArchConfig.from_hf(l3["model"].config)
     assert got.rope_freqs == want.rope_freqs
     assert got.to_dict() == {**want.to_dict(), "rms_eps": got.rms_eps, "pad_token_id": got.pad_token_id}
+    from edgeadapt.runtime.engine_numpy import NumpyEngine  # the device's strict GGUF reader: the same divisors
+
+    assert NumpyEngine(path).cfg.rope_freqs == want.rope_freqs
 
 
 @pytest.mark.parametrize("gguf_type", ["F32", "source"])
