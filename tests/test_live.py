@@ -158,7 +158,12 @@ def test_automatic_merges_and_swaps_never_mix(tiny, engine):
         rng = random.Random(0)
         for i in range(120):
             m.use([None, "a", "b"][i % 3])
-            time.sleep(rng.random() * 0.02)  # long enough, at times, for a merge
+            if i % 15 == 1:  # now and then hold "a" until the generators have merged it
+                deadline = time.monotonic() + 10
+                while m.mode != "merge" and time.monotonic() < deadline and not errors:
+                    time.sleep(0.001)
+            else:
+                time.sleep(rng.random() * 0.02)  # long enough, at times, for a merge
             merged.append(m.mode == "merge")
         stop.set()
 
