@@ -1,8 +1,11 @@
 """Llama 3.x rope scaling ("llama3" rope_type): a tiny Llama whose scaling really moves the frequencies of
 its head_dim (one kept, two interpolated, five divided by the factor), exported with the CLI and run on both
-engines against transformers and PEFT (logits, left padding, cached decode, LoRA merged and live); the
-plain-operator graph; llama.cpp on our GGUF (it reads the divisors from rope_freqs.weight); a GGUF from
-llama.cpp's own converter; export-base from our model.gguf; and what is refused by name."""
+engines against transformers and PEFT (logits, left padding, cached decode, greedy generation, LoRA merged
+and live, a merged base); the plain-operator and int4 graphs; Llama 3.2's own rope parameters at positions
+past 12,000; llama.cpp on our GGUF (it reads the divisors from rope_freqs.weight) with and without our LoRA;
+a GGUF from llama.cpp's own converter; export-base from our model.gguf; Llama 3.2 1B's config.json; and
+what is refused by name (other rope types, bad llama3 parameters, a bad or misplaced rope_freqs.weight,
+hostile manifest cards)."""
 
 from __future__ import annotations
 
@@ -28,6 +31,17 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # frequency 0 is kept, 1 and 2 are interpolated, 3 … 7 are divided by 8
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+LLAMA32_1B = {  # meta-llama/Llama-3.2-1B config.json
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+    "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.45.0.dev0",
+    "use_cache": True, "vocab_size": 128256}
 
 
 def llama3_config(rope=LLAMA3, **over):
@@ -307,6 +321,12 @@ def test_gguf_from_llama_cpp_converter(l3, ids, tmp_path):
 
 
 # ---- what is refused, and old cards
+def _export(src, out):
+    from edgeadapt.converters.export_base import export_base
+
+    return export_base(src, out, gguf_type="F32", onnx=False)
+
+
 @pytest.mark.parametrize("freqs,match", [
     ([1.0] * 7, r"rope_freqs.weight: expected F32 \[8\] \(head_dim / 2\), found F32 \[7\]"),
     ([1.0] * 7 + [-2.0], r"rope_freqs.weight: expected positive finite divisors"),
@@ -314,7 +334,7 @@ def test_gguf_from_llama_cpp_converter(l3, ids, tmp_path):
 def test_bad_rope_freqs_in_a_gguf_are_refused(l3, tmp_path, freqs, match):
     bad = _rewrite_gguf(l3["base"] / "model.gguf", tmp_path / "bad.gguf", freqs)
     with pytest.raises(FormatError, match=match):
-        cli_export(bad, tmp_path / "out")
+        _export(bad, tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.json").exists()
     from edgeadapt.runtime.engine_numpy import NumpyEngine
 
@@ -322,10 +342,22 @@ def test_bad_rope_freqs_in_a_gguf_are_refused(l3, tmp_path, freqs, match):
         NumpyEngine(bad)
 
 
-def cli_export(src, out):
-    from edgeadapt.converters.export_base import export_base
+def test_rope_freqs_in_a_gguf_of_another_family_are_refused(tmp_path):
+    """llama.cpp reads rope_freqs.weight on the llama family only (of ours): a qwen3 GGUF holding one is refused."""
+    import gguf
 
-    return export_base(src, out, gguf_type="F32", onnx=False)
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "qwen3")
+    for k, v in dict(block_count=2, context_length=128, embedding_length=64, feed_forward_length=96, vocab_size=256,
+                     **{"attention.head_count": 4, "attention.head_count_kv": 2}).items():
+        w.add_key_value(f"qwen3.{k}", v, gguf.GGUFValueType.UINT32)
+    w.add_tensor("rope_freqs.weight", np.ones(8, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedError, match=r"GGUF qwen3 with rope_freqs.weight \(per-frequency rope scaling\) "
+                                               r"is not supported \(Llama 3.x rope scaling on the llama family only\)"):
+        ArchConfig.from_gguf(gguf.GGUFReader(str(tmp_path / "q.gguf")))
 
 
 def test_gguf_and_card_must_agree(l3, tmp_path):
@@ -356,6 +388,8 @@ def _manifest_with(base, out, **card):
     ({"rope_freqs": "8"}, r"arch.rope_freqs: expected null or a list"),
     ({"rope_freqs": [1.0] * 8, "rope": "none"}, r"arch.rope_freqs: Llama 3.x rope scaling is for the llama family "
                                                 r"with rope, found arch 'llama', rope 'none'"),
+    ({"rope_freqs": [1.0] * 8, "arch": "qwen3"}, r"arch.rope_freqs: Llama 3.x rope scaling is for the llama family "
+                                                 r"with rope, found arch 'qwen3', rope 'norm'"),
 ])
 def test_hostile_cards_are_refused(l3, tmp_path, card, match):
     from edgeadapt.manifest import read_manifest
@@ -403,17 +437,6 @@ def test_llama3_rope_on_qwen3_is_refused():
     with pytest.raises(UnsupportedError, match=r"rope_scaling .*'llama3'.* is not supported yet \(plain or linear "
                                                r"rope; llama3 on the llama family\)"):
         ArchConfig.from_hf(qwen3_config(rope_parameters={**LLAMA3}))
-
-
-LLAMA32_1B = {  # meta-llama/Llama-3.2-1B config.json
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
-    "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
-    "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
-    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
-    "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                                            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.45.0.dev0",
-    "use_cache": True, "vocab_size": 128256}
 
 
 def test_card_of_llama32_1b_config():
