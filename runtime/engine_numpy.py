@@ -123,7 +123,7 @@ class NumpyEngine:
         file_freqs = None
         for t in reader.tensors:
             if t.name == _ROPE_FREQS:  # Llama 3.x rope divisors: the card carries them (checked below)
-                file_freqs = np.asarray(reader.view(t), _F32).reshape(-1)
+                file_freqs = np.asarray(reader.view(t), _F32).reshape(-1).tolist()
                 continue
             try:
                 srcs[t.name] = _Src(t, reader.view(t))
@@ -139,11 +139,9 @@ class NumpyEngine:
                     srcs[n].deq(srcs[n].data.reshape(srcs[n].data.shape[0] if srcs[n].data.ndim > 1 else 1, -1)[:1])
                 except Exception as e:
                     problems.append(f"{n}: tensor type {srcs[n].qtype.name} cannot be dequantized by gguf: {e}")
-        card_freqs = None if cfg.rope_freqs is None else np.asarray(cfg.rope_freqs, _F32)
-        if (file_freqs is None) != (card_freqs is None) or (file_freqs is not None and not np.array_equal(
-                file_freqs, card_freqs)):
-            problems.append(f"{_ROPE_FREQS}: expected {'none' if card_freqs is None else card_freqs.tolist()} "
-                            f"(the card's rope_freqs), found {'none' if file_freqs is None else file_freqs.tolist()}")
+        card_freqs = None if cfg.rope_freqs is None else np.asarray(cfg.rope_freqs, _F32).tolist()
+        if file_freqs != card_freqs:
+            problems.append(f"{_ROPE_FREQS}: expected {card_freqs or 'none'} (the card's rope_freqs), found {file_freqs or 'none'}")
         collect(problems, FormatError, f"{self.path} does not hold the tensors of its {arch} architecture card:")
         self._src = srcs
 
