@@ -227,6 +227,8 @@ class ArchConfig:
         rp = _rope_params(g, None)
         freqs = None
         if (rp.get("rope_type", rp.get("type")) or "") == "llama3":  # Llama 3.1 / 3.2 / 3.3
+            if arch != "llama":  # llama.cpp reads rope_freqs.weight in its llama graph only
+                raise UnsupportedError(f"{mt}: rope_scaling {rp!r} (llama3) is supported on the llama family only")
             theta = float(rp.get("rope_theta", g.get("rope_theta") or 10000.0))
             scale, freqs = 1.0, llama3_rope_freqs(rp, theta, head_dim)
         else:

@@ -454,3 +454,12 @@ def test_card_of_llama32_1b_config():
     assert (freqs[18:] == 32.0).all()
     inv, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**LLAMA32_1B), "cpu")
     np.testing.assert_allclose(cfg.rope_inv_freq(), inv.numpy(), rtol=2.5e-7, atol=0)
+
+
+def test_llama3_rope_on_qwen2_is_refused():
+    """qwen2 takes the generic config path; llama.cpp's qwen2 reads no rope_freqs either."""
+    from conftest import make_model
+
+    g = {**make_model("qwen2").config.to_dict(), "rope_parameters": {**LLAMA3}}
+    with pytest.raises(UnsupportedError, match=r"qwen2: rope_scaling .*\(llama3\) is supported on the llama family only"):
+        ArchConfig.from_hf(g)
