@@ -233,6 +233,25 @@ def test_onnx_adapter_for_another_base_is_refused(tiny, tmp_path):
     assert m.adapters == {}
 
 
+@pytest.mark.parametrize("damage", ["truncated", "header", "empty", "noise"])
+def test_damaged_onnx_adapter_is_refused_and_changes_nothing(tiny, ids, tmp_path, damage):
+    from edgeadapt.errors import FormatError
+    from edgeadapt.runtime.onnx_adapter import write_onnx_adapter
+
+    good = write_onnx_adapter(read_delta(tiny["a"]), tmp_path / "a.onnx_adapter").read_bytes()
+    bad = {"truncated": good[: len(good) // 2], "header": bytes(b ^ 0xFF for b in good[:64]) + good[64:],
+           "empty": b"", "noise": np.random.default_rng(0).bytes(4096)}[damage]
+    (tmp_path / "x.onnx_adapter").write_bytes(bad)
+    m = edgeadapt.load(tiny["base"], engine="ort", mode="live")
+    m.add_adapter(tiny["b"], name="b")
+    m.use("b")
+    before = m.logits(ids)
+    with pytest.raises(FormatError, match=r"x\.onnx_adapter: not a readable \.onnx_adapter file"):
+        m.add_adapter(tmp_path / "x.onnx_adapter")
+    assert list(m.adapters) == ["b"] and m.active == {"b": 1.0}
+    np.testing.assert_array_equal(m.logits(ids), before)
+
+
 def test_auto_mode_merges_a_long_lived_adapter(tiny, ids, engine):
     m = edgeadapt.load(tiny["base"], engine=engine, mode="auto")
     m.auto_merge_tokens = 20
