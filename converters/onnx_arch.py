@@ -22,7 +22,7 @@ from edgeadapt.arch import ArchConfig, rope_inv_freq
 
 from .onnx_graph import NEG, _G, _linear, _rms_norm, _rope, lora_input_names, rope_tables
 
-FUSED_ARCHES = frozenset({"llama", "qwen2", "qwen3"})  # the families onnx_fast's fused graph expresses
+FUSED_ARCHES = frozenset({"llama", "qwen2", "qwen3", "smollm3"})  # the families onnx_fast's fused graph expresses
 
 
 def rope_initializers(cfg: ArchConfig) -> dict[str, np.ndarray]:

@@ -200,8 +200,9 @@ def fused_decoder(cfg: ArchConfig, lin: _Linears, inits: list[TensorProto], name
         if cfg.qk_norm:  # Qwen3: RMS norm over each head of q and k (a [..., heads, head_dim] view), before rope
             q, k = (_head_norm(g, t, f"blk.{i}.attn_{c}_norm.weight", n, cfg.head_dim, eps)
                     for t, c, n in ((q, "q", cfg.n_heads), (k, "k", cfg.n_kv_heads)))
-        q = g.op("RotaryEmbedding", q, "position_ids", "rope.cos", "rope.sin", domain=MS, interleaved=interleaved)
-        k = g.op("RotaryEmbedding", k, "position_ids", "rope.cos", "rope.sin", domain=MS, interleaved=interleaved)
+        if cfg.uses_rope(i):  # not on SmolLM3's NoPE layers
+            q = g.op("RotaryEmbedding", q, "position_ids", "rope.cos", "rope.sin", domain=MS, interleaved=interleaved)
+            k = g.op("RotaryEmbedding", k, "position_ids", "rope.cos", "rope.sin", domain=MS, interleaved=interleaved)
         o = f"attn_{i}"
         g.nodes.append(helper.make_node(
             "GroupQueryAttention", [q, k, v, f"past.{i}.key", f"past.{i}.value", seqlens, total, "", "", "", bias],

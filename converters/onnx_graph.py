@@ -224,8 +224,11 @@ def _attention(g: _G, cfg: ArchConfig, i: int, x: str, cos: str, sin: str, mask:
     if cfg.qk_norm:  # Qwen3: RMS norm over each head of q and k, before rope
         q, k = (g.op("Reshape", _rms_norm(g, g.op("Reshape", t, g.const([0, 0, n, hd])), f"{p}.attn_{c}_norm.weight",
                                           cfg.rms_eps), g.const([0, 0, n * hd])) for t, n, c in ((q, H, "q"), (k, KV, "k")))
-    q = _rope(g, q, cos, sin, cfg, H)  # [B,S,H,hd]
-    k = _rope(g, k, cos, sin, cfg, KV)  # [B,S,KV,hd]
+    if cfg.uses_rope(i):
+        q = _rope(g, q, cos, sin, cfg, H)  # [B,S,H,hd]
+        k = _rope(g, k, cos, sin, cfg, KV)  # [B,S,KV,hd]
+    else:  # a NoPE layer (SmolLM3): q and k as they are
+        q, k = g.op("Reshape", q, g.const([0, 0, H, hd])), g.op("Reshape", k, g.const([0, 0, KV, hd]))
     v = g.op("Reshape", _linear(g, x, f"{p}.attn_v", cfg.qkv_bias), g.const([0, 0, KV, hd]))
     q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # [B,H,S,hd]
     k = g.op("Concat", f"past.{i}.key", g.op("Transpose", k, perm=[0, 2, 1, 3]), axis=2,

@@ -21,6 +21,8 @@ Families (``ArchConfig.arch`` = the GGUF architecture):
           q/k RMS norm per head, post-attention / post-FFN norms, query_pre_attn_scalar,
           sliding-window layers with their own rope base, linear rope scaling on the global
           layers, tied head, optional final logit softcapping
+  smollm3 SmolLM3: the llama layout ("norm" rope, q/k permuted, tied head) with NoPE layers: every
+          4th layer (``nope_layers``, llama.cpp's fixed no_rope_layer_step 4) applies no rope at all
   gpt2    GPT-2: LayerNorm with bias, learned positions, fused qkv, GELU-tanh FFN, biases
           on every linear, tied head
 """
@@ -43,19 +45,27 @@ HF_MODEL_TYPES: dict[str, tuple[str, str, bool]] = {
     "mistral": ("llama", "norm", False),  # llama.cpp converts Mistral as llama
     "qwen2": ("qwen2", "neox", True),  # Qwen2 / Qwen2.5: biases on q, k, v
     "qwen3": ("qwen3", "neox", False),  # Qwen3ForCausalLM: no biases, q/k RMS norm per head
+    "smollm3": ("smollm3", "norm", False),  # SmolLM3ForCausalLM: llama with NoPE layers (llama.cpp permutes q/k)
     "gemma3_text": ("gemma3", "neox", False),  # Gemma3ForCausalLM (the text decoder of Gemma 3)
     "gpt2": ("gpt2", "none", False),  # GPT2LMHeadModel
 }
 GGUF_ARCHES: dict[str, tuple[str, bool]] = {"llama": ("norm", False), "qwen2": ("neox", True), "qwen3": ("neox", False),
-                                            "gemma3": ("neox", False), "gpt2": ("none", False)}
+                                            "smollm3": ("norm", False), "gemma3": ("neox", False),
+                                            "gpt2": ("none", False)}
 # architectures whose Hugging Face linear layers are Conv1D ([in, out]; PEFT's fan_in_fan_out)
 CONV1D_ARCHES = frozenset({"gpt2"})
 GEMMA3_SWA_PATTERN = 6  # llama.cpp's gemma3 default: every 6th layer is global, the others windowed
+SMOLLM3_NOPE_STEP = 4  # llama.cpp's smollm3: layer i applies no rope when (i + 1) % 4 == 0 (no GGUF key sets it)
+
+
+def smollm3_nope_layers(n_layers: int) -> list[int]:
+    """The layers llama.cpp's smollm3 graph runs without rope (its n_no_rope_layer_step, fixed at 4)."""
+    return [i for i in range(n_layers) if (i + 1) % SMOLLM3_NOPE_STEP == 0]
 
 
 @dataclass(frozen=True)
 class ArchConfig:
-    arch: str  # GGUF architecture name: "llama" | "qwen2" | "qwen3" | "gemma3" | "gpt2"
+    arch: str  # GGUF architecture name: "llama" | "qwen2" | "qwen3" | "smollm3" | "gemma3" | "gpt2"
     n_layers: int
     dim: int
     ffn_dim: int
@@ -90,6 +100,7 @@ class ArchConfig:
     sliding_window: int | None = None  # on windowed layers a query sees keys at distance < this
     swa_layers: list[int] | None = None  # the windowed layers (None: all, when sliding_window is set)
     final_softcap: float | None = None  # logits = c·tanh(logits / c)
+    nope_layers: list[int] | None = None  # layers that apply no rope to q and k (SmolLM3's NoPE layers)
 
     # ---- derived
     @property
@@ -110,6 +121,10 @@ class ArchConfig:
         if self.sliding_window is None or (self.swa_layers is not None and layer not in self.swa_layers):
             return None
         return self.sliding_window
+
+    def uses_rope(self, layer: int) -> bool:
+        """Whether ``layer`` rotates q and k (False without rope, and on the NoPE layers)."""
+        return self.rope != "none" and (self.nope_layers is None or layer not in self.nope_layers)
 
     def layer_rope(self, layer: int) -> tuple[float, float]:
         """(rope base, linear scaling factor) of ``layer``: windowed layers of an architecture with
@@ -224,6 +239,8 @@ class ArchConfig:
             return _from_hf_gemma3(g, common)
         if mt == "qwen3":
             return _from_hf_qwen3(g, common)
+        if mt == "smollm3":
+            return _from_hf_smollm3(g, common)
         rp = _rope_params(g, None)
         freqs = None
         if (rp.get("rope_type", rp.get("type")) or "") == "llama3":  # Llama 3.1 / 3.2 / 3.3
@@ -308,6 +325,11 @@ class ArchConfig:
                 raise UnsupportedError(f"GGUF qwen3 with {arch}.attention.sliding_window = {window} is not supported "
                                        "(Qwen3 runs full attention on every layer)")
             kw.update(qk_norm=True)
+        elif arch == "smollm3":
+            if window is not None:  # llama.cpp's smollm3 has no sliding window
+                raise UnsupportedError(f"GGUF smollm3 with {arch}.attention.sliding_window = {window} is not supported "
+                                       "(llama.cpp's smollm3 runs full attention on every layer)")
+            kw.update(nope_layers=smollm3_nope_layers(n_layers))
         elif arch == "gpt2":
             kw.update(norm="layer", act="gelu_tanh", gated_ffn=False, fused_qkv=True, linear_bias=True,
                       learned_pos=True)
@@ -373,6 +395,15 @@ def check_features(d: dict[str, Any], problems: list[str]) -> None:
         elif d.get("arch") != "llama" or d.get("rope", "norm") == "none":
             problems.append(f"arch.rope_freqs: Llama 3.x rope scaling is for the llama family with rope, found arch "
                             f"{d.get('arch')!r}, rope {d.get('rope', 'norm')!r}")
+    nope, n = d.get("nope_layers"), d.get("n_layers")
+    if d.get("arch") == "smollm3":  # the GGUF cannot say otherwise: llama.cpp fixes the NoPE layers
+        want = smollm3_nope_layers(n) if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 1 << 16 else None
+        if nope != want:
+            problems.append(f"arch.nope_layers: expected {want} for smollm3 (every {SMOLLM3_NOPE_STEP}th layer, "
+                            f"as llama.cpp runs it), found {nope!r}"[:300])
+    elif nope is not None:
+        problems.append(f"arch.nope_layers: NoPE layers are a smollm3 feature, found {nope!r} on arch "
+                        f"{d.get('arch')!r}"[:300])
     w = d.get("sliding_window")
     if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
         problems.append(f"arch.sliding_window: expected a positive integer or null, found {w!r}")
@@ -453,6 +484,40 @@ def _from_hf_qwen3(g: dict[str, Any], common: dict[str, Any]) -> ArchConfig:
         raise UnsupportedError("qwen3: " + "; ".join(problems))
     theta, scale = _rope_of(_rope_params(g, None), g.get("rope_theta"), 10000.0)
     return ArchConfig(**common, rope_theta=theta, rope_scale=scale, qk_norm=True)
+
+
+def _from_hf_smollm3(g: dict[str, Any], common: dict[str, Any]) -> ArchConfig:
+    """SmolLM3: llama with NoPE layers. llama.cpp fixes those at every 4th layer, so any other
+    ``no_rope_layers`` is refused by name, as is what its smollm3 graph does not run."""
+    problems = []
+    for key in ("attention_bias", "mlp_bias"):
+        if g.get(key):
+            problems.append(f"{key}={g[key]!r} is not supported")
+    types = g.get("layer_types") or []
+    if g.get("use_sliding_window") or set(types) - {"full_attention"}:
+        problems.append(f"use_sliding_window={g.get('use_sliding_window')!r} (layer_types {types!r}) is not supported: "
+                        "llama.cpp's smollm3 runs full attention on every layer")
+    act = g.get("hidden_act", "silu")
+    if act != "silu":
+        problems.append(f"hidden_act {act!r} is not supported (silu only)")
+    n = common["n_layers"]
+    flags = g.get("no_rope_layers")
+    if flags is None:
+        step = g.get("no_rope_layer_interval", SMOLLM3_NOPE_STEP)
+        flags = [int((i + 1) % step != 0) for i in range(n)] if isinstance(step, int) and step > 0 else None
+    nope = ([i for i, f in enumerate(flags[:n]) if not f]
+            if isinstance(flags, list) and len(flags) >= n and all(f in (0, 1) for f in flags) else None)
+    if nope != smollm3_nope_layers(n):
+        problems.append(f"no_rope_layers {flags!r} (no_rope_layer_interval {g.get('no_rope_layer_interval')!r}) "
+                        f"is not supported: llama.cpp's smollm3 skips rope on every {SMOLLM3_NOPE_STEP}th layer "
+                        f"exactly (layers {smollm3_nope_layers(n)})"[:400])
+    if problems:
+        raise UnsupportedError("smollm3: " + "; ".join(problems))
+    rp = _rope_params(g, None)
+    if (rp.get("rope_type", rp.get("type")) or "") == "llama3":  # llama.cpp's smollm3 graph reads no rope_freqs
+        raise UnsupportedError(f"smollm3: rope_scaling {rp!r} (llama3) is not supported (plain or linear rope)")
+    theta, scale = _rope_of(rp, g.get("rope_theta"), 10000.0)
+    return ArchConfig(**common, rope_theta=theta, rope_scale=scale, nope_layers=nope)
 
 
 def _from_hf_gpt2(g: dict[str, Any]) -> ArchConfig:

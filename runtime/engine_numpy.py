@@ -197,8 +197,9 @@ class NumpyEngine:
         # ---- rotary
         hd = cfg.head_dim
         self._inv_freq = cfg.rope_inv_freq()  # [hd/2]: base, linear factor, Llama 3.x divisors
-        # Gemma 3 / GPT-2 run the blocks of runtime/layers.py; llama / qwen2 / qwen3 the forward below
-        self._blocks = cfg.arch not in ("llama", "qwen2", "qwen3")
+        # Gemma 3 / GPT-2 run the blocks of runtime/layers.py; llama / qwen2 / qwen3 / smollm3 the forward below
+        self._blocks = cfg.arch not in ("llama", "qwen2", "qwen3", "smollm3")
+        self._ropes = [cfg.uses_rope(i) for i in range(cfg.n_layers)]  # False on SmolLM3's NoPE layers
         self._scale = np.float32(hd ** -0.5)
 
         self._shapes = cfg.linear_shapes()
@@ -510,7 +511,7 @@ class NumpyEngine:
         seen = allowed.any(axis=-1)  # [B, S]
         keep = None if seen.all() else seen.astype(_F32)[:, None, None, :, None]
         bufs = self._kv_buffers(past, B, past_len, T)
-        qkv_bias, qk_norm = cfg.qkv_bias, cfg.qk_norm
+        qkv_bias, qk_norm, ropes = cfg.qkv_bias, cfg.qk_norm, self._ropes
         scale = self._scale
         # layer products row by row (see row_lora._mm) when rows may differ from each other — per-row adapters —
         # or in decode (seq 1: matrix-vector products, no slower); a batch of prompts sharing one adapter set
@@ -543,8 +544,9 @@ class NumpyEngine:
                     k = _rmsnorm(k.reshape(B, S, KV, hd), norm[f"blk.{i}.attn_k_norm.weight"], eps)
                 kb, vb = bufs[i]
                 qr = np.empty((B, H, S, hd), _F32)
-                _rope(q.reshape(B, S, H, hd), qr.transpose(0, 2, 1, 3), cos, sin, half, neox)
-                _rope(k.reshape(B, S, KV, hd), kb[:, :, past_len:T].transpose(0, 2, 1, 3), cos, sin, half, neox)
+                c, s = (cos, sin) if ropes[i] else (1, 0)  # a NoPE layer (SmolLM3): x·1 - y·0 is x exactly
+                _rope(q.reshape(B, S, H, hd), qr.transpose(0, 2, 1, 3), c, s, half, neox)
+                _rope(k.reshape(B, S, KV, hd), kb[:, :, past_len:T].transpose(0, 2, 1, 3), c, s, half, neox)
                 vb[:, :, past_len:T] = v.reshape(B, S, KV, hd).transpose(0, 2, 1, 3)
                 o = _attend(qr, kb[:, :, :T], vb[:, :, :T], scale, bias, keep)  # [N, H*hd]
                 a = _lin(o, wo, lo, ro, mb)

@@ -87,7 +87,7 @@ MANIFEST_CASES = [
     (lambda d: {**d, "files": {"gguf": "../../etc/passwd"}}, "files['gguf'] = '../../etc/passwd' must be a relative path inside the folder"),
     (lambda d: {**d, "arch": {**d["arch"], "n_layers": -1}}, "arch.n_layers: expected int in 1…4096, found -1"),
     (lambda d: {**d, "arch": {**d["arch"], "dim": True}}, "arch.dim: expected int in 1…131072, found True"),
-    (lambda d: {**d, "arch": {**d["arch"], "arch": "gpt9"}}, "arch.arch: expected one of ['gemma3', 'gpt2', 'llama', 'qwen2', 'qwen3'], found 'gpt9'"),
+    (lambda d: {**d, "arch": {**d["arch"], "arch": "gpt9"}}, "arch.arch: expected one of ['gemma3', 'gpt2', 'llama', 'qwen2', 'qwen3', 'smollm3'], found 'gpt9'"),
     (lambda d: {**d, "fingerprint": "md5:abc"}, "fingerprint: expected 'sha256:' and 64 lowercase hex digits, found 'md5:abc'"),
     (lambda d: {**d, "tensors": {**d["tensors"], "token_embd.weight": {"onnx": {
         **d["tensors"]["token_embd.weight"]["onnx"], "offset": 1 << 40}}}},
@@ -98,7 +98,7 @@ MANIFEST_CASES = [
     (lambda d: {**d, "tensors": {**d["tensors"], "blk.9.attn_q.weight": {}}},
      "tensors['blk.9.attn_q.weight']: not a tensor of this llama architecture card"),
     # minimized inputs the fuzzer below found (TypeError: unhashable type before the fix)
-    (lambda d: {**d, "arch": {**d["arch"], "arch": []}}, "arch.arch: expected one of ['gemma3', 'gpt2', 'llama', 'qwen2', 'qwen3'], found []"),
+    (lambda d: {**d, "arch": {**d["arch"], "arch": []}}, "arch.arch: expected one of ['gemma3', 'gpt2', 'llama', 'qwen2', 'qwen3', 'smollm3'], found []"),
     (lambda d: {**d, "tensors": {**d["tensors"], "token_embd.weight": {"onnx": {
         **d["tensors"]["token_embd.weight"]["onnx"], "dtype": {}}}}}, "tensors['token_embd.weight'].onnx: bad or missing dtype"),
 ]
