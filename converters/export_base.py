@@ -26,15 +26,42 @@ def _tokenizer_from_gguf(src: Path, out: Path, reader: Any) -> tuple[str | None,
     model = field.contents() if field is not None else None
     if model in (None, "none") or "tokenizer.ggml.tokens" not in reader.fields:
         return None, {}
+    arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
+    folder, name = src.parent, src.name
+    if arch in _TOKENIZER_AS:  # transformers' GGUF reader does not know the architecture; the vocabulary is the same
+        folder, name = out / "_tok", "metadata.gguf"
+        folder.mkdir(exist_ok=True)
+        _metadata_copy(reader, arch, _TOKENIZER_AS[arch], folder / name)
     try:
-        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
     except Exception as e:  # the converter's own error is a bare KeyError / ValueError
+        shutil.rmtree(out / "_tok", ignore_errors=True)
         raise UnsupportedError(f"{src.name}: transformers cannot convert its {model!r} tokenizer to tokenizer.json "
                                f"({type(e).__name__}: {e})") from e
     tok.save_pretrained(str(out / "_tok"))
     shutil.move(str(out / "_tok" / "tokenizer.json"), out / "tokenizer.json")
     shutil.rmtree(out / "_tok")
     return getattr(tok, "chat_template", None), _special(tok)
+
+
+_TOKENIZER_AS = {"smollm3": "llama"}  # GGUF architecture -> the one transformers reads its tokenizer under
+
+
+def _metadata_copy(reader: Any, arch: str, as_arch: str, path: Path) -> None:
+    """The metadata of a GGUF, no tensors, under the architecture ``as_arch`` (its ``arch.`` keys renamed)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), as_arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment"):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        new_key = as_arch + key[len(arch):] if key.startswith(arch + ".") else key
+        w.add_key_value(new_key, field.contents(), vtype, sub_type=sub)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
 
 
 def _tokenizer_from_hf(src: Path, out: Path) -> tuple[str | None, dict[str, Any]]:

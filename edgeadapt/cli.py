@@ -134,7 +134,8 @@ def inspect_cmd(path: Path) -> None:
         click.echo(f"base folder   {m.root}\narchitecture  {a.arch}: {a.n_layers} layers, dim {a.dim}, ffn {a.ffn_dim}, "
                    f"heads {a.n_heads}/{a.n_kv_heads} kv × head_dim {a.head_dim}"
                    f"{', q/k norm' if getattr(a, 'qk_norm', False) else ''}, vocab {a.vocab_size}, rope {a.rope}"
-                   f"{' with Llama 3.x scaling' if getattr(a, 'rope_freqs', None) else ''}, "
+                   f"{' with Llama 3.x scaling' if getattr(a, 'rope_freqs', None) else ''}"
+                   f"{f' (none on layers {a.nope_layers})' if getattr(a, 'nope_layers', None) else ''}, "
                    f"tied {a.tied_embeddings}\n"
                    f"fingerprint   {m.fingerprint}\nfiles         {m.files}\ngguf type     {m.gguf_type}\n"
                    f"chat template {'yes' if m.chat_template else 'no'}")

@@ -390,5 +390,46 @@ def test_cli_inspect_names_the_architecture(sm):
 
     res = CliRunner().invoke(main, ["inspect", str(sm["base"])])
     assert res.exit_code == 0, res.output
-    assert "architecture  smollm3: 4 layers, dim 64" in res.output
+    assert ("architecture  smollm3: 4 layers, dim 64, ffn 96, heads 4/2 kv × head_dim 16, vocab 256, rope norm "
+            "(none on layers [3]), tied True") in res.output
 
+
+
+# the converter names a BPE tokenizer by hashing its output on a test text; the test vocabulary is none it knows
+_CONVERT = """import sys
+sys.path.insert(0, sys.argv[1])
+import conversion.base as base, conversion.llama as llama
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"
+llama.LlamaModel.set_vocab = lambda self: self._set_vocab_gpt2()
+import convert_hf_to_gguf
+sys.argv = ["convert_hf_to_gguf.py", sys.argv[2], "--outfile", sys.argv[3], "--outtype", "f32"]
+convert_hf_to_gguf.main()
+"""
+
+
+def test_gguf_from_llama_cpp_converter(sm_cpp, tmp_path):
+    """A GGUF written by llama.cpp's own converter from the HF folder (SmolLM3Model: q/k rows permuted, no
+    NoPE key) exports to our card and runs on both engines with transformers' logits."""
+    import subprocess
+    import sys
+
+    from test_arch_qwen3 import _llama_cpp_converter
+
+    conv = _llama_cpp_converter()
+    if conv is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (set LLAMA_CPP_DIR to a llama.cpp checkout)")
+    gguf_path = tmp_path / "smollm3.gguf"
+    res = subprocess.run([sys.executable, "-c", _CONVERT, str(conv.parent), str(sm_cpp["root"] / "hf"), str(gguf_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cli("export-base", gguf_path, tmp_path / "base", "--gguf-type", "source")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(sm_cpp["root"] / "hf"))  # the vocabulary came through the GGUF
+    ours = edgeadapt.load(tmp_path / "base", engine="numpy")
+    assert ours.tokenizer.encode("abcab hi") == tok.encode("abcab hi", add_special_tokens=False)
+    ids = np.random.default_rng(6).integers(3, 256, size=(2, 9)).tolist()
+    for engine in ENGINES:
+        m = edgeadapt.load(tmp_path / "base", engine=engine)
+        assert m.config.nope_layers == [3]
+        np.testing.assert_allclose(m.logits(ids), torch_logits(sm_cpp["model"], ids), atol=TOL, rtol=0)
