@@ -1,6 +1,7 @@
 """SmolLM3 end to end: a tiny SmolLM3ForCausalLM (4 layers, the 4th a NoPE layer that applies no rope,
 GQA, tied head) exported with the CLI and run on both engines against transformers and PEFT (LoRA merged,
-live and per row; greedy generation; cached decode; left padding); the fused onnxruntime graph (no
+live and per row; DoRA, IA3, embedding LoRA; merge into a new base; greedy generation; cached decode; left
+padding); the fused onnxruntime graph (no
 RotaryEmbedding on the NoPE layer), its plain reference and the int4 graph; llama.cpp on our GGUF base and
 delta file; export-base from our own GGUF; what llama.cpp's smollm3 cannot run is refused by name."""
 
@@ -181,6 +182,46 @@ def test_export_from_our_gguf(sm, ids, tmp_path, engine):
     m = edgeadapt.load(tmp_path / "b", engine=engine)
     assert m.config.nope_layers == [3] and m.config.arch == "smollm3"
     np.testing.assert_allclose(m.logits(ids), torch_logits(sm["model"], ids), atol=TOL, rtol=0)
+
+
+# ---- merge into a new base, other PEFT kinds
+@pytest.mark.parametrize("engine", ENGINES)
+def test_merged_base_equals_peft(sm, ids, tmp_path, engine):
+    """`edgeadapt merge` folds the adapter into a new smollm3 base (the NoPE layers carried over): PEFT's logits."""
+    cli("merge", sm["base"], sm["a"], "-o", tmp_path / "m", "--no-report")
+    m = edgeadapt.load(tmp_path / "m", engine=engine)
+    assert m.config.nope_layers == [3]
+    np.testing.assert_allclose(m.logits(ids), torch_logits(sm["pa"], ids), atol=TOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def sm_kinds(sm):
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    confs = {"dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=ALL_LINEAR, init_lora_weights=False),
+             "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+             "embedding_lora": LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "k_proj"],
+                                          init_lora_weights=False)}
+    out = {}
+    for i, (kind, conf) in enumerate(confs.items()):
+        torch.manual_seed(20 + i)
+        pm = get_peft_model(copy.deepcopy(sm["model"]), conf)
+        with torch.no_grad():  # trained-looking parameters: PEFT starts these as a no-op
+            for n, p in pm.named_parameters():
+                if "ia3_" in n or "magnitude" in n:
+                    p.copy_(1.0 + 0.3 * torch.randn_like(p))
+                elif "lora_" in n:
+                    p.copy_(0.1 * torch.randn_like(p))
+        out[kind] = (pm.eval(), export_lora(pm.eval(), sm["root"], sm["base"], kind))
+    return out
+
+
+@pytest.mark.parametrize("kind,mode", [("dora", "merge"), ("dora", "live"), ("ia3", "live"), ("embedding_lora", "live")])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_other_kinds_match_peft(sm, sm_kinds, ids, engine, kind, mode):
+    pm, path = sm_kinds[kind]
+    assert np.abs(torch_logits(pm, ids) - float64_logits(pm, ids)).max() < 1e-5  # a meaningful 1e-4
+    check_lora(sm["base"], path, pm, sm["model"], engine, mode, ids)
 
 
 # ---- the fused onnxruntime graph, its plain-operator reference, and the quantized base
