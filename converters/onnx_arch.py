@@ -1,4 +1,4 @@
-"""The decoder graph of the families beyond llama / qwen2 / qwen3 (Gemma 3, GPT-2), from default-domain
+"""The decoder graph of the families beyond llama / qwen2 / qwen3 / smollm3 (Gemma 3, GPT-2), from default-domain
 operators only (opset 17).
 
 Same contract as :mod:`edgeadapt.converters.onnx_graph` (inputs, outputs, LoRA slots, initializer

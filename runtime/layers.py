@@ -1,4 +1,4 @@
-"""The numpy forward pass of the decoder families beyond llama / qwen2 / qwen3: Gemma 3 and GPT-2.
+"""The numpy forward pass of the decoder families beyond llama / qwen2 / qwen3 / smollm3: Gemma 3 and GPT-2.
 
 Device-side, like :mod:`edgeadapt.runtime.engine_numpy` (numpy only): the engine validates the
 call and holds the weights, this module runs the blocks the architecture card describes —
