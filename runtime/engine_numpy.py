@@ -62,9 +62,9 @@ class NumpyEngine:
     speed, "auto" on F32 at ~0.75× (the zero-copy ``x @ W.T`` kernel is slower than ``x @ Wt``),
     "lazy" on Q4_1 at ~0.3× in a third of the memory. Set ``OPENBLAS_NUM_THREADS`` to the cores
     the app can really use, or pass ``threads=`` (process-wide, through OpenBLAS's own setter):
-    on an oversubscribed CPU OpenBLAS's spinning threads made decode 2–25× slower (SmolLM2 on
-    a shared 2-core VM: 1.5 tok/s with 2 threads, 15.8 with 1). The file is read with :func:`edgeadapt.gguf_file.open_gguf`, which steps over
-    the tokenizer arrays: 0.02 s on SmolLM2, where gguf.GGUFReader took 4.2 s and 160 MB.
+    on an oversubscribed CPU OpenBLAS's spinning threads made decode 2–25× slower (SmolLM2 on a shared
+    2-core VM: 1.5 tok/s with 2 threads, 15.8 with 1). The file is read with :func:`edgeadapt.gguf_file.open_gguf`,
+    which steps over the tokenizer arrays: 0.02 s on SmolLM2, where gguf.GGUFReader took 4.2 s and 160 MB.
 
     Adapters: :meth:`set_weights` replaces whole linear weights (merge mode; the caller adds
     the delta to :meth:`base_weight`). :meth:`set_live` adds ``scale·(x Aᵀ) Bᵀ`` beside the
@@ -74,10 +74,9 @@ class NumpyEngine:
     changing anything. Arrays passed in are used without a copy when they are already float32
     C-contiguous, so do not mutate them afterwards.
 
-    KV cache: ``present`` arrays are read-only views of an internal buffer. When ``past`` is
-    exactly the ``present`` this engine returned last, new keys/values are written in place
-    after it, with no O(context) copy per token. Any other ``past`` is copied into a new
-    buffer, so forking from an older ``past`` is safe.
+    KV cache: ``present`` arrays are read-only views of an internal buffer. When ``past`` is exactly the
+    ``present`` this engine returned last, new keys/values are written in place after it, with no
+    O(context) copy per token. Any other ``past`` is copied into a new buffer: forking from an older one is safe.
     """
 
     name = "numpy"
@@ -199,7 +198,6 @@ class NumpyEngine:
         self._inv_freq = cfg.rope_inv_freq()  # [hd/2]: base, linear factor, Llama 3.x divisors
         # Gemma 3 / GPT-2 run the blocks of runtime/layers.py; llama / qwen2 / qwen3 / smollm3 the forward below
         self._blocks = cfg.arch not in ("llama", "qwen2", "qwen3", "smollm3")
-        self._ropes = [cfg.uses_rope(i) for i in range(cfg.n_layers)]  # False on SmolLM3's NoPE layers
         self._scale = np.float32(hd ** -0.5)
 
         self._shapes = cfg.linear_shapes()
@@ -511,7 +509,7 @@ class NumpyEngine:
         seen = allowed.any(axis=-1)  # [B, S]
         keep = None if seen.all() else seen.astype(_F32)[:, None, None, :, None]
         bufs = self._kv_buffers(past, B, past_len, T)
-        qkv_bias, qk_norm, ropes = cfg.qkv_bias, cfg.qk_norm, self._ropes
+        qkv_bias, qk_norm = cfg.qkv_bias, cfg.qk_norm
         scale = self._scale
         # layer products row by row (see row_lora._mm) when rows may differ from each other — per-row adapters —
         # or in decode (seq 1: matrix-vector products, no slower); a batch of prompts sharing one adapter set
@@ -544,7 +542,7 @@ class NumpyEngine:
                     k = _rmsnorm(k.reshape(B, S, KV, hd), norm[f"blk.{i}.attn_k_norm.weight"], eps)
                 kb, vb = bufs[i]
                 qr = np.empty((B, H, S, hd), _F32)
-                c, s = (cos, sin) if ropes[i] else (1, 0)  # a NoPE layer (SmolLM3): x·1 - y·0 is x exactly
+                c, s = (cos, sin) if cfg.uses_rope(i) else (1, 0)  # a NoPE layer (SmolLM3): x·1 - y·0 is x exactly
                 _rope(q.reshape(B, S, H, hd), qr.transpose(0, 2, 1, 3), c, s, half, neox)
                 _rope(k.reshape(B, S, KV, hd), kb[:, :, past_len:T].transpose(0, 2, 1, 3), c, s, half, neox)
                 vb[:, :, past_len:T] = v.reshape(B, S, KV, hd).transpose(0, 2, 1, 3)
