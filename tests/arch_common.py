@@ -92,6 +92,35 @@ def check_lora(base: Path, delta: Path, pm, model, engine: str, mode: str, ids) 
     assert m.mode == mode
 
 
+def check_greedy(base: Path, reference, engine: str, prompt: list[int], n: int = 10, delta: Path | None = None,
+                 eos: int = 2) -> None:
+    """Greedy tokens of the base (with ``delta`` live, when given) equal transformers' / PEFT's (up to eos)."""
+    m = edgeadapt.load(base, engine=engine, mode="live" if delta else "auto")
+    if delta:
+        m.add_adapter(delta, name="a")
+        m.use("a")
+    want = greedy_hf(reference, prompt, n)
+    want = want[: want.index(eos)] if eos in want else want
+    assert m.generate_ids(prompt, max_new_tokens=n) == want
+
+
+def check_per_row(fx: dict, engine: str) -> None:
+    """One left-padded batch, one adapter per row (a, b, none): each row as PEFT / transformers computes it.
+    ``fx``: base, a, b (delta files), pa, pb (their PEFT models), model."""
+    m = edgeadapt.load(fx["base"], engine=engine, mode="live")
+    m.add_adapter(fx["a"], name="a")
+    m.add_adapter(fx["b"], name="b")
+    rng = np.random.default_rng(4)
+    rows = [rng.integers(3, 256, size=n).tolist() for n in (9, 6, 4)]
+    width = max(map(len, rows))
+    padded = [[0] * (width - len(r)) + r for r in rows]
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    got = m.logits(padded, mask, adapters=["a", "b", None])
+    for row, ref, out in zip(rows, (fx["pa"], fx["pb"], fx["model"]), got):
+        np.testing.assert_allclose(out[width - len(row):], torch_logits(ref, [row])[0], atol=TOL, rtol=0)
+    assert np.abs(got[1][width - 6:] - torch_logits(fx["model"], [rows[1]])[0]).max() > 0.05  # b matters
+
+
 def greedy_hf(model, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

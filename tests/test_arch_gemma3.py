@@ -11,9 +11,9 @@ import pytest
 
 import edgeadapt
 
-from arch_common import (add_lora, byte_tokenizer, check_cached_decode, check_left_padded, check_lora, check_logits,
-                         export, export_lora, greedy_hf, llama_cpp_greedy, randomize)
-from conftest import ENGINES, torch
+from arch_common import (add_lora, byte_tokenizer, check_cached_decode, check_greedy, check_left_padded, check_lora,
+                         check_logits, export, export_lora, greedy_hf, llama_cpp_greedy, randomize)
+from conftest import ENGINES
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,11 +78,7 @@ def test_lora_matches_peft(g3, ids, engine, mode):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_greedy_generation_matches_transformers(g3, engine):
-    m = edgeadapt.load(g3["base"], engine=engine)
-    prompt = [5, 17, 42, 99, 7, 8]
-    want = greedy_hf(g3["model"], prompt, 10)
-    want = want[: want.index(2)] if 2 in want else want
-    assert m.generate_ids(prompt, max_new_tokens=10) == want
+    check_greedy(g3["base"], g3["model"], engine, [5, 17, 42, 99, 7, 8], 10)
 
 
 def test_window_matters(g3, ids):

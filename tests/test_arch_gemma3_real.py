@@ -48,7 +48,7 @@ def test_greedy_tokens_agree_with_llama_cpp(gemma):
             agree[e] += n
             first[e] += bool(ours[:1] == theirs[:1])
     total = len(PROMPTS) * N_NEW
-    print(f"greedy tokens agreeing with llama.cpp before the first divergence: "
+    print("greedy tokens agreeing with llama.cpp before the first divergence: "
           + ", ".join(f"{e} {agree[e]}/{total}" for e in engines))
     # llama.cpp multiplies Q4_K / Q5_0 / Q6_K blocks with 8-bit-quantized activations, we dequantize the same
     # blocks to float32: near-ties may split later, but the first token of every prompt must agree

@@ -18,8 +18,9 @@ import edgeadapt
 from edgeadapt.arch import ArchConfig, check_features
 from edgeadapt.errors import FormatError, UnsupportedError
 
-from arch_common import (TOL, add_lora as _add_lora, byte_tokenizer, check_cached_decode, check_left_padded, check_logits, check_lora,
-                         cli, export, export_lora, greedy_hf, llama_cpp_greedy, randomize)
+from arch_common import (TOL, add_lora as _add_lora, byte_tokenizer, check_cached_decode, check_greedy,
+                         check_per_row, check_left_padded, check_logits, check_lora, cli, export, export_lora,
+                         greedy_hf, llama_cpp_greedy, randomize)
 from conftest import ENGINES, torch, torch_logits
 
 transformers = pytest.importorskip("transformers")
@@ -139,39 +140,17 @@ def test_lora_matches_peft(sm, ids, engine, mode):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_per_row_adapters(sm, engine):
-    """One left-padded batch, one adapter per row (a, b, none): each row as PEFT / transformers computes it."""
-    m = edgeadapt.load(sm["base"], engine=engine, mode="live")
-    m.add_adapter(sm["a"], name="a")
-    m.add_adapter(sm["b"], name="b")
-    rng = np.random.default_rng(4)
-    rows = [rng.integers(3, 256, size=n).tolist() for n in (9, 6, 4)]
-    width = max(map(len, rows))
-    padded = [[0] * (width - len(r)) + r for r in rows]
-    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    got = m.logits(padded, mask, adapters=["a", "b", None])
-    for row, ref, out in zip(rows, (sm["pa"], sm["pb"], sm["model"]), got):
-        np.testing.assert_allclose(out[width - len(row):], torch_logits(ref, [row])[0], atol=TOL, rtol=0)
-    assert np.abs(got[1][width - 6:] - torch_logits(sm["model"], [rows[1]])[0]).max() > 0.05  # b matters
+    check_per_row(sm, engine)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_greedy_generation_matches_transformers(sm, engine):
-    m = edgeadapt.load(sm["base"], engine=engine)
-    prompt = [5, 17, 42, 99, 7, 8]
-    want = greedy_hf(sm["model"], prompt, 10)
-    want = want[: want.index(2)] if 2 in want else want
-    assert m.generate_ids(prompt, max_new_tokens=10) == want
+    check_greedy(sm["base"], sm["model"], engine, [5, 17, 42, 99, 7, 8], 10)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_greedy_generation_with_lora_matches_peft(sm, engine):
-    m = edgeadapt.load(sm["base"], engine=engine, mode="live")
-    m.add_adapter(sm["a"], name="a")
-    m.use("a")
-    prompt = [9, 33, 4, 120, 64]
-    want = greedy_hf(sm["pa"], prompt, 10)
-    want = want[: want.index(2)] if 2 in want else want
-    assert m.generate_ids(prompt, max_new_tokens=10) == want
+    check_greedy(sm["base"], sm["pa"], engine, [9, 33, 4, 120, 64], 10, delta=sm["a"])
 
 
 @pytest.mark.parametrize("engine", ENGINES)
