@@ -37,7 +37,7 @@ def rope_initializers(cfg: ArchConfig) -> dict[str, np.ndarray]:
 
 
 def _table(cfg: ArchConfig, i: int) -> str:
-    return "rope_swa" if cfg.rope_theta_swa is not None and cfg.window(i) is not None else "rope"
+    return "rope_swa" if cfg.local_rope(i) else "rope"
 
 
 def _norm(g: _G, cfg: ArchConfig, x: str, name: str) -> str:

@@ -126,13 +126,6 @@ class ArchConfig:
         """Whether ``layer`` rotates q and k (False without rope, and on the NoPE layers)."""
         return self.rope != "none" and (self.nope_layers is None or layer not in self.nope_layers)
 
-    def layer_rope(self, layer: int) -> tuple[float, float]:
-        """(rope base, linear scaling factor) of ``layer``: windowed layers of an architecture with
-        its own local base (Gemma 3) use that base, unscaled; the others rope_theta and rope_scale."""
-        if self.local_rope(layer):
-            return self.rope_theta_swa, 1.0
-        return self.rope_theta, self.rope_scale
-
     def local_rope(self, layer: int) -> bool:
         """Whether ``layer`` is a windowed layer with its own rope base (Gemma 3's local layers)."""
         return self.rope_theta_swa is not None and self.window(layer) is not None
