@@ -12,20 +12,20 @@ llama.cpp's converter does), or ``source`` to keep a GGUF source's tensors bit f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import gguf
 import numpy as np
 
 from edgeadapt.arch import ArchConfig
 from edgeadapt.errors import UnsupportedError
+from edgeadapt.names import ROPE_FREQS
 
 QTYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
           "Q8_0": gguf.GGMLQuantizationType.Q8_0}
 FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
               "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 KEY_FINGERPRINT = "edgeadapt.base.fingerprint"
-ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"  # [head_dim/2] float32 rope divisors
 _NOT_COPIED = {"general.file_type", "general.alignment", KEY_FINGERPRINT}
 # tokenizer.json's Split regex -> llama.cpp's pre-tokenizer name (tokenizer.ggml.pre; llama.cpp's converter finds
 # the same name by hashing a tokenization). Anything else is written as "default".

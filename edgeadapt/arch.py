@@ -339,7 +339,8 @@ def _gguf_rope_freqs(reader: Any, arch: str, head_dim: int) -> list[float] | Non
     """The per-frequency rope divisors of a GGUF (llama.cpp's rope_freqs.weight, Llama 3.x), checked."""
     import gguf
 
-    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    from .names import ROPE_FREQS as name
+
     t = next((t for t in reader.tensors if t.name == name), None)
     if t is None:
         return None

@@ -9,6 +9,7 @@ import gguf
 from .arch import ArchConfig
 
 _ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"  # Llama 3.x rope divisors [head_dim/2]
 
 
 @lru_cache(maxsize=16)

@@ -15,19 +15,18 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-import gguf
 import numpy as np
 
 from edgeadapt.arch import ArchConfig
 from edgeadapt.errors import AdapterMismatchError, EdgeAdaptError, FormatError, UnsupportedError, collect
 from edgeadapt.gguf_file import open_gguf
+from edgeadapt.names import ROPE_FREQS
 
 from .ggml_weights import _FAST_DEQ, _Lazy, _Src
 from .numpy_ops import _attend, _rmsnorm, _ro, _rope, add_head_delta, set_blas_threads
 from .row_lora import _add_rows, _has_terms, _lin, _low_rank, _mm, check_rows
 
 _F32 = np.float32
-_ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"  # Llama 3.x rope divisors [head_dim/2]
 _LINEAR_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # the fp32 size under which "auto" dequantizes quantized / F16 weights once at load
 _AUTO_LOAD_LIMIT = 2 << 30
@@ -121,7 +120,7 @@ class NumpyEngine:
         bad_types: list[str] = []
         file_freqs = None
         for t in reader.tensors:
-            if t.name == _ROPE_FREQS:  # Llama 3.x rope divisors: the card carries them (checked below)
+            if t.name == ROPE_FREQS:  # Llama 3.x rope divisors: the card carries them (checked below)
                 file_freqs = np.asarray(reader.view(t), _F32).reshape(-1).tolist()
                 continue
             try:
@@ -140,7 +139,7 @@ class NumpyEngine:
                     problems.append(f"{n}: tensor type {srcs[n].qtype.name} cannot be dequantized by gguf: {e}")
         card_freqs = None if cfg.rope_freqs is None else np.asarray(cfg.rope_freqs, _F32).tolist()
         if file_freqs != card_freqs:
-            problems.append(f"{_ROPE_FREQS}: expected {card_freqs or 'none'} (the card's rope_freqs), found {file_freqs or 'none'}")
+            problems.append(f"{ROPE_FREQS}: expected {card_freqs or 'none'} (the card's rope_freqs), found {file_freqs or 'none'}")
         collect(problems, FormatError, f"{self.path} does not hold the tensors of its {arch} architecture card:")
         self._src = srcs
 
