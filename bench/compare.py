@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeadapt.benchmark import SYSTEMS, Spec, agreement, run, table
+from edgeadapt.benchmark.harness import SYSTEMS, Spec, agreement, run, table
 
 HERE = Path(__file__).resolve().parent
 KEYS = "abcdefghij"  # ten adapters: "a" and "b" are the ones measured, all ten for the memory figure
@@ -70,8 +70,8 @@ def prepare_smollm2(cache: Path) -> tuple[Spec, dict]:
     from transformers import AutoModelForCausalLM
 
     from edgeadapt.converters.export_base import export_base
-    from edgeadapt.demo import smollm2_gguf
-    from edgeadapt.manifest import read_manifest
+    from edgeadapt.cli.demo import smollm2_gguf
+    from edgeadapt.formats.manifest import read_manifest
 
     src = smollm2_gguf()
     info = {}
@@ -122,7 +122,7 @@ def prepare_tiny(cache: Path) -> tuple[Spec, dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from edgeadapt.converters.export_base import export_base
-    from edgeadapt.manifest import read_manifest
+    from edgeadapt.formats.manifest import read_manifest
 
     if not (cache / "base" / "manifest.json").is_file():
         (cache / "hf").mkdir(parents=True, exist_ok=True)
@@ -141,9 +141,9 @@ def prepare_tiny(cache: Path) -> tuple[Spec, dict]:
 
 
 def _finish(cache: Path, man, model, gguf: Path, prompts: list[list[int]], info: dict) -> tuple[Spec, dict]:
-    from edgeadapt.converters.peft_lora import convert_peft
-    from edgeadapt.delta import read_delta
-    from edgeadapt.runtime.onnx_adapter import write_onnx_adapter
+    from edgeadapt.converters.peft.lora import convert_peft
+    from edgeadapt.formats.delta import read_delta
+    from edgeadapt.formats.onnx_adapter import write_onnx_adapter
 
     peft = _peft_adapters(model, cache)
     adapters, sizes = {}, {}
@@ -171,7 +171,7 @@ def _finish(cache: Path, man, model, gguf: Path, prompts: list[list[int]], info:
 def logit_error(spec: Spec) -> dict:
     """int4 (and any other quantized graph) against the fp32 graph on the prompts, bare base."""
     import edgeadapt
-    from edgeadapt.manifest import read_manifest
+    from edgeadapt.formats.manifest import read_manifest
 
     ref = edgeadapt.load(spec.base, engine="ort", mode="live")
     out = {}

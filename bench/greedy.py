@@ -142,7 +142,7 @@ def make(name: str, gguf: str, lora: dict[str, str] | None, threads: int):
 
 # ---- the prompt set
 def prompts(limit: int | None) -> tuple[list[str], list[list[int]], dict]:
-    from edgeadapt.manifest import read_manifest
+    from edgeadapt.formats.manifest import read_manifest
     from edgeadapt.runtime.tokenizer import Tokenizer
 
     man = read_manifest(CACHE / "base")
@@ -307,7 +307,7 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true", help="only the first-position logits of every system and sim")
     ap.add_argument("--report", action="store_true", help="write the tables again from the saved .json")
     a = ap.parse_args()
-    from edgeadapt.demo import smollm2_gguf
+    from edgeadapt.cli.demo import smollm2_gguf
 
     if not (CACHE / "a.gguf").is_file():  # the compare bench's base folder and adapters
         sys.path.insert(0, str(HERE))

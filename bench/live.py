@@ -26,7 +26,7 @@ PROMPT_LEN, NEW = 32, 64
 
 
 def random_delta(man, rank: int, seed: int, path: Path) -> Path:
-    from edgeadapt.delta import write_delta
+    from edgeadapt.formats.delta import write_delta
 
     rng = np.random.default_rng(seed)
     factors = {w: (rng.normal(0, 0.02, (rank, i)).astype(np.float32), rng.normal(0, 0.02, (o, rank)).astype(np.float32))
@@ -91,9 +91,9 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=HERE / ".cache" / "smollm2")
     a = ap.parse_args()
     import edgeadapt
-    from edgeadapt.delta import read_delta
-    from edgeadapt.manifest import read_manifest
-    from edgeadapt.runtime.onnx_adapter import write_onnx_adapter
+    from edgeadapt.formats.delta import read_delta
+    from edgeadapt.formats.manifest import read_manifest
+    from edgeadapt.formats.onnx_adapter import write_onnx_adapter
 
     a.cache.mkdir(parents=True, exist_ok=True)
     prepare(a.cache)

@@ -1,7 +1,7 @@
 """llama.cpp's CPU roundings, patched onto edgeadapt's numpy engine: which of them decide the greedy tokens.
 
 A measuring aid for bench/greedy.py, not a runtime feature. ``install(parts)`` swaps module functions
-of :mod:`edgeadapt.runtime.engine_numpy` / :mod:`edgeadapt.runtime.ggml_weights` for versions that round
+of :mod:`edgeadapt.runtime.numpy_engine.engine` / :mod:`edgeadapt.runtime.numpy_engine.weights` for versions that round
 as ggml's x86 CPU backend does (AVX2 kernels, llama.cpp as llama-cpp-python 0.3.36 ships it), and
 returns the function that puts the originals back. The engine must be loaded with
 ``dequantize="lazy"`` so that every linear stays in its GGUF blocks. Parts:
@@ -23,7 +23,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from edgeadapt.runtime import engine_numpy, ggml_weights
+from edgeadapt.runtime.numpy_engine import engine as engine_numpy, weights as ggml_weights
 
 _F32 = np.float32
 _T = gguf.GGMLQuantizationType

@@ -55,9 +55,9 @@ def _rss_mb() -> float:
 # ---------------------------------------------------------------- setup (host side, once)
 def prepare(cache: Path) -> list[int]:
     from edgeadapt.converters.export_base import export_base
-    from edgeadapt.converters.peft_lora import convert_peft
-    from edgeadapt.demo import smollm2_gguf
-    from edgeadapt.manifest import read_manifest
+    from edgeadapt.converters.peft.lora import convert_peft
+    from edgeadapt.cli.demo import smollm2_gguf
+    from edgeadapt.formats.manifest import read_manifest
     from edgeadapt.runtime.tokenizer import Tokenizer
 
     for folder, kw in (("base", dict(gguf_type="F32")), ("base_q41", dict(gguf_type="source", onnx_weights=("int4",)))):
@@ -80,9 +80,9 @@ def worker(config: str, cache: Path, ids: list[int], n_new: int, threads: int) -
     import numpy as np
 
     import edgeadapt  # noqa: F401  (counted in rss_import)
-    from edgeadapt.delta import read_delta
-    from edgeadapt.manifest import read_manifest
-    from edgeadapt.runtime.engine_numpy import NumpyEngine
+    from edgeadapt.formats.delta import read_delta
+    from edgeadapt.formats.manifest import read_manifest
+    from edgeadapt.runtime.numpy_engine.engine import NumpyEngine
     from edgeadapt.runtime.model import Model, load
 
     engine, folder, mode = CONFIGS[config]
@@ -138,8 +138,8 @@ def profile(config: str, cache: Path, ids: list[int], n_new: int) -> None:
 
     import numpy as np
 
-    from edgeadapt.manifest import read_manifest
-    from edgeadapt.runtime.engine_numpy import NumpyEngine
+    from edgeadapt.formats.manifest import read_manifest
+    from edgeadapt.runtime.numpy_engine.engine import NumpyEngine
 
     engine, folder, mode = CONFIGS[config]
     man = read_manifest(cache / folder)

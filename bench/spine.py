@@ -25,9 +25,9 @@ PROMPT = "Where is my invoice? Please explain where I can find it in my account.
 
 def prepare(cache: Path) -> dict:
     from edgeadapt.converters.export_base import export_base
-    from edgeadapt.converters.peft_lora import convert_peft
-    from edgeadapt.demo import smollm2_gguf
-    from edgeadapt.manifest import read_manifest
+    from edgeadapt.converters.peft.lora import convert_peft
+    from edgeadapt.cli.demo import smollm2_gguf
+    from edgeadapt.formats.manifest import read_manifest
 
     base = cache / "base"
     info_path = cache / "export.json"

@@ -6,9 +6,9 @@ Reads a folder written by ``model.save_adapter``: ``adapter_config.json`` (``{"c
 
 | AdapterHub config | keys | becomes |
 |---|---|---|
-| bottleneck (``seq_bn``, ``double_seq_bn``, ``par``, any BnConfig without gating / PHM / invertible adapters) | BERT: ``…attention.output.adapters.<n>.adapter_down.0`` / ``adapter_up``, ``…output.adapters.<n>.…``; Llama / Mistral: ``…layers.<i>.attention_adapters.adapters.<n>.…``, ``…output_adapters.…`` | :class:`edgeadapt.bottleneck.BottleneckAdapter` (encoder and llama-family bases, live) |
-| LoRA (``composition_mode="add"``) | ``….loras.<n>.lora_A`` [r,in], ``lora_B`` [out,r] | LoRA factors, B·alpha/r (:class:`edgeadapt.delta.LoraDelta`) |
-| IA3 (``composition_mode="scale"``) | ``….loras.<n>.lora_B`` [out,1] | output scaling l·alpha of every target, FFN included (:class:`edgeadapt.kinds.Ia3Adapter`, axis "out") |
+| bottleneck (``seq_bn``, ``double_seq_bn``, ``par``, any BnConfig without gating / PHM / invertible adapters) | BERT: ``…attention.output.adapters.<n>.adapter_down.0`` / ``adapter_up``, ``…output.adapters.<n>.…``; Llama / Mistral: ``…layers.<i>.attention_adapters.adapters.<n>.…``, ``…output_adapters.…`` | :class:`edgeadapt.kinds.bottleneck.BottleneckAdapter` (encoder and llama-family bases, live) |
+| LoRA (``composition_mode="add"``) | ``….loras.<n>.lora_A`` [r,in], ``lora_B`` [out,r] | LoRA factors, B·alpha/r (:class:`edgeadapt.formats.delta.LoraDelta`) |
+| IA3 (``composition_mode="scale"``) | ``….loras.<n>.lora_B`` [out,1] | output scaling l·alpha of every target, FFN included (:class:`edgeadapt.kinds.lora_family.Ia3Adapter`, axis "out") |
 
 Adapters saved by ``adapters`` < 1.1.0 ignored alpha (LoRA / IA3): as AdapterHub's own loader
 does, alpha is taken to be r for them.
@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from edgeadapt.arch import HF_MODEL_TYPES, permute_qk, qk_heads
-from edgeadapt.bottleneck import DECODER_ARCHES, BottleneckAdapter, placement, target_name
-from edgeadapt.delta import LoraDelta
+from edgeadapt.formats.arch import HF_MODEL_TYPES, permute_qk, qk_heads
+from edgeadapt.kinds.bottleneck import DECODER_ARCHES, BottleneckAdapter, placement, target_name
+from edgeadapt.formats.delta import LoraDelta
 from edgeadapt.errors import AdapterMismatchError, FormatError, UnsupportedError, collect
-from edgeadapt.kinds import Ia3Adapter
+from edgeadapt.kinds.lora_family import Ia3Adapter
 
 _BN_UNSUPPORTED = {"use_gating": False, "phm_layer": False, "inv_adapter": None, "cross_adapter": False,
                    "stochastic_depth": 0.0}
@@ -205,14 +205,14 @@ def _heads(cfg: Any, target: str) -> int | None:
 
 def _target_namer(cfg: Any):
     if getattr(cfg, "family", None) == "encoder":
-        from .hf_encoder import encoder_gguf_name
+        from edgeadapt.converters.hf_encoder import encoder_gguf_name
         linear = cfg.linear_shapes()
 
         def enc(module: str) -> str | None:
             n = encoder_gguf_name(cfg, module + ".weight")
             return n if n in linear else None
         return enc
-    from edgeadapt.names import gguf_name
+    from edgeadapt.formats.names import gguf_name
     linear = cfg.linear_shapes()
 
     def dec(module: str) -> str | None:
@@ -244,7 +244,7 @@ def export_adapterhub(folder: str | Path, manifest: Any, out: str | Path, *, nam
                       version: int = 1, dtype: str = "F32") -> Path:
     """Convert an AdapterHub folder to a delta file pinned to ``manifest``'s base (kind ``lora``,
     ``ia3`` or ``bottleneck``); verified against the base before anything is written."""
-    from edgeadapt.delta import write_delta
+    from edgeadapt.formats.delta import write_delta
 
     adapter = convert_adapterhub(folder, manifest, name=name, version=version)
     if getattr(manifest.arch, "family", None) == "encoder":

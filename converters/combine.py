@@ -3,7 +3,7 @@
 Every input i contributes its change of each target weight, ΔWᵢ (float32 [out, in], canonical
 layout): B@A for a LoRA delta (every per-module scale — alpha/r, rsLoRA's alpha/√r, rank and
 alpha patterns — is already folded into B), ``delta(target, W)`` from the immutable base W for
-the other kinds (DoRA, IA3, LoHa, LoKr; see :mod:`edgeadapt.kinds`). A target an input does not
+the other kinds (DoRA, IA3, LoHa, LoKr; see :mod:`edgeadapt.kinds.lora_family`). A target an input does not
 adapt has ΔWᵢ = 0. With weights wᵢ:
 
 | method | result per target | rank |
@@ -37,9 +37,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edgeadapt.delta import LoraDelta, read_delta, write_delta
+from edgeadapt.formats.delta import LoraDelta, read_delta, write_delta
 from edgeadapt.errors import AdapterMismatchError, FormatError, UnsupportedError, collect
-from edgeadapt.manifest import BaseManifest, read_manifest
+from edgeadapt.formats.manifest import BaseManifest, read_manifest
 
 Progress = Callable[[str, int, int], None]
 METHODS = ("cat", "linear", "svd", "ties", "dare", "dare_ties")
@@ -66,7 +66,7 @@ class Combined:
     delta: LoraDelta | None = None  # the written file, read back
 
 
-# ---- inputs (the adapter protocol of edgeadapt.delta_kinds: targets, base_shape, delta, live_terms)
+# ---- inputs (the adapter protocol of edgeadapt.formats.delta_kinds: targets, base_shape, delta, live_terms)
 def is_low_rank(adapter: Any) -> bool:
     """A plain LoRA delta: its ΔW is B@A with nothing depending on the base."""
     if getattr(adapter, "needs_base", False) or getattr(adapter, "kind", "lora") != "lora":
@@ -192,8 +192,8 @@ def load_input(source: Any, manifest: BaseManifest | None = None) -> Any:
         return read_delta(p)
     if manifest is None:
         raise FormatError(f"{p}: a PEFT folder is converted against its base; give the base folder (--base)")
-    from .peft_kinds import _config, convert_peft_kind
-    from .peft_lora import convert_peft
+    from edgeadapt.converters.peft.kinds import _config, convert_peft_kind
+    from edgeadapt.converters.peft.lora import convert_peft
 
     pc = _config(p)
     if pc.get("peft_type") == "LORA" and not pc.get("use_dora"):
@@ -444,7 +444,7 @@ def combine_files(sources: Sequence[Any], weights: Sequence[float] | None, out: 
     _check_options(adapters, method, rank, density, majority_sign, man)
     base_w = None
     if any(getattr(a, "needs_base", False) for a in adapters):
-        from .merge import base_weights
+        from edgeadapt.converters.merge import base_weights
 
         base_w = base_weights(man).weights
     res = combine(adapters, weights, method, rank=rank, density=density, majority_sign=majority_sign, seed=seed,

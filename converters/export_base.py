@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeadapt.errors import UnsupportedError
-from edgeadapt.fingerprint import fingerprint as weights_fingerprint
-from edgeadapt.manifest import BaseManifest
+from edgeadapt.formats.fingerprint import fingerprint as weights_fingerprint
+from edgeadapt.formats.manifest import BaseManifest
 
-from .hf import from_gguf_file, from_hf_folder
+from edgeadapt.converters.hf import from_gguf_file, from_hf_folder
 
 Progress = Callable[[str, int, int], None]
 
@@ -88,14 +88,14 @@ def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", 
     source's blocks of that type are copied bit for bit, anything else is quantized from float32."""
     import gguf
 
-    from .genai import write_genai_config
-    from .gguf_base import write_base_gguf
-    from .onnx_graph import build_onnx
+    from edgeadapt.converters.onnx_graphs.genai import write_genai_config
+    from edgeadapt.converters.gguf_base import write_base_gguf
+    from edgeadapt.converters.onnx_graphs.graph import build_onnx
 
     source, out = Path(source), Path(out)
-    from .hf_encoder import is_encoder_folder
+    from edgeadapt.converters.hf_encoder import is_encoder_folder
     if source.is_dir() and is_encoder_folder(source):  # BERT family: its own graph, card and slots
-        from .export_encoder import export_encoder
+        from edgeadapt.converters.export_encoder import export_encoder
         return export_encoder(source, out, onnx=onnx, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     reader = None
@@ -130,7 +130,7 @@ def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", 
         files["genai"] = write_genai_config(out, cfg)  # the folder as an onnxruntime-genai model
     for qkind in ("int4", "int8"):
         if onnx and qkind in onnx_weights:  # the quantized bases, adapters live beside them
-            from .onnx_fast import build_quant_onnx, gguf_source
+            from edgeadapt.converters.onnx_graphs.fast import build_quant_onnx, gguf_source
 
             info = build_quant_onnx(cfg, weights, out, qkind, source=gguf_source(reader) if reader else None,
                                     progress=progress)

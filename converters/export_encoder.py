@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeadapt.encoder_arch import EncoderConfig
-from edgeadapt.fingerprint import fingerprint as weights_fingerprint
-from edgeadapt.manifest import BaseManifest
+from edgeadapt.formats.encoder_arch import EncoderConfig
+from edgeadapt.formats.fingerprint import fingerprint as weights_fingerprint
+from edgeadapt.formats.manifest import BaseManifest
 
 
 def write_encoder_gguf(cfg: EncoderConfig, weights: dict[str, np.ndarray], path: Path, fingerprint: str) -> None:
@@ -39,8 +39,8 @@ def write_encoder_gguf(cfg: EncoderConfig, weights: dict[str, np.ndarray], path:
 
 
 def export_encoder(source: Path, out: Path, *, onnx: bool = True, progress: Any = None) -> BaseManifest:
-    from .hf_encoder import encoder_from_hf_folder
-    from .onnx_encoder import build_encoder_onnx
+    from edgeadapt.converters.hf_encoder import encoder_from_hf_folder
+    from edgeadapt.converters.onnx_graphs.encoder import build_encoder_onnx
 
     source, out = Path(source), Path(out)
     out.mkdir(parents=True, exist_ok=True)

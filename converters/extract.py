@@ -16,12 +16,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeadapt.arch import ArchConfig
-from edgeadapt.delta import LoraDelta, read_delta, write_delta
+from edgeadapt.formats.arch import ArchConfig
+from edgeadapt.formats.delta import LoraDelta, read_delta, write_delta
 from edgeadapt.errors import AdapterMismatchError, FormatError, UnsupportedError, collect
-from edgeadapt.manifest import BaseManifest, read_manifest
+from edgeadapt.formats.manifest import BaseManifest, read_manifest
 
-from .merge import base_weights
+from edgeadapt.converters.merge import base_weights
 
 Progress = Callable[[str, int, int], None]
 
@@ -56,7 +56,7 @@ class DenseDelta(LoraDelta):
 
 def finetuned_weights(source: str | os.PathLike, progress: Progress | None = None) -> tuple[ArchConfig, dict[str, np.ndarray]]:
     """A fine-tuned model: Hugging Face folder, .gguf file, or edgeadapt base folder -> (card, canonical fp32)."""
-    from .hf import from_gguf_file, from_hf_folder
+    from edgeadapt.converters.hf import from_gguf_file, from_hf_folder
 
     source = Path(source)
     if source.is_file() and source.suffix == ".gguf":
@@ -126,7 +126,7 @@ def extract_delta(finetuned: str | os.PathLike, base: str | os.PathLike | BaseMa
 def extract_report(result: Extracted, base: str | os.PathLike, *, engine: str = "auto", prompts: Any = None,
                    n_new: int = 24) -> Any:
     """The extracted delta vs the exact ΔW of every changed linear weight, on the model's outputs."""
-    from .quant_report import compare_deltas
+    from edgeadapt.converters.quant_report import compare_deltas
 
     d = result.delta
     ref = DenseDelta("__exact__", d.arch, d.fingerprint, result.dense)

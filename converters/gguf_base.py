@@ -17,9 +17,9 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from edgeadapt.arch import ArchConfig
+from edgeadapt.formats.arch import ArchConfig
 from edgeadapt.errors import UnsupportedError
-from edgeadapt.names import ROPE_FREQS
+from edgeadapt.formats.names import ROPE_FREQS
 
 QTYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
           "Q8_0": gguf.GGMLQuantizationType.Q8_0}

@@ -1,5 +1,5 @@
 """Read a base model (Hugging Face folder, in-memory transformers model, or GGUF) into the
-canonical layout of :mod:`edgeadapt.arch`: GGUF names, float32 ``[out, in]``, q/k permuted
+canonical layout of :mod:`edgeadapt.formats.arch`: GGUF names, float32 ``[out, in]``, q/k permuted
 for "norm"-rope architectures, Conv1D weights (GPT-2) transposed, Gemma's norm weights shifted
 by one (``1 + w``, as llama.cpp's converter stores them)."""
 
@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeadapt.arch import CONV1D_ARCHES, ArchConfig, permute_qk, qk_heads
+from edgeadapt.formats.arch import CONV1D_ARCHES, ArchConfig, permute_qk, qk_heads
 from edgeadapt.errors import FormatError, UnsupportedError, collect
-from edgeadapt.names import gguf_name
+from edgeadapt.formats.names import gguf_name
 
 Progress = Callable[[str, int, int], None]
 

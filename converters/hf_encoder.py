@@ -1,5 +1,5 @@
 """Read an encoder (BERT family) from a Hugging Face / sentence-transformers folder or an in-memory
-transformers model into the canonical layout of :mod:`edgeadapt.encoder_arch`."""
+transformers model into the canonical layout of :mod:`edgeadapt.formats.encoder_arch`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from edgeadapt.encoder_arch import HF_ENCODER_TYPES, EncoderConfig
+from edgeadapt.formats.encoder_arch import HF_ENCODER_TYPES, EncoderConfig
 from edgeadapt.errors import FormatError, UnsupportedError, collect
 
 # The sequence-classification head, in llama.cpp's names for its ranking head (not in gguf's

@@ -21,10 +21,10 @@ from typing import Any, Callable, Sequence
 import gguf
 import numpy as np
 
-from edgeadapt.delta import LoraDelta, read_delta
+from edgeadapt.formats.delta import LoraDelta, read_delta
 from edgeadapt.errors import FormatError, IntegrityError
-from edgeadapt.fingerprint import fingerprint as weights_fingerprint
-from edgeadapt.manifest import BaseManifest, read_manifest
+from edgeadapt.formats.fingerprint import fingerprint as weights_fingerprint
+from edgeadapt.formats.manifest import BaseManifest, read_manifest
 
 Progress = Callable[[str, int, int], None]
 _T = gguf.GGMLQuantizationType
@@ -170,7 +170,7 @@ def merge_adapters(base: str | os.PathLike, adapters: Sequence[tuple[str | os.Pa
         merged_from["requantized"] = sorted(set(requant.values()))
         files["gguf"] = "model.gguf"
     if onnx and man.path("onnx") is not None:
-        from .onnx_graph import build_onnx
+        from edgeadapt.converters.onnx_graphs.graph import build_onnx
 
         for n, e in build_onnx(man.arch, merged, out, progress=progress).items():
             tensors.setdefault(n, {})["onnx"] = e
@@ -179,7 +179,7 @@ def merge_adapters(base: str | os.PathLike, adapters: Sequence[tuple[str | os.Pa
             if (out / file).is_file():
                 files[kind] = file
         if "onnx_lora" in files:
-            from .genai import write_genai_config
+            from edgeadapt.converters.onnx_graphs.genai import write_genai_config
 
             files["genai"] = write_genai_config(out, man.arch)
     tok = man.path("tokenizer")
@@ -200,7 +200,7 @@ def merge_report(base: str | os.PathLike, adapters: Sequence[tuple[str | os.Path
     """The merged folder vs the base with the same adapters applied at run time (fp32 merge)."""
     import edgeadapt
 
-    from .quant_report import compare_models, default_prompts
+    from edgeadapt.converters.quant_report import compare_models, default_prompts
 
     ref = edgeadapt.load(base, engine=engine, mode="merge")
     weights = {}

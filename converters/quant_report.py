@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeadapt.delta import LoraDelta
+from edgeadapt.formats.delta import LoraDelta
 
 # a prompt set for bases with a tokenizer: support, chat, facts, code, arithmetic
 PROMPTS = ("Where is my invoice?", "My app keeps crashing when I open it.", "How do I reset my password?",
@@ -148,10 +148,10 @@ def adapter_report(peft_dir: str | os.PathLike, base: str | os.PathLike, delta_p
     """A delta file converted from a PEFT folder vs that adapter in float32: sizes and output error."""
     import tempfile
 
-    from edgeadapt.delta import read_delta, write_delta
-    from edgeadapt.manifest import read_manifest
+    from edgeadapt.formats.delta import read_delta, write_delta
+    from edgeadapt.formats.manifest import read_manifest
 
-    from .peft_lora import lora_factors, read_peft_config, read_peft_tensors
+    from edgeadapt.converters.peft.lora import lora_factors, read_peft_config, read_peft_tensors
 
     man, peft_dir = read_manifest(base), Path(peft_dir)
     factors = lora_factors(man.arch, read_peft_config(peft_dir), read_peft_tensors(peft_dir))

@@ -5,23 +5,23 @@
 
 from pathlib import Path
 
-import edgeadapt.arch
-import edgeadapt.bottleneck
-import edgeadapt.delta
-import edgeadapt.delta_kinds
-import edgeadapt.fingerprint
-import edgeadapt.gguf_file
-import edgeadapt.kinds
-import edgeadapt.manifest
+import edgeadapt.formats.arch
+import edgeadapt.kinds.bottleneck
+import edgeadapt.formats.delta
+import edgeadapt.formats.delta_kinds
+import edgeadapt.formats.fingerprint
+import edgeadapt.formats.gguf_file
+import edgeadapt.kinds.lora_family
+import edgeadapt.formats.manifest
 
-SECTIONS = [("The delta file (`edgeadapt/delta.py`)", edgeadapt.delta),
-            ("Adapter kinds in delta files (`edgeadapt/delta_kinds.py`)", edgeadapt.delta_kinds),
-            ("The built-in kinds (`edgeadapt/kinds.py`)", edgeadapt.kinds),
-            ("Bottleneck adapters (`edgeadapt/bottleneck.py`)", edgeadapt.bottleneck),
-            ("The base folder (`edgeadapt/manifest.py`)", edgeadapt.manifest),
-            ("The canonical layout (`edgeadapt/arch.py`)", edgeadapt.arch),
-            ("The base fingerprint (`edgeadapt/fingerprint.py`)", edgeadapt.fingerprint),
-            ("The GGUF container, as read (`edgeadapt/gguf_file.py`)", edgeadapt.gguf_file)]
+SECTIONS = [("The delta file (`edgeadapt/formats/delta.py`)", edgeadapt.formats.delta),
+            ("Adapter kinds in delta files (`edgeadapt/formats/delta_kinds.py`)", edgeadapt.formats.delta_kinds),
+            ("The built-in kinds (`edgeadapt/kinds/lora_family.py`)", edgeadapt.kinds.lora_family),
+            ("Bottleneck adapters (`edgeadapt/kinds/bottleneck.py`)", edgeadapt.kinds.bottleneck),
+            ("The base folder (`edgeadapt/formats/manifest.py`)", edgeadapt.formats.manifest),
+            ("The canonical layout (`edgeadapt/formats/arch.py`)", edgeadapt.formats.arch),
+            ("The base fingerprint (`edgeadapt/formats/fingerprint.py`)", edgeadapt.formats.fingerprint),
+            ("The GGUF container, as read (`edgeadapt/formats/gguf_file.py`)", edgeadapt.formats.gguf_file)]
 
 
 def render() -> str:

@@ -7,7 +7,7 @@
     print(m.generate("Where is my invoice?"))
 """
 
-from .errors import (AdapterMismatchError, AdapterNotFoundError, EdgeAdaptError, FormatError, IntegrityError,
+from edgeadapt.errors import (AdapterMismatchError, AdapterNotFoundError, EdgeAdaptError, FormatError, IntegrityError,
                      MissingDependencyError, UnsupportedError)
 
 __all__ = ["load", "read_delta", "EdgeAdaptError", "AdapterMismatchError", "AdapterNotFoundError", "FormatError",
@@ -20,6 +20,6 @@ def __getattr__(name: str):  # nothing heavy at import time
         from edgeadapt.runtime.model import load
         return load
     if name == "read_delta":
-        from .delta import read_delta
+        from edgeadapt.formats.delta import read_delta
         return read_delta
     raise AttributeError(f"module 'edgeadapt' has no attribute {name!r}")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import edgeadapt
 from edgeadapt.converters.export_base import export_base
-from edgeadapt.converters.peft_lora import convert_peft
-from edgeadapt.demo import adapter_folder, smollm2_gguf
-from edgeadapt.manifest import read_manifest
+from edgeadapt.converters.peft.lora import convert_peft
+from edgeadapt.cli.demo import adapter_folder, smollm2_gguf
+from edgeadapt.formats.manifest import read_manifest
 
 ROUTES = {  # adapter -> words that send a ticket there
     "billing": ("invoice", "charge", "refund", "payment", "card", "plan", "bill"),

@@ -2,7 +2,7 @@
 
 AdapterHub's Llama / Mistral call the adapter at the two residual adds of every block — after the
 attention output projection and after the MLP — with ``layer_norm=None``, so each add x + y becomes
-the slot formula of :mod:`edgeadapt.encoder_slots` with LN = identity (h = y, t = x).
+the slot formula of :mod:`edgeadapt.kinds.slots` with LN = identity (h = y, t = x).
 
 A request carries the slot inputs ``{bn.<i>.<p>.<part>: array [rows, …]}`` (rows 1 or batch; widths
 zero-padded per position; a row without an adapter there gets the idle slot, which is exactly x + y)
@@ -19,11 +19,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from edgeadapt.bottleneck import DECODER_ARCHES
-from edgeadapt.encoder_slots import BN_PARTS, POSITIONS, bn_feeds, bn_name, bottleneck
+from edgeadapt.kinds.bottleneck import DECODER_ARCHES
+from edgeadapt.kinds.slots import BN_PARTS, POSITIONS, bn_feeds, bn_name, bottleneck
 from edgeadapt.errors import AdapterMismatchError, UnsupportedError
 
-from .seq import Plan
+from edgeadapt.runtime.seq import Plan
 
 Feeds = dict[str, np.ndarray]
 

@@ -2,9 +2,9 @@
 
 ``edgeadapt.load(base)`` returns an :class:`EncoderModel` when the manifest's card says
 ``family: "encoder"``. Two engines compute the same thing: "ort" runs ``model.onnx`` (slots as
-optional inputs, :mod:`edgeadapt.converters.onnx_encoder`), "numpy" runs ``model.gguf`` with numpy.
+optional inputs, :mod:`edgeadapt.converters.onnx_graphs.encoder`), "numpy" runs ``model.gguf`` with numpy.
 Every adapter kind runs live — LoRA factors, IA3 output scales and bottleneck adapters
-(:mod:`edgeadapt.encoder_slots`) — so ``use()`` only binds arrays and each row of a batch may have
+(:mod:`edgeadapt.kinds.slots`) — so ``use()`` only binds arrays and each row of a batch may have
 its own adapter. Imports: numpy, gguf, tokenizers (text), onnxruntime (lazily, engine "ort").
 """
 
@@ -17,11 +17,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from edgeadapt.encoder_slots import (NORMS, POSITIONS, bn_feeds, bn_name, bottleneck, defaults, gelu, gelu_tanh,
+from edgeadapt.kinds.slots import (NORMS, POSITIONS, bn_feeds, bn_name, bottleneck, defaults, gelu, gelu_tanh,
                                      ia3_name, layer_norm, lora_names)
 from edgeadapt.errors import (AdapterMismatchError, AdapterNotFoundError, FormatError, MissingDependencyError,
                               UnsupportedError, collect)
-from edgeadapt.manifest import BaseManifest
+from edgeadapt.formats.manifest import BaseManifest
 
 UseSpec = str | Mapping[str, float] | Sequence[str] | None
 Feeds = dict[str, np.ndarray]
@@ -34,7 +34,7 @@ class NumpyEncoder:
     def __init__(self, manifest: BaseManifest):
         import gguf
 
-        from edgeadapt.gguf_file import open_gguf
+        from edgeadapt.formats.gguf_file import open_gguf
 
         path = manifest.path("gguf")
         if path is None or not path.is_file():
@@ -188,10 +188,10 @@ class EncoderModel:
         :func:`edgeadapt.converters.adapterhub.convert_adapterhub`, a LoRA delta file or any kind
         object), not yet active. Returns its name."""
         if isinstance(source, (str, os.PathLike)):
-            from edgeadapt.delta import read_delta
+            from edgeadapt.formats.delta import read_delta
             source = read_delta(source)
         if self.trust is not None or self.require_signature:
-            from edgeadapt.signing import check_trust
+            from edgeadapt.ship.signing import check_trust
             check_trust(source, self.trust, self.require_signature)  # the signature covers the file's bytes
         self._check(source)
         name = name or source.name
@@ -221,7 +221,7 @@ class EncoderModel:
             self.active, self._feeds = want, feeds
 
     def _normalise(self, spec: UseSpec) -> dict[str, float]:
-        from .model import normalise_spec  # the decoder's rules, one implementation
+        from edgeadapt.runtime.model import normalise_spec  # the decoder's rules, one implementation
 
         return normalise_spec(spec, self.adapters)
 

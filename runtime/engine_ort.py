@@ -12,7 +12,7 @@ one-token probe differently from the old one whenever the weights changed.
 
 Quantized weights (``weights="int4"`` / ``"int8"``): the base folder's ``model_int4.onnx`` /
 ``model_int8.onnx`` (llama.cpp Q4_1 / Q8_0 blocks in onnxruntime's MatMulNBits, fused operators;
-see ``edgeadapt.converters.onnx_fast``). Adapters run live only, in float32 beside the quantized
+see ``edgeadapt.converters.onnx_graphs.fast``). Adapters run live only, in float32 beside the quantized
 weights: merging would mean re-quantizing, which loses most of a small delta.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from edgeadapt.errors import (AdapterMismatchError, EdgeAdaptError, FormatError, MissingDependencyError,
                               UnsupportedError, collect)
-from edgeadapt.manifest import BaseManifest
+from edgeadapt.formats.manifest import BaseManifest
 
 PastKV = list[tuple[np.ndarray, np.ndarray]]
 WEIGHTS = {"fp32": None, "int4": "onnx_int4", "int8": "onnx_int8"}  # weights= -> manifest file kind (None: onnx)

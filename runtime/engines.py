@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgeadapt.errors import FormatError, UnsupportedError
-from edgeadapt.manifest import BaseManifest
+from edgeadapt.formats.manifest import BaseManifest
 
 ENGINES = ("auto", "ort", "numpy")
 WEIGHTS = ("fp32", "int4", "int8")
@@ -37,7 +37,7 @@ def make_engine(manifest: BaseManifest, engine: str, threads: int | None, *, deq
             why = f"the base folder has no {want}"
         else:
             try:
-                from .engine_ort import OrtEngine
+                from edgeadapt.runtime.engine_ort import OrtEngine
                 # "ort" asked for by name: a lazy engine builds its first session when it first runs; "auto"
                 # builds it here, because a failed build is what sends auto to numpy
                 return OrtEngine(manifest, threads=threads, live=live, weights=weights, defer=engine == "ort")
@@ -55,7 +55,7 @@ def make_engine(manifest: BaseManifest, engine: str, threads: int | None, *, deq
     if gguf_path is None or not gguf_path.is_file():
         raise FormatError(f"{manifest.root}: engine {engine!r} needs model.gguf (numpy)"
                           + (f" because {why}" if why else "") + ", and the folder has none; export the base again")
-    from .engine_numpy import NumpyEngine
+    from edgeadapt.runtime.numpy_engine.engine import NumpyEngine
     eng = NumpyEngine(gguf_path, manifest.arch, dequantize=dequantize, threads=threads)
     eng.auto_reason = why
     return eng

@@ -15,17 +15,17 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from edgeadapt.arch import ArchConfig
-from edgeadapt.delta import LoraDelta, read_delta
+from edgeadapt.formats.arch import ArchConfig
+from edgeadapt.formats.delta import LoraDelta, read_delta
 from edgeadapt.errors import AdapterMismatchError, AdapterNotFoundError, FormatError, UnsupportedError
-from edgeadapt.manifest import BaseManifest, read_manifest
+from edgeadapt.formats.manifest import BaseManifest, read_manifest
 
-from .engines import make_engine
-from .row_lora import add_terms, slot_inputs
-from .rwlock import RWLock
-from .sampling import Sampler
-from .seq import SeqParts
-from .tokenizer import StreamDecoder, Tokenizer
+from edgeadapt.runtime.engines import make_engine
+from edgeadapt.runtime.row_lora import add_terms, slot_inputs
+from edgeadapt.runtime.rwlock import RWLock
+from edgeadapt.runtime.sampling import Sampler
+from edgeadapt.runtime.seq import SeqParts
+from edgeadapt.runtime.tokenizer import StreamDecoder, Tokenizer
 
 Live = dict[str, Any]  # a live plan: weight -> the factors the engine runs (see _factors)
 
@@ -50,7 +50,7 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
     written by ``export-base --onnx-quant``): the quantized base with adapters live beside it, in float32.
     ``dequantize`` (numpy engine): "auto" | "load" (fp32 once: fastest) | "lazy" (quantized blocks stay
     mapped: least memory) — see docs/NUMPY_ENGINE.md.
-    ``trust``: an :class:`edgeadapt.signing.TrustStore` (or a path / list of paths of public keys);
+    ``trust``: an :class:`edgeadapt.ship.signing.TrustStore` (or a path / list of paths of public keys);
     ``require_signature``: refuse adapters not signed by a trusted key; ``store``: an adapter store
     folder (``edgeadapt install``), so ``add_adapter("billing")`` loads the installed version.
     """
@@ -62,7 +62,7 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
                                "float32 beside the quantized weights), or weights='fp32' to merge")
     manifest = read_manifest(base)
     if getattr(manifest.arch, "family", None) == "encoder":  # BERT family: embeddings / classification
-        from .encoder import load_encoder
+        from edgeadapt.runtime.encoder import load_encoder
         return load_encoder(manifest, engine, threads=threads)
     slotted = any(p is not None and p.is_file() for p in (manifest.path("onnx_live"), manifest.path("onnx_lora")))
     live: bool | str = weights != "fp32" or mode in ("live", "auto") and slotted
@@ -72,7 +72,7 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
         raise FormatError(f"{manifest.root} has no model_live.onnx / model_lora.onnx (the graphs with LoRA slots); "
                           "export the base again with this edgeadapt, or use mode='merge'")
     if trust is not None and not hasattr(trust, "keys"):
-        from edgeadapt.signing import TrustStore
+        from edgeadapt.ship.signing import TrustStore
         trust = TrustStore.load(*([trust] if isinstance(trust, (str, os.PathLike)) else trust))
     model = Model(manifest, make_engine(manifest, engine, threads, live=live, weights=weights, dequantize=dequantize), mode=mode)
     model.trust, model.require_signature, model.store = trust, require_signature, store
@@ -122,7 +122,7 @@ class Model:
     """
 
     auto_merge_tokens: int | None = 1024
-    trust: Any = None  # edgeadapt.signing.TrustStore
+    trust: Any = None  # edgeadapt.ship.signing.TrustStore
     require_signature = False
     store: str | os.PathLike | None = None
 
@@ -142,7 +142,7 @@ class Model:
         self._factor_cache: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self._live_kind: dict[str, bool] = {}  # per loaded adapter: has a live form on this engine
         self._set_plans: dict[tuple, Any] = {}  # recent adapter sets -> their live plan: use() is then a lookup
-        self._seq = SeqParts(self)  # embedding changes and KV prefixes (edgeadapt.kinds_seq), per adapter
+        self._seq = SeqParts(self)  # embedding changes and KV prefixes (edgeadapt.kinds.sequence), per adapter
         self.last_swap_seconds = 0.0
 
     @property
@@ -162,17 +162,17 @@ class Model:
         adapter, not yet active. ``source``: a delta file, a ``.onnx_adapter``, an adapter object, or the
         name of an adapter installed in ``store``. Returns its name."""
         if self.store is not None and isinstance(source, str) and not os.path.exists(source):
-            from edgeadapt.store import AdapterStore
+            from edgeadapt.ship.store import AdapterStore
             source = AdapterStore(self.store).resolve(source)
-        if not isinstance(source, (str, os.PathLike)):  # an adapter object (LoraDelta, edgeadapt.kinds.*)
+        if not isinstance(source, (str, os.PathLike)):  # an adapter object (LoraDelta, edgeadapt.kinds.lora_family.*)
             delta = source
         elif str(source).endswith(".onnx_adapter"):
-            from .onnx_adapter import read_onnx_adapter
+            from edgeadapt.formats.onnx_adapter import read_onnx_adapter
             delta = read_onnx_adapter(source, arch=self.config.arch, fingerprint=self.fingerprint, name=name)
         else:
             delta = read_delta(source)
         if self.trust is not None or self.require_signature:
-            from edgeadapt.signing import check_trust
+            from edgeadapt.ship.signing import check_trust
             check_trust(source, self.trust, self.require_signature)  # the file: a signature covers its bytes
         delta.check_base(self.config, self.fingerprint)
         name = name or delta.name
@@ -243,7 +243,7 @@ class Model:
             ensure()
 
     def _low_rank(self, want: Mapping[str, float]) -> bool:
-        """Can this set run live? The LoRA family, and kinds with a live form (edgeadapt.delta_kinds.LiveTerms:
+        """Can this set run live? The LoRA family, and kinds with a live form (edgeadapt.formats.delta_kinds.LiveTerms:
         LoHa / LoKr as exact factors; DoRA, IA3, lora_bias with scale / bias slots, which the numpy engine has
         and onnxruntime has in model_kinds.onnx). The others merge."""
         return all(self._runs_live(n) for n in want)
@@ -313,7 +313,7 @@ class Model:
     # ---- live factors
     def _live_plan(self, rows: Sequence[Mapping[str, float]]) -> Live:
         """Everything a live request carries for one set per row: factors, sequence parts, bottleneck slots."""
-        from . import bn_slots
+        from edgeadapt.runtime import bn_slots
 
         bn = bn_slots.feeds(self.adapters, rows, self.config.dim)
         if bn and not (self._engine.name == "numpy" or getattr(self._engine, "bn_slots", False)):

@@ -7,7 +7,7 @@ Device-side (numpy only). A linear computes ``x Wᵀ`` plus, per call (``forward
 - ``(A [n, in, r], B [n, r, out])``, the slot contract shared with the onnxruntime graphs: row b
   uses slice b, ranks zero-padded to one r;
 - a :class:`RowLoRA`: each row its own factors at its own rank (see there why that matters);
-- ``(A, B, in, out, bias)``: scale / bias terms (DoRA, IA3, lora_bias; edgeadapt.delta_kinds.LiveTerms).
+- ``(A, B, in, out, bias)``: scale / bias terms (DoRA, IA3, lora_bias; edgeadapt.formats.delta_kinds.LiveTerms).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 
 from edgeadapt.errors import AdapterMismatchError, UnsupportedError, collect
 
-from .ggml_weights import _Lazy
+from edgeadapt.runtime.numpy_engine.weights import _Lazy
 
 _F32 = np.float32
 
@@ -113,7 +113,7 @@ def _lin(x: np.ndarray, w: Any, live: Any, rows: Any = None, nb: int = 1, head: 
 
 
 def _lin_terms(x: np.ndarray, w: Any, live: Any, rows: tuple, nb: int) -> np.ndarray:
-    """``out ⊙ ((x ⊙ in) @ W) + live + (x A) B + bias`` (DoRA, IA3, lora_bias; see edgeadapt.delta_kinds.LiveTerms).
+    """``out ⊙ ((x ⊙ in) @ W) + live + (x A) B + bias`` (DoRA, IA3, lora_bias; see edgeadapt.formats.delta_kinds.LiveTerms).
     Each term is None, shared ([d]; A [in, r]) or per row ([nb, d]; A [nb, in, r])."""
     a, b, s_in, s_out, bias = rows
     xin = x if s_in is None else _per_row(x, s_in, nb, np.multiply)

@@ -2,7 +2,7 @@
 
 :class:`Plan` is the live-factor dict of :mod:`runtime.model` (weight -> (A, B)) with two more
 fields, set only when an active adapter acts on the embeddings or the sequence
-(:class:`edgeadapt.kinds_seq.SeqAdapter`), so a request without them runs exactly as before:
+(:class:`edgeadapt.kinds.sequence.SeqAdapter`), so a request without them runs exactly as before:
 
 - ``embed``: :class:`EmbedFn`, ids [B, S] -> the change of their embeddings [B, S, dim], fed to
   the engine (``embed.delta`` of the ONNX graph, an add in the numpy engine);

@@ -65,7 +65,7 @@ def torch_logits(model, ids, mask=None) -> np.ndarray:
 def tiny(tmp_path_factory):
     """A tiny llama, its HF folder, its exported base folder and two PEFT adapters (converted)."""
     from edgeadapt.converters.export_base import export_base
-    from edgeadapt.converters.peft_lora import convert_peft
+    from edgeadapt.converters.peft.lora import convert_peft
 
     root = tmp_path_factory.mktemp("tiny")
     model = make_model("llama")

@@ -14,7 +14,7 @@ import pytest
 from conftest import ENGINES, make_model, torch, torch_logits
 
 import edgeadapt
-from edgeadapt.delta import read_delta
+from edgeadapt.formats.delta import read_delta
 from edgeadapt.errors import AdapterMismatchError, UnsupportedError
 
 # collected everywhere (docs/build_kinds.py reads the test names), run where AdapterHub imports

@@ -83,7 +83,7 @@ def test_greedy_generation_matches_transformers(g3, engine):
 
 def test_window_matters(g3, ids):
     """The window is really exercised: without it the logits past the window differ."""
-    from edgeadapt.runtime.engine_numpy import NumpyEngine
+    from edgeadapt.runtime.numpy_engine.engine import NumpyEngine
     import dataclasses
 
     m = edgeadapt.load(g3["base"], engine="numpy")

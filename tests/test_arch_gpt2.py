@@ -84,7 +84,7 @@ def test_fan_in_fan_out_refused_on_linear_layers(tmp_path, tiny):
     """fan_in_fan_out only describes Conv1D layers: on a llama base it is refused by name."""
     import json
 
-    from edgeadapt.converters.peft_lora import convert_peft
+    from edgeadapt.converters.peft.lora import convert_peft
 
     folder = tmp_path / "peft"
     import shutil

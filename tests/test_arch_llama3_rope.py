@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import edgeadapt
-from edgeadapt.arch import ArchConfig, llama3_rope_freqs
+from edgeadapt.formats.arch import ArchConfig, llama3_rope_freqs
 from edgeadapt.errors import FormatError, UnsupportedError
 
 from arch_common import (TOL, add_lora, check_cached_decode, check_greedy, check_left_padded, check_logits,
@@ -133,7 +133,7 @@ def test_greedy_generation_matches_transformers(l3, engine):
 def test_reference_graph_matches_transformers(l3, ids, tmp_path):
     """The default-domain graph (build_onnx fused=False) reads the same scaled rope tables."""
     from edgeadapt.converters.hf import from_transformers
-    from edgeadapt.converters.onnx_graph import build_onnx
+    from edgeadapt.converters.onnx_graphs.graph import build_onnx
     from test_quant_base import _feeds, _logits
 
     cfg, w = from_transformers(l3["model"])
@@ -212,7 +212,7 @@ def test_gguf_carries_rope_freqs(l3):
     got, want = ArchConfig.from_gguf(reader), ArchConfig.from_hf(l3["model"].config)
     assert got.rope_freqs == want.rope_freqs
     assert got.to_dict() == {**want.to_dict(), "rms_eps": got.rms_eps, "pad_token_id": got.pad_token_id}
-    from edgeadapt.runtime.engine_numpy import NumpyEngine  # the device's strict GGUF reader: the same divisors
+    from edgeadapt.runtime.numpy_engine.engine import NumpyEngine  # the device's strict GGUF reader: the same divisors
 
     assert NumpyEngine(path).cfg.rope_freqs == want.rope_freqs
 
@@ -331,7 +331,7 @@ def test_bad_rope_freqs_in_a_gguf_are_refused(l3, tmp_path, freqs, match):
     with pytest.raises(FormatError, match=match):
         _export(bad, tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.json").exists()
-    from edgeadapt.runtime.engine_numpy import NumpyEngine
+    from edgeadapt.runtime.numpy_engine.engine import NumpyEngine
 
     with pytest.raises(FormatError, match=match):
         NumpyEngine(bad)
@@ -387,7 +387,7 @@ def _manifest_with(base, out, **card):
                                                  r"with rope, found arch 'qwen3', rope 'norm'"),
 ])
 def test_hostile_cards_are_refused(l3, tmp_path, card, match):
-    from edgeadapt.manifest import read_manifest
+    from edgeadapt.formats.manifest import read_manifest
 
     with pytest.raises(FormatError, match=match):
         read_manifest(_manifest_with(l3["base"], tmp_path / "b", **card))
@@ -396,7 +396,7 @@ def test_hostile_cards_are_refused(l3, tmp_path, card, match):
 def test_old_cards_load(l3, tmp_path):
     """A card written before rope_freqs existed (no key) reads as unscaled rope; on this base's GGUF, which
     holds rope_freqs.weight, the numpy engine then names the disagreement."""
-    from edgeadapt.manifest import read_manifest
+    from edgeadapt.formats.manifest import read_manifest
 
     folder = _manifest_with(l3["base"], tmp_path / "b", rope_freqs=...)
     assert "rope_freqs" not in json.loads((folder / "manifest.json").read_text())["arch"]

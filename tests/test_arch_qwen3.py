@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import edgeadapt
-from edgeadapt.arch import ArchConfig
+from edgeadapt.formats.arch import ArchConfig
 from edgeadapt.errors import UnsupportedError
 
 from arch_common import (TOL, add_lora, byte_tokenizer, check_cached_decode, check_greedy, check_per_row,
@@ -214,7 +214,7 @@ def test_adapterhub_bottleneck_is_refused_by_name(q3, tmp_path):
     import json
 
     from edgeadapt.converters.adapterhub import convert_adapterhub
-    from edgeadapt.manifest import read_manifest
+    from edgeadapt.formats.manifest import read_manifest
 
     (tmp_path / "bn").mkdir()
     (tmp_path / "bn" / "adapter_config.json").write_text(json.dumps({
@@ -233,7 +233,7 @@ def test_adapterhub_bottleneck_is_refused_by_name(q3, tmp_path):
 def test_reference_graph_matches_transformers(q3, ids, tmp_path):
     """The default-domain graph (build_onnx fused=False) computes the same q/k norms."""
     from edgeadapt.converters.hf import from_transformers
-    from edgeadapt.converters.onnx_graph import build_onnx
+    from edgeadapt.converters.onnx_graphs.graph import build_onnx
     from test_quant_base import _feeds, _logits
 
     cfg, w = from_transformers(q3["model"])
@@ -247,9 +247,9 @@ def test_quantized_graph_computes_its_blocks_with_lora(q3, kind, tmp_path):
     """accuracy_level 0: the int4 / int8 graph with a live LoRA = the fp32 graph of its own dequantized
     weights with ΔW merged in float32 (so the quantized graph's q/k norms are those verified above)."""
     from edgeadapt.converters.hf import from_transformers
-    from edgeadapt.converters.onnx_fast import build_quant_onnx
-    from edgeadapt.converters.onnx_graph import build_onnx
-    from edgeadapt.delta import read_delta
+    from edgeadapt.converters.onnx_graphs.fast import build_quant_onnx
+    from edgeadapt.converters.onnx_graphs.graph import build_onnx
+    from edgeadapt.formats.delta import read_delta
     from test_quant_base import TOL_EXACT, _dequantized, _feeds, _logits, _lora_feeds
 
     cfg, w = from_transformers(q3["model"])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import edgeadapt
-from edgeadapt.arch import ArchConfig, check_features
+from edgeadapt.formats.arch import ArchConfig, check_features
 from edgeadapt.errors import FormatError, UnsupportedError
 
 from arch_common import (TOL, add_lora as _add_lora, byte_tokenizer, check_cached_decode, check_greedy,
@@ -220,7 +220,7 @@ def test_fused_graph_skips_rope_on_the_nope_layer(sm):
 def test_reference_graph_matches_transformers(sm, ids, tmp_path):
     """The default-domain graph (build_onnx fused=False) skips rope on the same layer."""
     from edgeadapt.converters.hf import from_transformers
-    from edgeadapt.converters.onnx_graph import build_onnx
+    from edgeadapt.converters.onnx_graphs.graph import build_onnx
     from test_quant_base import _feeds, _logits
 
     cfg, w = from_transformers(sm["model"])
@@ -233,9 +233,9 @@ def test_int4_graph_computes_its_blocks_with_lora(sm, tmp_path):
     """accuracy_level 0: the int4 graph with a live LoRA = the fp32 graph of its own dequantized weights with
     ΔW merged in float32 (the NoPE layer of the int4 graph is the one verified above)."""
     from edgeadapt.converters.hf import from_transformers
-    from edgeadapt.converters.onnx_fast import build_quant_onnx
-    from edgeadapt.converters.onnx_graph import build_onnx
-    from edgeadapt.delta import read_delta
+    from edgeadapt.converters.onnx_graphs.fast import build_quant_onnx
+    from edgeadapt.converters.onnx_graphs.graph import build_onnx
+    from edgeadapt.formats.delta import read_delta
     from test_quant_base import TOL_EXACT, _dequantized, _feeds, _logits, _lora_feeds
 
     cfg, w = from_transformers(sm["model"])
@@ -258,8 +258,8 @@ def test_int4_base_through_load(sm, ids, tmp_path):
     the max (1.95 measured) is over TOL_MODEL's 1.5: four layers carry more int4 weight error than two."""
     from edgeadapt.converters.export_base import export_base
     from edgeadapt.converters.hf import from_transformers
-    from edgeadapt.converters.onnx_graph import build_onnx
-    from edgeadapt.delta import read_delta
+    from edgeadapt.converters.onnx_graphs.graph import build_onnx
+    from edgeadapt.formats.delta import read_delta
     from test_quant_base import TOL_ACT, TOL_MODEL, _dequantized, _feeds, _logits
 
     export_base(sm["root"] / "hf_base", tmp_path / "q", gguf_type="F32", onnx_weights=("fp32", "int4"))
@@ -382,7 +382,7 @@ def test_gguf_with_a_window_is_refused(tmp_path):
 def test_card_nope_layers_are_checked(sm, tmp_path):
     """A manifest whose card moves the NoPE layers (which the GGUF cannot say) or puts them on another family
     is refused by name; old cards without the field load as before."""
-    from edgeadapt.manifest import read_manifest
+    from edgeadapt.formats.manifest import read_manifest
 
     card = ArchConfig.from_hf(sm["model"].config).to_dict()
     for bad, match in (([1], "expected [3] for smollm3"), (None, "found None")):

@@ -67,8 +67,8 @@ def test_inspect_refuses_a_damaged_file(tiny, tmp_path):
 def test_runtime_imports_without_torch_or_onnx():
     code = ("import sys\n"
             "for m in ('torch', 'transformers', 'peft', 'onnx', 'safetensors'): sys.modules[m] = None\n"
-            "import edgeadapt, edgeadapt.runtime.model, edgeadapt.runtime.engine_ort, edgeadapt.runtime.engine_numpy\n"
-            "import edgeadapt.delta, edgeadapt.manifest\n"
+            "import edgeadapt, edgeadapt.runtime.model, edgeadapt.runtime.engine_ort, edgeadapt.runtime.numpy_engine.engine\n"
+            "import edgeadapt.formats.delta, edgeadapt.formats.manifest\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'transformers') and sys.modules[m]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -97,7 +97,7 @@ def test_export_onnx_adapter(tiny, tmp_path):
 
 
 def test_adapter_weight_spec():
-    from edgeadapt.cli import _file_weight
+    from edgeadapt.cli.common import _file_weight
 
     assert _file_weight("a.gguf:0.5") == ("a.gguf", 0.5)
     assert _file_weight("a.gguf:-1") == ("a.gguf", -1.0)
@@ -111,7 +111,7 @@ def test_export_base_from_a_gguf_without_a_vocabulary(tiny, tmp_path, ids):
     import numpy as np
 
     import edgeadapt
-    from edgeadapt.manifest import read_manifest
+    from edgeadapt.formats.manifest import read_manifest
 
     res = CliRunner().invoke(main, ["export-base", str(tiny["base"] / "model.gguf"), str(tmp_path / "again"),
                                     "--gguf-type", "F32"])
@@ -126,7 +126,7 @@ def test_generation_config_eos_ids_join_the_card(hf_dir, tmp_path):
     """Chat models list several eos ids in generation_config.json (config.json has one): generation stops at each."""
     import shutil
 
-    from edgeadapt.arch import ArchConfig
+    from edgeadapt.formats.arch import ArchConfig
     from edgeadapt.converters.hf import from_hf_folder
 
     folder = tmp_path / "hf"

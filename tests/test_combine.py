@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import edgeadapt
 from edgeadapt.cli import main
 from edgeadapt.converters import combine as cb
-from edgeadapt.delta import read_delta, write_delta
+from edgeadapt.formats.delta import read_delta, write_delta
 
 from conftest import ENGINES, add_lora, torch, torch_logits
 
@@ -69,8 +69,8 @@ def extra(tiny, tmp_path_factory):
     """A third plain LoRA (other rank and targets), and a DoRA, both as PEFT folders and converted."""
     from peft import LoraConfig, get_peft_model
 
-    from edgeadapt.converters.peft_kinds import convert_peft_kind
-    from edgeadapt.converters.peft_lora import convert_peft
+    from edgeadapt.converters.peft.kinds import convert_peft_kind
+    from edgeadapt.converters.peft.lora import convert_peft
 
     root = tmp_path_factory.mktemp("combine")
     c = add_lora(tiny["model"], 3, r=6, lora_alpha=12, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
@@ -180,7 +180,7 @@ def test_matches_peft_add_weighted_adapter(tiny, extra, ids, tmp_path, method):
         assert bound > 1e-2 and res.rel_error[t] == pytest.approx(bound, rel=1e-5)
         ours = res.delta.delta(t)
         assert np.linalg.norm(ours - exact) / np.linalg.norm(exact) == pytest.approx(bound, rel=1e-4)
-        from edgeadapt.arch import permute_qk
+        from edgeadapt.formats.arch import permute_qk
         np.testing.assert_allclose(ours, permute_qk(peft_d[mod].numpy(), tiny["manifest"].arch.n_heads),
                                    atol=1e-5, rtol=0)
         assert re.search(rf"{t}\s+rank\s+5\s+{bound:.3e}", text), text
@@ -285,7 +285,7 @@ def test_svd_of_a_dora_reports_the_true_truncation_error(tiny, extra, tmp_path):
 # ---- other kinds and bias changes
 def test_bias_changes_add_up(tiny, ids, tmp_path):
     """LoRA with lora_bias: cat / linear / svd carry Σ wᵢ·Δbᵢ exactly beside the factors."""
-    from edgeadapt.converters.peft_lora import convert_peft
+    from edgeadapt.converters.peft.lora import convert_peft
 
     pms, files = [], []
     for seed, cfg in ((5, dict(r=4, target_modules=["q_proj", "v_proj"])), (6, dict(r=2, target_modules=["v_proj", "up_proj"]))):
@@ -330,7 +330,7 @@ def test_any_kind_combines_by_svd(tiny, ids, tmp_path):
     The kinds are read from delta files of their own."""
     from peft import IA3Config, LoHaConfig, get_peft_model
 
-    from edgeadapt.converters.peft_kinds import convert_peft_kind
+    from edgeadapt.converters.peft.kinds import convert_peft_kind
 
     files = []
     for name, conf in (("loha", LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "up_proj"])),

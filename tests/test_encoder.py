@@ -140,7 +140,7 @@ def test_minilm_embeddings_match_torch(minilm, engine):
 
 # ---- bottleneck delta files: strict reader
 def _bn_adapter(fingerprint, m=4, d=32, ln_after=True):
-    from edgeadapt.bottleneck import BottleneckAdapter, placement
+    from edgeadapt.kinds.bottleneck import BottleneckAdapter, placement
 
     rng = np.random.default_rng(1)
     p = {"down": rng.standard_normal((m, d)), "down_bias": rng.standard_normal(m), "up": rng.standard_normal((d, m)),
@@ -154,13 +154,13 @@ def _bn_adapter(fingerprint, m=4, d=32, ln_after=True):
 
 
 def _reseal(raw: bytes) -> bytes:
-    from edgeadapt.delta_container import UNSIGNED, with_signature
+    from edgeadapt.formats.delta_container import UNSIGNED, with_signature
 
     return with_signature(raw, UNSIGNED, "t.gguf")  # a valid integrity over the hostile bytes
 
 
 def test_bottleneck_file_round_trip(tiny_bert, tmp_path):
-    from edgeadapt.delta import read_delta, write_delta
+    from edgeadapt.formats.delta import read_delta, write_delta
 
     man = edgeadapt.load(tiny_bert["root"] / "clf_base", engine="numpy").manifest
     a = _bn_adapter(man.fingerprint)
@@ -186,7 +186,7 @@ def test_bottleneck_file_round_trip(tiny_bert, tmp_path):
 
 
 def test_bottleneck_file_hostile(tiny_bert, tmp_path):
-    from edgeadapt.delta import delta_from_bytes, write_delta
+    from edgeadapt.formats.delta import delta_from_bytes, write_delta
     from edgeadapt.errors import AdapterMismatchError
 
     man = edgeadapt.load(tiny_bert["root"] / "clf_base", engine="numpy").manifest

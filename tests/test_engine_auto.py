@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import edgeadapt
-from edgeadapt.delta import read_delta
+from edgeadapt.formats.delta import read_delta
 from edgeadapt.errors import FormatError, MissingDependencyError
 
 from conftest import add_lora, make_model, torch_logits
@@ -121,7 +121,7 @@ def test_no_onnx_base_loads_with_auto(tiny, ids, tmp_path):
 def qwen(tmp_path_factory):
     """A tiny Qwen2 (q/k/v biases, tied head, neox rope) through export-base and a PEFT LoRA."""
     from edgeadapt.converters.export_base import export_base
-    from edgeadapt.converters.peft_lora import convert_peft
+    from edgeadapt.converters.peft.lora import convert_peft
 
     root = tmp_path_factory.mktemp("qwen")
     model = make_model("qwen2", seed=4)
@@ -247,8 +247,8 @@ def test_q4_1_smollm2_agrees_with_llama_cpp(tmp_path_factory):
     import gguf
 
     from edgeadapt.converters.export_base import export_base
-    from edgeadapt.converters.peft_lora import convert_peft
-    from edgeadapt.runtime.engine_numpy import NumpyEngine
+    from edgeadapt.converters.peft.lora import convert_peft
+    from edgeadapt.runtime.numpy_engine.engine import NumpyEngine
     from edgeadapt.runtime.model import Model
 
     root = tmp_path_factory.mktemp("q41")

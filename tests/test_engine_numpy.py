@@ -11,10 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from edgeadapt.arch import unpermute_qk  # noqa: E402
+from edgeadapt.formats.arch import unpermute_qk  # noqa: E402
 from edgeadapt.errors import AdapterMismatchError, UnsupportedError  # noqa: E402
-from edgeadapt.runtime import engine_numpy  # noqa: E402
-from edgeadapt.runtime.engine_numpy import NumpyEngine  # noqa: E402
+from edgeadapt.runtime.numpy_engine import engine as engine_numpy  # noqa: E402
+from edgeadapt.runtime.numpy_engine.engine import NumpyEngine  # noqa: E402
 from numpy_common import _batch, _hf_logits, _real  # noqa: E402
 from numpy_common import base_fixture, llama_fixture  # noqa: E402,F401 (the fixtures base, llama)
 
@@ -388,6 +388,6 @@ def test_threads_sets_openblas(llama):
 # ---------------------------------------------------------------- 6. no torch / onnx on the device
 def test_imports_without_torch_or_onnx():
     code = ("import sys; sys.modules['torch']=None; sys.modules['onnx']=None; sys.modules['onnxruntime']=None; "
-            "import edgeadapt.runtime.engine_numpy as m; assert 'torch' not in [k for k, v in sys.modules.items() if v]")
+            "import edgeadapt.runtime.numpy_engine.engine as m; assert 'torch' not in [k for k, v in sys.modules.items() if v]")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import edgeadapt
-from edgeadapt.delta import read_delta
-from edgeadapt.manifest import read_manifest
+from edgeadapt.formats.delta import read_delta
+from edgeadapt.formats.manifest import read_manifest
 
 from arch_common import add_lora, export, export_lora, randomize
 from conftest import torch_logits
@@ -75,7 +75,7 @@ def test_manifest_lists_the_genai_config(family):
 
 
 def test_genai_runs_the_base_and_our_onnx_adapter(family, tmp_path):
-    from edgeadapt.runtime.onnx_adapter import write_onnx_adapter
+    from edgeadapt.formats.onnx_adapter import write_onnx_adapter
 
     path = write_onnx_adapter(read_delta(family["a"]), tmp_path / "a.onnx_adapter")
     model = og.Model(str(family["base"]))

@@ -1,4 +1,4 @@
-"""The strict GGUF reader (edgeadapt/gguf_file.py) against gguf's own reader, and its refusals on the
+"""The strict GGUF reader (edgeadapt/formats/gguf_file.py) against gguf's own reader, and its refusals on the
 parts the delta-file fixtures do not reach: arrays stepped over, big-endian files, alignment."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgeadapt.errors import FormatError, UnsupportedError
-from edgeadapt.gguf_file import open_gguf, parse_gguf
+from edgeadapt.formats.gguf_file import open_gguf, parse_gguf
 
 N_VOCAB = 3000
 

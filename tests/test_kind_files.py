@@ -7,8 +7,8 @@ import copy
 import numpy as np
 import pytest
 
-from edgeadapt.delta import delta_from_bytes, read_delta, write_delta
-from edgeadapt.delta_kinds import KindAdapter, register_kind
+from edgeadapt.formats.delta import delta_from_bytes, read_delta, write_delta
+from edgeadapt.formats.delta_kinds import KindAdapter, register_kind
 from edgeadapt.errors import AdapterMismatchError, FormatError, UnsupportedError
 
 from conftest import torch
@@ -53,7 +53,7 @@ def kind_folder(request, tiny, tmp_path_factory):
 
 
 def test_kind_file_round_trip(tiny, kind_folder, tmp_path):
-    from edgeadapt.converters.peft_kinds import convert_peft_kind
+    from edgeadapt.converters.peft.kinds import convert_peft_kind
 
     name, folder = kind_folder
     mem = convert_peft_kind(folder, tiny["manifest"], name=name)
@@ -79,7 +79,7 @@ def test_kind_file_round_trip(tiny, kind_folder, tmp_path):
 
 
 def test_kind_file_refuses_damage(tiny, kind_folder, tmp_path):
-    from edgeadapt.converters.peft_kinds import convert_peft_kind
+    from edgeadapt.converters.peft.kinds import convert_peft_kind
 
     name, folder = kind_folder
     mem = convert_peft_kind(folder, tiny["manifest"], name=name)
@@ -112,7 +112,7 @@ def test_kind_file_refuses_damage(tiny, kind_folder, tmp_path):
 
 
 def test_kind_wrong_shape_for_base(tiny, tmp_path):
-    from edgeadapt.kinds import LohaAdapter
+    from edgeadapt.kinds.lora_family import LohaAdapter
 
     a = LohaAdapter(name="x", version=1, arch="llama", fingerprint=tiny["manifest"].fingerprint,
                     params={"blk.0.attn_v.weight": {"hada_w1a": np.ones((5, 2), np.float32),
@@ -137,7 +137,7 @@ def test_unknown_kind_is_named(tiny, tmp_path):
     a = Odd(name="o", version=1, arch="llama", fingerprint="f", params={"x": {"w": np.ones(3, np.float32)}})
     write_delta(tmp_path / "o.gguf", a)
     assert type(read_delta(tmp_path / "o.gguf")) is Odd
-    from edgeadapt import delta_kinds
+    from edgeadapt.formats import delta_kinds
 
     del delta_kinds.KINDS["odd_test_kind"]
     with pytest.raises(UnsupportedError, match="adapter kind 'odd_test_kind' is not supported by this version"):

@@ -178,7 +178,7 @@ def test_inspect_says_kind_and_forms(tiny, kinds):
 def test_unsupported_kind_is_named(tiny, tmp_path):
     from peft import OFTConfig, get_peft_model
 
-    from edgeadapt.converters.peft_kinds import convert_peft_kind
+    from edgeadapt.converters.peft.kinds import convert_peft_kind
 
     pm = get_peft_model(copy.deepcopy(tiny["model"]), OFTConfig(oft_block_size=16, r=0, target_modules=["q_proj"]))
     pm.save_pretrained(tmp_path)
@@ -190,7 +190,7 @@ def test_unsupported_kind_is_named(tiny, tmp_path):
 def test_unsupported_options_are_named(tiny, tmp_path):
     from peft import LoHaConfig, LoraConfig, get_peft_model
 
-    from edgeadapt.converters.peft_kinds import convert_peft_kind
+    from edgeadapt.converters.peft.kinds import convert_peft_kind
 
     pm = get_peft_model(copy.deepcopy(tiny["model"]), LoHaConfig(r=2, target_modules=["q_proj"],
                                                                  use_effective_conv2d=True))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import edgeadapt
-from edgeadapt.delta import read_delta
+from edgeadapt.formats.delta import read_delta
 from edgeadapt.errors import AdapterMismatchError
 from edgeadapt.runtime.sampling import Sampler
 
@@ -197,7 +197,7 @@ def test_rows_of_their_own_run_the_bare_base_beside_an_active_set(tiny, ids, eng
 def test_onnxruntime_lora_adapter_on_our_graph(tiny, ids, tmp_path):
     """Our .onnx_adapter through onnxruntime's own LoraAdapter / RunOptions equals our live path."""
     ort = pytest.importorskip("onnxruntime")
-    from edgeadapt.runtime.onnx_adapter import write_onnx_adapter
+    from edgeadapt.formats.onnx_adapter import write_onnx_adapter
 
     delta = read_delta(tiny["a"])
     path = write_onnx_adapter(delta, tmp_path / "a.onnx_adapter")
@@ -223,7 +223,7 @@ def test_onnxruntime_lora_adapter_on_our_graph(tiny, ids, tmp_path):
 def test_onnx_adapter_for_another_base_is_refused(tiny, tmp_path):
     from dataclasses import replace
 
-    from edgeadapt.runtime.onnx_adapter import write_onnx_adapter
+    from edgeadapt.formats.onnx_adapter import write_onnx_adapter
 
     other = replace(read_delta(tiny["a"]), fingerprint="sha256:" + "f" * 64)
     path = write_onnx_adapter(other, tmp_path / "x.onnx_adapter")
@@ -236,7 +236,7 @@ def test_onnx_adapter_for_another_base_is_refused(tiny, tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "header", "empty", "noise"])
 def test_damaged_onnx_adapter_is_refused_and_changes_nothing(tiny, ids, tmp_path, damage):
     from edgeadapt.errors import FormatError
-    from edgeadapt.runtime.onnx_adapter import write_onnx_adapter
+    from edgeadapt.formats.onnx_adapter import write_onnx_adapter
 
     good = write_onnx_adapter(read_delta(tiny["a"]), tmp_path / "a.onnx_adapter").read_bytes()
     bad = {"truncated": good[: len(good) // 2], "header": bytes(b ^ 0xFF for b in good[:64]) + good[64:],

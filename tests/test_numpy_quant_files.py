@@ -12,9 +12,9 @@ transformers = pytest.importorskip("transformers")
 from edgeadapt.converters.gguf_base import _hf_fields, write_base_gguf  # noqa: E402
 from edgeadapt.converters.hf import from_gguf_file  # noqa: E402
 from edgeadapt.errors import FormatError, UnsupportedError  # noqa: E402
-from edgeadapt.gguf_file import SMALL_ARRAY, open_gguf  # noqa: E402
-from edgeadapt.runtime import engine_numpy, ggml_weights  # noqa: E402
-from edgeadapt.runtime.engine_numpy import NumpyEngine  # noqa: E402
+from edgeadapt.formats.gguf_file import SMALL_ARRAY, open_gguf  # noqa: E402
+from edgeadapt.runtime.numpy_engine import engine as engine_numpy, weights as ggml_weights  # noqa: E402
+from edgeadapt.runtime.numpy_engine.engine import NumpyEngine  # noqa: E402
 from numpy_common import Q, _batch, _real, _write  # noqa: E402
 from numpy_common import base_fixture, llama_fixture  # noqa: E402,F401 (the fixtures base, llama)
 

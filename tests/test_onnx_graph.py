@@ -1,5 +1,5 @@
 """The hand-built ONNX decoder computes what transformers computes, and its weights can be
-overridden and read back exactly as the contract in edgeadapt.converters.onnx_graph says."""
+overridden and read back exactly as the contract in edgeadapt.converters.onnx_graphs.graph says."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from edgeadapt.converters.hf import from_transformers  # noqa: E402
-from edgeadapt.converters.onnx_graph import DATA_FILE, VERIFY_FILE, build_onnx  # noqa: E402
+from edgeadapt.converters.onnx_graphs.graph import DATA_FILE, VERIFY_FILE, build_onnx  # noqa: E402
 
 SIZES = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

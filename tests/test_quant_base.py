@@ -27,10 +27,10 @@ pytest.importorskip("onnx")
 import edgeadapt  # noqa: E402
 from edgeadapt.converters.hf import from_transformers  # noqa: E402
 from edgeadapt.runtime.engine_ort import _Session  # noqa: E402
-from edgeadapt.converters.onnx_fast import GROUPS, _group_name, build_quant_onnx, quantize_base  # noqa: E402
-from edgeadapt.converters.onnx_graph import build_onnx  # noqa: E402
-from edgeadapt.converters.onnx_quant import Q, quantize  # noqa: E402
-from edgeadapt.delta import read_delta  # noqa: E402
+from edgeadapt.converters.onnx_graphs.fast import GROUPS, _group_name, build_quant_onnx, quantize_base  # noqa: E402
+from edgeadapt.converters.onnx_graphs.graph import build_onnx  # noqa: E402
+from edgeadapt.converters.onnx_graphs.quant import Q, quantize  # noqa: E402
+from edgeadapt.formats.delta import read_delta  # noqa: E402
 from edgeadapt.errors import FormatError, UnsupportedError  # noqa: E402
 
 from conftest import make_model  # noqa: E402
@@ -179,7 +179,7 @@ def test_quantized_logits_are_close_to_fp32(graphs, kind):
 
 # ---- 3. adapters run in float beside the quantized weights
 def _delta(tiny_like_cfg, seed, rank=4):
-    from edgeadapt.delta import LoraDelta
+    from edgeadapt.formats.delta import LoraDelta
 
     rng = np.random.default_rng(seed)
     factors = {t: (rng.normal(0, 0.2, (rank, i)).astype(np.float32), rng.normal(0, 0.2, (o, rank)).astype(np.float32))

@@ -15,7 +15,7 @@ pytest.importorskip("cryptography")
 
 @pytest.fixture(scope="module")
 def signed(tiny, tmp_path_factory):
-    from edgeadapt.signing import generate_keypair, sign_delta
+    from edgeadapt.ship.signing import generate_keypair, sign_delta
 
     d = tmp_path_factory.mktemp("trust")
     key, pub = generate_keypair(d / "team")
@@ -51,7 +51,7 @@ def test_every_flipped_byte_is_refused_by_the_runtime(tiny, signed, tmp_path):
 
 
 def test_load_by_name_from_the_store(tiny, signed, tmp_path, ids):
-    from edgeadapt.store import AdapterStore
+    from edgeadapt.ship.store import AdapterStore
 
     AdapterStore(tmp_path / "store").install(signed["file"])
     m = edgeadapt.load(tiny["base"], engine="numpy", store=tmp_path / "store", trust=signed["pub"],

@@ -159,8 +159,8 @@ for _engine in ENGINES:
 @pytest.mark.parametrize("kind", list(_configs()))
 def test_file_round_trip(tiny, seq_adapters, kind):
     """The delta file holds exactly what the converter made; it never carries the base embedding."""
-    from edgeadapt.converters.peft_seq import convert_peft_seq
-    from edgeadapt.delta import read_delta
+    from edgeadapt.converters.peft.seq import convert_peft_seq
+    from edgeadapt.formats.delta import read_delta
 
     _, _, path, folder = seq_adapters(kind)
     made, read = convert_peft_seq(folder, tiny["manifest"], name=kind), read_delta(path)
@@ -201,8 +201,8 @@ def test_mixed_rows(tiny, seq_adapters, kind, engine):
 
 # ---- refusals
 def test_bad_inputs_are_refused(tiny, seq_adapters, tmp_path):
-    from edgeadapt.converters.peft_seq import convert_peft_seq
-    from edgeadapt.kinds_seq import SeqAdapter
+    from edgeadapt.converters.peft.seq import convert_peft_seq
+    from edgeadapt.kinds.sequence import SeqAdapter
 
     man = tiny["manifest"]
     common = dict(name="x", version=1, arch=man.arch.arch, fingerprint=man.fingerprint)
@@ -246,7 +246,7 @@ def test_bad_inputs_are_refused(tiny, seq_adapters, tmp_path):
 def test_modules_to_save_of_a_norm_is_refused_by_name(tiny, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from edgeadapt.converters.peft_seq import convert_peft_seq
+    from edgeadapt.converters.peft.seq import convert_peft_seq
 
     pm = get_peft_model(copy.deepcopy(tiny["model"]), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["norm"]))
     pm.save_pretrained(tmp_path)
@@ -268,7 +268,7 @@ def tied(tmp_path_factory):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_tied_head_embedding_lora_changes_only_the_input(tied, engine, tmp_path):
     """PEFT's embedding LoRA wraps only embed_tokens: the tied head keeps the base table. So does ours."""
-    from edgeadapt.converters.peft_seq import convert_peft_seq
+    from edgeadapt.converters.peft.seq import convert_peft_seq
 
     model, man, root = tied
     assert man.arch.tied_embeddings
@@ -350,7 +350,7 @@ for _kind in TIED:
 def test_tied_head_parts_peft_semantics(tied, tied_adapters):
     """What the converter keeps matches what PEFT does on a tied base: trainable tokens change the same rows of
     embedding and head; modules_to_save(lm_head) changes head rows only (PEFT's embedding stays the base's)."""
-    from edgeadapt.delta import read_delta
+    from edgeadapt.formats.delta import read_delta
 
     model, _, _ = tied
     tt_pm, tt_path = tied_adapters("trainable_tokens_tied")
@@ -413,7 +413,7 @@ def test_tied_embedding_modules_to_save(tied, tmp_path, engine, tying):
     ensure_weight_tying, the head as well (tied to the embedding's trained copy). Both as PEFT."""
     from peft import LoraConfig, get_peft_model
 
-    from edgeadapt.converters.peft_seq import convert_peft_seq
+    from edgeadapt.converters.peft.seq import convert_peft_seq
 
     model, man, root = tied
     torch.manual_seed(8)

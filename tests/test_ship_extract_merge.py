@@ -15,10 +15,10 @@ import edgeadapt
 from edgeadapt.cli import main
 from edgeadapt.converters.extract import choose_rank, extract_delta, extract_report
 from edgeadapt.converters.merge import base_weights, merge_adapters, merge_report
-from edgeadapt.delta import read_delta
+from edgeadapt.formats.delta import read_delta
 from edgeadapt.errors import AdapterMismatchError, IntegrityError
-from edgeadapt.fingerprint import fingerprint
-from edgeadapt.manifest import read_manifest
+from edgeadapt.formats.fingerprint import fingerprint
+from edgeadapt.formats.manifest import read_manifest
 
 from conftest import torch
 

@@ -20,10 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeadapt.converters.peft_lora import lora_factors, read_peft_config, read_peft_tensors
-from edgeadapt.delta import UNSIGNED, delta_from_bytes, read_delta, with_signature, write_delta
+from edgeadapt.converters.peft.lora import lora_factors, read_peft_config, read_peft_tensors
+from edgeadapt.formats.delta import UNSIGNED, delta_from_bytes, read_delta, with_signature, write_delta
 from edgeadapt.errors import EdgeAdaptError, FormatError, IntegrityError
-from edgeadapt.manifest import read_manifest
+from edgeadapt.formats.manifest import read_manifest
 
 HOSTILE = Path(__file__).parent / "fixtures" / "hostile"
 SCALE = float(os.environ.get("EDGEADAPT_FUZZ_SCALE", "1"))

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeadapt.cli import main
-from edgeadapt.delta import (LoraDelta, dequantize_rows, parse_gguf, quantize_rows, read_delta, write_delta)
+from edgeadapt.formats.delta import (LoraDelta, dequantize_rows, parse_gguf, quantize_rows, read_delta, write_delta)
 from edgeadapt.errors import FormatError, UnsupportedError
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from edgeadapt.cli import main
-from edgeadapt.delta import delta_from_bytes, read_delta, with_signature, write_delta
+from edgeadapt.formats.delta import delta_from_bytes, read_delta, with_signature, write_delta
 from edgeadapt.errors import EdgeAdaptError, FormatError, IntegrityError
-from edgeadapt.signing import (PublicKey, SignatureError, TrustStore, check_trust, generate_keypair, sign_delta,
+from edgeadapt.ship.signing import (PublicKey, SignatureError, TrustStore, check_trust, generate_keypair, sign_delta,
                                verify_base, verify_delta)
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -160,7 +160,7 @@ def test_cli_keygen_sign_verify(tmp_path):
 def test_signing_without_cryptography_names_the_package(tmp_path):
     p = _delta(tmp_path / "d.gguf")
     code = ("import sys; sys.modules['cryptography'] = None\n"
-            "from edgeadapt.signing import sign_delta\n"
+            "from edgeadapt.ship.signing import sign_delta\n"
             "from edgeadapt.errors import MissingDependencyError\n"
             f"try:\n    sign_delta({str(p)!r}, 'k.key')\nexcept MissingDependencyError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -170,7 +170,7 @@ def test_signing_without_cryptography_names_the_package(tmp_path):
 def test_device_modules_import_nothing_heavy():
     code = ("import sys\n"
             "for m in ('torch', 'transformers', 'peft', 'onnx', 'safetensors', 'cryptography'): sys.modules[m] = None\n"
-            "import edgeadapt.signing, edgeadapt.store, edgeadapt.delta, edgeadapt.manifest, edgeadapt.cli_ship\n"
+            "import edgeadapt.ship.signing, edgeadapt.ship.store, edgeadapt.formats.delta, edgeadapt.formats.manifest, edgeadapt.cli.ship\n"
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr

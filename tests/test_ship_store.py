@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import edgeadapt.store as store_mod
+import edgeadapt.ship.store as store_mod
 from edgeadapt.cli import main
-from edgeadapt.delta import read_delta, write_delta
+from edgeadapt.formats.delta import read_delta, write_delta
 from edgeadapt.errors import AdapterNotFoundError, FormatError
-from edgeadapt.signing import SignatureError, TrustStore, generate_keypair, sign_delta
-from edgeadapt.store import AdapterStore, DowngradeError
+from edgeadapt.ship.signing import SignatureError, TrustStore, generate_keypair, sign_delta
+from edgeadapt.ship.store import AdapterStore, DowngradeError
 
 FP = "sha256:" + "ef" * 32
 

@@ -30,7 +30,7 @@ def _gguf() -> Path:
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
     from edgeadapt.converters.export_base import export_base
-    from edgeadapt.converters.peft_lora import convert_peft
+    from edgeadapt.converters.peft.lora import convert_peft
 
     root = tmp_path_factory.mktemp("smol")
     src = _gguf()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import edgeadapt
-from edgeadapt.delta import read_delta, write_delta
+from edgeadapt.formats.delta import read_delta, write_delta
 from edgeadapt.errors import AdapterMismatchError, AdapterNotFoundError, EdgeAdaptError, FormatError, IntegrityError
 
 from conftest import ENGINES, torch, torch_logits

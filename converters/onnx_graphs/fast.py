@@ -1,0 +1,352 @@
+"""Fused decoder graphs on onnxruntime's contrib operators, and the quantized bases built on them.
+
+Inputs, outputs and LoRA slots are exactly those of ``model_lora.onnx`` (the contract in
+:mod:`edgeadapt.converters.onnx_graphs.graph`): input_ids, attention_mask (left padding), position_ids,
+past.{i}.key/value -> logits, present.{i}.key/value = concat(past, new) on axis 2, and the
+optional inputs lora.<W>.a [n, in, r] / lora.<W>.b [n, r, out] (n = 1 or batch, scale in b,
+empty defaults). What changes is how a layer is computed (com.microsoft, onnxruntime >= 1.22):
+
+  SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization  RMS norm (+ the residual add); Qwen3's
+                     q/k norm is a SimplifiedLayerNormalization over q viewed as [B,S,heads,head_dim]
+  RotaryEmbedding    rope on q and k at the given position_ids (any left padding)
+  GroupQueryAttention  causal GQA over past + new keys, padding masked by an attention_bias
+                     built once from attention_mask; rotary off (done above, so positions stay
+                     the caller's); onnxruntime refuses seq > 1 with a past when batch > 1 —
+                     the engine feeds such a call one token at a time
+  MatMulNBits        the quantized linear layers (int4 / int8 files, see onnx_quant), q|k|v and
+                     gate|up fused into one product each; the LoRA slot of each weight is added
+                     to its slice of the fused output, in float32, beside the quantized weight
+
+Quantized files (``build_quant_onnx``): ``model_int4.onnx`` / ``model_int8.onnx``, each with its
+own data file ``<name>.data``. Their LoRA slots have NO default: every lora.<W>.a/b MUST be fed
+(rank 0 — [n, in, 0] and [n, 0, out] — for an idle slot), because onnxruntime's IOBinding, which
+lets GroupQueryAttention update the kv cache in place, cannot bind an input that has an initializer. Linear weights are llama.cpp Q4_1 (int4) or Q8_0 (int8) blocks
+(bit for bit from a GGUF source of that type); the embedding and the output head are Q8_0
+(GatherBlockQuantized and an 8-bit MatMulNBits over the same bytes when tied). Norms, biases and
+rope tables stay float32. There is nothing to override: adapters run live only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import gguf
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edgeadapt.formats.arch import ArchConfig
+from edgeadapt.converters.hf import check_complete
+from edgeadapt.errors import UnsupportedError
+
+from edgeadapt.converters.onnx_graphs.graph import (NEG, OPSET, Progress, _DataWriter, _G, add_embed_delta, add_head_delta, lora_input_names,
+                         rope_tables)
+from edgeadapt.converters.onnx_graphs.quant import BLOCK, QWeight, quantize
+
+MS = "com.microsoft"
+SLOT_GROUPS = "edgeadapt.slot_groups"  # model property: JSON {slot: [weights]} of grouped slots
+QUANT_FILES = {"int4": "model_int4.onnx", "int8": "model_int8.onnx"}
+ACCURACY_LEVEL = 4  # MatMulNBits: quantize activations to int8 per block, as llama.cpp's 4-bit dot products do
+GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
+Source = Callable[[str], "tuple[gguf.GGMLQuantizationType, np.ndarray] | None"]  # GGUF name -> (type, raw blocks)
+
+
+def _group_name(parts: tuple[str, ...]) -> str:
+    return {("attn_q", "attn_k", "attn_v"): "attn_qkv", ("ffn_gate", "ffn_up"): "ffn_gate_up"}.get(parts, parts[0])
+
+
+# ---- linear layers: float32 (one MatMul per weight, overridable) or quantized (one MatMulNBits per group)
+class _Linears:
+    """``grouped``: one slot per group of weights that read the same input (q|k|v, gate|up) — A = [A_q | A_k |
+    A_v] (ranks side by side), B block-diagonal, added to the fused product before its split: a third of the
+    slot operators of one slot per weight, which is what idle and active slots cost per token. The groups are
+    saved as the SLOT_GROUPS model property; the runtime builds the group arrays from per-weight factors."""
+
+    def __init__(self, cfg: ArchConfig, slots: dict[str, tuple[int, int]] | None, grouped: bool = False):
+        self.cfg, self.slots = cfg, dict(slots or {})
+        self.groups: dict[str, list[str]] = {}
+        for i in range(cfg.n_layers) if self.slots and grouped else ():
+            for parts in GROUPS:
+                ws = [f"blk.{i}.{p}.weight" for p in parts]
+                if len(parts) > 1 and all(w in self.slots for w in ws):
+                    name = f"blk.{i}.{_group_name(parts)}"
+                    self.groups[name] = ws
+                    shapes = [self.slots.pop(w) for w in ws]
+                    self.slots[name] = (sum(o for o, _ in shapes), shapes[0][1])
+
+    def props(self) -> dict[str, str] | None:
+        return {SLOT_GROUPS: json.dumps(self.groups)} if self.groups else None
+
+    def _split(self, g: _G, x: str, y: str, i: int, parts: tuple[str, ...]) -> list[str]:
+        """The fused product y of a group -> + its group slot -> one output per weight (+ per-weight slots)."""
+        prefix = f"blk.{i}.{_group_name(parts)}"
+        if prefix in self.groups:
+            y = self._slot(g, x, y, prefix)
+        sizes = [self.cfg.linear_shapes()[f"blk.{i}.{p}.weight"][0] for p in parts]
+        ys = g.ops("Split", y, g.const(sizes), n_out=len(parts), axis=-1) if len(parts) > 1 else [y]
+        return [self._slot(g, x, yp, f"blk.{i}.{p}.weight") for yp, p in zip(ys, parts)]
+
+    def _slot(self, g: _G, x: str, y: str, weight: str) -> str:
+        if weight not in self.slots:
+            return y
+        a, b = lora_input_names(weight)  # + (x @ A) @ B, A [n,in,r], B [n,r,out]
+        return g.op("Add", y, g.op("MatMul", g.op("MatMul", x, a), b))
+
+    def _bias(self, g: _G, y: str, prefix: str) -> str:
+        biased = self.cfg.qkv_bias and prefix.split(".")[-1] in ("attn_q", "attn_k", "attn_v")
+        return g.op("Add", y, f"{prefix}.bias") if biased else y
+
+
+class _F32Linears(_Linears):
+    """Weights are the GGUF-named [in, out] initializers of model.onnx.data, each fed to its MatMul — or, with
+    ``grouped``, q|k|v and gate|up concatenated in the graph (onnxruntime folds the Concat of initializers
+    once, at load) into one product per group, with grouped slots. A session of a grouped graph cannot take
+    weight overrides (they would feed the folded Concat, which no longer reads them): merges run on model.onnx."""
+
+    def group(self, g: _G, x: str, i: int, parts: tuple[str, ...]) -> list[str]:
+        if len(parts) > 1 and f"blk.{i}.{_group_name(parts)}" in self.groups:
+            w = g.op("Concat", *[f"blk.{i}.{p}.weight" for p in parts], axis=1)
+            ys = self._split(g, x, g.op("MatMul", x, w), i, parts)
+            return [self._bias(g, y, f"blk.{i}.{p}") for y, p in zip(ys, parts)]
+        out = []
+        for p in parts:
+            w = f"blk.{i}.{p}.weight"
+            out.append(self._bias(g, self._slot(g, x, g.op("MatMul", x, w), w), f"blk.{i}.{p}"))
+        return out
+
+    def embed(self, g: _G) -> str:
+        return g.op("Gather", "token_embd.weight", "input_ids", axis=0)
+
+    def head(self, g: _G, x: str) -> None:
+        if self.cfg.tied_embeddings:  # Gemm(transB=1) over the embedding: no copy, no Transpose
+            x2 = g.op("Reshape", x, g.const([-1, self.cfg.dim]))
+            bs = g.op("Slice", g.op("Shape", "input_ids"), g.const([0]), g.const([2]))
+            y2 = g.op("Gemm", x2, "token_embd.weight", transB=1)
+            g.op("Reshape", y2, g.op("Concat", bs, g.const([self.cfg.vocab_size]), axis=0), out="logits")
+        else:
+            g.op("Identity", self._slot(g, x, g.op("MatMul", x, "output.weight"), "output.weight"), out="logits")
+
+
+class _QLinears(_Linears):
+    """Initializers <group>.qweight / .scales / .offsets / .bias written by build_quant_onnx."""
+
+    def __init__(self, cfg: ArchConfig, slots, meta: dict[str, QWeight], accuracy_level: int):
+        super().__init__(cfg, slots, grouped=True)
+        self.meta, self.acc = meta, accuracy_level
+
+    def _matmul(self, g: _G, x: str, prefix: str, bias: bool = False) -> str:
+        q = self.meta[prefix]
+        n, k = q.shape
+        ins = [x, f"{prefix}.qweight", f"{prefix}.scales"] + (["", "", f"{prefix}.bias"] if bias else [])
+        y = g.op("MatMulNBits", *ins, domain=MS, K=k, N=n, bits=q.bits, block_size=BLOCK, accuracy_level=self.acc)
+        if q.offsets is not None:  # + blocksum(x) @ offsets: Q4_1's per-block minimum, exactly
+            sums = g.op("ReduceSum", g.op("Reshape", x, g.const([0, 0, k // BLOCK, BLOCK])), g.const([-1]), keepdims=0)
+            y = g.op("Add", y, g.op("MatMul", sums, f"{prefix}.offsets"))  # [B,S,K/32] @ [K/32,N]
+        return y
+
+    def group(self, g: _G, x: str, i: int, parts: tuple[str, ...]) -> list[str]:
+        y = self._matmul(g, x, f"blk.{i}.{_group_name(parts)}", bias=self.cfg.qkv_bias and parts[0] == "attn_q")
+        return self._split(g, x, y, i, parts)
+
+    def embed(self, g: _G) -> str:  # Q8_0 rows, dequantized as gathered: (q - 128)·d
+        return g.op("GatherBlockQuantized", "token_embd.data", "input_ids", "token_embd.scales", domain=MS,
+                    bits=8, block_size=BLOCK, gather_axis=0, quantize_axis=1)
+
+    def head(self, g: _G, x: str) -> None:
+        prefix = "token_embd" if self.cfg.tied_embeddings else "output"
+        y = self._matmul(g, x, prefix)
+        if prefix == "output" and "output.weight" in self.slots:
+            y = self._slot(g, x, y, "output.weight")
+        g.op("Identity", y, out="logits")
+
+
+# ---- the decoder
+def _gqa_mask(g: _G, window: int | None = None) -> tuple[str, str, str]:
+    """(attention_bias [B,1,S,T] float: 0 or NEG, seqlens_k [B] int32 = T-1, total_sequence_length int32 scalar).
+    Every row's key count is T (left pads included): pads are masked by the bias, causality by GQA."""
+    ids_shape, mask_shape = g.op("Shape", "input_ids"), g.op("Shape", "attention_mask")
+    b = g.op("Slice", ids_shape, g.const([0]), g.const([1]))  # [1]
+    s = g.op("Slice", ids_shape, g.const([1]), g.const([2]))
+    t = g.op("Slice", mask_shape, g.const([1]), g.const([2]))
+    total = g.op("Cast", g.op("Squeeze", t, g.const([0])), to=TensorProto.INT32)
+    seqlens = g.op("Cast", g.op("Expand", g.op("Sub", t, g.const([1])), b), to=TensorProto.INT32)
+    bias = g.op("Where", g.op("Equal", "attention_mask", g.const(1)), g.const(0.0, np.float32), g.const(NEG, np.float32))
+    bias = g.op("Expand", g.op("Unsqueeze", bias, g.const([1, 2])), g.op("Concat", b, g.const([1]), s, t, axis=0))
+    if window is not None:  # sliding window (Mistral): query at past+s masks keys j with past+s - j >= window
+        t0, s0 = g.op("Squeeze", t, g.const([0])), g.op("Squeeze", s, g.const([0]))
+        q_pos = g.op("Unsqueeze", g.op("Range", g.op("Sub", t0, s0), t0, g.const(1)), g.const([1]))  # [S,1]
+        k_pos = g.op("Unsqueeze", g.op("Range", g.const(0), t0, g.const(1)), g.const([0]))  # [1,T]
+        far = g.op("GreaterOrEqual", g.op("Sub", q_pos, k_pos), g.const(window))  # [S,T]
+        bias = g.op("Where", far, g.const(NEG, np.float32), bias)  # [B,1,S,T]
+    return bias, seqlens, total
+
+
+def fused_decoder(cfg: ArchConfig, lin: _Linears, inits: list[TensorProto], name: str, *,
+                  slot_defaults: bool = True, resid: Any = None) -> onnx.GraphProto:
+    """``resid(g, i, position, y, x) -> x'``, when given, replaces the residual add x + y of block i at
+    "attn" and "ffn" (the bottleneck slots of onnx_bottleneck); the norm after it is then its own node."""
+    g = _G()
+    g.inits += inits
+    eps = float(cfg.rms_eps)
+    interleaved = int(cfg.rope == "norm")  # "norm": adjacent pairs; "neox": halves
+    bias, seqlens, total = _gqa_mask(g, cfg.sliding_window)
+    x, embed_in = add_embed_delta(g, lin.embed(g), cfg.dim)  # [B,S,dim] + per-token embedding change
+    h = g.op("SimplifiedLayerNormalization", x, "blk.0.attn_norm.weight", axis=-1, epsilon=eps, stash_type=1)
+    for i in range(cfg.n_layers):
+        # ---- attention
+        q, k, v = lin.group(g, h, i, GROUPS[0])  # [B,S,H*hd], [B,S,KV*hd], [B,S,KV*hd]
+        if cfg.qk_norm:  # Qwen3: RMS norm over each head of q and k (a [..., heads, head_dim] view), before rope
+            q, k = (_head_norm(g, t, f"blk.{i}.attn_{c}_norm.weight", n, cfg.head_dim, eps)
+                    for t, c, n in ((q, "q", cfg.n_heads), (k, "k", cfg.n_kv_heads)))
+        if cfg.uses_rope(i):  # not on SmolLM3's NoPE layers
+            q = g.op("RotaryEmbedding", q, "position_ids", "rope.cos", "rope.sin", domain=MS, interleaved=interleaved)
+            k = g.op("RotaryEmbedding", k, "position_ids", "rope.cos", "rope.sin", domain=MS, interleaved=interleaved)
+        o = f"attn_{i}"
+        g.nodes.append(helper.make_node(
+            "GroupQueryAttention", [q, k, v, f"past.{i}.key", f"past.{i}.value", seqlens, total, "", "", "", bias],
+            [o, f"present.{i}.key", f"present.{i}.value"], name=f"gqa_{i}", domain=MS,
+            num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, do_rotary=0))  # [B,S,H*hd], kv [B,KV,T,hd]
+        (a,) = lin.group(g, o, i, GROUPS[1])
+        h, x = _skip_norm(g, a, x, f"blk.{i}.ffn_norm.weight", eps, resid and (lambda y, r: resid(g, i, "attn", y, r)))
+        # ---- mlp
+        gate, up = lin.group(g, h, i, GROUPS[2])  # [B,S,ffn] each
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # silu(gate) * up
+        (m,) = lin.group(g, act, i, GROUPS[3])
+        nxt = f"blk.{i + 1}.attn_norm.weight" if i + 1 < cfg.n_layers else "output_norm.weight"
+        h, x = _skip_norm(g, m, x, nxt, eps, resid and (lambda y, r: resid(g, i, "ffn", y, r)))
+    lin.head(g, h)
+    inputs, outputs = _io(cfg, lin.slots, g, slot_defaults)
+    if lin.slots:  # graphs that serve adapters (not the bare base): + a live change of some head rows
+        inputs += add_head_delta(g, h, cfg.dim)
+    return helper.make_graph(g.nodes, name, inputs + [embed_in], outputs, initializer=g.inits)
+
+
+def _head_norm(g: _G, x: str, w: str, heads: int, hd: int, eps: float) -> str:
+    """x [B,S,heads*hd] -> RMS norm of each head with w [hd] -> [B,S,heads*hd]."""
+    y = g.op("SimplifiedLayerNormalization", g.op("Reshape", x, g.const([0, 0, heads, hd])), w, axis=-1,
+             epsilon=eps, stash_type=1)
+    return g.op("Reshape", y, g.const([0, 0, heads * hd]))
+
+
+def _skip_norm(g: _G, y: str, x: str, w: str, eps: float, add: Any = None) -> tuple[str, str]:
+    if add is not None:  # the residual add made by the caller, then the norm alone
+        s = add(y, x)
+        return g.op("SimplifiedLayerNormalization", s, w, axis=-1, epsilon=eps, stash_type=1), s
+    g._n += 1
+    h, s = f"norm_{g._n}", f"resid_{g._n}"
+    g.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [y, x, w], [h, "", "", s],
+                                    name=f"n{g._n}_SkipSLN", domain=MS, epsilon=eps))
+    return h, s
+
+
+def _io(cfg: ArchConfig, slots: dict[str, tuple[int, int]], g: _G, defaults: bool) -> tuple[list, list]:
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    kv_in, kv_out = ["batch", cfg.n_kv_heads, "past", cfg.head_dim], ["batch", cfg.n_kv_heads, "total", cfg.head_dim]
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", i64, ["batch", "total"]),
+              helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", cfg.vocab_size])]
+    for i in range(cfg.n_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past.{i}.{kind}", f32, kv_in))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, kv_out))
+    for name, (out, inp) in slots.items():
+        a, b = lora_input_names(name)
+        if defaults:  # empty (rank 0): nothing fed = the bare base; onnxruntime's LoraAdapter needs them
+            g.inits += [onnx.numpy_helper.from_array(np.zeros((1, inp, 0), np.float32), a),
+                        onnx.numpy_helper.from_array(np.zeros((1, 0, out), np.float32), b)]
+        # no declared shape: 420 inputs with symbolic dims cost onnxruntime ~1 s of session creation (measured
+        # 1.3 s -> 0.4 s on SmolLM2-135M int4); the shapes are in the doc strings and checked by the kernels
+        inputs += [helper.make_tensor_value_info(a, f32, None, doc_string=f"float32 [lora_rows, {inp}, r]"),
+                   helper.make_tensor_value_info(b, f32, None, doc_string=f"float32 [lora_rows, r, {out}]")]
+    return inputs, outputs
+
+
+def save_fused(graph: onnx.GraphProto, path: Path, props: dict[str, str] | None = None) -> None:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="edgeadapt")
+    model.ir_version = 8
+    # the runtime reads this: GroupQueryAttention takes seq > 1 after a past only at batch 1
+    helper.set_model_props(model, {"edgeadapt.attention": "GroupQueryAttention", **(props or {})})
+    onnx.save_model(model, str(path))
+
+
+# ---- quantized bases
+def quantize_base(cfg: ArchConfig, weights: dict[str, np.ndarray], kind: str, source: Source | None = None,
+                  progress: Progress | None = None) -> dict[str, QWeight]:
+    """Every linear group of the ``kind`` graph (plus token_embd / output as Q8_0), keyed by initializer prefix."""
+    src = source or (lambda name: None)
+    out: dict[str, QWeight] = {}
+    for i in range(cfg.n_layers):
+        for parts in GROUPS:
+            names = [f"blk.{i}.{p}.weight" for p in parts]
+            out[f"blk.{i}.{_group_name(parts)}"] = QWeight.concat([quantize(kind, weights.get(n), src(n)) for n in names])
+        if progress:
+            progress(f"quantize {kind}", i + 1, cfg.n_layers)
+    out["token_embd"] = quantize("int8", weights.get("token_embd.weight"), src("token_embd.weight"))
+    if not cfg.tied_embeddings:
+        out["output"] = quantize("int8", weights.get("output.weight"), src("output.weight"))
+    return out
+
+
+def build_quant_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, kind: str, *,
+                     source: Source | None = None, progress: Progress | None = None, slots: bool = True,
+                     accuracy_level: int = ACCURACY_LEVEL) -> dict:
+    """Write ``model_<kind>.onnx`` + its data file; returns {"file", "data", "exact", "quantized"}: how many
+    weight groups were repacked bit for bit from ``source`` and how many were quantized from float32."""
+    from edgeadapt.converters.onnx_graphs.arch import FUSED_ARCHES
+
+    if cfg.arch not in FUSED_ARCHES:
+        raise UnsupportedError(f"quantized ONNX ({kind}) is not supported for the {cfg.arch} architecture yet "
+                               f"(only {sorted(FUSED_ARCHES)}); export fp32 ONNX, or run model.gguf on the numpy engine")
+    check_complete(cfg, weights)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    q = quantize_base(cfg, weights, kind, source, progress)
+    path = out_dir / QUANT_FILES[kind]
+    writer = _DataWriter(path.with_name(path.name + ".data"))
+    inits: list[TensorProto] = []
+    try:
+        for prefix, w in q.items():
+            data = writer.add(f"{prefix}.qweight", w.blocks)  # uint8 [N, K/32, blob]
+            inits += [data, writer.add(f"{prefix}.scales", w.scales)]
+            if w.offsets is not None:
+                inits.append(writer.add(f"{prefix}.offsets", w.offsets))
+            if prefix == "token_embd":  # the same bytes as the [vocab, dim] table GatherBlockQuantized reads
+                inits.append(_DataWriter.alias("token_embd.data", data, (cfg.vocab_size, cfg.dim)))
+        for name in cfg.tensor_shapes():
+            if name.endswith("_norm.weight"):
+                inits.append(writer.add(name, np.asarray(weights[name], np.float32)))
+        if cfg.qkv_bias:
+            for i in range(cfg.n_layers):
+                b = np.concatenate([weights[f"blk.{i}.attn_{p}.bias"] for p in "qkv"]).astype(np.float32)
+                inits.append(writer.add(f"blk.{i}.attn_qkv.bias", b))
+        cos, sin = rope_tables(cfg)
+        inits += [writer.add("rope.cos", cos), writer.add("rope.sin", sin)]
+    finally:
+        writer.close()
+    lin = _QLinears(cfg, cfg.linear_shapes() if slots else None, q, accuracy_level)
+    # slots without defaults: onnxruntime's IOBinding cannot bind an input that has an initializer, and the
+    # engine binds every slot (idle ones to rank-0 arrays) so that the kv cache is updated in place
+    save_fused(fused_decoder(cfg, lin, inits, f"edgeadapt_{cfg.arch}_{kind}", slot_defaults=False), path, lin.props())
+    info = {"file": path.name, "data": path.name + ".data"}
+    if slots:  # the same weights without slots: the bare base at full speed (the runtime switches at first use)
+        plain = path.with_name(path.stem + "_base.onnx")
+        save_fused(fused_decoder(cfg, _QLinears(cfg, None, q, accuracy_level), inits, f"edgeadapt_{cfg.arch}_{kind}_base"),
+                   plain)
+        info["base_file"] = plain.name
+    exact = sum(w.exact for p, w in q.items())
+    return {**info, "exact": exact, "quantized": len(q) - exact}
+
+
+def gguf_source(reader: "gguf.GGUFReader") -> Source:
+    """Raw blocks of a GGUF's tensors, by name, for :func:`build_quant_onnx` (rows = ggml's last dim)."""
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name: str):
+        t = tensors.get(name)
+        return None if t is None else (t.tensor_type, t.data)  # quantized types: uint8 [rows, row bytes]
+
+    return get

@@ -1,0 +1,433 @@
+"""Build the ONNX graph of a llama-family decoder straight from canonical weights (no tracing).
+
+Files written by :func:`build_onnx` into ``out_dir``
+  model.onnx         the decoder (opset 17 + com.microsoft 1: the fused operators of
+                     :mod:`edgeadapt.converters.onnx_graphs.fast`; ``fused=False`` writes the same decoder
+                     from default-domain operators only — the reference the fused one is tested against)
+  model_lora.onnx    the same decoder over the same weights with a LoRA slot beside every linear
+                     layer (see "LoRA slots" below)
+  model_live.onnx    the runtime's live graph: the same slots without defaults, q|k|v and gate|up
+                     grouped (see "Grouped slots" below)
+  weight_sums.onnx   a tiny check model over the same initializers (see "weight_sums" below)
+  model.onnx.data    the ONE external data file of both; every model weight in it is a plain
+                     little-endian float32 array at the offset the returned table gives
+
+model.onnx contract (a spec the runtime relies on)
+  inputs   input_ids       int64   [batch, seq]
+           attention_mask  int64   [batch, total]   total = past + seq; 1 = real token, 0 = pad
+                                                    (batches are LEFT padded)
+           position_ids    int64   [batch, seq]     rope positions, 0 <= p < cfg.context_length
+           past.{i}.key    float32 [batch, n_kv_heads, past, head_dim]  i < n_layers; past may be 0
+           past.{i}.value  float32 [batch, n_kv_heads, past, head_dim]
+  outputs  logits          float32 [batch, seq, vocab]
+           present.{i}.key float32 [batch, n_kv_heads, total, head_dim]  = concat(past, new), axis 2
+           present.{i}.value                     (or, when past and present are bound to one buffer of
+                                                 capacity >= total, that buffer updated in place:
+                                                 GroupQueryAttention's shared-buffer mode)
+  Query s (absolute position past+s) attends key j iff j <= past+s and attention_mask[b, j] == 1;
+  fully masked rows (pad queries) give finite, meaningless logits, never NaN.
+
+Initializers (names are the GGUF names; overridable with SessionOptions.add_initializer)
+  token_embd.weight            [vocab, dim]  as-is; Gather, and Gemm(transB=1) for tied logits
+  blk.{i}.attn_q.weight, ...   [in, out]     linear weights TRANSPOSED from canonical [out, in],
+  output.weight (if untied)    [in, out]     each the direct input of a MatMul (no node between)
+  *_norm.weight, blk.{i}.attn_{q,k,v}.bias   as-is (q/k rows permuted for "norm" rope, as canonical;
+                               attn_{q,k}_norm.weight [head_dim]: Qwen3's RMS norm per head before rope)
+  rope.cos, rope.sin           [context_length, head_dim/2]  helpers, not model weights
+
+LoRA slots (model_lora.onnx): extra optional inputs, two per weight W of cfg.linear_shapes()
+           lora.<W>.a      float32 [lora_rows, in, r]   default: empty [1, in, 0]
+           lora.<W>.b      float32 [lora_rows, r, out]  default: empty [1, 0, out]
+  and the layer computes x @ W + (x @ a) @ b (scale folded into b). lora_rows is 1 (every row
+  alike) or batch (row b uses a[b], b[b]: per-row adapters in one pass); r is free per weight, so
+  one session takes any rank, stacked adapters concatenate ranks, and nothing fed = the bare base.
+  The names are onnxruntime LoraAdapter parameter names: a .onnx_adapter holding them works
+  with RunOptions.add_active_adapter on this graph.
+
+Grouped slots (model_live.onnx, model_int4.onnx, model_int8.onnx): the linear layers that read one
+input are one product — q|k|v and gate|up — with ONE slot per group, lora.blk.{i}.attn_qkv.a/b and
+lora.blk.{i}.ffn_gate_up.a/b: a = [a_q | a_k | a_v] (ranks side by side), b block-diagonal, so
+(x @ a) @ b = [x a_q b_q | x a_k b_k | x a_v b_v]. The model property edgeadapt.slot_groups lists
+them ({slot: [weights]}). Four slots a layer instead of seven: per token, slot operators cost more
+than their arithmetic. Nothing is fed with a default: every slot is bound (rank 0 when idle).
+model_live.onnx fuses the float weights with a Concat of initializers that onnxruntime folds at
+load, so its weights are NOT overridable (an override would feed the folded Concat): merges run on
+model.onnx. In the quantized bases the linear weights are MatMulNBits blocks: nothing to override.
+
+weight_sums.onnx contract
+  no input to feed (``reduce_axes`` is an overridable initializer: leave it alone);
+  output weight_sums float32 [n_linear]: the sum of each weight of cfg.linear_shapes(), in that
+  order, over the same initializer names, so a session given the same add_initializer overrides
+  shows whether they took effect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edgeadapt.formats.arch import ArchConfig
+from edgeadapt.converters.hf import check_complete
+
+Progress = Callable[[str, int, int], None]
+
+OPSET = 17
+DATA_FILE = "model.onnx.data"
+VERIFY_FILE = "weight_sums.onnx"
+LORA_FILE = "model_lora.onnx"
+LIVE_FILE = "model_live.onnx"  # grouped slots without defaults: the runtime's in-place kv cache binds it
+NEG = float(np.finfo(np.float32).min)  # masked score: "minus infinity" that keeps softmax finite
+_ALIGN_BIG, _ALIGN_SMALL, _BIG = 65536, 64, 1 << 20  # offset alignment in the data file
+
+
+# ---- rope tables (exactly transformers' float32 arithmetic)
+def rope_tables(cfg: ArchConfig, inv_freq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [context_length, head_dim/2] of angle pos * inv_freq, all float32; ``inv_freq`` [head_dim/2]
+    defaults to the full-attention layers' (cfg.rope_inv_freq: base, linear factor, Llama 3.x divisors)."""
+    inv_freq = cfg.rope_inv_freq() if inv_freq is None else inv_freq
+    pos = np.arange(cfg.context_length, dtype=np.float32)[:, None]  # [ctx, 1]
+    ang = (pos * inv_freq[None, :]).astype(np.float32)  # [ctx, hd/2]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+# ---- external data writer: tensors go to the file as they are made, never into one protobuf
+class _DataWriter:
+    def __init__(self, path: Path):
+        self.f, self.offset, self.location = open(path, "wb"), 0, path.name
+
+    def add(self, name: str, a: np.ndarray) -> TensorProto:
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))  # ONNX data is little-endian
+        align = _ALIGN_BIG if a.nbytes >= _BIG else _ALIGN_SMALL
+        pad = -self.offset % align
+        self.f.write(b"\0" * pad)
+        self.offset += pad
+        a.tofile(self.f)
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.location), ("offset", str(self.offset)), ("length", str(a.nbytes))):
+            t.external_data.add(key=k, value=v)
+        self.offset += a.nbytes
+        return t
+
+    @staticmethod
+    def alias(name: str, t: TensorProto, shape: tuple[int, ...]) -> TensorProto:
+        """The bytes of an initializer already written, under another name and shape (no second copy)."""
+        a = TensorProto(name=name, data_type=t.data_type, dims=shape, data_location=TensorProto.EXTERNAL)
+        a.external_data.extend(t.external_data)
+        return a
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# ---- graph builder: a thin helper around onnx.helper that names every intermediate
+class _G:
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self._n = 0
+        self._consts: dict[tuple, str] = {}
+        self.slots: dict[str, tuple[int, int]] | None = None  # weight -> (out, in) for the slotted graph
+
+    def op(self, op: str, *inputs: str, out: str | None = None, **attrs) -> str:
+        self._n += 1
+        name = out or f"{op.lower()}_{self._n}"
+        self.nodes.append(helper.make_node(op, list(inputs), [name], name=f"n{self._n}_{op}", **attrs))
+        return name
+
+    def ops(self, op: str, *inputs: str, n_out: int, **attrs) -> list[str]:
+        self._n += 1
+        outs = [f"{op.lower()}_{self._n}_{k}" for k in range(n_out)]
+        self.nodes.append(helper.make_node(op, list(inputs), outs, name=f"n{self._n}_{op}", **attrs))
+        return outs
+
+    def const(self, value, dtype=np.int64) -> str:
+        a = np.asarray(value, dtype=dtype)
+        key = (a.dtype.str, a.shape, a.tobytes())
+        if key not in self._consts:
+            name = f"const_{len(self._consts)}"
+            self.inits.append(onnx.numpy_helper.from_array(a, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+
+# ---- building blocks (x is [batch, seq, dim] unless said otherwise)
+def _rms_norm(g: _G, x: str, w: str, eps: float) -> str:
+    # the Pow/ReduceMean/Add/Sqrt/Div/Mul pattern onnxruntime fuses into SimplifiedLayerNorm
+    var = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), axes=[-1], keepdims=1)  # [B,S,1]
+    return g.op("Mul", g.op("Div", x, g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32)))), w)
+
+
+def _rope(g: _G, x: str, cos: str, sin: str, cfg: ArchConfig, n_heads: int) -> str:
+    """x [B,S,n_heads*hd] -> rotated [B,S,n_heads,hd]. cos/sin are [B,S,1,*] broadcastable pairs."""
+    hd = cfg.head_dim
+    # "norm": adjacent pairs (x[2i], x[2i+1]); "neox": halves (x[i], x[i+hd/2])
+    pairs = [0, 0, n_heads, hd // 2, 2] if cfg.rope == "norm" else [0, 0, n_heads, 2, hd // 2]
+    axis = 4 if cfg.rope == "norm" else 3
+    a, b = g.ops("Split", g.op("Reshape", x, g.const(pairs)), n_out=2, axis=axis)  # [B,S,H,hd/2,1] each (norm)
+    ra = g.op("Sub", g.op("Mul", a, cos), g.op("Mul", b, sin))  # a cos - b sin
+    rb = g.op("Add", g.op("Mul", b, cos), g.op("Mul", a, sin))  # b cos + a sin
+    return g.op("Reshape", g.op("Concat", ra, rb, axis=axis), g.const([0, 0, n_heads, hd]))  # [B,S,H,hd]
+
+
+def _linear(g: _G, x: str, prefix: str, bias: bool = False, out: str | None = None) -> str:
+    name = f"{prefix}.weight"
+    y = g.op("MatMul", x, name, out=None if (bias or g.slots is not None) else out)  # weight is [in, out]
+    if g.slots is not None and name in g.slots:  # LoRA slot: + (x @ A) @ B, A [n,in,r], B [n,r,out], n in {1, batch}
+        a, b = lora_input_names(name)
+        y = g.op("Add", y, g.op("MatMul", g.op("MatMul", x, a), b), out=None if bias else out)
+    return g.op("Add", y, f"{prefix}.bias", out=out) if bias else y
+
+
+EMBED_DELTA = "embed.delta"  # graph input: per-token embedding change, added after the lookup
+
+
+def add_embed_delta(g: _G, x: str, dim: int) -> tuple[str, onnx.ValueInfoProto]:
+    """x [B,S,dim] + ``embed.delta`` (float32 [B or 1, S or 1, dim], default zeros [1,1,dim]): the runtime feeds
+    the change of just the ids in the batch (embedding LoRA, trainable tokens, virtual tokens). The embedding
+    table itself is untouched, so a head tied to it keeps reading the base. Costs one broadcast add."""
+    g.inits.append(onnx.numpy_helper.from_array(np.zeros((1, 1, dim), np.float32), EMBED_DELTA))
+    info = helper.make_tensor_value_info(EMBED_DELTA, TensorProto.FLOAT, None, doc_string=f"float32 [batch, seq, {dim}]")
+    return g.op("Add", x, EMBED_DELTA), info
+
+
+HEAD_DELTA, HEAD_IDS = "head.delta", "head.ids"  # graph inputs: a live change of some rows of the output head
+
+
+def add_head_delta(g: _G, h: str, dim: int) -> list[onnx.ValueInfoProto]:
+    """logits[b, s, ids] += h[b, s] @ delta[b]ᵀ after the head: ``head.ids`` int64 [k] (distinct) and
+    ``head.delta`` float32 [B or 1, k, dim], default k = 0 (a no-op). ``h`` is the normed hidden state the head
+    reads; the node that wrote ``logits`` is renamed. A tied head changes without touching the embedding."""
+    node = next(n for n in reversed(g.nodes) if "logits" in n.output)
+    node.output[list(node.output).index("logits")] = "logits_head"
+    g.inits += [onnx.numpy_helper.from_array(np.zeros((1, 0, dim), np.float32), HEAD_DELTA),
+                onnx.numpy_helper.from_array(np.zeros((0,), np.int64), HEAD_IDS)]
+    d = g.op("MatMul", h, g.op("Transpose", HEAD_DELTA, perm=[0, 2, 1]))  # [B,S,k]
+    idx = g.op("Expand", HEAD_IDS, g.op("Shape", d))
+    g.op("ScatterElements", "logits_head", idx, d, axis=2, reduction="add", out="logits")
+    return [helper.make_tensor_value_info(HEAD_DELTA, TensorProto.FLOAT, None, doc_string=f"float32 [batch, k, {dim}]"),
+            helper.make_tensor_value_info(HEAD_IDS, TensorProto.INT64, None, doc_string="int64 [k]")]
+
+
+def lora_input_names(weight: str) -> tuple[str, str]:
+    """Graph inputs of the LoRA slot beside ``weight``: A [n, in, r] and B [n, r, out] (scale in B)."""
+    return f"lora.{weight}.a", f"lora.{weight}.b"
+
+
+def _attention(g: _G, cfg: ArchConfig, i: int, x: str, cos: str, sin: str, mask: str) -> str:
+    H, KV, hd, p = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, f"blk.{i}"
+    q, k = _linear(g, x, f"{p}.attn_q", cfg.qkv_bias), _linear(g, x, f"{p}.attn_k", cfg.qkv_bias)
+    if cfg.qk_norm:  # Qwen3: RMS norm over each head of q and k, before rope
+        q, k = (g.op("Reshape", _rms_norm(g, g.op("Reshape", t, g.const([0, 0, n, hd])), f"{p}.attn_{c}_norm.weight",
+                                          cfg.rms_eps), g.const([0, 0, n * hd])) for t, n, c in ((q, H, "q"), (k, KV, "k")))
+    if cfg.uses_rope(i):
+        q = _rope(g, q, cos, sin, cfg, H)  # [B,S,H,hd]
+        k = _rope(g, k, cos, sin, cfg, KV)  # [B,S,KV,hd]
+    else:  # a NoPE layer (SmolLM3): q and k as they are
+        q, k = g.op("Reshape", q, g.const([0, 0, H, hd])), g.op("Reshape", k, g.const([0, 0, KV, hd]))
+    v = g.op("Reshape", _linear(g, x, f"{p}.attn_v", cfg.qkv_bias), g.const([0, 0, KV, hd]))
+    q = g.op("Transpose", q, perm=[0, 2, 1, 3])  # [B,H,S,hd]
+    k = g.op("Concat", f"past.{i}.key", g.op("Transpose", k, perm=[0, 2, 1, 3]), axis=2,
+             out=f"present.{i}.key")  # [B,KV,T,hd]
+    v = g.op("Concat", f"past.{i}.value", g.op("Transpose", v, perm=[0, 2, 1, 3]), axis=2,
+             out=f"present.{i}.value")  # [B,KV,T,hd]
+    # grouped-query attention without repeating kv: query head h = kv*G + g uses kv head h // G,
+    # so [B,H,S,hd] viewed as [B,KV,G*S,hd] lines each group up with its kv head.
+    qg = g.op("Reshape", q, g.const([0, KV, -1, hd]))  # [B,KV,G*S,hd]
+    s = g.op("MatMul", qg, g.op("Transpose", k, perm=[0, 1, 3, 2]))  # [B,KV,G*S,T]
+    s = g.op("Mul", s, g.const(1.0 / np.sqrt(hd), np.float32))
+    s = g.op("Reshape", s, g.const([0, H, -1, 0]))  # [B,H,S,T]
+    s = g.op("Where", mask, s, g.const(NEG, np.float32))  # mask [B,1,S,T]
+    pr = g.op("Reshape", g.op("Softmax", s, axis=-1), g.const([0, KV, -1, 0]))  # [B,KV,G*S,T]
+    o = g.op("Reshape", g.op("MatMul", pr, v), g.const([0, H, -1, hd]))  # [B,H,S,hd]
+    o = g.op("Reshape", g.op("Transpose", o, perm=[0, 2, 1, 3]), g.const([0, 0, H * hd]))  # [B,S,H*hd]
+    return _linear(g, o, f"{p}.attn_output")  # [B,S,dim]
+
+
+def _mlp(g: _G, i: int, x: str) -> str:
+    gate = _linear(g, x, f"blk.{i}.ffn_gate")  # [B,S,ffn]
+    act = g.op("Mul", gate, g.op("Sigmoid", gate))  # silu
+    return _linear(g, g.op("Mul", act, _linear(g, x, f"blk.{i}.ffn_up")), f"blk.{i}.ffn_down")  # [B,S,dim]
+
+
+def _mask(g: _G, window: int | None = None) -> str:
+    """bool [B,1,S,T]: key j visible to query s iff j <= past+s and attention_mask[b,j] == 1 (and, with a
+    sliding ``window``, past+s - j < window: Mistral)."""
+    zero, one = g.const(0), g.const(1)
+    S = g.op("Gather", g.op("Shape", "input_ids"), one, axis=0)  # scalar
+    T = g.op("Gather", g.op("Shape", "attention_mask"), one, axis=0)  # scalar
+    q_pos = g.op("Range", g.op("Sub", T, S), T, one)  # [S] absolute positions past..total-1
+    k_pos = g.op("Range", zero, T, one)  # [T]
+    causal = g.op("LessOrEqual", g.op("Unsqueeze", k_pos, g.const([0])),
+                  g.op("Unsqueeze", q_pos, g.const([1])))  # [S,T]
+    real = g.op("Unsqueeze", g.op("Equal", "attention_mask", one), g.const([1, 2]))  # [B,1,1,T]
+    if window is not None:
+        near = g.op("Less", g.op("Sub", g.op("Unsqueeze", q_pos, g.const([1])), g.op("Unsqueeze", k_pos, g.const([0]))),
+                    g.const(window))  # [S,T]
+        causal = g.op("And", causal, near)
+    return g.op("And", causal, real)  # [B,1,S,T]
+
+
+# ---- weight_sums: a separate tiny model, so the decoder pays nothing for it
+# Measured (onnxruntime 1.31, SmolLM2-sized graph): a ReduceSum fed straight by a weight is
+# constant-folded with the ORIGINAL weight, so it ignores add_initializer overrides; a ReduceSum that
+# cannot be folded runs on every step (onnxruntime never prunes to the requested outputs), and
+# even behind an If it keeps every weight's unpacked original alive next to MatMul's prepacked copy
+# (+407 MB = +59% RSS on SmolLM2 size). So the sums live in ``weight_sums.onnx``: same initializer names, same bytes of
+# model.onnx.data (nothing copied), one ReduceSum each. Its ``reduce_axes`` input is an overridable
+# initializer (default: empty = all axes), which is what stops onnxruntime from folding the sums.
+def _write_verify_model(cfg: ArchConfig, weight_protos: dict[str, TensorProto], out_dir: Path) -> None:
+    g = _G()
+    names = list(cfg.linear_shapes())
+    g.inits += [weight_protos[n] for n in names]
+    g.inits.append(onnx.numpy_helper.from_array(np.zeros(0, np.int64), "reduce_axes"))
+    sums = [g.op("Reshape", g.op("ReduceSum", n, "reduce_axes", keepdims=1), g.const([1])) for n in names]
+    g.op("Concat", *sums, axis=0, out="weight_sums")  # [n_linear]
+    graph = helper.make_graph(
+        g.nodes, "edgeadapt_weight_sums",
+        [helper.make_tensor_value_info("reduce_axes", TensorProto.INT64, [0])],
+        [helper.make_tensor_value_info("weight_sums", TensorProto.FLOAT, [len(names)])], initializer=g.inits)
+    _save(graph, out_dir / VERIFY_FILE)
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> None:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeadapt")
+    model.ir_version = 8  # opset 17 needs IR >= 8; keep it low for older device runtimes
+    onnx.save_model(model, str(path))  # weights are already external: the protobuf stays small
+
+
+# ---- the public builder
+def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *,
+               progress: Progress | None = None, slots: bool = True, fused: bool = True) -> dict:
+    """Write ``model.onnx``, ``weight_sums.onnx`` (and, with ``slots``, ``model_lora.onnx``) and
+    their one data file ``model.onnx.data`` into ``out_dir``; return the weight table (see
+    :func:`_weight_table`). ``progress(step, done, total)`` is called per layer and after saving."""
+    check_complete(cfg, weights)  # names and shapes, with a readable error
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    linear = cfg.linear_shapes()
+    protos: dict[str, TensorProto] = {}
+    writer = _DataWriter(out_dir / DATA_FILE)
+    try:  # every weight written once, in layer order; linear: canonical [out,in] -> [in,out]
+        names = list(cfg.tensor_shapes())
+        for k, name in enumerate(names):
+            w = np.asarray(weights[name], dtype=np.float32)
+            protos[name] = writer.add(name, w.T if name in linear else w)
+            if progress and name.endswith("ffn_down.weight"):
+                progress("write weights", int(name.split(".")[1]) + 1, cfg.n_layers)
+        from edgeadapt.converters.onnx_graphs.arch import FUSED_ARCHES, rope_initializers
+
+        for name, table in rope_initializers(cfg).items():
+            protos[name] = writer.add(name, table)
+    finally:
+        writer.close()
+    if cfg.arch not in FUSED_ARCHES:  # Gemma 3, GPT-2: the plain-operator graph (see onnx_arch)
+        from edgeadapt.converters.onnx_graphs.arch import decoder
+
+        inits = list(protos.values())
+        _save(decoder(cfg, inits, None), out_dir / "model.onnx")
+        if slots:
+            _save(decoder(cfg, inits, linear), out_dir / LORA_FILE)
+    elif fused:
+        from edgeadapt.converters.onnx_graphs.fast import _F32Linears, fused_decoder, save_fused
+
+        inits = list(protos.values())
+        save_fused(fused_decoder(cfg, _F32Linears(cfg, None), inits, f"edgeadapt_{cfg.arch}"), out_dir / "model.onnx")
+        if slots:
+            save_fused(fused_decoder(cfg, _F32Linears(cfg, linear), inits, f"edgeadapt_{cfg.arch}_lora"),
+                       out_dir / LORA_FILE)
+            # the runtime's live graph: every slot required (rank 0 = idle; onnxruntime's IOBinding cannot bind an
+            # input that has a default, and binding is what keeps the kv cache in place between tokens), q|k|v and
+            # gate|up fused with one slot per group (see onnx_fast._Linears): 4 slots a layer instead of 7
+            live = _F32Linears(cfg, linear, grouped=True)
+            save_fused(fused_decoder(cfg, live, inits, f"edgeadapt_{cfg.arch}_live", slot_defaults=False),
+                       out_dir / LIVE_FILE, live.props())
+            from edgeadapt.converters.onnx_graphs.kinds import save_kinds_graph  # scale / bias slots (DoRA, IA3, lora_bias), loaded lazily
+            save_kinds_graph(cfg, inits, out_dir)
+            from edgeadapt.kinds.bottleneck import DECODER_ARCHES
+
+            if cfg.arch in DECODER_ARCHES:  # + bottleneck slots (AdapterHub's Llama / Mistral), loaded lazily
+                from edgeadapt.converters.onnx_graphs.bottleneck import save_bottleneck_graph
+                save_bottleneck_graph(cfg, inits, out_dir)
+    else:
+        _save(_decoder(cfg, protos, None), out_dir / "model.onnx")
+        if slots:
+            _save(_decoder(cfg, protos, linear), out_dir / LORA_FILE)
+    _write_verify_model(cfg, protos, out_dir)
+    if progress:
+        progress("save", 1, 1)
+    return _weight_table(out_dir, {n: "in_out" if n in linear else "as_is" for n in cfg.tensor_shapes()})
+
+
+def _decoder(cfg: ArchConfig, protos: dict[str, TensorProto], slots: dict[str, tuple[int, int]] | None
+             ) -> onnx.GraphProto:
+    """The decoder graph over the written weights; with ``slots``, a LoRA slot beside each of them."""
+    g = _G()
+    g.slots = slots
+    g.inits += list(protos.values())
+    # ---- embeddings, rope angles for these positions, mask
+    x, embed_in = add_embed_delta(g, g.op("Gather", "token_embd.weight", "input_ids", axis=0), cfg.dim)  # [B,S,dim]
+    pair_axis = [2, 4] if cfg.rope == "norm" else [2, 3]  # [B,S,hd/2] -> [B,S,1,hd/2,1] | [B,S,1,1,hd/2]
+    cos_t = g.op("Unsqueeze", g.op("Gather", "rope.cos", "position_ids", axis=0), g.const(pair_axis))
+    sin_t = g.op("Unsqueeze", g.op("Gather", "rope.sin", "position_ids", axis=0), g.const(pair_axis))
+    mask = _mask(g, cfg.sliding_window)
+    # ---- decoder blocks
+    for i in range(cfg.n_layers):
+        h = _rms_norm(g, x, f"blk.{i}.attn_norm.weight", cfg.rms_eps)
+        x = g.op("Add", x, _attention(g, cfg, i, h, cos_t, sin_t, mask))
+        h = _rms_norm(g, x, f"blk.{i}.ffn_norm.weight", cfg.rms_eps)
+        x = g.op("Add", x, _mlp(g, i, h))  # [B,S,dim]
+    # ---- head
+    x = _rms_norm(g, x, "output_norm.weight", cfg.rms_eps)
+    if cfg.tied_embeddings:  # logits = x @ token_embd^T via Gemm(transB=1): no copy, no Transpose
+        x2 = g.op("Reshape", x, g.const([-1, cfg.dim]))  # [B*S,dim]
+        y2 = g.op("Gemm", x2, "token_embd.weight", transB=1)  # [B*S,vocab]
+        bs = g.op("Slice", g.op("Shape", "input_ids"), g.const([0]), g.const([2]))  # [2] = (B,S)
+        g.op("Reshape", y2, g.op("Concat", bs, g.const([cfg.vocab_size]), axis=0), out="logits")
+    else:
+        _linear(g, x, "output", out="logits")  # [B,S,vocab]
+    # ---- inputs / outputs
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    kv_in = ["batch", cfg.n_kv_heads, "past", cfg.head_dim]
+    kv_out = ["batch", cfg.n_kv_heads, "total", cfg.head_dim]
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", i64, ["batch", "total"]),
+              helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"]), embed_in]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", cfg.vocab_size])]
+    for i in range(cfg.n_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past.{i}.{kind}", f32, kv_in))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, kv_out))
+    for k, (name, (out, inp)) in enumerate((slots or {}).items()):
+        a, b = lora_input_names(name)
+        # empty defaults (rank 0): the slotted graph runs the bare base when nothing is fed
+        g.inits += [onnx.numpy_helper.from_array(np.zeros((1, inp, 0), np.float32), a),
+                    onnx.numpy_helper.from_array(np.zeros((1, 0, out), np.float32), b)]
+        inputs += [helper.make_tensor_value_info(a, f32, ["lora_rows", inp, f"rank_{k}"]),
+                   helper.make_tensor_value_info(b, f32, ["lora_rows", f"rank_{k}", out])]
+    return helper.make_graph(g.nodes, f"edgeadapt_{cfg.arch}{'_lora' if slots else ''}", inputs, outputs,
+                             initializer=g.inits)
+
+
+# ---- the manifest table, read back from what was written
+def _weight_table(out_dir: Path, layouts: dict[str, str]) -> dict:
+    """``{gguf_name: {"onnx": initializer name, "layout": "in_out" (stored transposed) | "as_is",
+    "file": "model.onnx.data", "offset": bytes, "length": bytes, "dtype": "float32",
+    "shape": shape as stored}}`` for every model weight (not the rope helpers), taken from the
+    external-data records of the model.onnx just written: np.memmap(file, "<f4", "r", offset,
+    shape) is the initializer."""
+    model = onnx.load(str(out_dir / "model.onnx"), load_external_data=False)
+    table = {}
+    for t in model.graph.initializer:
+        if t.name not in layouts:
+            continue
+        ext = {e.key: e.value for e in t.external_data}
+        assert t.data_location == TensorProto.EXTERNAL and t.data_type == TensorProto.FLOAT, t.name
+        table[t.name] = {"onnx": t.name, "layout": layouts[t.name], "file": ext["location"],
+                         "offset": int(ext["offset"]), "length": int(ext["length"]),
+                         "dtype": "float32", "shape": [int(d) for d in t.dims]}
+    return table

@@ -1,0 +1,504 @@
+"""The delta file: one adapter, pinned to one base, in llama.cpp's GGUF LoRA layout.
+
+Spec (mirrored in docs/FORMAT.md). A delta file is a GGUF v3 file (tensor data aligned to
+``general.alignment``, default 32) that
+
+- MUST set ``general.type = "adapter"`` and ``general.architecture`` to the base's GGUF architecture;
+- MUST set ``adapter.type = "lora"`` when every factor is F32, F16 or Q8_0 and there is no bias, so
+  llama.cpp loads it as a LoRA adapter; ``"edgeadapt-int8-lora"`` / ``"edgeadapt-int4-lora"`` for
+  grouped-integer factors and ``"edgeadapt-lora-bias"`` for a LoRA with bias changes (of any
+  other storage), which llama.cpp refuses by name instead of misreading;
+- MUST set ``adapter.lora.alpha = 0``: every per-module scale (alpha/r, alpha/√r for rsLoRA,
+  rank_pattern / alpha_pattern) is folded into ``lora_b``, and llama.cpp applies a LoRA with
+  alpha 0 at exactly the user's scale — so llama.cpp computes what the training library computed;
+- MUST set ``edgeadapt.format = "edgeadapt.delta"`` and ``edgeadapt.format_version`` (uint32, 2);
+- MUST set ``edgeadapt.base.fingerprint`` to the fingerprint of the base it was made for
+  (:mod:`edgeadapt.formats.fingerprint`); a runtime MUST refuse it on any other base;
+- MUST set ``edgeadapt.adapter.name`` (string), ``edgeadapt.adapter.version`` (uint32; it only goes
+  up between releases of one adapter, and a store refuses an older one unless asked to roll back)
+  and ``edgeadapt.adapter.kind`` (``"lora"`` here; other kinds: :mod:`edgeadapt.formats.delta_kinds`);
+- MUST set ``edgeadapt.quant`` (string) to how the factors are stored: ``F32``, ``F16``, ``Q8_0``,
+  ``int8`` or ``int4``; for int8 / int4 also ``edgeadapt.quant.group_size`` (uint32 G, even, 2…4096);
+- holds, for each adapted linear weight ``W`` of the base (GGUF name ``<w>``), the factors of
+  ``ΔW = B @ A`` (float32 [out, in]), each ``<w>`` once with both factors of one rank r ≥ 1:
+
+  - F32 / F16 / Q8_0: ``<w>.lora_a`` = A [r, in] and ``<w>.lora_b`` = B [out, r] (numpy order; ggml
+    ``ne`` is reversed) of that GGUF type; a Q8_0 file stores a factor whose last dimension is not a
+    multiple of 32 as F16 (llama.cpp's rule);
+  - int8 / int4, rank-major: ``<w>.lora_a`` holds A [r, in] and ``<w>.lora_b`` holds Bᵀ [r, out] as
+    GGUF I8 tensors — int8: one code in -127…127 per value, shape [r, n]; int4: two codes per byte
+    (low nibble first, each stored as code + 8 in 0…15), shape [r, n/2], n even. Each row is cut
+    into groups of G values (the last group may be shorter); ``<w>.lora_a.scale`` /
+    ``<w>.lora_b.scale`` [r, ⌈n/G⌉], F32 or F16, hold each group's scale: value = code × scale;
+
+  the rows of B for ``attn_q`` / ``attn_k`` of "norm"-rope architectures are permuted as the base's
+  rows are;
+- MAY hold, for an adapted ``<w>``, ``<w>.lora_bias`` = Δb [out] (F32 whatever the factor storage;
+  PEFT ``lora_bias``: the bias of lora_B times the module's scale), rows permuted as B's: the layer
+  then computes ``x Wᵀ + b + (x Aᵀ) Bᵀ + Δb``;
+- MUST set ``edgeadapt.integrity`` to a 71-byte string ``sha256:<hex>``: sha256 of the tag
+  ``edgeadapt-delta-v2\\0`` and every byte of the file, with the 71 bytes of this value read as
+  zero bytes. It covers header, metadata, tensor infos, padding and data; a reader MUST check it;
+- MUST set ``edgeadapt.signature`` to a 153-byte string: ``unsigned`` padded with spaces, or
+  ``ed25519:<key id>:<signature>`` (16 + 128 lowercase hex): an Ed25519 signature of the tag
+  ``edgeadapt-delta-sig-v1\\0`` followed by the sha256 of the file with the integrity and the
+  signature values both read as zero bytes, made by the key whose sha256 starts with the key id.
+  Signing fills this slot in place and then recomputes the integrity, so no byte moves;
+- MAY set ``edgeadapt.source`` (what it was converted from), ``edgeadapt.adapter.description``,
+  ``general.name``. Readers MUST ignore keys they do not know.
+
+Version 1 (edgeadapt 0.1) files are still read: F32 / F16 factors, no ``edgeadapt.quant`` or
+signature, and ``edgeadapt.integrity`` is the sha256 of the canonical encoding of every other
+key/value (sorted by key) and every tensor's name, type, shape and bytes in file order. They are
+signed by re-writing them as version 2.
+
+Readers validate the whole file before anything is used and never trust a size: every count,
+string, array, dimension and tensor extent is checked against the bytes present before anything is
+allocated (at most 65,536 tensors and 4,096 keys); tensor data MUST lie in the data section,
+aligned and without overlap; duplicate names, unknown types, wrong dtypes or shapes, unpaired
+factors and NaN/Inf values (after dequantization) are refused, naming every problem at once.
+This module imports only numpy, gguf and the standard library: it is used on devices.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from edgeadapt.formats.delta_container import (INTEGRITY_LEN, INTEGRITY_TAG, MAX_DEPTH, MAX_KEY, MAX_KV, MAX_TENSORS,  # noqa: F401
+                              SIGNATURE_LEN, SIGNATURE_TAG, UNSIGNED, _INTEGRITY_RE, _SIGNATURE_RE, _Container,
+                              _T, _Tensor, _array, _digest_v1, _hash_zeroed, _slots, parse_gguf, signature_message,
+                              with_signature)
+from edgeadapt.formats.delta_kinds import KIND_QUANTS, AdapterBase, KindAdapter, LiveTerms, group_tensors, kind_class
+from edgeadapt.formats.delta_quant import (BITS, _decode_int, _encode, _role_name, dequantize_rows, quantize_rows,  # noqa: F401
+                          _scale_dtype)
+from edgeadapt.errors import FormatError, IntegrityError, UnsupportedError, collect
+
+MAGIC = "edgeadapt.delta"
+VERSION = 2
+READS = (1, 2)
+
+# ---- keys (gguf's own constants where gguf has them)
+K_TYPE = gguf.Keys.General.TYPE
+K_ARCH = gguf.Keys.General.ARCHITECTURE
+K_ALIGNMENT = gguf.Keys.General.ALIGNMENT
+K_ADAPTER_TYPE = gguf.Keys.Adapter.TYPE
+K_ALPHA = gguf.Keys.Adapter.LORA_ALPHA
+K_FORMAT = "edgeadapt.format"
+K_VERSION = "edgeadapt.format_version"
+K_FINGERPRINT = "edgeadapt.base.fingerprint"
+K_NAME = "edgeadapt.adapter.name"
+K_ADAPTER_VERSION = "edgeadapt.adapter.version"
+K_KIND = "edgeadapt.adapter.kind"
+K_SOURCE = "edgeadapt.source"
+K_DESCRIPTION = "edgeadapt.adapter.description"
+K_QUANT = "edgeadapt.quant"
+K_GROUP = "edgeadapt.quant.group_size"
+K_INTEGRITY = "edgeadapt.integrity"
+K_SIGNATURE = "edgeadapt.signature"
+REQUIRED = {K_TYPE: "STRING", K_ARCH: "STRING", K_ADAPTER_TYPE: "STRING", K_FORMAT: "STRING", K_VERSION: "UINT32",
+            K_FINGERPRINT: "STRING", K_NAME: "STRING", K_ADAPTER_VERSION: "UINT32", K_KIND: "STRING",
+            K_INTEGRITY: "STRING"}
+REQUIRED_V2 = {K_QUANT: "STRING", K_SIGNATURE: "STRING"}
+
+# ---- storage types: quant -> (adapter.type, GGUF factor types allowed)
+QUANTS: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "F32": ("lora", (_T.F32,)),
+    "F16": ("lora", (_T.F16,)),
+    "Q8_0": ("lora", (_T.Q8_0, _T.F16)),  # F16 where the last dim is not a multiple of 32 (llama.cpp)
+    "int8": ("edgeadapt-int8-lora", (_T.I8,)),
+    "int4": ("edgeadapt-int4-lora", (_T.I8,)),
+}
+SCALE_TYPES = (_T.F32, _T.F16)
+ROLES = {".lora_a": ("a", False), ".lora_b": ("b", False), ".lora_a.scale": ("a", True), ".lora_b.scale": ("b", True)}
+FACTOR_SUFFIXES = (".lora_a", ".lora_b")
+BIAS_SUFFIX = ".lora_bias"
+
+@dataclass
+class LoraDelta(AdapterBase):
+    """A loaded LoRA delta: ``factors[w] = (A [r, in], B [out, r])`` in float32, scale folded into B;
+    ``biases[w] = Δb [out]`` for PEFT ``lora_bias`` adapters."""
+
+    name: str
+    version: int
+    arch: str
+    fingerprint: str
+    factors: dict[str, tuple[np.ndarray, np.ndarray]]
+    source: str = ""
+    description: str = ""
+    path: str | None = None
+    metadata: dict[str, object] = field(default_factory=dict)
+    quant: str = "F32"  # how the factors were stored (they are float32 here)
+    format_version: int = VERSION
+    integrity: str = ""
+    signature: str = ""  # "ed25519:<key id>:<hex>" or "" when unsigned
+    signed_digest: bytes | None = None  # what a signature signs (version 2 files only)
+    biases: dict[str, np.ndarray] = field(default_factory=dict)  # target -> Δb [out] (lora_bias)
+    kind = "lora"
+    mergeable = True
+    needs_base = False
+    live = True
+
+    # ---- the adapter protocol
+    @property
+    def targets(self) -> list[str]:
+        return list(self.factors)
+
+    @property
+    def heads(self) -> dict[str, int]:  # rows are stored permuted: nothing to permute
+        return {}
+
+    def delta(self, target: str, base: np.ndarray | None = None) -> np.ndarray:
+        """ΔW for one target, float32 [out, in]."""
+        a, b = self.factors[target]
+        return b @ a  # [out, r] @ [r, in]
+
+    def live_factors(self, target: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.factors[target]
+
+    def live_terms(self, target: str, base: np.ndarray | None = None) -> LiveTerms:
+        a, b = self.factors[target]
+        return LiveTerms(a=a, b=b, bias=self.biases.get(target))
+
+    def base_shape(self, target: str) -> tuple[int, int]:
+        a, b = self.factors[target]
+        return (b.shape[0], a.shape[1])
+
+    def _shape_problem(self, target: str, want: tuple[int, ...]) -> str:
+        a, b = self.factors[target]
+        return (f"{target}: expected lora_a [r, {want[1]}] and lora_b [{want[0]}, r], "
+                f"found {list(a.shape)} and {list(b.shape)}")
+
+    def _extra_problems(self, cfg) -> list[str]:
+        linear, shapes = cfg.linear_shapes(), cfg.tensor_shapes()
+        out = [f"{w}: not a linear weight of this base" for w in self.factors if w in shapes and w not in linear]
+        for w, d in self.biases.items():
+            if w not in self.factors:
+                out.append(f"{w}: a bias change without factors")
+            elif d.shape != (self.factors[w][1].shape[0],):
+                out.append(f"{w}: expected lora_bias [{self.factors[w][1].shape[0]}], found {list(d.shape)}")
+        return out
+
+    @property
+    def ranks(self) -> set[int]:
+        return {a.shape[0] for a, _ in self.factors.values()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.factors.values()) + sum(d.nbytes for d in self.biases.values())
+
+    @property
+    def n_params(self) -> int:
+        return sum(a.size + b.size for a, b in self.factors.values()) + sum(d.size for d in self.biases.values())
+
+
+# ---- writer
+def write_delta(path: str | os.PathLike, adapter: Any = None, *, arch: str | None = None,
+                fingerprint: str | None = None, name: str | None = None, version: int | None = None,
+                factors: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                biases: dict[str, np.ndarray] | None = None, source: str | None = None,
+                description: str | None = None, dtype: str = "F32", group_size: int = 32) -> None:
+    """Write a delta file of any kind: ``adapter`` (a :class:`LoraDelta` or a registered
+    :class:`~edgeadapt.formats.delta_kinds.KindAdapter`; keywords given override its fields), or a LoRA from
+    keywords: ``factors[w] = (A [r, in], B [out, r])`` with the scale already in B, ``biases[w] = Δb``.
+
+    ``dtype``: how tensors are stored — LoRA: F32, F16, Q8_0 (llama.cpp reads these three), int8 or
+    int4 (edgeadapt only; per-group scales, ``group_size`` values per group); other kinds: F32 or F16."""
+    def pick(given: Any, attr: str, default: Any = None) -> Any:
+        return given if given is not None else getattr(adapter, attr, default)
+
+    arch, fingerprint, name = pick(arch, "arch"), pick(fingerprint, "fingerprint"), pick(name, "name")
+    version, source, description = pick(version, "version", 1), pick(source, "source", ""), pick(description, "description", "")
+    missing = [k for k, x in (("arch", arch), ("fingerprint", fingerprint), ("name", name)) if x is None]
+    if missing:
+        raise FormatError(f"cannot write a delta without {', '.join(missing)}")
+    problems = []
+    if not 0 <= int(version) < 2 ** 32:
+        problems.append(f"version must fit in uint32, found {version}")
+    head: list[tuple[str, str, object]] = [(K_TYPE, "STRING", "adapter")]
+    if isinstance(adapter, KindAdapter):
+        kind_class(adapter.kind)  # registered
+        if dtype not in KIND_QUANTS:
+            raise UnsupportedError(f"{adapter.kind} delta dtype {dtype!r} is not supported; choose one of "
+                                   f"{', '.join(KIND_QUANTS)}")
+        arrays = adapter.to_tensors()
+        for n, x in arrays.items():
+            if not np.isfinite(x).all():
+                problems.append(f"{n}: holds NaN or Inf")
+        if not arrays:
+            problems.append("no tensors")
+        collect(problems, FormatError, f"cannot write {adapter.kind} delta {name!r}:")
+        dt = np.float32 if dtype == "F32" else np.float16
+        tensors = [(n, np.ascontiguousarray(x, dt), None) for n, x in arrays.items()]
+        head += [(K_ADAPTER_TYPE, "STRING", f"edgeadapt-{adapter.kind}")]
+        kind, extra = adapter.kind, adapter.to_metadata()
+    else:
+        factors = pick(factors, "factors")
+        biases = pick(biases, "biases") or {}
+        if factors is None:
+            raise FormatError(f"cannot write delta {name!r}: give an adapter or factors")
+        if dtype not in QUANTS:
+            raise UnsupportedError(f"delta dtype {dtype!r} is not supported; choose one of {', '.join(QUANTS)}")
+        if dtype in BITS and (group_size < 2 or group_size > 4096 or group_size % 2):
+            problems.append(f"group size must be even and in 2…4096, found {group_size}")
+        for w, (a, b) in factors.items():
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+                problems.append(f"{w}: lora_a {list(a.shape)} and lora_b {list(b.shape)} do not share a rank")
+            elif not (np.isfinite(a).all() and np.isfinite(b).all()):
+                problems.append(f"{w}: factors hold NaN or Inf")
+            elif dtype == "int4" and (a.shape[1] % 2 or b.shape[0] % 2):
+                problems.append(f"{w}: int4 packs two values per byte and needs even in/out sizes, found "
+                                f"[{b.shape[0]}, {a.shape[1]}]; use int8")
+        for w, d in biases.items():
+            if w not in factors or d.shape != (factors[w][1].shape[0],) or not np.isfinite(d).all():
+                problems.append(f"{w}: a bias change must be finite [out] beside this target's factors, found "
+                                f"{list(d.shape)}{'' if w in factors else ' without factors'}")
+        if not factors:
+            problems.append("no factors")
+        collect(problems, FormatError, f"cannot write delta {name!r}:")
+        tensors = [t for w in factors for t in _encode(w, *factors[w], dtype, group_size)]
+        tensors += [(w + BIAS_SUFFIX, np.ascontiguousarray(d, np.float32), None) for w, d in biases.items()]
+        head += [(K_ADAPTER_TYPE, "STRING", _lora_type(dtype, bool(biases))), (K_ALPHA, "FLOAT32", 0.0)]
+        kind, extra = "lora", ([(K_GROUP, "UINT32", int(group_size))] if dtype in BITS else [])
+    kv = head + [(K_FORMAT, "STRING", MAGIC), (K_VERSION, "UINT32", VERSION), (K_FINGERPRINT, "STRING", fingerprint),
+                 (K_NAME, "STRING", name), (K_ADAPTER_VERSION, "UINT32", int(version)), (K_KIND, "STRING", kind),
+                 (K_QUANT, "STRING", dtype)] + extra
+    kv += [(K_SOURCE, "STRING", source), (K_DESCRIPTION, "STRING", description), ("general.name", "STRING", name),
+           (K_SIGNATURE, "STRING", UNSIGNED), (K_INTEGRITY, "STRING", "sha256:" + "0" * 64)]
+    _write_file(Path(path), arch, kv, tensors)
+
+
+def _lora_type(quant: str, bias: bool) -> str:
+    t = QUANTS[quant][0]
+    return "edgeadapt-lora-bias" if bias and t == "lora" else t
+
+
+def _write_file(path: Path, arch: str, kv: list[tuple[str, str, object]], tensors: list[tuple[str, np.ndarray, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch)  # writes general.architecture itself
+    for key, vtype, value in kv:
+        if vtype.startswith("ARRAY_"):
+            writer.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType[vtype[6:]])
+        else:
+            writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
+    for n, t, raw in tensors:
+        writer.add_tensor(n, t, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = with_signature(tmp.read_bytes(), UNSIGNED, str(tmp))  # fills in the integrity
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---- reader
+def read_delta(path: str | os.PathLike) -> LoraDelta | KindAdapter:
+    """Read and fully validate a delta file of any registered kind. Raises a :class:`FormatError`
+    subclass on any defect."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path}: no such delta file")
+    return delta_from_bytes(path.read_bytes(), path)
+
+
+def delta_from_bytes(data: bytes, path: str | os.PathLike | None = None) -> LoraDelta | KindAdapter:
+    """:func:`read_delta` of a file's bytes already in memory (``path``, if any, names it in messages)."""
+    where = Path(path) if path is not None else Path("<bytes>")
+    buf = memoryview(data)
+    c = parse_gguf(buf, str(where))
+    f = c.fields
+    problems = [f"missing key {k!r}" if k not in f else f"key {k!r}: expected {t}, found {f[k].vtype}"
+                for k, t in REQUIRED.items() if k not in f or f[k].vtype != t]
+    if K_ALPHA in f and f[K_ALPHA].vtype != "FLOAT32":
+        problems.append(f"key {K_ALPHA!r}: expected FLOAT32, found {f[K_ALPHA].vtype}")
+    collect(problems, FormatError, f"{where}: not an edgeadapt delta file:")
+    v = {k: x.value for k, x in f.items()}
+    if v[K_FORMAT] != MAGIC or v[K_TYPE] != "adapter":
+        raise FormatError(f"{where}: expected {K_FORMAT}={MAGIC!r} and general.type='adapter'; "
+                          f"found {v[K_FORMAT]!r}, {v[K_TYPE]!r}")
+    if v[K_VERSION] not in READS:
+        raise UnsupportedError(f"{where}: delta format version {v[K_VERSION]}; this edgeadapt reads versions "
+                               f"{list(READS)} — upgrade edgeadapt")
+    common = dict(name=v[K_NAME], version=int(v[K_ADAPTER_VERSION]), arch=v[K_ARCH], fingerprint=v[K_FINGERPRINT],
+                  source=str(v.get(K_SOURCE, "")), description=str(v.get(K_DESCRIPTION, "")),
+                  path=None if path is None else str(path), metadata=v, format_version=int(v[K_VERSION]),
+                  integrity=v[K_INTEGRITY])
+    if v[K_KIND] != "lora":
+        cls = kind_class(v[K_KIND], str(where))
+        if v[K_VERSION] == 1:
+            raise FormatError(f"{where}: a {v[K_KIND]} delta must be format version 2, found 1")
+        quant, _, signature, signed = _check_v2(where, buf, c, v[K_KIND])
+        return _kind_from(where, buf, c, cls, quant, v, dict(common, quant=quant, signature=signature,
+                                                               signed_digest=signed))
+    if float(v.get(K_ALPHA, 0.0)) != 0.0:
+        raise FormatError(f"{where}: expected {K_ALPHA} = 0 (scales folded into lora_b), found {v[K_ALPHA]}")
+    if v[K_VERSION] == 1:
+        quant, group, signature, signed = _check_v1(where, buf, c), 0, "", None
+        allowed: tuple[Any, ...] = (_T.F32, _T.F16)
+    else:
+        quant, group, signature, signed = _check_v2(where, buf, c, "lora")
+        allowed = QUANTS[quant][1]
+    factors, biases = _factors(where, buf, c, allowed, quant, group)
+    return LoraDelta(factors=factors, biases=biases, quant=quant, signature=signature, signed_digest=signed, **common)
+
+
+def _kind_from(where: Path, buf: memoryview, c: _Container, cls: type[KindAdapter], quant: str, v: dict[str, Any],
+               fields: dict[str, Any]) -> KindAdapter:
+    want = _T.F32 if quant == "F32" else _T.F16
+    names, problems = group_tensors([t.name for t in c.tensors], cls)
+    by_name = {t.name: t for t in c.tensors}
+    tensors: dict[str, dict[str, np.ndarray]] = {}
+    for target, params in names.items():
+        for param, n in params.items():
+            t = by_name[n]
+            if t.ttype != want:
+                problems.append(f"{n}: expected type {want.name} ({K_QUANT} = {quant}), found {t.ttype.name}")
+                continue
+            if len(t.shape) not in cls.PARAMS[param]:
+                problems.append(f"{n}: expected {' or '.join(map(str, cls.PARAMS[param]))} dimensions, found shape "
+                                f"{list(t.shape)}")
+                continue
+            x = _array(buf, t).astype(np.float32)
+            if not np.isfinite(x).all():
+                problems.append(f"{n}: holds NaN or Inf")
+                continue
+            tensors.setdefault(target, {})[param] = x
+    if not c.tensors:
+        problems.append(f"no {cls.kind} tensors")
+    collect(problems, FormatError, f"{where}: bad tensors:")
+    return cls.from_tensors(v, tensors, **fields)
+
+
+def _integrity_error(path: Path, said: str, got: str) -> IntegrityError:
+    return IntegrityError(f"{path}: integrity check failed: the file says {said}, its contents hash to {got}; "
+                          "the file was changed or damaged after it was written — download it again")
+
+
+def _check_v2(path: Path, buf: memoryview, c: _Container, kind: str) -> tuple[str, int, str, bytes]:
+    f = c.fields
+    problems = [f"missing key {k!r}" if k not in f else f"key {k!r}: expected {t}, found {f[k].vtype}"
+                for k, t in REQUIRED_V2.items() if k not in f or f[k].vtype != t]
+    collect(problems, FormatError, f"{path}: not an edgeadapt delta file:")
+    integ, sig = _slots(c, str(path))
+    said = f[K_INTEGRITY].value
+    got = "sha256:" + _hash_zeroed(buf, [integ], INTEGRITY_TAG).hex()
+    if not _INTEGRITY_RE.fullmatch(said) or said != got:
+        raise _integrity_error(path, said, got)
+    quant, slot = f[K_QUANT].value, f[K_SIGNATURE].value
+    reads = QUANTS if kind == "lora" else KIND_QUANTS
+    if quant not in reads:
+        raise UnsupportedError(f"{path}: {kind} storage {quant!r} is not one this edgeadapt reads ({', '.join(reads)})")
+    if kind == "lora":
+        bias = any(t.name.endswith(BIAS_SUFFIX) for t in c.tensors)
+        want = _lora_type(quant, bias)
+        what = f"{quant} factors" + (" with bias changes" if bias else "")
+    else:
+        want, what = f"edgeadapt-{kind}", f"kind {kind!r}"
+    if f[K_ADAPTER_TYPE].value != want:
+        raise FormatError(f"{path}: expected adapter.type {want!r} for {what}, found {f[K_ADAPTER_TYPE].value!r}")
+    group = 0
+    if kind == "lora" and quant in BITS:
+        g = f.get(K_GROUP)
+        if g is None or g.vtype != "UINT32" or not 2 <= g.value <= 4096 or g.value % 2:
+            raise FormatError(f"{path}: {quant} factors need {K_GROUP} (uint32, even, 2…4096), "
+                              f"found {'nothing' if g is None else repr(g.value)}")
+        group = g.value
+    if slot != UNSIGNED and not _SIGNATURE_RE.fullmatch(slot):
+        raise FormatError(f"{path}: {K_SIGNATURE} must be 'unsigned' or 'ed25519:<16 hex>:<128 hex>', found {slot[:40]!r}…")
+    return quant, group, "" if slot == UNSIGNED else slot, _hash_zeroed(buf, [integ, sig], b"")
+
+
+def _check_v1(path: Path, buf: memoryview, c: _Container) -> str:
+    if c.fields[K_ADAPTER_TYPE].value != "lora":
+        raise FormatError(f"{path}: expected adapter.type 'lora', found {c.fields[K_ADAPTER_TYPE].value!r}")
+    records = [(t.name, t.ttype.name, t.shape, buf[t.start:t.start + t.nbytes]) for t in c.tensors]
+    kv = [(k, x.vtype, x.value) for k, x in c.fields.items()]
+    try:
+        got = _digest_v1(kv, records)
+    except ValueError as e:  # json refuses NaN-free encodings of odd values; the file is not one we wrote
+        raise FormatError(f"{path}: metadata cannot be encoded for the version-1 digest: {e}") from None
+    if got != c.fields[K_INTEGRITY].value:
+        raise _integrity_error(path, c.fields[K_INTEGRITY].value, got)
+    types = {t.ttype for t in c.tensors}
+    return "F16" if types == {_T.F16} else "F32"
+
+
+def _factors(path: Path, buf: memoryview, c: _Container, allowed: tuple[Any, ...], quant: str, group: int
+             ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
+    parts: dict[str, dict[tuple[str, bool], _Tensor]] = {}
+    problems = []
+    suffixes = sorted(ROLES, key=len, reverse=True)
+    bias_t: dict[str, _Tensor] = {}
+    for t in c.tensors:
+        if t.name.endswith(BIAS_SUFFIX):
+            if t.ttype != _T.F32 or len(t.shape) != 1:
+                problems.append(f"{t.name}: expected a 1-D F32 tensor, found {t.ttype.name} {list(t.shape)}")
+            else:
+                bias_t[t.name[: -len(BIAS_SUFFIX)]] = t
+            continue
+        suffix = next((s for s in suffixes if t.name.endswith(s)), "")
+        role = ROLES.get(suffix)
+        if role is None or (role[1] and quant not in BITS):
+            problems.append(f"{t.name}: expected a name ending in .lora_a or .lora_b"
+                            + (" (or .scale)" if quant in BITS else ""))
+            continue
+        want = SCALE_TYPES if role[1] else allowed
+        if t.ttype not in want:
+            problems.append(f"{t.name}: expected type {' or '.join(x.name for x in want)} for {quant} factors, "
+                            f"found {t.ttype.name}")
+            continue
+        if len(t.shape) != 2:
+            problems.append(f"{t.name}: expected a 2-D tensor, found shape {list(t.shape)}")
+            continue
+        parts.setdefault(t.name[: -len(suffix)], {})[role] = t
+    collect(problems, FormatError, f"{path}: bad tensors:")
+    need = {("a", False), ("b", False)} | ({("a", True), ("b", True)} if quant in BITS else set())
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for w in sorted(parts):
+        p = parts[w]
+        if set(p) != need:
+            problems.append(f"{w}: expected {', '.join(sorted(map(_role_name, need)))}; "
+                            f"found {', '.join(sorted(map(_role_name, p)))}")
+            continue
+        try:
+            if quant in BITS:
+                a, b = _decode_int(buf, p, BITS[quant], group)
+            else:
+                a, b = (_array(buf, p[r, False]).astype(np.float32) for r in ("a", "b"))
+        except FormatError as e:
+            problems.append(f"{w}: {e}")
+            continue
+        if a.shape[0] != b.shape[1]:
+            problems.append(f"{w}: lora_a {list(a.shape)} and lora_b {list(b.shape)} do not share a rank")
+            continue
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            problems.append(f"{w}: factors hold NaN or Inf")
+            continue
+        factors[w] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
+    if not parts:
+        problems.append("no lora_a / lora_b tensors")
+    biases: dict[str, np.ndarray] = {}
+    for w, t in sorted(bias_t.items()):
+        d = _array(buf, t).astype(np.float32)
+        if w not in parts:
+            problems.append(f"{w}{BIAS_SUFFIX}: a bias change without lora_a / lora_b")
+        elif w in factors and d.shape != (factors[w][1].shape[0],):
+            problems.append(f"{w}{BIAS_SUFFIX}: expected [{factors[w][1].shape[0]}] (the rows of lora_b), "
+                            f"found {list(d.shape)}")
+        elif not np.isfinite(d).all():
+            problems.append(f"{w}{BIAS_SUFFIX}: holds NaN or Inf")
+        else:
+            biases[w] = np.ascontiguousarray(d)
+    collect(problems, FormatError, f"{path}: bad tensors:")
+    return factors, biases
+
+

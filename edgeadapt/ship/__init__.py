@@ -1,0 +1,1 @@
+"""Shipping delta files to devices: signatures and trust, the device store."""
