@@ -21,6 +21,12 @@ class Sampler:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        from edgeadapt.runtime import args
+
+        self.temperature, self.top_p = args.number(self.temperature, "temperature"), args.number(self.top_p, "top_p")
+        self.top_k = args.count(self.top_k, "top_k")
+        if self.seed is not None:
+            args.count(self.seed, "seed")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise SamplingError(f"expected temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0; found "
                                 f"{self.temperature}, {self.top_p}, {self.top_k}")

@@ -22,11 +22,11 @@ DEFAULT_SYSTEMS = ("edgeadapt-ort-int4,edgeadapt-ort-fp32,edgeadapt-numpy,llama-
               help="The base as a Hugging Face folder, for the peft system.")
 @click.option("--peft", "pefts", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="PEFT folders of the adapters, in --adapter order, for the peft system.")
-@click.option("--rounds", default=3, show_default=True)
-@click.option("--threads", default=2, show_default=True)
-@click.option("--new-tokens", default=64, show_default=True)
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1), help="Alternated rounds per system.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1), help="Threads every system may use.")
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(1), help="Tokens decoded per round.")
 @click.option("--prompt", default="Where is my invoice? I paid last week but my account still shows it as due.",
-              show_default=True)
+              show_default=True, help="The prompt every system answers.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the Markdown report here.")
 def bench_cmd(base: Path, adapters: tuple[Path, ...], systems: str, gguf: Path | None, hf: Path | None,
               pefts: tuple[Path, ...], rounds: int, threads: int, new_tokens: int, prompt: str, out: Path | None) -> None:

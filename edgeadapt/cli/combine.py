@@ -33,7 +33,8 @@ def _weights(text: str | None) -> list[float] | None:
 @click.option("--base", "base", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Base folder: checks every input against it; needed for DoRA / IA3 inputs and PEFT folders.")
 @click.option("--name", default=None, help="Adapter name (default: the output file's stem).")
-@click.option("--version", "version", default=1, show_default=True, type=click.IntRange(0, 2**32 - 1))
+@click.option("--version", "version", default=1, show_default=True, type=click.IntRange(0, 2**32 - 1),
+              help="Adapter version of the combined file.")
 @click.option("--quant", default="F32", show_default=True, type=click.Choice(["F32", "F16", "Q8_0", "int8", "int4"]),
               help="Factor storage, as export-adapter (llama.cpp reads F32/F16/Q8_0).")
 @click.option("--all-modules", is_flag=True, help="Print every target's rank and error (default: the worst 10).")
@@ -41,8 +42,10 @@ def combine_cmd(inputs: tuple[Path, ...], out: Path, weights: str | None, method
                 density: float | None, majority_sign: str, seed: int, base: Path | None, name: str | None,
                 version: int, quant: str, all_modules: bool) -> None:
     """Combine INPUTS (delta files; PEFT folders with --base) into one delta file pinned to the same base."""
-    from edgeadapt.cli.common import _Progress
+    from edgeadapt.cli.common import _Progress, output_file
     from edgeadapt.converters.combine import combine_files
+
+    output_file(out, suffixes=(".gguf",), what="-o")
 
     res = combine_files(list(inputs), _weights(weights), out, method=method, base=base, rank=rank, density=density,
                         majority_sign=majority_sign, seed=seed, name=name, version=version, dtype=quant,

