@@ -25,7 +25,7 @@ def smollm2_gguf() -> Path:
 
 
 def adapter_folder(name: str) -> Path:
-    for root in (Path.cwd() / "examples" / "adapters", Path(__file__).resolve().parents[1] / "examples" / "adapters"):
+    for root in (Path.cwd() / "examples" / "adapters", Path(__file__).resolve().parents[2] / "examples" / "adapters"):
         if (root / name / "adapter_config.json").is_file():
             return root / name
     raise FormatError(f"demo adapter {name!r} not found under examples/adapters/; run the demo from the "
