@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeadapt.benchmark.harness import SYSTEMS, Spec, agreement, run, table
+from edgeadapt.benchmark.harness import SYSTEMS, Spec, agreement, reference, run, table
 
 HERE = Path(__file__).resolve().parent
 KEYS = "abcdefghij"  # ten adapters: "a" and "b" are the ones measured, all ten for the memory figure
@@ -244,7 +244,7 @@ def report(res: dict, prep: dict, args, mach: dict, load: tuple) -> str:
              f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['mem_mb'] // 1024} GiB; load average before / "
              f"after: {load[0]:.2f} / {load[1]:.2f}. Versions: " + ", ".join(f"{k} {v}" for k, v in mach.items()
                                                                               if k not in ("cpu", "cores", "mem_mb")),
-             "", table(res, REF), "", "What each system runs:", ""]
+             "", table(res, reference(res, [REF, "edgeadapt-ort-fp32", "edgeadapt-numpy"])), "", "What each system runs:", ""]
     lines += [f"- **{d['name']}**: {d['how']}" + (f" — {d['error']}" if "error" in d else "")
               for d in res["systems"].values()]
     if res.get("logit_error"):

@@ -245,7 +245,8 @@ def run(spec: Spec, systems: list[str], rounds: int = 3, log=lambda s: None) -> 
             put(s, _fresh(s, spec_path, 10, env))
     med = {}
     for s in systems:
-        med[s] = {"name": info[s].get("name", s), "how": info[s].get("how", "")}
+        made = SYSTEMS[s](spec) if s in SYSTEMS else None  # names only: a system imports its library when it loads
+        med[s] = {"name": info[s].get("name", made.name if made else s), "how": info[s].get("how", made.how if made else "")}
         if "error" in info[s]:
             med[s]["error"] = info[s]["error"]
         for k, vals in raw[s].items():
@@ -279,27 +280,47 @@ def _fmt(v: Any) -> str:
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
-def table(res: dict[str, Any], ref: str) -> str:
-    """Markdown: one row per figure, one column per system, "value (×ref)" where ×ref = value / edgeadapt's."""
+def reference(res: dict[str, Any], preferred: list[str]) -> str | None:
+    """The column the others are divided by: the first of ``preferred`` that ran (then any system that ran);
+    None when none did."""
+    ran = [s for s, d in res["systems"].items() if "error" not in d
+           and any(isinstance(d.get(k), (int, float)) for k, _, _ in FIGURES)]
+    return next((s for s in preferred if s in ran), ran[0] if ran else None)
+
+
+def table(res: dict[str, Any], ref: str | None) -> str:
+    """Markdown: one row per figure, one column per system, "value (×ref)" where ×ref = value / ref's. A reason a
+    system could not give figures ("n/a: …", "failed: …") is written once, under the table, and its cells point
+    to it: a system that failed to load shows one line, not one per figure."""
     systems = list(res["systems"])
     head = "| figure | " + " | ".join(res["systems"][s]["name"] for s in systems) + " |"
     lines = [head, "|---|" + "---|" * len(systems)]
+    notes: dict[tuple[str, str], int] = {}  # (system, reason) -> footnote number
+
+    def note(s: str, text: str) -> str:
+        k = notes.setdefault((s, text), len(notes) + 1)
+        return f"{text.split(':', 1)[0]} [{k}]"
+
     for key, label, _ in FIGURES:
-        r = res["systems"][ref].get(key)
+        r = res["systems"][ref].get(key) if ref else None
         cells = []
         for s in systems:
             d = res["systems"][s]
-            v = d.get(key, d.get("error"))
-            cell = _fmt(v)
+            v = d["error"] if "error" in d else d.get(key)
+            cell = note(s, v) if isinstance(v, str) else _fmt(v)
             if isinstance(v, (int, float)) and isinstance(r, (int, float)) and r and s != ref:
                 cell += f" ({v / r:.2f}×)"
             cells.append(cell.replace("|", "/"))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if notes:
+        lines.append("")
+        lines += [f"[{k}] {res['systems'][s]['name']}: {text.replace(chr(10), ' ')}" for (s, text), k in notes.items()]
     return "\n".join(lines)
 
 
 def agreement(res: dict[str, Any], pairs: list[tuple[str, str]]) -> str:
-    """Greedy-token agreement between pairs of systems: identical sequences and first divergence."""
+    """Greedy-token agreement between pairs of systems: identical sequences and first divergence (pairs where
+    either system has no tokens are left out, and said so when none is left)."""
     lines = ["| systems | adapter | identical prompts | tokens before the first difference, per prompt |",
              "|---|---|---|---|"]
     for x, y in pairs:
@@ -316,6 +337,8 @@ def agreement(res: dict[str, Any], pairs: list[tuple[str, str]]) -> str:
                 first.append(k)
             lines.append(f"| {res['systems'][x]['name']} vs {res['systems'][y]['name']} | "
                          f"{'none' if label == 'base' else 'a'} | {sum(same)}/{len(same)} | {first} |")
+    if len(lines) == 2:
+        return "Greedy-token agreement: no pair of systems produced tokens to compare."
     return "\n".join(lines)
 
 

@@ -174,7 +174,7 @@ class OrtMultiLora(System):
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.spec.threads
         so.log_severity_level = 3
-        self.sess = ort.InferenceSession(str(man.path("onnx_lora")), so, providers=["CPUExecutionProvider"])
+        self.sess = ort.InferenceSession(str(_lora_graph(man)), so, providers=["CPUExecutionProvider"])
         self.names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.cfg.n_layers) for kv in ("key", "value")]
         self.ads: dict[str, Any] = {}
         self.ro = ort.RunOptions()
@@ -223,8 +223,8 @@ class Genai(System):
 
         man = read_manifest(self.spec.base)
         self.dir = Path(tempfile.mkdtemp(prefix="genai_"))
-        for f in (man.path("onnx_lora"), man.path("onnx_lora").parent / "model.onnx.data"):
-            os.symlink(f, self.dir / f.name)
+        for f in (_lora_graph(man), _lora_graph(man).parent / "model.onnx.data"):
+            os.symlink(f.resolve(), self.dir / f.name)  # absolute: a relative target would resolve from self.dir
         cfg = genai_config(man.arch, man.path("onnx_lora").name, threads=self.spec.threads, max_length=self.spec.ctx)
         (self.dir / "genai_config.json").write_text(json.dumps(cfg))
         self.og = og
@@ -256,6 +256,13 @@ class Genai(System):
             g.generate_next_token()
             out.append(int(g.get_next_tokens()[0]))
         return out
+
+
+def _lora_graph(man: Any) -> Path:
+    path = man.path("onnx_lora")
+    if path is None or not path.is_file():
+        raise Unsupported(f"{man.root} has no model_lora.onnx (written by export-base with the fp32 ONNX graphs)")
+    return path
 
 
 class Peft(System):
