@@ -122,6 +122,7 @@ class Model:
     """
 
     auto_merge_tokens: int | None = 1024
+    batching = True  # concurrent one-prompt requests share one decode batch per step (runtime.scheduler)
     trust: Any = None  # edgeadapt.ship.signing.TrustStore
     require_signature = False
     store: str | os.PathLike | None = None
@@ -486,14 +487,23 @@ class Model:
             return [self.tokenizer.decode(o) for o in outs]
         ids = self.encode_prompt(prompt, chat, system) if isinstance(prompt, str) else list(prompt)
         plan = self._plan(adapters, 1)
-        pieces = self._stream(ids, max_new_tokens, sampler, plan)
+        own = None if adapters is None else self._normalise(adapters[0])
+        pieces = self._stream(ids, max_new_tokens, sampler, plan, own)
         return pieces if stream else "".join(pieces)
+
+    def agenerate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, **kw: Any) -> Any:
+        """:meth:`generate` for asyncio: ``await m.agenerate(p)`` is the text; ``stream=True`` gives an async
+        iterator of pieces. Concurrent calls join one decode batch (runtime.scheduler); cancelling the task
+        frees its row."""
+        from edgeadapt.runtime.scheduler import agenerate
+        return agenerate(self, prompt, max_new_tokens, **kw)
 
     def generate_ids(self, ids: Sequence[int], max_new_tokens: int = 64, sampler: Sampler | None = None, *,
                      adapter: UseSpec = None) -> list[int]:
         """Token ids in, generated token ids out (stops at EOS, which is not included)."""
         plan = self._plan([adapter], 1) if adapter is not None else self._plan(None, 1)
-        return self.generate_batch([list(ids)], max_new_tokens, sampler, plan=plan)[0]
+        own = None if adapter is None else self._normalise(adapter)
+        return [t for step in self._steps([ids], max_new_tokens, sampler or Sampler(), plan, own) for _, t in step]
 
     def generate_batch(self, rows: Sequence[Sequence[int]], max_new_tokens: int = 64, sampler: Sampler | None = None,
                        *, adapters: Sequence[UseSpec] | None = None, plan: Live | None = None) -> list[list[int]]:
@@ -508,19 +518,25 @@ class Model:
                 outs[i].append(t)
         return outs
 
-    def _stream(self, ids: list[int], max_new_tokens: int, sampler: Sampler, plan: Live | None) -> Iterator[str]:
+    def _stream(self, ids: list[int], max_new_tokens: int, sampler: Sampler, plan: Live | None,
+                own: Mapping[str, float] | None = None) -> Iterator[str]:
         dec = StreamDecoder(self.tokenizer)
-        for step in self._steps([ids], max_new_tokens, sampler, plan):
+        for step in self._steps([ids], max_new_tokens, sampler, plan, own):
             for _, t in step:
                 piece = dec.push(t)
                 if piece:
                     yield piece
 
-    def _steps(self, rows: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler, plan: Live | None
-               ) -> Iterator[list[tuple[int, int]]]:
-        """Decode loop: yields [(row, token)] for the rows still running, step by step."""
+    def _steps(self, rows: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler, plan: Live | None,
+               own: Mapping[str, float] | None = None) -> Iterator[list[tuple[int, int]]]:
+        """Decode loop: yields [(row, token)] for the rows still running, step by step. One prompt with
+        ``batching`` on runs in the model's scheduler (``own``: its set when ``plan`` is its own)."""
         if not rows or any(len(r) == 0 for r in rows):
             raise FormatError("cannot generate from an empty prompt")
+        if len(rows) == 1 and self.batching and (plan is None or own is not None):
+            from edgeadapt.runtime.scheduler import scheduler_of
+            yield from scheduler_of(self).run(rows[0], max_new_tokens, sampler, plan, own)
+            return
         shared = plan is None  # the active set, not rows of its own
         if shared:
             self._maybe_auto_merge()

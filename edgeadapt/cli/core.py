@@ -246,7 +246,7 @@ def demo_cmd(out: Path, engine: str, prompt: str) -> None:
 # ---- commands that live in their own modules (each module: ``COMMANDS = [click.Command, ...]``;
 # they import only click at module level, the real work lazily inside each command)
 _COMMAND_MODULES: list[str] = ["edgeadapt.cli.ship", "edgeadapt.cli.bench", "edgeadapt.cli.combine",
-                                "edgeadapt.cli.update"]
+                                "edgeadapt.cli.update", "edgeadapt.cli.serve"]
 
 
 def _register() -> None:

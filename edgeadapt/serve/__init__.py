@@ -1,0 +1,1 @@
+"""``edgeadapt serve``: an OpenAI-compatible server for one base and its adapters (needs the ``serve`` extra)."""

@@ -1,0 +1,172 @@
+"""The OpenAI API surface edgeadapt serves: request validation and response shapes, no I/O.
+
+Requests (``POST /v1/completions``, ``POST /v1/chat/completions``) MUST be JSON objects. Fields read:
+``model`` (the base's id or a loaded adapter's name), ``prompt`` (completions: one string) or ``messages``
+(chat: ``[{"role", "content"}]``), ``max_tokens`` (or ``max_completion_tokens``; default 16), ``temperature``
+(0–2, default 1), ``top_p`` (0 < p ≤ 1), ``seed``, ``stream``, ``stream_options.include_usage``, ``stop`` (a
+string or up to 4), ``n`` (1 only). Extension: ``adapters``, ``{name: weight}``, a weighted stack of loaded
+adapters (the ``model`` then names the base, or one of those adapters). Unknown fields are ignored, as OpenAI's
+own clients send some. Every refusal is an :class:`APIError` with OpenAI's error body.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class APIError(Exception):
+    """An answer with status ``status`` and body ``{"error": {"message", "type", "param", "code"}}``."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+@dataclass
+class GenRequest:
+    model: str
+    prompt: str | None = None  # completions
+    messages: list[dict[str, str]] | None = None  # chat
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+    stop: list[str] = field(default_factory=list)
+    adapters: dict[str, float] | None = None  # the extension field
+
+
+def _num(body: dict, key: str, lo: float, hi: float, default: float, *, integer: bool = False,
+         lo_open: bool = False) -> Any:
+    v = body.get(key)
+    if v is None:
+        return default
+    kind = int if integer else (int, float)
+    if isinstance(v, bool) or not isinstance(v, kind) or (not integer and not math.isfinite(v)) \
+            or v < lo or v > hi or (lo_open and v == lo):
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise APIError(400, f"'{key}': expected {'an integer' if integer else 'a number'} in {rng}, found {v!r}", key)
+    return v
+
+
+def parse(body: Any, chat: bool) -> GenRequest:
+    """Validate a request body; every problem is a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise APIError(400, f"expected a JSON object, found {type(body).__name__}")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, f"'model': expected the id of the base or of a loaded adapter, found {model!r}", "model")
+    req = GenRequest(model=model)
+    if chat:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            raise APIError(400, "'messages': expected a non-empty list of {\"role\": str, \"content\": str}", "messages")
+        req.messages = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise APIError(400, f"'prompt': expected one non-empty string, found {type(prompt).__name__}", "prompt")
+        req.prompt = prompt
+    key = "max_completion_tokens" if body.get("max_tokens") is None and "max_completion_tokens" in body else "max_tokens"
+    req.max_tokens = _num(body, key, 1, 1 << 20, 16, integer=True)
+    req.temperature = float(_num(body, "temperature", 0, 2, 1.0))
+    req.top_p = float(_num(body, "top_p", 0, 1, 1.0, lo_open=True))
+    req.seed = _num(body, "seed", -(1 << 63), (1 << 63) - 1, None, integer=True)
+    if req.seed is not None and req.seed < 0:
+        req.seed &= (1 << 64) - 1
+    if _num(body, "n", 1, 1, 1, integer=True) != 1:
+        raise APIError(400, "'n': only 1 choice per request is served", "n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise APIError(400, f"'stream': expected true or false, found {stream!r}", "stream")
+    req.stream = bool(stream)
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise APIError(400, "'stream_options': expected an object", "stream_options")
+    req.include_usage = bool(opts.get("include_usage", False))
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, f"'stop': expected a string or a list of up to 4 non-empty strings, found {body.get('stop')!r}",
+                       "stop")
+    req.stop = stop
+    ads = body.get("adapters")
+    if ads is not None:
+        if not isinstance(ads, dict) or not all(isinstance(k, str) and not isinstance(v, bool)
+                                                and isinstance(v, (int, float)) and math.isfinite(v)
+                                                for k, v in ads.items()):
+            raise APIError(400, "'adapters': expected {adapter name: weight} with finite numbers", "adapters")
+        req.adapters = {k: float(v) for k, v in ads.items()}
+    return req
+
+
+# ---- responses
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(rid: str, model: str, chat: bool, text: str, finish: str, use: dict) -> dict:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": use}
+
+
+def chunk(rid: str, model: str, chat: bool, text: str | None, finish: str | None, first: bool = False) -> dict:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    if chat:
+        choice["delta"] = ({"role": "assistant"} if first else {}) | ({} if text is None else {"content": text})
+    else:
+        choice["text"] = text or ""
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice]}
+
+
+class StopScan:
+    """Text as it is generated, held back while it may be the start of a stop string; ``push`` returns what may be
+    sent and whether a stop string was reached (the text before it is then everything)."""
+
+    def __init__(self, stop: list[str]):
+        self.stop, self.held, self.hit = stop, "", False
+        self.keep = max((len(s) for s in stop), default=1) - 1
+
+    def push(self, piece: str) -> str:
+        if not self.stop:
+            return piece
+        self.held += piece
+        cut = min((i for i in (self.held.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.hit = True
+            out, self.held = self.held[:cut], ""
+            return out
+        n = max(0, len(self.held) - self.keep)
+        out, self.held = self.held[:n], self.held[n:]
+        return out
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out

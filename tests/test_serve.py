@@ -1,0 +1,372 @@
+"""``edgeadapt serve`` against the official ``openai`` client, on a real server process on 127.0.0.1.
+
+A tiny llama with a byte-level tokenizer and a chat template is exported here, with two PEFT LoRAs; the
+server runs it on numpy. Reference: ``Model.generate(prompt, max_new_tokens=n, temperature=0.0, chat=False)``
+in this process with that adapter active (the interface the issue pins), and with ``chat=True`` for chat.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+pytest.importorskip("starlette")
+
+import edgeadapt  # noqa: E402
+
+from arch_common import byte_tokenizer  # noqa: E402
+from conftest import add_lora, make_model  # noqa: E402
+
+KEY, ADMIN = "sk-test", "admin-test"
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+PROMPTS = ["Where is my invoice?", "App crashes", "hello there, how do I reset", "ab ab ab", "Refund!"]
+SOAK = int(os.environ.get("EDGEADAPT_SOAK", "40"))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from edgeadapt.converters.export_base import export_base
+    from edgeadapt.converters.peft.lora import convert_peft
+
+    root = tmp_path_factory.mktemp("serve")
+    model = make_model("llama", seed=4)
+    model.save_pretrained(root / "hf")
+    byte_tokenizer(root / "hf", bos=1, eos=2, pad=0)
+    cfg = json.loads((root / "hf" / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = TEMPLATE
+    (root / "hf" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    man = export_base(root / "hf", root / "tinybase", gguf_type="F32")
+    for name, seed, kw in (("a", 1, {}), ("b", 2, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))):
+        add_lora(model, seed, **kw).save_pretrained(root / f"peft_{name}")
+        convert_peft(root / f"peft_{name}", man, root / f"{name}.gguf", name=name)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(root: Path, *extra: str):
+    port = _free_port()
+    cmd = [sys.executable, "-c", "from edgeadapt.cli import main; main()", "serve", str(root / "tinybase"),
+           "--adapter", f"a={root / 'a.gguf'}", "--adapter", f"b={root / 'b.gguf'}", "--engine", "numpy",
+           "--port", str(port), "--api-key", KEY, *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not come up")
+
+
+def _stop(proc) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(15) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    proc, url = _start(served, "--admin-key", ADMIN, "--max-rows", "8", "--max-waiting", "64")
+    yield proc, url
+    _stop(proc)  # SIGTERM stops it cleanly: exit status 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+class Reference:
+    """m.generate with the adapter active, cached per (prompt, set, n, chat)."""
+
+    def __init__(self, root: Path):
+        self.m = edgeadapt.load(root / "tinybase", engine="numpy", mode="live")
+        self.m.add_adapter(str(root / "a.gguf"), name="a")
+        self.m.add_adapter(str(root / "b.gguf"), name="b")
+        self.cache: dict = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, prompt: str, spec, n: int, chat: bool = False) -> str:
+        key = (prompt, json.dumps(spec, sort_keys=True), n, chat)
+        with self.lock:
+            if key not in self.cache:
+                self.m.use(spec)
+                self.cache[key] = self.m.generate(prompt, max_new_tokens=n, temperature=0.0, chat=chat)
+            return self.cache[key]
+
+
+@pytest.fixture(scope="module")
+def ref(served):
+    return Reference(served)
+
+
+def test_models_lists_the_base_and_each_adapter(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["tinybase", "a", "b"]
+
+
+@pytest.mark.parametrize("model,spec", [("tinybase", None), ("a", "a"), ("b", "b")])
+def test_completion_equals_generate(client, ref, model, spec):
+    r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=24, temperature=0)
+    want = ref(PROMPTS[0], spec, 24)
+    assert r.choices[0].text == want
+    assert r.usage.prompt_tokens == len(ref.m.encode_prompt(PROMPTS[0], chat=False))
+    ref.m.use(spec)
+    assert r.usage.completion_tokens == len(ref.m.generate_ids(ref.m.encode_prompt(PROMPTS[0], chat=False), 24))
+    assert r.choices[0].finish_reason == ("length" if r.usage.completion_tokens == 24 else "stop")
+
+
+def test_weighted_stack_extension_field(client, ref):
+    stack = {"a": 0.7, "b": 0.3}
+    r = client.completions.create(model="tinybase", prompt=PROMPTS[1], max_tokens=20, temperature=0,
+                                  extra_body={"adapters": stack})
+    assert r.choices[0].text == ref(PROMPTS[1], stack, 20)
+    assert r.choices[0].text != ref(PROMPTS[1], "a", 20)
+
+
+def test_streaming_and_chat(client, ref):
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model="a", prompt=PROMPTS[2], max_tokens=30, temperature=0, stream=True)]
+    assert "".join(pieces) == ref(PROMPTS[2], "a", 30) and len([p for p in pieces if p]) > 1
+    r = client.chat.completions.create(model="b", messages=[{"role": "user", "content": PROMPTS[3]}], max_tokens=16,
+                                       temperature=0)
+    assert r.choices[0].message.content == ref(PROMPTS[3], "b", 16, chat=True)
+    chunks = list(client.chat.completions.create(model="b", messages=[{"role": "user", "content": PROMPTS[3]}],
+                                                 max_tokens=16, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_stop_strings_and_seeded_sampling(client, ref):
+    full = ref(PROMPTS[4], "a", 40)
+    stop = full[5:7]
+    r = client.completions.create(model="a", prompt=PROMPTS[4], max_tokens=40, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+    kw = dict(model="b", prompt=PROMPTS[0], max_tokens=20, temperature=0.9, top_p=0.9, seed=7)
+    assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+
+
+def test_concurrent_clients_get_their_own_adapter(client, ref):
+    jobs = [(PROMPTS[i % 5], [None, "a", "b", {"a": 0.5, "b": 0.5}][i % 4], 12 + 3 * i) for i in range(8)]
+    want = [ref(p, s, n) for p, s, n in jobs]
+    got: list = [None] * len(jobs)
+
+    def go(i):
+        p, s, n = jobs[i]
+        model, extra = ("tinybase", {"adapters": s}) if isinstance(s, dict) else (s or "tinybase", {})
+        got[i] = client.completions.create(model=model, prompt=p, max_tokens=n, temperature=0,
+                                           extra_body=extra).choices[0].text
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == want
+
+
+def _health(url):
+    return httpx.get(url + "/health").json()
+
+
+def _wait_idle(url, timeout=20.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        h = _health(url)
+        if h["running"] == 0:
+            return h
+        time.sleep(0.05)
+    raise AssertionError(f"rows still running: {h}")
+
+
+def test_disconnect_mid_stream_frees_its_row(server):
+    url = server[1]
+    before = _health(url)["cancelled"]
+    body = {"model": "a", "prompt": PROMPTS[0], "max_tokens": 100, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as c:
+        with c.stream("POST", url + "/v1/completions", json=body, headers={"authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+    after = _wait_idle(url)
+    # the row left before its 100 tokens (or had finished: then nothing was cancelled, and the stream did end)
+    assert after["cancelled"] in (before, before + 1) and after["running"] == 0
+
+
+def _post(url, path, body, key=KEY, raw=None):
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        return httpx.post(url + path, content=raw, headers={**headers, "content-type": "application/json"})
+    return httpx.post(url + path, json=body, headers=headers)
+
+
+def test_every_error_is_openai_shaped(server, client):
+    url = server[1]
+    cases = [
+        (_post(url, "/v1/completions", None, raw=b"{not json"), 400),
+        (_post(url, "/v1/completions", {"model": "a", "prompt": "x", "temperature": 9}), 400),
+        (_post(url, "/v1/completions", {"model": "a", "prompt": ["x", "y"]}), 400),
+        (_post(url, "/v1/completions", {"model": "a", "prompt": "x", "n": 2}), 400),
+        (_post(url, "/v1/chat/completions", {"model": "a", "messages": "hi"}), 400),
+        (_post(url, "/v1/completions", {"model": "a", "prompt": "x"}, key="wrong"), 401),
+        (_post(url, "/v1/completions", {"model": "a", "prompt": "x"}, key=None), 401),
+        (_post(url, "/v1/completions", {"model": "nope", "prompt": "x"}), 404),
+        (_post(url, "/v1/completions", {"model": "tinybase", "prompt": "x", "adapters": {"zz": 1}}), 404),
+        (_post(url, "/v1/completions", {"model": "a", "prompt": "word " * 200}), 413),
+        (_post(url, "/v1/completions", {"model": "a", "prompt": "x", "max_tokens": 500}), 413),
+        (httpx.get(url + "/v1/nothing"), 404),
+    ]
+    for r, status in cases:
+        assert r.status_code == status, (r.request.url, r.text)
+        err = r.json()["error"]
+        assert isinstance(err["message"], str) and err["message"] and "Traceback" not in r.text
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="bad", max_retries=0).models.list()
+
+
+def test_admin_loads_and_unloads_adapters(server, served, client, ref):
+    url = server[1]
+    assert httpx.get(url + "/admin/adapters").status_code == 401
+    r = _post(url, "/admin/adapters", {"name": "a2", "file": str(served / "a.gguf")}, key=ADMIN)
+    assert r.status_code == 200, r.text
+    assert "a2" in [m.id for m in client.models.list().data]
+    out = client.completions.create(model="a2", prompt=PROMPTS[1], max_tokens=10, temperature=0)
+    assert out.choices[0].text == ref(PROMPTS[1], "a", 10)
+    assert _post(url, "/admin/adapters", {"name": "a2", "file": str(served / "a.gguf")}, key=ADMIN).status_code == 409
+    assert _post(url, "/admin/adapters", {"name": "x", "file": str(served / "none.gguf")}, key=ADMIN).status_code == 404
+    d = httpx.delete(url + "/admin/adapters/a2", headers={"authorization": f"Bearer {ADMIN}"})
+    assert d.status_code == 200, d.text
+    assert "a2" not in [m.id for m in client.models.list().data]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="a2", prompt="x")
+
+
+def test_admin_is_off_without_a_key_and_full_queue_is_429(served):
+    proc, url = _start(served, "--max-rows", "1", "--max-waiting", "1")
+    try:
+        assert _post(url, "/admin/adapters", {"name": "a"}, key=KEY).status_code == 404
+        body = {"model": "a", "prompt": PROMPTS[4], "max_tokens": 115, "temperature": 0}
+        statuses: list = []
+
+        def go():
+            r = _post(url, "/v1/completions", body)
+            statuses.append((r.status_code, r.json()))
+
+        threads = [threading.Thread(target=go) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        codes = [s for s, _ in statuses]
+        assert len(codes) == 12 and set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
+        texts = {j["choices"][0]["text"] for s, j in statuses if s == 200}
+        assert len(texts) == 1  # every admitted request got the same (right) answer
+        assert all(j["error"]["code"] == "queue_full" for s, j in statuses if s == 429)
+    finally:
+        _stop(proc)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _soak(url, ref, n, seed):
+    """n requests from 8 threads: random prompt, adapter set, length; a third streamed and dropped part way."""
+    rng = random.Random(seed)
+    sets = [None, "a", "b", {"a": 0.5, "b": 0.5}, {"a": 1.2}]
+    jobs = [(rng.choice(PROMPTS), rng.choice(sets), rng.randint(1, 40), rng.random() < 0.33) for _ in range(n)]
+    results: list = [None] * n
+    cl = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+    def go(i):
+        p, s, k, drop = jobs[i]
+        model, extra = ("tinybase", {"adapters": s}) if isinstance(s, dict) else (s or "tinybase", {})
+        if drop:
+            stream = cl.completions.create(model=model, prompt=p, max_tokens=k, temperature=0, stream=True,
+                                           extra_body=extra)
+            text = ""
+            for j, c in enumerate(stream):
+                text += c.choices[0].text
+                if j == 2:
+                    break
+            stream.close()
+            results[i] = ("dropped", text)
+        else:
+            results[i] = ("done", cl.completions.create(model=model, prompt=p, max_tokens=k, temperature=0,
+                                                         extra_body=extra).choices[0].text)
+
+    lock = threading.Lock()
+    todo = list(range(n))
+
+    def worker():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop()
+            go(i)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    lost = [i for i, r in enumerate(results) if r is None]
+    want = [ref(p, s, k) for p, s, k, _ in jobs]
+    mixed = [i for i, r in enumerate(results) if r is not None
+             and not (want[i] == r[1] if r[0] == "done" else want[i].startswith(r[1]))]
+    return lost, mixed
+
+
+def _soak_check(server, ref, n):
+    proc, url = server
+    lost, mixed = _soak(url, ref, max(8, n // 4), seed=1)  # warm-up: buffers, thread pools
+    assert not lost and not mixed
+    rss0 = _rss_kib(proc.pid)
+    lost, mixed = _soak(url, ref, n, seed=2)
+    assert lost == [] and mixed == []
+    _wait_idle(url)
+    grown = _rss_kib(proc.pid) - rss0
+    assert grown < 40 * 1024, f"server RSS grew {grown} KiB over {n} requests"
+
+
+def test_soak(server, ref):
+    _soak_check(server, ref, SOAK)
+
+
+@pytest.mark.slow
+def test_soak_200(server, ref):
+    _soak_check(server, ref, 200)
