@@ -92,6 +92,7 @@ class _Row:
         self.last = 0  # the token fed at the next step
         self.count = 0  # tokens delivered
         self.cancelled = False
+        self.dead = False  # left, but its slot stays in the batch (masked) until the next rebuild
         self.left = threading.Event()
         self._released = False
         self._on_release: Any = None
@@ -263,9 +264,11 @@ class Scheduler:
                 self._rows, self._past, self._plan = [], None, None
 
     def _update(self, joins: list[_Row]) -> None:
-        """Rows that finished or were cancelled leave, rows of the batch's kind join; rebuild the cache if so."""
-        keep = [r for r in self._rows if not (r.cancelled or r.count >= r.max_new)]
-        gone = [r for r in self._rows if r not in keep] + [j for j in joins if j.cancelled]
+        """Rows that finished or were cancelled leave, rows of the batch's kind join. Joins rebuild the cache;
+        rows that only leave stay in it, masked, until they are as many as the running ones (then a rebuild)."""
+        live = [r for r in self._rows if not r.dead]
+        keep = [r for r in live if not (r.cancelled or r.count >= r.max_new)]
+        gone = [r for r in live if r not in keep] + [j for j in joins if j.cancelled]
         self.cancelled += sum(r.cancelled and r.count < r.max_new for r in gone)
         joins = [j for j in joins if not j.cancelled]
         key = keep[0].key if keep else (joins[0].key if joins else None)
@@ -275,7 +278,11 @@ class Scheduler:
         if not gone and not now:
             return
         rows = keep + now
-        if rows:
+        dead = len(self._rows) - len(live)
+        if keep and not now and dead + len(gone) <= len(keep):  # no copy this step: their slots idle, masked
+            for r in gone:
+                r.dead = True
+        elif rows:
             self._rebuild(keep, now)
         else:
             self._rows, self._past, self._plan = [], None, None
@@ -329,7 +336,7 @@ class Scheduler:
         rows = self._rows
         x = np.array([[r.last] for r in rows], np.int64)
         pos = np.array([[r.pos] for r in rows], np.int64)
-        self._mask = np.concatenate([self._mask, np.ones((len(rows), 1), np.int64)], axis=1)
+        self._mask = np.concatenate([self._mask, np.array([[0 if r.dead else 1] for r in rows], np.int64)], axis=1)
         with self.turn:
             logits, self._past = m._forward(x, self._mask, pos, self._past, self._plan)
         self.steps += 1
@@ -338,7 +345,7 @@ class Scheduler:
         for b, r in enumerate(rows):
             r.length += 1
             r.pos += 1
-            if r.cancelled:
+            if r.cancelled or r.dead:
                 continue
             t = int(r.sampler(logits[b:b + 1, -1])[0])
             if t in eos:
@@ -351,7 +358,7 @@ class Scheduler:
             delivered += 1
             if r.count >= r.max_new:
                 r.out.put(_END)
-        if all(r.key[0] == "merged" or r.row_set == m.active for r in rows):
+        if all(r.dead or r.key[0] == "merged" or r.row_set == m.active for r in rows):
             m._stable_tokens += delivered  # auto mode: the active set has run alone this step
         else:  # a mixed batch: no set has run alone
             m._stable_tokens = 0
