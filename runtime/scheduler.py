@@ -20,10 +20,11 @@ with its own set, which is what a request alone runs: greedy tokens are the same
 
 KV cache: the batch's keys / values are one left-padded cache [rows, kv_heads, T, head_dim] per layer, each
 row right-aligned (its last token at T-1), updated in place by the engine while the rows stay the same (numpy:
-the engine's own buffers; onnxruntime's fused graph: a KVCache bound by IOBinding). When rows join or leave —
-at most once per step, all changes of that step together — the cache is rebuilt: the kept rows' windows and the
-new rows' prefill caches are copied into a new one as long as the longest row. Cost: one copy of the running
-rows' caches per step that changes the batch, nothing on the steps in between.
+the engine's own buffers; onnxruntime's fused graph: a KVCache bound by IOBinding). When rows join — at
+most once per step, all joins of that step together — the cache is rebuilt: the kept rows' windows and the new
+rows' prefill caches are copied into a new one as long as the longest row. Cost: one copy of the running rows'
+caches per step where rows join, nothing on the steps in between. Rows that only leave stay in place, masked,
+until they are as many as the running rows (then the next update rebuilds).
 """
 
 from __future__ import annotations
