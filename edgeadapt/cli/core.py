@@ -147,6 +147,8 @@ def inspect_cmd(path: Path, base: Path | None) -> None:
                f"runs          merged: {yes[bool(d.mergeable)]}, live: {yes[bool(getattr(d, 'live', False))]}"
                f"{', needs the unquantized base' if getattr(d, 'needs_base', False) else ''}\n"
                f"base          {d.arch}, fingerprint {d.fingerprint}\n"
+               + (f"asserted by   {d.metadata['edgeadapt.base.asserted_by']}\n"
+                  if "edgeadapt.base.asserted_by" in (d.metadata or {}) else "")
                + _describe_targets(d) +
                f"\nsource        {d.source or '-'}")
 
@@ -246,7 +248,8 @@ def demo_cmd(out: Path, engine: str, prompt: str) -> None:
 # ---- commands that live in their own modules (each module: ``COMMANDS = [click.Command, ...]``;
 # they import only click at module level, the real work lazily inside each command)
 _COMMAND_MODULES: list[str] = ["edgeadapt.cli.ship", "edgeadapt.cli.bench", "edgeadapt.cli.combine",
-                                "edgeadapt.cli.update", "edgeadapt.cli.serve"]
+                                "edgeadapt.cli.update", "edgeadapt.cli.serve",
+                                "edgeadapt.cli.imports"]
 
 
 def _register() -> None:

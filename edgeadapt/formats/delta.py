@@ -45,7 +45,9 @@ Spec (mirrored in docs/FORMAT.md). A delta file is a GGUF v3 file (tensor data a
   signature values both read as zero bytes, made by the key whose sha256 starts with the key id.
   Signing fills this slot in place and then recomputes the integrity, so no byte moves;
 - MAY set ``edgeadapt.source`` (what it was converted from), ``edgeadapt.adapter.description``,
-  ``general.name``. Readers MUST ignore keys they do not know.
+  ``general.name``, and ``edgeadapt.base.asserted_by`` (string: a file imported from another tool's
+  format carried no fingerprint; the importer checked what it could and asserted the base). Readers
+  MUST ignore keys they do not know.
 
 Version 1 (edgeadapt 0.1) files are still read: F32 / F16 factors, no ``edgeadapt.quant`` or
 signature, and ``edgeadapt.integrity`` is the sha256 of the canonical encoding of every other
@@ -202,13 +204,15 @@ def write_delta(path: str | os.PathLike, adapter: Any = None, *, arch: str | Non
                 fingerprint: str | None = None, name: str | None = None, version: int | None = None,
                 factors: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
                 biases: dict[str, np.ndarray] | None = None, source: str | None = None,
-                description: str | None = None, dtype: str = "F32", group_size: int = 32) -> None:
+                description: str | None = None, dtype: str = "F32", group_size: int = 32,
+                metadata: dict[str, str] | None = None) -> None:
     """Write a delta file of any kind: ``adapter`` (a :class:`LoraDelta` or a registered
     :class:`~edgeadapt.formats.delta_kinds.KindAdapter`; keywords given override its fields), or a LoRA from
     keywords: ``factors[w] = (A [r, in], B [out, r])`` with the scale already in B, ``biases[w] = Δb``.
 
     ``dtype``: how tensors are stored — LoRA: F32, F16, Q8_0 (llama.cpp reads these three), int8 or
-    int4 (edgeadapt only; per-group scales, ``group_size`` values per group); other kinds: F32 or F16."""
+    int4 (edgeadapt only; per-group scales, ``group_size`` values per group); other kinds: F32 or F16.
+    ``metadata``: more string keys (``edgeadapt.base.asserted_by``), written as given."""
     def pick(given: Any, attr: str, default: Any = None) -> Any:
         return given if given is not None else getattr(adapter, attr, default)
 
@@ -270,6 +274,8 @@ def write_delta(path: str | os.PathLike, adapter: Any = None, *, arch: str | Non
                  (K_QUANT, "STRING", dtype)] + extra
     kv += [(K_SOURCE, "STRING", source), (K_DESCRIPTION, "STRING", description), ("general.name", "STRING", name),
            (K_SIGNATURE, "STRING", UNSIGNED), (K_INTEGRITY, "STRING", "sha256:" + "0" * 64)]
+    taken = {k for k, _, _ in kv}
+    kv[-2:-2] = [(k, "STRING", str(x)) for k, x in (metadata or {}).items() if k not in taken]
     _write_file(Path(path), arch, kv, tensors)
 
 
@@ -320,6 +326,11 @@ def delta_from_bytes(data: bytes, path: str | os.PathLike | None = None) -> Lora
                 for k, t in REQUIRED.items() if k not in f or f[k].vtype != t]
     if K_ALPHA in f and f[K_ALPHA].vtype != "FLOAT32":
         problems.append(f"key {K_ALPHA!r}: expected FLOAT32, found {f[K_ALPHA].vtype}")
+    if K_FORMAT not in f and K_TYPE in f and f[K_TYPE].value == "adapter":  # llama.cpp's convert_lora_to_gguf.py
+        kind = f[K_ADAPTER_TYPE].value if K_ADAPTER_TYPE in f else None
+        raise FormatError(f"{where}: a GGUF adapter ({K_ADAPTER_TYPE}={kind!r}) from another tool, not an edgeadapt "
+                          f"delta file: it carries no base fingerprint; import it once: edgeadapt import-adapter "
+                          f"{where} --base BASE -o NEW.gguf")
     collect(problems, FormatError, f"{where}: not an edgeadapt delta file:")
     v = {k: x.value for k, x in f.items()}
     if v[K_FORMAT] != MAGIC or v[K_TYPE] != "adapter":
