@@ -10,7 +10,7 @@
 from edgeadapt.errors import (AdapterMismatchError, AdapterNotFoundError, EdgeAdaptError, FormatError, IntegrityError,
                      MissingDependencyError, UnsupportedError)
 
-__all__ = ["load", "read_delta", "EdgeAdaptError", "AdapterMismatchError", "AdapterNotFoundError", "FormatError",
+__all__ = ["load", "read_delta", "sync", "EdgeAdaptError", "AdapterMismatchError", "AdapterNotFoundError", "FormatError",
            "IntegrityError", "MissingDependencyError", "UnsupportedError"]
 __version__ = "0.1.0"
 
@@ -19,6 +19,9 @@ def __getattr__(name: str):  # nothing heavy at import time
     if name == "load":
         from edgeadapt.runtime.model import load
         return load
+    if name == "sync":
+        from edgeadapt.ship.sync import sync
+        return sync
     if name == "read_delta":
         from edgeadapt.formats.delta import read_delta
         return read_delta

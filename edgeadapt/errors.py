@@ -39,6 +39,11 @@ class AdapterNotFoundError(EdgeAdaptError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UpdateError(EdgeAdaptError, ValueError):
+    """An update was refused: repository metadata or a downloaded adapter failed TUF or edgeadapt checks,
+    or the repository could not be reached; nothing installed was changed."""
+
+
 def collect(problems: list[str], exc: type[EdgeAdaptError], head: str) -> None:
     """Raise ``exc`` once, naming every problem found, if there are any."""
     if problems:

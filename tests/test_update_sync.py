@@ -1,0 +1,243 @@
+"""Adapter updates over a TUF repository served by nginx: publish, sync, no-op sync, new versions, prune,
+key rotation, resume after an interruption, network faults, the CLI."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+from click.testing import CliRunner
+
+from update_common import OTHER_FP, release, site, web  # noqa: F401 (fixtures)
+
+
+def _repo(site):
+    from edgeadapt.ship.repo import AdapterRepository
+
+    return AdapterRepository(site["repo"], site["keys"])
+
+
+def _sync(site, base, url=None, **kw):
+    from edgeadapt.ship.sync import sync
+
+    return sync(url or site["url"], root=site["root"], store=site["store"], base=base, **kw)
+
+
+def _target_gets(site, since: int = 0) -> list[tuple[str, int, int, str]]:
+    name = site["repo"].name
+    return [x for x in site["nginx"].log()[since:] if x[0].startswith(f"/{name}/targets/")]
+
+
+def test_publish_then_sync_installs_this_base_only_and_a_running_model_sees_it(tiny, site):
+    import edgeadapt
+
+    r = _repo(site)
+    a1 = release(tiny["a"], site["tmp"] / "a1.gguf", 1)
+    r.add([a1, tiny["b"], release(tiny["a"], site["tmp"] / "x.gguf", 1, name="x", fingerprint=OTHER_FP)])
+    r.publish()
+    assert sorted((x.name, x.base[7:11]) for x in r.listed()) == [("a", tiny["manifest"].fingerprint[7:11]),
+                                                                   ("b", tiny["manifest"].fingerprint[7:11]), ("x", "abab")]
+    m = edgeadapt.load(tiny["base"], engine="numpy", store=site["store"])  # running before the sync
+    n0 = len(site["nginx"].log())
+    got = _sync(site, tiny["base"])
+    assert sorted(u["name"] for u in got.updated) == ["a", "b"] and got.other_bases == 1 and got.unchanged == []
+    assert not any("/x/" in g[0] for g in _target_gets(site, n0))  # never downloads what cannot run here
+    assert m.add_adapter("a") == "a"  # no restart: resolved through the store
+    m.use("a")
+    direct = edgeadapt.load(tiny["base"], engine="numpy")
+    direct.add_adapter(str(a1), name="a")
+    direct.use("a")
+    assert m.generate_ids([5, 17, 42, 9], 6) == direct.generate_ids([5, 17, 42, 9], 6)
+
+    # nothing new: a look for the next root (404) and timestamp.json are all that cross the wire
+    n1 = len(site["nginx"].log())
+    again = _sync(site, tiny["base"])
+    assert again.updated == [] and sorted(again.unchanged) == ["a", "b"]
+    assert [(x[0].rsplit("/", 1)[1], x[1]) for x in site["nginx"].log()[n1:]] == [("2.root.json", 404),
+                                                                                  ("timestamp.json", 200)]
+    assert again.bytes == (site["repo"] / "metadata" / "timestamp.json").stat().st_size  # body bytes
+
+
+def test_new_version_keeps_the_previous_and_prune_removes_what_is_no_longer_listed(tiny, site):
+    from edgeadapt.ship.store import AdapterStore
+
+    r = _repo(site)
+    r.add([release(tiny["a"], site["tmp"] / "a1.gguf", 1), tiny["b"]])
+    r.publish()
+    _sync(site, tiny["base"])
+    r.add([release(tiny["a"], site["tmp"] / "a2.gguf", 2, scale=0.5)])
+    r.remove("b")
+    r.publish()
+    assert [(x.name, x.version) for x in r.listed()] == [("a", 2)]  # v2 replaced v1 in the listing
+    got = _sync(site, tiny["base"], only=["a", "nope"], prune=True)  # --only narrows prune too: b stays
+    assert got.updated == [{"name": "a", "version": 2, "previous": 1, "bytes": got.updated[0]["bytes"]}]
+    assert got.not_listed == ["nope"] and got.summary().endswith(f"{got.seconds:.2f}s")
+    assert "a 1→2" in got.summary() and "not listed for this base: nope" in got.summary()
+    assert got.removed == [] and AdapterStore(site["store"]).names() == ["a", "b"]
+    assert AdapterStore(site["store"]).info("a").previous == 1
+    got = _sync(site, tiny["base"], prune=True)
+    assert got.removed == ["b"] and got.unchanged == ["a"] and AdapterStore(site["store"]).names() == ["a"]
+
+
+def test_repo_layout_keys_and_the_files_own_signature(tiny, site, tmp_path):
+    from edgeadapt.ship.signing import TrustStore, generate_keypair, sign_delta, verify_delta
+    from edgeadapt.formats.delta import read_delta
+
+    priv, pub = generate_keypair(tmp_path / "team")
+    signed = release(tiny["a"], tmp_path / "a.gguf", 3)
+    sign_delta(signed, priv)
+    x = _repo(site).add([signed])[0]
+    latest = max((site["repo"] / "metadata").glob("*.targets.json"), key=lambda p: int(p.name.split(".")[0]))
+    meta = json.loads(latest.read_bytes())
+    tf = meta["signed"]["targets"][x.path]
+    d = read_delta(signed)
+    assert tf["custom"]["edgeadapt"] == {"name": "a", "version": 3, "kind": "lora", "quant": "F32",
+                                         "base": tiny["manifest"].fingerprint, "signed_by": d.signature.split(":")[1]}
+    served = site["repo"] / "targets" / x.path.rpartition("/")[0] / f"{tf['hashes']['sha256']}.a-v3.gguf"
+    assert served.read_bytes() == signed.read_bytes()  # byte for byte: the edgeadapt signature still holds
+    verify_delta(read_delta(served), TrustStore.load(pub))
+    keys = sorted(p.name.split("-")[0] for p in site["keys"].glob("*.key"))
+    assert keys == ["root", "snapshot", "targets", "timestamp"]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in site["keys"].glob("*.key"))
+    from edgeadapt.ship.repo import AdapterRepository
+    from edgeadapt.errors import UpdateError
+
+    with pytest.raises(UpdateError, match="keys must not live inside the repository"):
+        AdapterRepository.init(tmp_path / "r2", tmp_path / "r2" / "keys")
+    with pytest.raises(UpdateError, match="a3 version 3 for this base is already published with other contents"):
+        _repo(site).add([release(tiny["a"], tmp_path / "a3.gguf", 3, scale=2.0, name="a3")])
+        _repo(site).add([release(tiny["a"], tmp_path / "a3b.gguf", 3, scale=3.0, name="a3")])
+
+
+def test_sync_can_require_the_files_own_signature(tiny, site, tmp_path):
+    from edgeadapt.errors import UpdateError
+    from edgeadapt.ship.signing import TrustStore, generate_keypair, sign_delta
+    from edgeadapt.ship.store import AdapterStore
+
+    priv, pub = generate_keypair(tmp_path / "team")
+    r = _repo(site)
+    r.add([tiny["b"]])
+    r.publish()
+    with pytest.raises(UpdateError, match=r"refused: .*b-v1\.gguf.*: expected a signed delta file, found an unsigned one"):
+        _sync(site, tiny["base"], trust=TrustStore.load(pub), require_signature=True)
+    assert AdapterStore(site["store"]).names() == []
+    signed = release(tiny["b"], tmp_path / "b2.gguf", 2)
+    sign_delta(signed, priv)
+    r.add([signed])
+    r.publish()
+    got = _sync(site, tiny["base"], trust=TrustStore.load(pub), require_signature=True)
+    assert [(u["name"], u["version"]) for u in got.updated] == [("b", 2)]
+
+
+def test_key_rotation_root_and_targets_devices_follow(tiny, site):
+    from tuf.api.metadata import Metadata
+
+    r = _repo(site)
+    r.add([release(tiny["a"], site["tmp"] / "a1.gguf", 1)])
+    r.publish()
+    _sync(site, tiny["base"])
+    assert r.rotate("root") == "2.root.json"
+    assert r.rotate("targets") == "3.root.json"
+    one, two = (Metadata.from_bytes((site["repo"] / "metadata" / f"{v}.root.json").read_bytes()) for v in (1, 2))
+    one.signed.verify_delegate("root", two.signed_bytes, two.signatures)  # signed by the old root keys …
+    two.signed.verify_delegate("root", two.signed_bytes, two.signatures)  # … and by the new ones
+    assert set(one.signed.roles["root"].keyids).isdisjoint(two.signed.roles["root"].keyids)
+    assert len(list((site["keys"] / "retired").glob("*.key"))) == 2
+    r.add([release(tiny["a"], site["tmp"] / "a2.gguf", 2, scale=0.5)])
+    r.publish()
+    got = _sync(site, tiny["base"])  # the device still holds only 1.root.json as its anchor
+    assert [(u["name"], u["version"]) for u in got.updated] == [("a", 2)]
+
+
+def test_resume_after_an_interruption_at_half(tiny, site):
+    from edgeadapt.errors import UpdateError
+
+    r = _repo(site)
+    a = release(tiny["a"], site["tmp"] / "a1.gguf", 1)
+    size = a.stat().st_size
+    r.add([a])
+    r.publish()
+    site["proxy"].add("reset", "/targets/", at=0.5)
+    with pytest.raises(UpdateError, match="could not be read"):
+        _sync(site, tiny["base"], url=site["purl"], retries=0)
+    parts = list(site["store"].glob(".tuf/*/partial/*.part"))
+    assert len(parts) == 1 and 0 < parts[0].stat().st_size <= size // 2
+    have = parts[0].stat().st_size
+    n0 = len(site["nginx"].log())
+    got = _sync(site, tiny["base"], url=site["purl"])
+    (uri, status, sent, rng), = _target_gets(site, n0)
+    assert status == 206 and rng == f"bytes={have}-"
+    assert got.updated[0]["bytes"] == size - have  # only the missing half crossed the wire again
+    assert sent < size - have + 400  # + the response head
+    assert not list(site["store"].glob(".tuf/*/partial/*"))
+
+
+@pytest.mark.parametrize("kind,match,times", [("reset", "/targets/", 2), ("truncate", "/targets/", 1),
+                                              ("500", "timestamp.json", 2), ("500", "/targets/", 1),
+                                              ("truncate", ".snapshot.json", 1), ("longer", ".targets.json", 1)])
+def test_network_faults_are_retried_and_the_result_verified(tiny, site, kind, match, times):
+    r = _repo(site)
+    r.add([release(tiny["a"], site["tmp"] / "a1.gguf", 1)])
+    r.publish()
+    fault = site["proxy"].add(kind, match, times=times)
+    got = _sync(site, tiny["base"], url=site["purl"])
+    assert fault.times == 0 and [u["name"] for u in got.updated] == ["a"]  # every planned fault was served
+    assert got.requests == 5 + (0 if kind == "longer" else times)  # next root, timestamp, snapshot, targets, file
+
+
+def test_cli_repo_and_sync(tiny, site, tmp_path):
+    from edgeadapt.cli import main
+
+    run = CliRunner().invoke
+    repo, keys = tmp_path / "repo", tmp_path / "keys"
+    res = run(main, ["repo", "init", str(repo), "--keys", str(keys), "--threshold", "targets=2"])
+    assert res.exit_code == 0 and "targets 2-of-2" in res.output, res.output
+    res = run(main, ["repo", "add", str(repo), str(tiny["a"]), str(tiny["b"]), "--keys", str(keys)])
+    assert res.exit_code == 0 and "added a version 1 (lora, F32," in res.output, res.output
+    res = run(main, ["repo", "publish", str(repo), "--keys", str(keys), "--expires", "1d"])
+    assert res.exit_code == 0 and "2 adapters listed" in res.output, res.output
+    res = run(main, ["repo", "list", str(repo), "--json"])
+    assert [a["name"] for a in json.loads(res.output)["adapters"]] == ["a", "b"]
+    (site["repo"].parent / f"{site['repo'].name}-cli").symlink_to(repo)
+    url = site["url"] + "-cli"
+    store = tmp_path / "store"
+    args = ["sync", url, "--root", str(repo / "metadata" / "1.root.json"), "--store", str(store),
+            "--base", str(tiny["base"])]
+    res = run(main, args + ["--json"])
+    assert res.exit_code == 0, res.output
+    assert sorted(u["name"] for u in json.loads(res.output)["updated"]) == ["a", "b"]
+    res = run(main, args)
+    assert res.exit_code == 0 and res.output.startswith(f"synced {store}: updated 0, unchanged 2, "), res.output
+    res = run(main, args[:1] + [url + "/nowhere"] + args[2:])
+    assert res.exit_code == 2 and res.output.count("\n") == 1
+    assert res.output.startswith(f"error: sync from {url}/nowhere refused: HTTP 404 from the repository")
+    res = run(main, ["repo", "remove", str(repo), "nope", "--keys", str(keys)])
+    assert res.exit_code == 2 and "error: nope: no such adapter" in res.output
+
+
+def test_docs_name_tests_that_exist():
+    import re
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    names = set(re.findall(r"`(test_[a-z0-9_]+)", (here.parent / "docs" / "UPDATES.md").read_text()))
+    source = "".join(p.read_text() for p in here.glob("test_update_*.py"))
+    assert len(names) >= 12 and sorted(n for n in names if f"def {n}(" not in source) == []
+
+
+def test_the_device_side_imports_no_torch_and_tuf_only_on_sync(tiny, site):
+    import subprocess
+    import sys
+
+    r = _repo(site)
+    r.add([tiny["a"]])
+    r.publish()
+    code = ("import sys, edgeadapt, edgeadapt.cli\n"
+            "before = 'tuf' in sys.modules\n"
+            f"got = edgeadapt.sync({site['url']!r}, root={str(site['root'])!r}, store={str(site['store'])!r}, "
+            f"base={str(tiny['base'])!r})\n"
+            "print(before, [u['name'] for u in got.updated], sorted(m for m in ('torch', 'transformers', 'onnx') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False ['a'] []", out.stderr
