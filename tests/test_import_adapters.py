@@ -28,7 +28,7 @@ from click.testing import CliRunner
 import edgeadapt
 from edgeadapt.cli import main
 from edgeadapt.errors import AdapterMismatchError, EdgeAdaptError, FormatError
-from edgeadapt.formats.arch import permute_qk, qk_heads, unpermute_qk
+from edgeadapt.formats.arch import CONV1D_ARCHES, permute_qk, qk_heads, unpermute_qk
 
 from arch_common import byte_tokenizer
 from conftest import add_lora, make_model, torch, torch_logits
@@ -99,6 +99,8 @@ def layout_gguf(peft_dir: Path, cfg, out: Path, outtype: str) -> Path:
             b = permute_qk(b, qk_heads(cfg, name))
         if name == "token_embd.weight":
             a = a.T
+        if cfg.arch in CONV1D_ARCHES:  # its GPT-2 converter transposes Conv1D weights, PEFT's LoRA included
+            a, b = b.T, a.T
         for suffix, x in ((".lora_a", a), (".lora_b", b)):
             x = np.ascontiguousarray(x)
             q8 = qtype == gguf.GGMLQuantizationType.Q8_0
@@ -473,6 +475,57 @@ def test_qwen2_llama_cpp_lora_and_mlx_dora(q2, ids, tmp_path):
     for engine in ENGINES:
         got = run(engine, q2["base"], tmp_path / "q2-dora.gguf", ids)
         print(f"qwen2 mlx-lm dora on {engine}: max |Δ| vs mlx-lm {np.abs(got - want).max():.2e}")
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+# ---- llama.cpp's names on every other architecture we export
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _arch_model(arch: str):
+    if arch == "qwen3":
+        from test_arch_qwen3 import make_qwen3
+
+        return make_qwen3(), dict(target_modules=ALL_LINEAR)
+    if arch == "gemma3":
+        from test_arch_gemma3 import make_gemma3
+
+        return make_gemma3(), dict(target_modules=ALL_LINEAR)
+    if arch == "smollm3":
+        from test_arch_smollm3 import make_smollm3
+
+        return make_smollm3(), dict(target_modules=ALL_LINEAR)
+    from test_arch_gpt2 import make_gpt2
+
+    return make_gpt2(), dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "smollm3", "gpt2"])
+def test_llama_cpp_lora_on_every_architecture(arch, ids, tmp_path):
+    """llama.cpp's converter on Qwen3 (q/k norms), Gemma 3 (windowed layers), SmolLM3 (NoPE layers, q/k permuted)
+    and GPT-2 (Conv1D, fan_in_fan_out: the converter transposes PEFT's factors a second time, so llama.cpp itself
+    refuses the file; the import transposes them back): PEFT's output on both engines."""
+    from edgeadapt.converters.export_base import export_base
+    from edgeadapt.converters.importers import import_adapter
+
+    model, conf = _arch_model(arch)
+    model.save_pretrained(tmp_path / "hf")
+    manifest = export_base(tmp_path / "hf", tmp_path / "base", gguf_type="F32")
+    pm = add_lora(model, 1, r=4, lora_alpha=6, **conf)
+    with torch.no_grad():  # a tenth of the helper's B: SmolLM3's 4 adapted layers stay well conditioned in float32
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.1)
+    pm.save_pretrained(tmp_path / "peft")
+    fx = dict(hf=tmp_path / "hf", manifest=manifest)
+    path, who = llama_cpp_lora(fx, tmp_path / "peft", "F32", tmp_path / "lora.gguf")
+    res = import_adapter(path, tmp_path / "base", tmp_path / "imported.gguf")
+    assert ("transposed back" in res.asserted_by) == (arch == "gpt2")
+    want = torch_logits(pm, ids)
+    assert np.abs(want - torch_logits(model, ids)).max() > 0.05, "the adapter must matter"
+    for engine in ENGINES:
+        got = run(engine, tmp_path / "base", tmp_path / "imported.gguf", ids)
+        print(f"{arch} from {who} on {engine}: max |Δ| vs PEFT {np.abs(got - want).max():.2e}")
         np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 

@@ -26,7 +26,7 @@ import gguf
 import numpy as np
 
 from edgeadapt.errors import AdapterMismatchError, FormatError, UnsupportedError, collect
-from edgeadapt.formats.arch import ArchConfig
+from edgeadapt.formats.arch import CONV1D_ARCHES, ArchConfig
 from edgeadapt.formats.gguf_file import open_gguf, tensor_view
 
 from edgeadapt.converters.importers.common import (EMBED, Imported, arch_problem, finite_problems,
@@ -92,6 +92,7 @@ def read_llama_lora(path: str | Path, cfg: ArchConfig) -> Imported:
         parts.setdefault(base, {})[role] = t
     imp = Imported(fmt="llama.cpp LoRA GGUF")
     types: set[str] = set()
+    flip = _conv1d_flipped(cfg, parts)
     for w in sorted(parts):
         p = parts[w]
         if set(p) != {"lora_a", "lora_b"}:
@@ -100,11 +101,16 @@ def read_llama_lora(path: str | Path, cfg: ArchConfig) -> Imported:
         ta, tb = p["lora_a"], p["lora_b"]
         types |= {ta.ttype.name, tb.ttype.name}
         a_shape = ta.shape[::-1] if w == EMBED else ta.shape  # token_embd's A is stored [vocab, r]
-        bad = target_problems(cfg, w, a_shape, tb.shape)
+        b_shape = tb.shape
+        if flip and w != EMBED:  # (B A)ᵀ = Aᵀ Bᵀ: lora_a holds Bᵀ, lora_b holds Aᵀ
+            a_shape, b_shape = tb.shape[::-1], ta.shape[::-1]
+        bad = target_problems(cfg, w, a_shape, b_shape)
         if bad:
             problems += bad
             continue
         a, b = _float(g.data, ta), _float(g.data, tb)
+        if flip and w != EMBED:
+            a, b = b.T, a.T
         r = b.shape[1]
         scale = alpha / r if alpha else 1.0  # llama.cpp: alpha / rank (rank read from B), or 1 when alpha is 0
         b = (b * np.float32(scale)).astype(np.float32)
@@ -121,4 +127,22 @@ def read_llama_lora(path: str | Path, cfg: ArchConfig) -> Imported:
     collect(problems, AdapterMismatchError, f"{path}: this llama.cpp LoRA does not fit the base:")
     imp.notes += [f"adapter.lora.alpha {alpha:g}" + (" (scale alpha/r folded into B)" if alpha else " (scale 1)"),
                   f"factors {'/'.join(sorted(types))}"]
+    if flip:
+        imp.notes.append("Conv1D factors transposed back (llama.cpp's converter transposes PEFT's [out, in] LoRA of "
+                         "GPT-2 a second time)")
     return imp
+
+
+def _conv1d_flipped(cfg: ArchConfig, parts: dict[str, dict[str, object]]) -> bool:
+    """Whether the factors of a Conv1D architecture (GPT-2) hold the transposed change, as llama.cpp's
+    ``convert_lora_to_gguf.py`` writes them: its GPT-2 converter transposes Conv1D weights [in, out] to
+    [out, in], and applies that to PEFT's LoRA, whose factors are already [out, in] — llama.cpp itself
+    refuses such a file (or, for a square weight alone, computes the transposed change). Decided by the
+    non-square targets: every one transposed -> True; a file with only square targets is read as stored."""
+    if cfg.arch not in CONV1D_ARCHES:
+        return False
+    linear, seen = cfg.linear_shapes(), set()
+    for w, p in parts.items():
+        if w in linear and set(p) == {"lora_a", "lora_b"} and linear[w][0] != linear[w][1]:
+            seen.add((p["lora_b"].shape[0], p["lora_a"].shape[1]) == linear[w][::-1])
+    return seen == {True}
