@@ -192,10 +192,10 @@ def load_input(source: Any, manifest: BaseManifest | None = None) -> Any:
         return read_delta(p)
     if manifest is None:
         raise FormatError(f"{p}: a PEFT folder is converted against its base; give the base folder (--base)")
-    from edgeadapt.converters.peft.kinds import _config, convert_peft_kind
-    from edgeadapt.converters.peft.lora import convert_peft
+    from edgeadapt.converters.peft.kinds import convert_peft_kind
+    from edgeadapt.converters.peft.lora import adapter_config, convert_peft
 
-    pc = _config(p)
+    pc = adapter_config(p)
     if pc.get("peft_type") == "LORA" and not pc.get("use_dora"):
         with tempfile.TemporaryDirectory() as tmp:
             d = read_delta(convert_peft(p, manifest, Path(tmp) / "d.gguf", name=p.name))

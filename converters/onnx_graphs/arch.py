@@ -2,7 +2,7 @@
 operators only (opset 17).
 
 Same contract as :mod:`edgeadapt.converters.onnx_graphs.graph` (inputs, outputs, LoRA slots, initializer
-names and layouts, weight_sums). The fused com.microsoft graph of :mod:`onnx_fast` is not used
+names and layouts, weight_sums). The fused com.microsoft graph of :mod:`.fast` is not used
 for these: its SimplifiedLayerNormalization / RotaryEmbedding / GroupQueryAttention chain has no
 place for GPT-2's LayerNorm with bias and learned positions, nor for Gemma 3's per-layer windows
 with two rope bases, so model.onnx and model_lora.onnx are written from plain operators here.
@@ -20,9 +20,7 @@ from onnx import TensorProto, helper
 
 from edgeadapt.formats.arch import ArchConfig, rope_inv_freq
 
-from edgeadapt.converters.onnx_graphs.graph import NEG, _G, _linear, _rms_norm, _rope, lora_input_names, rope_tables
-
-FUSED_ARCHES = frozenset({"llama", "qwen2", "qwen3", "smollm3"})  # the families onnx_fast's fused graph expresses
+from edgeadapt.converters.onnx_graphs.ops import NEG, _G, _io, _linear, _rms_norm, _rope, rope_tables
 
 
 def rope_initializers(cfg: ArchConfig) -> dict[str, np.ndarray]:
@@ -117,8 +115,6 @@ def _mlp(g: _G, cfg: ArchConfig, i: int, x: str) -> str:
 
 def decoder(cfg: ArchConfig, inits: list[TensorProto], slots: dict[str, tuple[int, int]] | None) -> onnx.GraphProto:
     """The decoder over the written initializers; with ``slots``, a LoRA slot beside each linear weight."""
-    from edgeadapt.converters.onnx_graphs.fast import _io
-
     g = _G()
     g.slots = slots
     g.inits += inits
@@ -163,4 +159,4 @@ def decoder(cfg: ArchConfig, inits: list[TensorProto], slots: dict[str, tuple[in
                              initializer=g.inits)
 
 
-__all__ = ["FUSED_ARCHES", "decoder", "rope_initializers", "lora_input_names"]
+__all__ = ["decoder", "rope_initializers"]

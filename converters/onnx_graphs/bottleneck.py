@@ -20,58 +20,19 @@ as they are; the runtime builds this session only while a bottleneck adapter is 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from edgeadapt.formats.arch import ArchConfig
-from edgeadapt.kinds.slots import ACTS, C, POSITIONS, bn_defaults, bn_name
+from edgeadapt.kinds.slots import POSITIONS, bn_defaults, bn_name
 
-from edgeadapt.converters.onnx_graphs.encoder import _act, _ln_rows
 from edgeadapt.converters.onnx_graphs.fast import fused_decoder, save_fused
-from edgeadapt.converters.onnx_graphs.graph import _G
 from edgeadapt.converters.onnx_graphs.kinds import _KindLinears, kind_input_names
+from edgeadapt.converters.onnx_graphs.ops import _G, bottleneck_nodes
 
 BOTTLENECK_FILE = "model_bottleneck.onnx"
-
-
-def _gelu_tanh(g: _G, z: str) -> str:
-    """0.5·z·(1 + tanh(a)) written as z·sigmoid(2a), a = √(2/π)·(z + 0.044715·z³): the same function, in a form
-    onnxruntime's FastGeluFusion leaves alone (it rewires the Tanh form of this slot into an invalid graph,
-    "Node input … is not a graph input", onnxruntime 1.31)."""
-    f = lambda v: g.const(v, np.float32)  # noqa: E731
-    cube = g.op("Mul", g.op("Mul", z, z), z)
-    a2 = g.op("Mul", f(2.0 * np.sqrt(2.0 / np.pi)), g.op("Add", z, g.op("Mul", f(0.044715), cube)))
-    return g.op("Mul", z, g.op("Sigmoid", a2))
-
-
-def bottleneck_nodes(g: _G, i: int, p: str, h: str, t: str, ones: str, zeros: str, ln: Any = None) -> str:
-    """The slot formula of :mod:`edgeadapt.kinds.slots` at block i, position p; ``ln(name) -> name`` the
-    block's LayerNorm (an encoder), or None: LN = identity (a pre-norm decoder)."""
-    ln = ln or (lambda v: v)
-    n = lambda part: bn_name(i, p, part)  # noqa: E731
-    one = g.const(1.0, np.float32)
-    ctrl = n("ctrl")
-    k = lambda key: g.op("Slice", ctrl, g.const([C[key]]), g.const([C[key] + 1]), g.const([-1]))  # noqa: E731 [rows,1,1]
-    blend = lambda c, a, b: g.op("Add", g.op("Mul", c, a), g.op("Mul", g.op("Sub", one, c), b))  # noqa: E731
-    s = g.op("Add", h, t)
-    L = ln(s)
-    x0 = g.op("Add", g.op("Add", g.op("Mul", k("x_h"), h), g.op("Mul", k("x_t"), t)), g.op("Mul", k("x_L"), L))
-    r = g.op("Add", g.op("Add", g.op("Mul", k("r_h"), h), g.op("Mul", k("r_s"), s)), g.op("Mul", k("r_L"), L))
-    x = blend(k("ln_before"), _ln_rows(g, x0, n("ln_before.weight"), n("ln_before.bias"), ones, zeros), x0)
-    z = g.op("Add", g.op("MatMul", x, n("down")), n("down_bias"))  # [B,S,m]
-    a = None
-    for name in ACTS:
-        term = g.op("Mul", k(f"act_{name}"), _gelu_tanh(g, z) if name == "gelu_new" else _act(g, name, z))
-        a = term if a is None else g.op("Add", a, term)
-    u = g.op("Add", g.op("MatMul", a, n("up")), n("up_bias"))  # [B,S,dim]
-    arb = k("arb")
-    pre = g.op("Add", u, g.op("Mul", arb, r))
-    post = blend(k("ln_after"), _ln_rows(g, pre, n("ln_after.weight"), n("ln_after.bias"), ones, zeros), pre)
-    out = g.op("Add", post, g.op("Mul", g.op("Sub", one, arb), r))
-    return blend(k("ln_out"), ln(g.op("Add", out, t)), out)
 
 
 def save_bottleneck_graph(cfg: ArchConfig, inits: list[TensorProto], out_dir: Path) -> Path:

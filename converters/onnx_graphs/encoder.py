@@ -25,40 +25,11 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgeadapt.formats.encoder_arch import EncoderConfig
-from edgeadapt.kinds.slots import ADAPTER_LN_EPS, NORMS, defaults, ia3_name, lora_names
+from edgeadapt.kinds.slots import NORMS, defaults, ia3_name, lora_names
 
-from edgeadapt.converters.onnx_graphs.graph import NEG, OPSET, _DataWriter, _G, _weight_table
+from edgeadapt.converters.onnx_graphs.ops import NEG, OPSET, _act, _DataWriter, _G, _ln, _weight_table, bottleneck_nodes
 
 DATA_FILE = "model.onnx.data"
-
-
-def _ln(g: _G, x: str, w: str, b: str, eps: float) -> str:
-    return g.op("LayerNormalization", x, w, b, axis=-1, epsilon=eps)
-
-
-def _ln_rows(g: _G, x: str, w: str, b: str, ones: str, zeros: str) -> str:
-    """LayerNorm whose weight/bias are per-row slots [rows, 1, dim] (Mul/Add broadcast)."""
-    return g.op("Add", g.op("Mul", _ln(g, x, ones, zeros, ADAPTER_LN_EPS), w), b)
-
-
-def _act(g: _G, name: str, z: str) -> str:
-    f = lambda v: g.const(v, np.float32)  # noqa: E731
-    if name == "relu":
-        return g.op("Relu", z)
-    if name == "silu":
-        return g.op("Mul", z, g.op("Sigmoid", z))
-    if name == "gelu":  # 0.5·x·(1 + erf(x/√2)), transformers' exact GELU
-        return g.op("Mul", g.op("Mul", z, f(0.5)), g.op("Add", f(1.0), g.op("Erf", g.op("Div", z, f(np.sqrt(2.0))))))
-    if name == "gelu_new":
-        inner = g.op("Mul", f(np.sqrt(2.0 / np.pi)), g.op("Add", z, g.op("Mul", f(0.044715), g.op("Pow", z, f(3.0)))))
-        return g.op("Mul", g.op("Mul", z, f(0.5)), g.op("Add", f(1.0), g.op("Tanh", inner)))
-    if name == "tanh":
-        return g.op("Tanh", z)
-    if name == "sigmoid":
-        return g.op("Sigmoid", z)
-    if name == "leakyrelu":
-        return g.op("LeakyRelu", z, alpha=0.01)
-    return g.op("Identity", z)
 
 
 class _Enc:
@@ -75,8 +46,6 @@ class _Enc:
         return g.op("Mul", g.op("Add", base, g.op("MatMul", g.op("MatMul", x, a), b)), ia3_name(w))
 
     def bottleneck(self, i: int, p: str, h: str, t: str) -> str:
-        from edgeadapt.converters.onnx_graphs.bottleneck import bottleneck_nodes  # the slot formula, shared with the decoder graph
-
         norm = f"blk.{i}.{NORMS[p]}"
         return bottleneck_nodes(self.g, i, p, h, t, self.ones, self.zeros,
                                 lambda v: _ln(self.g, v, f"{norm}.weight", f"{norm}.bias", self.cfg.ln_eps))

@@ -13,7 +13,7 @@ empty defaults). What changes is how a layer is computed (com.microsoft, onnxrun
                      built once from attention_mask; rotary off (done above, so positions stay
                      the caller's); onnxruntime refuses seq > 1 with a past when batch > 1 —
                      the engine feeds such a call one token at a time
-  MatMulNBits        the quantized linear layers (int4 / int8 files, see onnx_quant), q|k|v and
+  MatMulNBits        the quantized linear layers (int4 / int8 files, see quant.py), q|k|v and
                      gate|up fused into one product each; the LoRA slot of each weight is added
                      to its slice of the fused output, in float32, beside the quantized weight
 
@@ -41,10 +41,11 @@ from edgeadapt.formats.arch import ArchConfig
 from edgeadapt.converters.hf import check_complete
 from edgeadapt.errors import UnsupportedError
 
-from edgeadapt.converters.onnx_graphs.graph import (NEG, OPSET, Progress, _DataWriter, _G, add_embed_delta, add_head_delta, lora_input_names,
-                         rope_tables)
+from edgeadapt.converters.onnx_graphs.ops import (NEG, OPSET, Progress, _DataWriter, _G, _io, add_embed_delta,
+                                                  add_head_delta, lora_input_names, rope_tables)
 from edgeadapt.converters.onnx_graphs.quant import BLOCK, QWeight, quantize
 
+FUSED_ARCHES = frozenset({"llama", "qwen2", "qwen3", "smollm3"})  # the families this fused graph expresses
 MS = "com.microsoft"
 SLOT_GROUPS = "edgeadapt.slot_groups"  # model property: JSON {slot: [weights]} of grouped slots
 QUANT_FILES = {"int4": "model_int4.onnx", "int8": "model_int8.onnx"}
@@ -186,7 +187,7 @@ def _gqa_mask(g: _G, window: int | None = None) -> tuple[str, str, str]:
 def fused_decoder(cfg: ArchConfig, lin: _Linears, inits: list[TensorProto], name: str, *,
                   slot_defaults: bool = True, resid: Any = None) -> onnx.GraphProto:
     """``resid(g, i, position, y, x) -> x'``, when given, replaces the residual add x + y of block i at
-    "attn" and "ffn" (the bottleneck slots of onnx_bottleneck); the norm after it is then its own node."""
+    "attn" and "ffn" (the bottleneck slots of bottleneck.py); the norm after it is then its own node."""
     g = _G()
     g.inits += inits
     eps = float(cfg.rms_eps)
@@ -241,29 +242,6 @@ def _skip_norm(g: _G, y: str, x: str, w: str, eps: float, add: Any = None) -> tu
     return h, s
 
 
-def _io(cfg: ArchConfig, slots: dict[str, tuple[int, int]], g: _G, defaults: bool) -> tuple[list, list]:
-    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    kv_in, kv_out = ["batch", cfg.n_kv_heads, "past", cfg.head_dim], ["batch", cfg.n_kv_heads, "total", cfg.head_dim]
-    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
-              helper.make_tensor_value_info("attention_mask", i64, ["batch", "total"]),
-              helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"])]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", cfg.vocab_size])]
-    for i in range(cfg.n_layers):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past.{i}.{kind}", f32, kv_in))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, kv_out))
-    for name, (out, inp) in slots.items():
-        a, b = lora_input_names(name)
-        if defaults:  # empty (rank 0): nothing fed = the bare base; onnxruntime's LoraAdapter needs them
-            g.inits += [onnx.numpy_helper.from_array(np.zeros((1, inp, 0), np.float32), a),
-                        onnx.numpy_helper.from_array(np.zeros((1, 0, out), np.float32), b)]
-        # no declared shape: 420 inputs with symbolic dims cost onnxruntime ~1 s of session creation (measured
-        # 1.3 s -> 0.4 s on SmolLM2-135M int4); the shapes are in the doc strings and checked by the kernels
-        inputs += [helper.make_tensor_value_info(a, f32, None, doc_string=f"float32 [lora_rows, {inp}, r]"),
-                   helper.make_tensor_value_info(b, f32, None, doc_string=f"float32 [lora_rows, r, {out}]")]
-    return inputs, outputs
-
-
 def save_fused(graph: onnx.GraphProto, path: Path, props: dict[str, str] | None = None) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="edgeadapt")
@@ -296,8 +274,6 @@ def build_quant_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: P
                      accuracy_level: int = ACCURACY_LEVEL) -> dict:
     """Write ``model_<kind>.onnx`` + its data file; returns {"file", "data", "exact", "quantized"}: how many
     weight groups were repacked bit for bit from ``source`` and how many were quantized from float32."""
-    from edgeadapt.converters.onnx_graphs.arch import FUSED_ARCHES
-
     if cfg.arch not in FUSED_ARCHES:
         raise UnsupportedError(f"quantized ONNX ({kind}) is not supported for the {cfg.arch} architecture yet "
                                f"(only {sorted(FUSED_ARCHES)}); export fp32 ONNX, or run model.gguf on the numpy engine")

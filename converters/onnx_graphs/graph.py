@@ -1,5 +1,9 @@
 """Build the ONNX graph of a llama-family decoder straight from canonical weights (no tracing).
 
+The top of this room: :func:`build_onnx` picks the builders (the plain-operator graph of :mod:`.arch`,
+the fused graphs of :mod:`.fast`, the scale / bias slots of :mod:`.kinds`, the bottleneck slots of
+:mod:`.bottleneck`), which build on the blocks of :mod:`.ops`; none of them imports this module.
+
 Files written by :func:`build_onnx` into ``out_dir``
   model.onnx         the decoder (opset 17 + com.microsoft 1: the fused operators of
                      :mod:`edgeadapt.converters.onnx_graphs.fast`; ``fused=False`` writes the same decoder
@@ -64,158 +68,26 @@ weight_sums.onnx contract
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from edgeadapt.formats.arch import ArchConfig
+from edgeadapt.kinds.bottleneck import DECODER_ARCHES
 from edgeadapt.converters.hf import check_complete
 
-Progress = Callable[[str, int, int], None]
+from edgeadapt.converters.onnx_graphs.arch import decoder, rope_initializers
+from edgeadapt.converters.onnx_graphs.bottleneck import save_bottleneck_graph
+from edgeadapt.converters.onnx_graphs.fast import FUSED_ARCHES, _F32Linears, fused_decoder, save_fused
+from edgeadapt.converters.onnx_graphs.kinds import save_kinds_graph
+from edgeadapt.converters.onnx_graphs.ops import (NEG, Progress, _DataWriter, _G, _linear, _rms_norm, _rope, _save,
+                                                  _weight_table, add_embed_delta, lora_input_names)
 
-OPSET = 17
 DATA_FILE = "model.onnx.data"
 VERIFY_FILE = "weight_sums.onnx"
 LORA_FILE = "model_lora.onnx"
 LIVE_FILE = "model_live.onnx"  # grouped slots without defaults: the runtime's in-place kv cache binds it
-NEG = float(np.finfo(np.float32).min)  # masked score: "minus infinity" that keeps softmax finite
-_ALIGN_BIG, _ALIGN_SMALL, _BIG = 65536, 64, 1 << 20  # offset alignment in the data file
-
-
-# ---- rope tables (exactly transformers' float32 arithmetic)
-def rope_tables(cfg: ArchConfig, inv_freq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [context_length, head_dim/2] of angle pos * inv_freq, all float32; ``inv_freq`` [head_dim/2]
-    defaults to the full-attention layers' (cfg.rope_inv_freq: base, linear factor, Llama 3.x divisors)."""
-    inv_freq = cfg.rope_inv_freq() if inv_freq is None else inv_freq
-    pos = np.arange(cfg.context_length, dtype=np.float32)[:, None]  # [ctx, 1]
-    ang = (pos * inv_freq[None, :]).astype(np.float32)  # [ctx, hd/2]
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-
-
-# ---- external data writer: tensors go to the file as they are made, never into one protobuf
-class _DataWriter:
-    def __init__(self, path: Path):
-        self.f, self.offset, self.location = open(path, "wb"), 0, path.name
-
-    def add(self, name: str, a: np.ndarray) -> TensorProto:
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))  # ONNX data is little-endian
-        align = _ALIGN_BIG if a.nbytes >= _BIG else _ALIGN_SMALL
-        pad = -self.offset % align
-        self.f.write(b"\0" * pad)
-        self.offset += pad
-        a.tofile(self.f)
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape)
-        t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.location), ("offset", str(self.offset)), ("length", str(a.nbytes))):
-            t.external_data.add(key=k, value=v)
-        self.offset += a.nbytes
-        return t
-
-    @staticmethod
-    def alias(name: str, t: TensorProto, shape: tuple[int, ...]) -> TensorProto:
-        """The bytes of an initializer already written, under another name and shape (no second copy)."""
-        a = TensorProto(name=name, data_type=t.data_type, dims=shape, data_location=TensorProto.EXTERNAL)
-        a.external_data.extend(t.external_data)
-        return a
-
-    def close(self) -> None:
-        self.f.close()
-
-
-# ---- graph builder: a thin helper around onnx.helper that names every intermediate
-class _G:
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[TensorProto] = []
-        self._n = 0
-        self._consts: dict[tuple, str] = {}
-        self.slots: dict[str, tuple[int, int]] | None = None  # weight -> (out, in) for the slotted graph
-
-    def op(self, op: str, *inputs: str, out: str | None = None, **attrs) -> str:
-        self._n += 1
-        name = out or f"{op.lower()}_{self._n}"
-        self.nodes.append(helper.make_node(op, list(inputs), [name], name=f"n{self._n}_{op}", **attrs))
-        return name
-
-    def ops(self, op: str, *inputs: str, n_out: int, **attrs) -> list[str]:
-        self._n += 1
-        outs = [f"{op.lower()}_{self._n}_{k}" for k in range(n_out)]
-        self.nodes.append(helper.make_node(op, list(inputs), outs, name=f"n{self._n}_{op}", **attrs))
-        return outs
-
-    def const(self, value, dtype=np.int64) -> str:
-        a = np.asarray(value, dtype=dtype)
-        key = (a.dtype.str, a.shape, a.tobytes())
-        if key not in self._consts:
-            name = f"const_{len(self._consts)}"
-            self.inits.append(onnx.numpy_helper.from_array(a, name))
-            self._consts[key] = name
-        return self._consts[key]
-
-
-# ---- building blocks (x is [batch, seq, dim] unless said otherwise)
-def _rms_norm(g: _G, x: str, w: str, eps: float) -> str:
-    # the Pow/ReduceMean/Add/Sqrt/Div/Mul pattern onnxruntime fuses into SimplifiedLayerNorm
-    var = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), axes=[-1], keepdims=1)  # [B,S,1]
-    return g.op("Mul", g.op("Div", x, g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32)))), w)
-
-
-def _rope(g: _G, x: str, cos: str, sin: str, cfg: ArchConfig, n_heads: int) -> str:
-    """x [B,S,n_heads*hd] -> rotated [B,S,n_heads,hd]. cos/sin are [B,S,1,*] broadcastable pairs."""
-    hd = cfg.head_dim
-    # "norm": adjacent pairs (x[2i], x[2i+1]); "neox": halves (x[i], x[i+hd/2])
-    pairs = [0, 0, n_heads, hd // 2, 2] if cfg.rope == "norm" else [0, 0, n_heads, 2, hd // 2]
-    axis = 4 if cfg.rope == "norm" else 3
-    a, b = g.ops("Split", g.op("Reshape", x, g.const(pairs)), n_out=2, axis=axis)  # [B,S,H,hd/2,1] each (norm)
-    ra = g.op("Sub", g.op("Mul", a, cos), g.op("Mul", b, sin))  # a cos - b sin
-    rb = g.op("Add", g.op("Mul", b, cos), g.op("Mul", a, sin))  # b cos + a sin
-    return g.op("Reshape", g.op("Concat", ra, rb, axis=axis), g.const([0, 0, n_heads, hd]))  # [B,S,H,hd]
-
-
-def _linear(g: _G, x: str, prefix: str, bias: bool = False, out: str | None = None) -> str:
-    name = f"{prefix}.weight"
-    y = g.op("MatMul", x, name, out=None if (bias or g.slots is not None) else out)  # weight is [in, out]
-    if g.slots is not None and name in g.slots:  # LoRA slot: + (x @ A) @ B, A [n,in,r], B [n,r,out], n in {1, batch}
-        a, b = lora_input_names(name)
-        y = g.op("Add", y, g.op("MatMul", g.op("MatMul", x, a), b), out=None if bias else out)
-    return g.op("Add", y, f"{prefix}.bias", out=out) if bias else y
-
-
-EMBED_DELTA = "embed.delta"  # graph input: per-token embedding change, added after the lookup
-
-
-def add_embed_delta(g: _G, x: str, dim: int) -> tuple[str, onnx.ValueInfoProto]:
-    """x [B,S,dim] + ``embed.delta`` (float32 [B or 1, S or 1, dim], default zeros [1,1,dim]): the runtime feeds
-    the change of just the ids in the batch (embedding LoRA, trainable tokens, virtual tokens). The embedding
-    table itself is untouched, so a head tied to it keeps reading the base. Costs one broadcast add."""
-    g.inits.append(onnx.numpy_helper.from_array(np.zeros((1, 1, dim), np.float32), EMBED_DELTA))
-    info = helper.make_tensor_value_info(EMBED_DELTA, TensorProto.FLOAT, None, doc_string=f"float32 [batch, seq, {dim}]")
-    return g.op("Add", x, EMBED_DELTA), info
-
-
-HEAD_DELTA, HEAD_IDS = "head.delta", "head.ids"  # graph inputs: a live change of some rows of the output head
-
-
-def add_head_delta(g: _G, h: str, dim: int) -> list[onnx.ValueInfoProto]:
-    """logits[b, s, ids] += h[b, s] @ delta[b]ᵀ after the head: ``head.ids`` int64 [k] (distinct) and
-    ``head.delta`` float32 [B or 1, k, dim], default k = 0 (a no-op). ``h`` is the normed hidden state the head
-    reads; the node that wrote ``logits`` is renamed. A tied head changes without touching the embedding."""
-    node = next(n for n in reversed(g.nodes) if "logits" in n.output)
-    node.output[list(node.output).index("logits")] = "logits_head"
-    g.inits += [onnx.numpy_helper.from_array(np.zeros((1, 0, dim), np.float32), HEAD_DELTA),
-                onnx.numpy_helper.from_array(np.zeros((0,), np.int64), HEAD_IDS)]
-    d = g.op("MatMul", h, g.op("Transpose", HEAD_DELTA, perm=[0, 2, 1]))  # [B,S,k]
-    idx = g.op("Expand", HEAD_IDS, g.op("Shape", d))
-    g.op("ScatterElements", "logits_head", idx, d, axis=2, reduction="add", out="logits")
-    return [helper.make_tensor_value_info(HEAD_DELTA, TensorProto.FLOAT, None, doc_string=f"float32 [batch, k, {dim}]"),
-            helper.make_tensor_value_info(HEAD_IDS, TensorProto.INT64, None, doc_string="int64 [k]")]
-
-
-def lora_input_names(weight: str) -> tuple[str, str]:
-    """Graph inputs of the LoRA slot beside ``weight``: A [n, in, r] and B [n, r, out] (scale in B)."""
-    return f"lora.{weight}.a", f"lora.{weight}.b"
 
 
 def _attention(g: _G, cfg: ArchConfig, i: int, x: str, cos: str, sin: str, mask: str) -> str:
@@ -294,12 +166,6 @@ def _write_verify_model(cfg: ArchConfig, weight_protos: dict[str, TensorProto], 
     _save(graph, out_dir / VERIFY_FILE)
 
 
-def _save(graph: onnx.GraphProto, path: Path) -> None:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeadapt")
-    model.ir_version = 8  # opset 17 needs IR >= 8; keep it low for older device runtimes
-    onnx.save_model(model, str(path))  # weights are already external: the protobuf stays small
-
-
 # ---- the public builder
 def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *,
                progress: Progress | None = None, slots: bool = True, fused: bool = True) -> dict:
@@ -319,22 +185,16 @@ def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *
             protos[name] = writer.add(name, w.T if name in linear else w)
             if progress and name.endswith("ffn_down.weight"):
                 progress("write weights", int(name.split(".")[1]) + 1, cfg.n_layers)
-        from edgeadapt.converters.onnx_graphs.arch import FUSED_ARCHES, rope_initializers
-
         for name, table in rope_initializers(cfg).items():
             protos[name] = writer.add(name, table)
     finally:
         writer.close()
-    if cfg.arch not in FUSED_ARCHES:  # Gemma 3, GPT-2: the plain-operator graph (see onnx_arch)
-        from edgeadapt.converters.onnx_graphs.arch import decoder
-
+    if cfg.arch not in FUSED_ARCHES:  # Gemma 3, GPT-2: the plain-operator graph (see onnx_graphs.arch)
         inits = list(protos.values())
         _save(decoder(cfg, inits, None), out_dir / "model.onnx")
         if slots:
             _save(decoder(cfg, inits, linear), out_dir / LORA_FILE)
     elif fused:
-        from edgeadapt.converters.onnx_graphs.fast import _F32Linears, fused_decoder, save_fused
-
         inits = list(protos.values())
         save_fused(fused_decoder(cfg, _F32Linears(cfg, None), inits, f"edgeadapt_{cfg.arch}"), out_dir / "model.onnx")
         if slots:
@@ -342,16 +202,12 @@ def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *
                        out_dir / LORA_FILE)
             # the runtime's live graph: every slot required (rank 0 = idle; onnxruntime's IOBinding cannot bind an
             # input that has a default, and binding is what keeps the kv cache in place between tokens), q|k|v and
-            # gate|up fused with one slot per group (see onnx_fast._Linears): 4 slots a layer instead of 7
+            # gate|up fused with one slot per group (see fast._Linears): 4 slots a layer instead of 7
             live = _F32Linears(cfg, linear, grouped=True)
             save_fused(fused_decoder(cfg, live, inits, f"edgeadapt_{cfg.arch}_live", slot_defaults=False),
                        out_dir / LIVE_FILE, live.props())
-            from edgeadapt.converters.onnx_graphs.kinds import save_kinds_graph  # scale / bias slots (DoRA, IA3, lora_bias), loaded lazily
-            save_kinds_graph(cfg, inits, out_dir)
-            from edgeadapt.kinds.bottleneck import DECODER_ARCHES
-
-            if cfg.arch in DECODER_ARCHES:  # + bottleneck slots (AdapterHub's Llama / Mistral), loaded lazily
-                from edgeadapt.converters.onnx_graphs.bottleneck import save_bottleneck_graph
+            save_kinds_graph(cfg, inits, out_dir)  # scale / bias slots (DoRA, IA3, lora_bias): the runtime loads it lazily
+            if cfg.arch in DECODER_ARCHES:  # + bottleneck slots (AdapterHub's Llama / Mistral), loaded lazily too
                 save_bottleneck_graph(cfg, inits, out_dir)
     else:
         _save(_decoder(cfg, protos, None), out_dir / "model.onnx")
@@ -411,23 +267,3 @@ def _decoder(cfg: ArchConfig, protos: dict[str, TensorProto], slots: dict[str, t
                    helper.make_tensor_value_info(b, f32, ["lora_rows", f"rank_{k}", out])]
     return helper.make_graph(g.nodes, f"edgeadapt_{cfg.arch}{'_lora' if slots else ''}", inputs, outputs,
                              initializer=g.inits)
-
-
-# ---- the manifest table, read back from what was written
-def _weight_table(out_dir: Path, layouts: dict[str, str]) -> dict:
-    """``{gguf_name: {"onnx": initializer name, "layout": "in_out" (stored transposed) | "as_is",
-    "file": "model.onnx.data", "offset": bytes, "length": bytes, "dtype": "float32",
-    "shape": shape as stored}}`` for every model weight (not the rope helpers), taken from the
-    external-data records of the model.onnx just written: np.memmap(file, "<f4", "r", offset,
-    shape) is the initializer."""
-    model = onnx.load(str(out_dir / "model.onnx"), load_external_data=False)
-    table = {}
-    for t in model.graph.initializer:
-        if t.name not in layouts:
-            continue
-        ext = {e.key: e.value for e in t.external_data}
-        assert t.data_location == TensorProto.EXTERNAL and t.data_type == TensorProto.FLOAT, t.name
-        table[t.name] = {"onnx": t.name, "layout": layouts[t.name], "file": ext["location"],
-                         "offset": int(ext["offset"]), "length": int(ext["length"]),
-                         "dtype": "float32", "shape": [int(d) for d in t.dims]}
-    return table

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 from edgeadapt.formats.arch import ArchConfig
 
 from edgeadapt.converters.onnx_graphs.fast import _F32Linears, fused_decoder, save_fused
-from edgeadapt.converters.onnx_graphs.graph import _G, lora_input_names
+from edgeadapt.converters.onnx_graphs.ops import _G, lora_input_names
 
 KINDS_FILE = "model_kinds.onnx"
 

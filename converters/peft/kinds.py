@@ -8,7 +8,6 @@ here are refused by name.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -23,22 +22,10 @@ from edgeadapt.formats.delta_kinds import KindAdapter, heads_for
 from edgeadapt.kinds.lora_family import DoraAdapter, Ia3Adapter, LohaAdapter, LokrAdapter
 from edgeadapt.formats.names import gguf_name
 
-from edgeadapt.converters.peft.lora import PREFIX, pattern_key, read_peft_tensors
+from edgeadapt.converters.peft.lora import PREFIX, adapter_config, pattern_key, read_peft_tensors
+from edgeadapt.converters.peft.seq import convert_peft_seq, is_seq_config
 
 SUPPORTED = ("LORA (use_dora)", "IA3", "LOHA", "LOKR", "VERA")
-
-
-def _config(folder: Path) -> dict[str, Any]:
-    p = folder / "adapter_config.json"
-    if not p.is_file():
-        raise FormatError(f"{folder} is not a PEFT adapter folder: expected adapter_config.json")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{p}: not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise FormatError(f"{p}: expected a JSON object")
-    return cfg
 
 
 def _modules(cfg: ArchConfig, tensors: dict[str, np.ndarray], suffixes: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
@@ -72,9 +59,7 @@ def convert_peft_kind(folder: str | Path, manifest: Any, *, name: str | None = N
                       ) -> KindAdapter | LoraDelta:
     """Read a PEFT folder of a kind listed in :data:`SUPPORTED` into an adapter for this base."""
     folder = Path(folder)
-    pc = _config(folder)
-    from edgeadapt.converters.peft.seq import convert_peft_seq, is_seq_config
-
+    pc = adapter_config(folder)
     if is_seq_config(pc):  # embedding LoRA, trainable tokens, modules_to_save, prompt / prefix tuning
         return convert_peft_seq(folder, manifest, name=name, version=version)
     cfg: ArchConfig = manifest.arch
@@ -193,9 +178,7 @@ def is_peft_kind(folder: str | Path) -> bool:
     p = Path(folder) / "adapter_config.json"
     if not p.is_file():
         return False
-    pc = _config(Path(folder))
-    from edgeadapt.converters.peft.seq import is_seq_config
-
+    pc = adapter_config(Path(folder))
     return pc.get("peft_type") != "LORA" or bool(pc.get("use_dora")) or is_seq_config(pc)
 
 

@@ -39,6 +39,20 @@ def pattern_key(patterns: list[str], module: str) -> str | None:
     return None
 
 
+def adapter_config(folder: Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a JSON object, whatever the kind (each converter checks the options it reads)."""
+    p = folder / "adapter_config.json"
+    if not p.is_file():
+        raise FormatError(f"{folder} is not a PEFT adapter folder: expected adapter_config.json")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{p}: not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{p}: expected a JSON object")
+    return cfg
+
+
 def read_peft_config(folder: Path, handled: tuple[str, ...] = ()) -> dict[str, Any]:
     """``adapter_config.json``, validated: strict JSON (1 MiB at most), the types of every option we use,
     and rank/alpha patterns that are plain regular expressions (no quantified groups: no ReDoS).

@@ -17,7 +17,7 @@ rows of those ids are replaced by the same rows), trains a separate copy of ``lm
 ``ensure_weight_tying``. The head's changed rows are kept as ``head_rows`` and run live.
 - prompt tuning (``PROMPT_TUNING``) and prefix tuning (``PREFIX_TUNING``): ``prompt_embeddings``.
 
-Linear LoRA factors saved beside these parts are converted as :mod:`converters.peft_lora` does.
+Linear LoRA factors saved beside these parts are converted as :mod:`edgeadapt.converters.peft.lora` does.
 Anything else (norms in ``modules_to_save``, encoder-decoder prompt learning, …) is refused by name.
 """
 
@@ -33,7 +33,8 @@ from edgeadapt.formats.arch import ArchConfig
 from edgeadapt.errors import AdapterMismatchError, FormatError, UnsupportedError, collect
 from edgeadapt.kinds.sequence import SeqAdapter, hf_prefix_to_base
 
-from edgeadapt.converters.peft.lora import PREFIX, lora_factors, pattern_key, read_peft_tensors
+from edgeadapt.converters.peft.lora import (PREFIX, adapter_config, lora_factors, pattern_key, read_peft_config,
+                                           read_peft_tensors)
 
 SEQ_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "TRAINABLE_TOKENS")
 EMBED = "model.embed_tokens"
@@ -85,10 +86,8 @@ def _token_indices(pc: dict[str, Any], folder: Path) -> list[int]:
 def convert_peft_seq(folder: str | Path, manifest: Any, *, name: str | None = None, version: int = 1,
                      description: str = "") -> SeqAdapter:
     """Read a PEFT folder of one of these kinds into an adapter for the base of ``manifest``."""
-    from edgeadapt.converters.peft.kinds import _config
-
     folder = Path(folder)
-    pc = _config(folder)
+    pc = adapter_config(folder)
     cfg: ArchConfig = manifest.arch
     kind = pc.get("peft_type")
     tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in read_peft_tensors(folder).items()}
@@ -162,8 +161,6 @@ def _tt_rows(folder: Path, pc: dict[str, Any], cfg: ArchConfig, tensors: dict[st
 
 def _lora(folder: Path, pc: dict[str, Any], cfg: ArchConfig, tensors: dict[str, np.ndarray], manifest: Any,
           common: dict[str, Any]) -> SeqAdapter:
-    from edgeadapt.converters.peft.lora import read_peft_config
-
     pc = read_peft_config(folder, handled=("modules_to_save", "trainable_token_indices"))  # LoRA options checked
     problems: list[str] = []
     parts: dict[str, Any] = {}
