@@ -7,12 +7,12 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from edgeadapt.errors import UsageError
+from edgeadapt.errors import AdapterMismatchError, AdapterNotFoundError, UsageError
 
 
 def _found(v: Any) -> str:
@@ -106,3 +106,26 @@ def path(value: Any, what: str) -> None:
 def choice(value: Any, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise UsageError(f"{what}: expected one of {', '.join(map(repr, allowed))}, found {_found(value)}")
+
+
+UseSpec = str | Mapping[str, float] | Sequence[str] | None
+
+
+def normalise_spec(spec: UseSpec, adapters: Mapping[str, Any]) -> dict[str, float]:
+    """A ``use()`` spec (a name, names, ``{name: weight}`` or None) as {name: weight}, zero weights dropped;
+    every name must be loaded and every weight a finite number (the decoder's and the encoder's rule)."""
+    use_spec(spec)
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        spec = {spec: 1.0}
+    elif not isinstance(spec, Mapping):
+        spec = {s: 1.0 for s in spec}
+    missing = [n for n in spec if n not in adapters]
+    if missing:
+        raise AdapterNotFoundError(f"no adapter named {missing}; loaded: {sorted(adapters)}")
+    bad = [f"{n}={w!r}" for n, w in spec.items()
+           if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w)]
+    if bad:
+        raise AdapterMismatchError(f"adapter weights must be finite numbers, found {bad}")
+    return {n: float(w) for n, w in spec.items() if w != 0}

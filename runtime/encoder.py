@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -23,7 +22,8 @@ from edgeadapt.errors import (AdapterMismatchError, AdapterNotFoundError, Format
                               UnsupportedError, collect)
 from edgeadapt.formats.manifest import BaseManifest
 
-UseSpec = str | Mapping[str, float] | Sequence[str] | None
+from edgeadapt.runtime.args import UseSpec, normalise_spec
+
 Feeds = dict[str, np.ndarray]
 
 
@@ -221,8 +221,6 @@ class EncoderModel:
             self.active, self._feeds = want, feeds
 
     def _normalise(self, spec: UseSpec) -> dict[str, float]:
-        from edgeadapt.runtime.model import normalise_spec  # the decoder's rules, one implementation
-
         return normalise_spec(spec, self.adapters)
 
     def _build(self, rows: Sequence[Mapping[str, float]]) -> Feeds:

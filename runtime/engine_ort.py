@@ -30,6 +30,8 @@ from edgeadapt.errors import (AdapterMismatchError, EdgeAdaptError, FormatError,
                               UnsupportedError, collect)
 from edgeadapt.formats.manifest import BaseManifest
 
+from edgeadapt.runtime.engines import Engine
+
 PastKV = list[tuple[np.ndarray, np.ndarray]]
 WEIGHTS = {"fp32": None, "int4": "onnx_int4", "int8": "onnx_int8"}  # weights= -> manifest file kind (None: onnx)
 
@@ -47,7 +49,7 @@ def import_ort() -> Any:
     return ort
 
 
-class OrtEngine:
+class OrtEngine(Engine):
     """``live=False``: the plain graph, adapters merged into its weights (a swap builds a session).
     ``live=True``: the slotted graph (``model_live.onnx``, else ``model_lora.onnx``); adapters are run
     inputs (``lora=`` of :meth:`forward`), a swap binds other arrays, and empty slots run the bare base.
@@ -112,7 +114,7 @@ class OrtEngine:
         concurrent request sees the old session with everything derived from it, or the new one with its own
         (a request reads ``self._g`` once)."""
         g = sess if isinstance(sess, _Session) else _Session(sess, self.cfg, self._linear, path)
-        if g.groups and self.weights == "fp32":  # q|k|v, gate|up concatenated in the graph (onnx_fast._F32Linears)
+        if g.groups and self.weights == "fp32":  # q|k|v, gate|up concatenated in the graph (onnx_graphs.fast._F32Linears)
             self._folded.add(path)
         self._g, self._keep = g, keep
 
@@ -353,6 +355,11 @@ class OrtEngine:
         return self.live and self.weights == "fp32" and self._kinds_file is not None and self._kinds_file.is_file()
 
     @property
+    def can_merge(self) -> bool:
+        """Can adapters be folded into the weights (float32 overrides of model.onnx; int4 / int8 blocks cannot)?"""
+        return self.weights == "fp32"
+
+    @property
     def head_slots(self) -> bool:
         """Can this engine change head rows live (``head.delta``: the slotted graphs, so live or auto mode)?"""
         return self.live
@@ -450,7 +457,7 @@ class _Session:
         self.fused = meta.get("edgeadapt.attention") == "GroupQueryAttention"  # see OrtEngine.forward
         inputs = {i.name for i in sess.get_inputs()}
         defaults = {i.name for i in sess.get_overridable_initializers()}
-        # grouped slots (model_live.onnx, quantized graphs): one slot for q|k|v and one for gate|up, see onnx_fast._Linears
+        # grouped slots (model_live.onnx, quantized graphs): one slot for q|k|v and one for gate|up, see onnx_graphs.fast._Linears
         self.groups: dict[str, list[str]] = json.loads(meta.get("edgeadapt.slot_groups", "{}"))
         grouped = {w for ws in self.groups.values() for w in ws}
         self.slots = [n for n in list(linear) + list(self.groups) if n not in grouped and f"lora.{n}.a" in inputs | defaults]

@@ -1,18 +1,73 @@
-"""Which engine runs a base: onnxruntime on the folder's ONNX graph, or numpy on its GGUF."""
+"""Which engine runs a base (onnxruntime on the folder's ONNX graph, or numpy on its GGUF), and what every
+engine declares to the model driver (:class:`Engine`).
+
+The engine classes are found by name in :data:`ENGINE_CLASSES` and imported on first use: the one
+import that is a table entry rather than an import statement (so this module imports neither
+engine, and each engine imports this module for its interface), and the reason a device without
+onnxruntime never loads the onnxruntime engine.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import Any, ClassVar
+
+import numpy as np
 
 from edgeadapt.errors import FormatError, UnsupportedError
 from edgeadapt.formats.manifest import BaseManifest
 
 ENGINES = ("auto", "ort", "numpy")
 WEIGHTS = ("fp32", "int4", "int8")
+# engine name -> "module:class", imported when that engine is made (the registry exception to the import rules)
+ENGINE_CLASSES: dict[str, str] = {"ort": "edgeadapt.runtime.engine_ort:OrtEngine",
+                                  "numpy": "edgeadapt.runtime.numpy_engine.engine:NumpyEngine"}
+
+
+class Engine:
+    """What the model driver (:mod:`edgeadapt.runtime.model`) asks an engine: capabilities declared as
+    attributes (a class attribute, or a property where they depend on the base folder and the mode), and
+    the verbs below. The defaults declare nothing beyond running the bare base; an engine says what it can.
+    A new engine is one class implementing this, and one entry in :data:`ENGINE_CLASSES`."""
+
+    name: ClassVar[str] = "?"
+    live: bool = False  # runs adapters beside the frozen weights: forward(lora=...), per row too
+    kind_slots: bool = False  # runs scale / bias terms live (DoRA, IA3, lora_bias: LiveTerms in / out / bias)
+    bn_slots: bool = False  # runs bottleneck adapters in their block slots (forward(bn=...))
+    head_slots: bool = False  # runs a live change of some rows of the output head (forward(head=...))
+    row_lora: bool = False  # takes runtime.row_lora.RowLoRA (each row at its own rank) for mixed batches
+    can_merge: bool = False  # folds adapters into its weights (set_weights) without re-quantizing them
+
+    def ensure_slots(self) -> None:
+        """Get ready to run adapters live (a lazy engine builds its slotted graph here); by default nothing."""
+
+    def base_weight(self, name: str) -> np.ndarray:
+        """The immutable base tensor ``name``, float32, canonical layout (a fresh array)."""
+        raise NotImplementedError
+
+    def embedding_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of the base's token embedding [n, dim] float32 for ``ids`` [n]."""
+        raise NotImplementedError
+
+    def set_weights(self, overrides: dict[str, np.ndarray]) -> None:
+        """Replace these weights (float32, canonical) from the base; ``{}`` restores the base."""
+        raise NotImplementedError
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Any = None,
+                **live: Any) -> tuple[np.ndarray, Any]:
+        """Logits [batch, seq, vocab] float32 and the cache to pass back as ``past``; ``live``: ``lora``, ``embed``,
+        ``bn``, ``head`` as the engine declares it can run them."""
+        raise NotImplementedError
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The class of engine ``name``, imported on first use (ImportError when its module cannot load)."""
+    module, _, cls = ENGINE_CLASSES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def make_engine(manifest: BaseManifest, engine: str, threads: int | None, *, dequantize: str = "auto",
-                 live: bool = False, weights: str = "fp32") -> Any:
+                 live: bool = False, weights: str = "fp32") -> Engine:
     """"ort": onnxruntime on model.onnx (``weights`` "int4" | "int8": on model_int4.onnx | model_int8.onnx),
     or an error saying why not. "numpy": model.gguf in numpy (``dequantize`` = its "auto" | "load" | "lazy").
     "auto": onnxruntime when it imports and builds a session on that graph, else numpy; the numpy engine
@@ -37,10 +92,9 @@ def make_engine(manifest: BaseManifest, engine: str, threads: int | None, *, deq
             why = f"the base folder has no {want}"
         else:
             try:
-                from edgeadapt.runtime.engine_ort import OrtEngine
                 # "ort" asked for by name: a lazy engine builds its first session when it first runs; "auto"
                 # builds it here, because a failed build is what sends auto to numpy
-                return OrtEngine(manifest, threads=threads, live=live, weights=weights, defer=engine == "ort")
+                return engine_class("ort")(manifest, threads=threads, live=live, weights=weights, defer=engine == "ort")
             except ImportError as e:  # MissingDependencyError included: the expected case on a device
                 if engine == "ort":
                     raise
@@ -55,7 +109,6 @@ def make_engine(manifest: BaseManifest, engine: str, threads: int | None, *, deq
     if gguf_path is None or not gguf_path.is_file():
         raise FormatError(f"{manifest.root}: engine {engine!r} needs model.gguf (numpy)"
                           + (f" because {why}" if why else "") + ", and the folder has none; export the base again")
-    from edgeadapt.runtime.numpy_engine.engine import NumpyEngine
-    eng = NumpyEngine(gguf_path, manifest.arch, dequantize=dequantize, threads=threads)
+    eng = engine_class("numpy")(gguf_path, manifest.arch, dequantize=dequantize, threads=threads)
     eng.auto_reason = why
     return eng

@@ -1,7 +1,9 @@
 """The public model object: a frozen base, adapters loaded beside it, one engine underneath.
 
 The driver is generic: adapters say what they change (``targets``, ``delta(target)``), engines
-say how to run weights (``base_weight``, ``set_weights``, ``forward``). Merge mode recomputes
+say how to run weights (``base_weight``, ``set_weights``, ``forward``); both declare what they can do
+(:class:`edgeadapt.formats.delta_kinds.AdapterBase`, :class:`edgeadapt.runtime.engines.Engine`), so the
+driver never asks which engine it runs on. Merge mode recomputes
 every adapted weight from the immutable base in float32 — a swap never subtracts.
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from edgeadapt.formats.arch import ArchConfig
 from edgeadapt.formats.delta import LoraDelta, read_delta
+from edgeadapt.formats.encoder_arch import EncoderConfig
 from edgeadapt.errors import AdapterMismatchError, AdapterNotFoundError, FormatError, UnsupportedError
 from edgeadapt.formats.manifest import BaseManifest, read_manifest
 
@@ -24,13 +27,11 @@ from edgeadapt.runtime.engines import make_engine
 from edgeadapt.runtime.row_lora import add_terms, slot_inputs
 from edgeadapt.runtime.rwlock import RWLock
 from edgeadapt.runtime.sampling import Sampler
-from edgeadapt.runtime.seq import SeqParts
+from edgeadapt.runtime.seq import Plan, SeqParts
+from edgeadapt.runtime.args import UseSpec, normalise_spec
 from edgeadapt.runtime.tokenizer import StreamDecoder, Tokenizer
 
 Live = dict[str, Any]  # a live plan: weight -> the factors the engine runs (see _factors)
-
-UseSpec = str | Mapping[str, float] | Sequence[str] | None
-
 
 MODES = ("auto", "merge", "live")
 
@@ -61,7 +62,7 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
                                "re-quantized, losing most of a small delta. Use mode='live' or 'auto' (adapters run in "
                                "float32 beside the quantized weights), or weights='fp32' to merge")
     manifest = read_manifest(base)
-    if getattr(manifest.arch, "family", None) == "encoder":  # BERT family: embeddings / classification
+    if isinstance(manifest.arch, EncoderConfig):  # BERT family: embeddings / classification
         from edgeadapt.runtime.encoder import load_encoder
         return load_encoder(manifest, engine, threads=threads)
     slotted = any(p is not None and p.is_file() for p in (manifest.path("onnx_live"), manifest.path("onnx_lora")))
@@ -77,25 +78,6 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
     model = Model(manifest, make_engine(manifest, engine, threads, live=live, weights=weights, dequantize=dequantize), mode=mode)
     model.trust, model.require_signature, model.store = trust, require_signature, store
     return model
-
-
-def normalise_spec(spec: UseSpec, adapters: Mapping[str, Any]) -> dict[str, float]:
-    """A ``use()`` spec (a name, names, ``{name: weight}`` or None) as {name: weight}, zero weights dropped;
-    every name must be loaded and every weight a finite number."""
-    if spec is None:
-        return {}
-    if isinstance(spec, str):
-        spec = {spec: 1.0}
-    elif not isinstance(spec, Mapping):
-        spec = {s: 1.0 for s in spec}
-    missing = [n for n in spec if n not in adapters]
-    if missing:
-        raise AdapterNotFoundError(f"no adapter named {missing}; loaded: {sorted(adapters)}")
-    bad = [f"{n}={w!r}" for n, w in spec.items()
-           if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w)]
-    if bad:
-        raise AdapterMismatchError(f"adapter weights must be finite numbers, found {bad}")
-    return {n: float(w) for n, w in spec.items() if w != 0}
 
 
 class Model:
@@ -134,7 +116,7 @@ class Model:
         self.adapters: dict[str, LoraDelta] = {}
         self.active: dict[str, float] = {}
         self.requested_mode = mode
-        self._live_ok = engine.name == "numpy" or bool(getattr(engine, "live", False))
+        self._live_ok = engine.live
         self._tokenizer: Tokenizer | None = None
         self._lock, self._use_lock = RWLock(), threading.Lock()
         self._live: Live = {}  # factors of the active set (live mode), replaced whole, never mutated
@@ -239,9 +221,7 @@ class Model:
     def _slots_ready(self) -> None:
         """onnxruntime in auto mode runs the bare base on the plain graph; the first live adapter moves it to
         the slotted one (a one-time session build, paid here rather than by the first request)."""
-        ensure = getattr(self._engine, "ensure_slots", None)
-        if ensure is not None:  # no write lock: running requests keep the session they started on
-            ensure()
+        self._engine.ensure_slots()  # no write lock: running requests keep the session they started on
 
     def _low_rank(self, want: Mapping[str, float]) -> bool:
         """Can this set run live? The LoRA family, and kinds with a live form (edgeadapt.formats.delta_kinds.LiveTerms:
@@ -256,36 +236,31 @@ class Model:
         return known
 
     def _has_live_form(self, name: str) -> bool:
-        a = self.adapters[name]
-        if hasattr(a, "low_rank"):
-            return bool(a.low_rank)
-        if not hasattr(a, "live_terms"):
-            return hasattr(a, "live_factors")
-        if not getattr(a, "live", False):
+        if not self.adapters[name].low_rank:  # declared by the adapter (edgeadapt.formats.delta_kinds.AdapterBase)
             return False
         try:
             terms = self._adapter_factors(name)
         except (AdapterMismatchError, FormatError):  # e.g. no unquantized base weight to compute DoRA's norm from
             return False
-        if any(len(t) == 5 for t in terms.values()):
-            return self._engine.name == "numpy" or bool(getattr(self._engine, "kind_slots", False))
+        if any(len(t) == 5 for t in terms.values()):  # scale / bias terms
+            return self._engine.kind_slots
         return True
 
     def _merge(self, want: dict[str, float]) -> None:
         # embedding / sequence parts and lora_bias changes (no bias to merge into on most bases) ride beside
         # the merged weights, live
         biases = self._bias_terms(want)
-        if biases and not (self._engine.name == "numpy" or getattr(self._engine, "kind_slots", False)):
-            raise UnsupportedError(f"adapters {sorted(n for n in want if getattr(self.adapters[n], 'biases', None))} "
+        if biases and not self._engine.kind_slots:
+            raise UnsupportedError(f"adapters {sorted(n for n in want if self.adapters[n].biases)} "
                                    "change biases (lora_bias), which onnxruntime runs live only: load with mode='live' "
                                    "or 'auto' from a base folder with model_kinds.onnx, or use engine='numpy'")
         # an embedding LoRA on an untied base merges exactly into token_embd.weight (on a tied base that table is
         # the head too, which PEFT's embedding LoRA leaves alone: there it rides live, after the lookup)
         embed = set() if self.config.tied_embeddings else {
-            n for n in want if getattr(self.adapters[n], "embed_lora", None) is not None}
+            n for n in want if self.adapters[n].embed_lora is not None}
         seq = self._seq.plan(biases, [want], embed) if want else {}
-        if getattr(seq, "head", None) is not None and not getattr(self._engine, "head_slots", True):
-            raise UnsupportedError(f"adapters {sorted(n for n in want if getattr(self.adapters[n], 'changes_head', False))} "
+        if isinstance(seq, Plan) and seq.head is not None and not self._engine.head_slots:
+            raise UnsupportedError(f"adapters {sorted(n for n in want if self.adapters[n].changes_head)} "
                                    "change rows of a tied output head, which onnxruntime runs live only (head.delta of "
                                    "the graphs that serve adapters): load with mode='live' or 'auto', or use "
                                    "engine='numpy'")
@@ -294,7 +269,7 @@ class Model:
         for name, weight in want.items():
             a = self.adapters[name]
             for target in list(a.targets) + (["token_embd.weight"] if name in embed else []):
-                if getattr(a, "needs_base", False):  # DoRA, IA3: the change depends on the immutable base
+                if a.needs_base:  # DoRA, IA3: the change depends on the immutable base
                     base = bases.get(target)
                     if base is None:
                         base = bases[target] = self._engine.base_weight(target)
@@ -317,7 +292,7 @@ class Model:
         from edgeadapt.runtime import bn_slots
 
         bn = bn_slots.feeds(self.adapters, rows, self.config.dim)
-        if bn and not (self._engine.name == "numpy" or getattr(self._engine, "bn_slots", False)):
+        if bn and not self._engine.bn_slots:
             raise UnsupportedError("bottleneck adapters run live on onnxruntime through model_bottleneck.onnx, in live "
                                    f"or auto mode on the fp32 graph; this base folder ({self.manifest.root}) has none: "
                                    "export the base again, or use engine='numpy'")
@@ -327,7 +302,7 @@ class Model:
         """Σ weight·Δb per target of the lora_bias adapters in ``want``, as live entries without factors."""
         acc: dict[str, np.ndarray] = {}
         for name, w in want.items():
-            for t, d in (getattr(self.adapters[name], "biases", None) or {}).items():
+            for t, d in self.adapters[name].biases.items():
                 acc[t] = acc[t] + np.float32(w) * d if t in acc else np.float32(w) * d
         return {t: (None, None, None, None, d[None].astype(np.float32)) for t, d in acc.items()}
 
@@ -337,12 +312,10 @@ class Model:
         f = self._factor_cache.get(name)
         if f is None:
             ad, f = self.adapters[name], {}
-            for t in ([] if getattr(ad, "kind", None) == "bottleneck" else ad.targets):  # bottleneck: block slots
-                if not hasattr(ad, "live_terms"):
-                    a, b = ad.live_factors(t)
-                    f[t] = (np.ascontiguousarray(a.T), np.ascontiguousarray(b.T))
+            for t in ad.targets:
+                lt = ad.live_terms(t, self._engine.base_weight(t) if ad.needs_base else None)
+                if lt is None:  # nothing on a linear layer: a bottleneck adapter's block slot (runtime.bn_slots)
                     continue
-                lt = ad.live_terms(t, self._engine.base_weight(t) if getattr(ad, "needs_base", False) else None)
                 at = None if lt.a is None else np.ascontiguousarray(lt.a.T)
                 bt = None if lt.b is None else np.ascontiguousarray(lt.b.T)
                 extra = (lt.in_scale, lt.out_scale, lt.bias)
@@ -367,7 +340,7 @@ class Model:
                     if len(terms) == 5:
                         add_terms(extras.setdefault(t, [[None] * 3 for _ in rows])[i], terms[2:], w, t, name)
             per_row.append(row)
-        return slot_inputs(per_row, extras, self.config.linear_shapes(), self._engine.name == "numpy")
+        return slot_inputs(per_row, extras, self.config.linear_shapes(), self._engine.row_lora)
 
     def _plan(self, adapters: Sequence[UseSpec] | None, batch: int) -> Live | None:
         """A request's own per-row plan ({} for rows that all run the bare base), or None: the active set, which
@@ -433,17 +406,15 @@ class Model:
             return self._forward(ids, mask, pos, past, plan)[0]
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Any, plan: Live | None) -> Any:
-        if plan:
-            embed = getattr(plan, "embed", None)
-            kw = {"bn": plan.bn} if getattr(plan, "bn", None) else {}  # bottleneck slots (runtime.bn_slots)
-            head = getattr(plan, "head", None)
-            if head is not None:  # a tied head's changed rows (runtime.seq.HeadFn)
-                kw["head"] = head(ids.shape[0])
-            if embed is not None or getattr(plan, "prefix", None) or kw:
-                return self._engine.forward(ids, mask, pos, past, lora=plan if len(plan) else None,
-                                            embed=None if embed is None else embed(ids), **kw)
+        if not plan:
+            return self._engine.forward(ids, mask, pos, past)
+        if not isinstance(plan, Plan):  # live factors only
             return self._engine.forward(ids, mask, pos, past, lora=plan)
-        return self._engine.forward(ids, mask, pos, past)
+        kw = {"bn": plan.bn} if plan.bn else {}  # bottleneck slots (runtime.bn_slots)
+        if plan.head is not None:  # a tied head's changed rows (runtime.seq.HeadFn)
+            kw["head"] = plan.head(ids.shape[0])
+        return self._engine.forward(ids, mask, pos, past, lora=plan if len(plan) else None,
+                                    embed=None if plan.embed is None else plan.embed(ids), **kw)
 
     def _check_ids(self, ids: Any) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
@@ -572,15 +543,13 @@ class Model:
         """auto mode: merge the active set once it has been used alone for long enough (numpy, or onnxruntime's
         fp32 graph; quantized weights stay live: a merge would re-quantize them). The request that called this
         reads the state it runs with afterwards, under its lock (:meth:`_request`)."""
-        mergeable = self.engine == "numpy" or getattr(self._engine, "weights", None) == "fp32"
-        if (self.requested_mode != "auto" or not mergeable or not self.auto_merge_tokens or not self.active
-                or self._merged or self._stable_tokens < self.auto_merge_tokens
-                or any(getattr(self.adapters[n], "kind", None) == "bottleneck" for n in self.active)):  # live only
+        if (self.requested_mode != "auto" or not self._engine.can_merge or not self.auto_merge_tokens
+                or not self.active or self._merged or self._stable_tokens < self.auto_merge_tokens):
             return
         with self._use_lock:
             if self._merged or not self.active or self._stable_tokens < self.auto_merge_tokens:
                 return  # a use() came in between
             try:
                 self._merge(self.active)
-            except UnsupportedError:  # this engine runs the set live only (e.g. lora_bias without bias slots)
+            except UnsupportedError:  # a set that runs live only (a bottleneck adapter; lora_bias without bias slots)
                 self._stable_tokens = -(1 << 62)  # until the next use(): requests go on live

@@ -34,6 +34,7 @@ class Plan(dict):
     embed: "EmbedFn | None" = None
     head: "HeadFn | None" = None
     prefix: list[str | None] | None = None  # per row (one entry = every row): a prefix adapter's name
+    bn: "dict[str, np.ndarray] | None" = None  # bottleneck slot inputs (set by runtime.bn_slots.BnPlan)
 
     def __bool__(self) -> bool:
         return len(self) > 0 or self.embed is not None or self.head is not None or self.prefix is not None

@@ -29,7 +29,10 @@ shares :meth:`AdapterBase.check_base`). A kind is a small class with
 
 - ``kind`` (str), ``mergeable`` (its change can be folded into the base weights),
   ``needs_base`` (the change depends on the base weights), ``live`` (it can run beside the
-  frozen weights), ``PARAMS`` (parameter name -> allowed numbers of dimensions);
+  frozen weights), ``PARAMS`` (parameter name -> allowed numbers of dimensions); the other
+  capabilities the model driver reads are declared on :class:`AdapterBase` with a plain LoRA's
+  defaults (``low_rank``, ``biases``, ``embed_lora``, ``changes_embedding``, ``changes_head``,
+  ``n_virtual``) and overridden by the kinds that differ;
 - ``params`` (``{target: {param: float32 array}}``, exactly what the file stores) and
   ``heads`` (``{target: heads}`` for rows in the training library's q/k order);
 - ``to_tensors()`` -> ``{"<target>.<param>": float32 array}`` and the class method
@@ -53,7 +56,8 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping, NamedTuple
 
 import numpy as np
 
@@ -88,12 +92,20 @@ class LiveTerms(NamedTuple):
 
 
 class AdapterBase:
-    """What every adapter in a delta file has; the base check shared by all kinds (LoRA included)."""
+    """What every adapter in a delta file has; the base check shared by all kinds (LoRA included).
+
+    Its capabilities are declared here, with the defaults of a plain LoRA; a kind overrides those that differ
+    (as class attributes or properties), so the model driver asks them directly and never probes."""
 
     kind: ClassVar[str] = "?"
-    mergeable: ClassVar[bool] = True
-    needs_base: ClassVar[bool] = False
-    live: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = True  # its change can be folded into the base weights
+    needs_base: ClassVar[bool] = False  # its change depends on the base weights (delta / live_terms take them)
+    live: ClassVar[bool] = True  # it can run beside the frozen weights
+    biases: Mapping[str, np.ndarray] = MappingProxyType({})  # target -> Δb [out], added live (PEFT lora_bias)
+    embed_lora: tuple[np.ndarray, np.ndarray] | None = None  # (A [r, vocab], s·B [dim, r]): a LoRA of token_embd
+    changes_embedding: ClassVar[bool] = False  # rows of the token embedding change (run live, after the lookup)
+    changes_head: ClassVar[bool] = False  # rows of a tied output head change (run live, after the head)
+    n_virtual: ClassVar[int] = 0  # virtual tokens put before the input (prompt / prefix tuning)
     name: str
     arch: str
     fingerprint: str
@@ -105,6 +117,20 @@ class AdapterBase:
         raise NotImplementedError
 
     def base_shape(self, target: str) -> tuple[int | None, ...] | None:
+        raise NotImplementedError
+
+    @property
+    def low_rank(self) -> bool:
+        """Runs live — alone, stacked or per row — through :meth:`live_terms` (or slots of its own): by default
+        when ``live``; a kind with a part that only merges (a replaced head) says False."""
+        return self.live
+
+    def delta(self, target: str, base: np.ndarray | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def live_terms(self, target: str, base: np.ndarray | None = None) -> "LiveTerms | None":
+        """The terms of ``target`` run live, or None: nothing on that linear layer (no live form, or a target
+        that is not a linear layer, such as a bottleneck adapter's block slot)."""
         raise NotImplementedError
 
     def _shape_problem(self, target: str, want: tuple[int, ...]) -> str:

@@ -25,6 +25,7 @@ from edgeadapt.formats.names import ROPE_FREQS
 from edgeadapt.runtime.numpy_engine.weights import _FAST_DEQ, _Lazy, _Src
 from edgeadapt.runtime.numpy_engine.ops import _attend, _rmsnorm, _ro, _rope, add_head_delta, set_blas_threads
 from edgeadapt.runtime.row_lora import _add_rows, _has_terms, _lin, _low_rank, _mm, check_rows
+from edgeadapt.runtime.engines import Engine
 
 _F32 = np.float32
 _LINEAR_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -33,7 +34,7 @@ _AUTO_LOAD_LIMIT = 2 << 30
 
 
 # ---------------------------------------------------------------- engine
-class NumpyEngine:
+class NumpyEngine(Engine):
     """Llama / Qwen2 / Qwen3 forward pass in numpy from a GGUF base (Gemma 3 and GPT-2 through the blocks of
     :mod:`.layers`), with merged or live adapters.
 
@@ -79,6 +80,7 @@ class NumpyEngine:
     """
 
     name = "numpy"
+    live = kind_slots = bn_slots = head_slots = row_lora = can_merge = True  # every live form, and merges (Engine)
     auto_load_limit: int | None = None  # bytes; None = min(2 GiB, physical RAM / 4)
     auto_reason: str | None = None  # set by load(engine="auto"): why onnxruntime was not used
     blas_threads_set: bool | None = None  # threads= given: whether OpenBLAS took it
