@@ -1,6 +1,7 @@
 """A support desk on one base: three adapters, a tiny router, mixed batches.
 
     python examples/support_router.py                 # uses (or makes) out/demo/base, like `edgeadapt demo`
+    python examples/support_router.py --base B --adapters D --engine numpy   # any base, PEFT folders D/<name>/
 
 Tickets arrive; a keyword router picks the adapter for each (billing, tech, account, or none
 for the general assistant); tickets are answered in batches where every row runs with its own
@@ -50,14 +51,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--engine", default="auto")
     ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--base", type=Path, help="an exported base folder to run on (default: SmolLM2 in OUT/base)")
+    ap.add_argument("--adapters", type=Path, help="a folder of PEFT folders billing/, tech/, account/ trained on "
+                    "that base (default: examples/adapters)")
     a = ap.parse_args()
-    base = a.out / "base"
-    if not (base / "manifest.json").is_file():
+    base = a.base or a.out / "base"
+    if a.base is None and not (base / "manifest.json").is_file():
         export_base(smollm2_gguf(), base, gguf_type="source")
     manifest = read_manifest(base)
     m = edgeadapt.load(base, engine=a.engine, mode="live")
+    a.out.mkdir(parents=True, exist_ok=True)
     for name in ROUTES:
-        m.add_adapter(convert_peft(adapter_folder(name), manifest, a.out / f"{name}.gguf", name=name))
+        folder = a.adapters / name if a.adapters else adapter_folder(name)
+        m.add_adapter(convert_peft(folder, manifest, a.out / f"{name}.gguf", name=name))
     print(f"engine {m.engine}, mode {m.mode}, adapters {sorted(m.adapters)}\n")
     for i in range(0, len(TICKETS), a.batch):
         batch = TICKETS[i: i + a.batch]

