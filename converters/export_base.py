@@ -11,57 +11,10 @@ from edgeadapt.errors import UnsupportedError
 from edgeadapt.formats.fingerprint import fingerprint as weights_fingerprint
 from edgeadapt.formats.manifest import BaseManifest
 
+from edgeadapt.converters.gguf_tokenizer import tokenizer_from_gguf
 from edgeadapt.converters.hf import from_gguf_file, from_hf_folder
 
 Progress = Callable[[str, int, int], None]
-
-
-def _tokenizer_from_gguf(src: Path, out: Path, reader: Any) -> tuple[str | None, dict[str, Any]]:
-    """tokenizer.json from a GGUF's vocabulary, through transformers' GGUF tokenizer converter; a GGUF
-    without one (``tokenizer.ggml.model`` "none" or no token list) gives a base without a tokenizer
-    (token ids in, logits out), as an HF folder without tokenizer.json does."""
-    from transformers import AutoTokenizer
-
-    field = reader.fields.get("tokenizer.ggml.model")
-    model = field.contents() if field is not None else None
-    if model in (None, "none") or "tokenizer.ggml.tokens" not in reader.fields:
-        return None, {}
-    arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
-    folder, name = src.parent, src.name
-    if arch in _TOKENIZER_AS:  # transformers' GGUF reader does not know the architecture; the vocabulary is the same
-        folder, name = out / "_tok", "metadata.gguf"
-        folder.mkdir(exist_ok=True)
-        _metadata_copy(reader, arch, _TOKENIZER_AS[arch], folder / name)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
-    except Exception as e:  # the converter's own error is a bare KeyError / ValueError
-        shutil.rmtree(out / "_tok", ignore_errors=True)
-        raise UnsupportedError(f"{src.name}: transformers cannot convert its {model!r} tokenizer to tokenizer.json "
-                               f"({type(e).__name__}: {e})") from e
-    tok.save_pretrained(str(out / "_tok"))
-    shutil.move(str(out / "_tok" / "tokenizer.json"), out / "tokenizer.json")
-    shutil.rmtree(out / "_tok")
-    return getattr(tok, "chat_template", None), _special(tok)
-
-
-_TOKENIZER_AS = {"smollm3": "llama"}  # GGUF architecture -> the one transformers reads its tokenizer under
-
-
-def _metadata_copy(reader: Any, arch: str, as_arch: str, path: Path) -> None:
-    """The metadata of a GGUF, no tensors, under the architecture ``as_arch`` (its ``arch.`` keys renamed)."""
-    import gguf
-
-    w = gguf.GGUFWriter(str(path), as_arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment"):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        new_key = as_arch + key[len(arch):] if key.startswith(arch + ".") else key
-        w.add_key_value(new_key, field.contents(), vtype, sub_type=sub)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.close()
 
 
 def _tokenizer_from_hf(src: Path, out: Path) -> tuple[str | None, dict[str, Any]]:
@@ -76,7 +29,8 @@ def _tokenizer_from_hf(src: Path, out: Path) -> tuple[str | None, dict[str, Any]
 
 def _special(tok: Any) -> dict[str, Any]:
     return {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id, "add_bos": bool(getattr(tok, "add_bos_token", False))}
+            "eos_token_id": tok.eos_token_id, "add_bos": bool(getattr(tok, "add_bos_token", False)),
+            "add_eos": bool(getattr(tok, "add_eos_token", False)), "rules": "transformers"}  # the folder's own tokenizer
 
 
 def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", onnx: bool = True,
@@ -140,7 +94,7 @@ def export_base(source: str | Path, out: str | Path, *, gguf_type: str = "F32", 
     write_base_gguf(cfg, weights, out / "model.gguf", qtype=gguf_type, fingerprint=fp, source=reader,
                     tokenizer_dir=None if reader is not None else source, progress=progress)
     files["gguf"] = "model.gguf"
-    chat, special = (_tokenizer_from_gguf(source, out, reader) if kind == "gguf" else _tokenizer_from_hf(source, out))
+    chat, special = (tokenizer_from_gguf(source, out, reader) if kind == "gguf" else _tokenizer_from_hf(source, out))
     if (out / "tokenizer.json").is_file():
         files["tokenizer"] = "tokenizer.json"
     if kind == "hf" and (source / "config.json").is_file():

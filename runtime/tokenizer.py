@@ -21,14 +21,19 @@ class Tokenizer:
         self.chat_template = chat_template
         self.special = special or {}
         self.add_bos = bool(self.special.get("add_bos", False))
+        self.add_eos = bool(self.special.get("add_eos", False))
         self.bos_token = self.special.get("bos_token")
         self.eos_token = self.special.get("eos_token")
 
     def encode(self, text: str) -> list[int]:
+        """Ids of a raw prompt: special-token strings in the text are those tokens; BOS / EOS as the base decided
+        (a base exported from a GGUF: as llama.cpp decides from that file, even before a BOS already in the text)."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        bos = self.special.get("bos_token_id")
-        if self.add_bos and bos is not None and (not ids or ids[0] != bos):
+        bos, eos = self.special.get("bos_token_id"), self.special.get("eos_token_id")
+        if self.add_bos and bos is not None:
             ids = [bos] + ids
+        if self.add_eos and eos is not None:
+            ids = ids + [eos]
         return ids
 
     def encode_raw(self, text: str) -> list[int]:
