@@ -8,10 +8,10 @@
 """
 
 from edgeadapt.errors import (AdapterMismatchError, AdapterNotFoundError, EdgeAdaptError, FormatError, IntegrityError,
-                     MissingDependencyError, UnsupportedError)
+                     MissingDependencyError, UnsupportedError, UsageError)
 
 __all__ = ["load", "read_delta", "sync", "EdgeAdaptError", "AdapterMismatchError", "AdapterNotFoundError", "FormatError",
-           "IntegrityError", "MissingDependencyError", "UnsupportedError"]
+           "IntegrityError", "MissingDependencyError", "UnsupportedError", "UsageError"]
 __version__ = "0.1.0"
 
 

@@ -24,6 +24,11 @@ class AdapterMismatchError(EdgeAdaptError, ValueError):
     """An adapter does not fit this base: other fingerprint, architecture, names or shapes."""
 
 
+class UsageError(EdgeAdaptError, TypeError, ValueError):
+    """A call or command was given an argument of the wrong type or value (None for a path, a float token id,
+    a NaN weight, an output folder that does not exist)."""
+
+
 class UnsupportedError(EdgeAdaptError, NotImplementedError):
     """A model, adapter kind or option edgeadapt does not handle (yet)."""
 
