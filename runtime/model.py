@@ -146,8 +146,8 @@ class Model:
         name of an adapter installed in ``store``. Returns its name."""
         if self.store is not None and isinstance(source, str) and not os.path.exists(source):
             from edgeadapt.ship.store import AdapterStore
-            source = AdapterStore(self.store).resolve(source)
-        if not isinstance(source, (str, os.PathLike)):  # an adapter object (LoraDelta, edgeadapt.kinds.lora_family.*)
+            delta = AdapterStore(self.store).load(source)  # one read, checked against its blob's content hash
+        elif not isinstance(source, (str, os.PathLike)):  # an adapter object (LoraDelta, edgeadapt.kinds.lora_family.*)
             delta = source
         elif str(source).endswith(".onnx_adapter"):
             from edgeadapt.formats.onnx_adapter import read_onnx_adapter
@@ -156,7 +156,7 @@ class Model:
             delta = read_delta(source)
         if self.trust is not None or self.require_signature:
             from edgeadapt.ship.signing import check_trust
-            check_trust(source, self.trust, self.require_signature)  # the file: a signature covers its bytes
+            check_trust(delta, self.trust, self.require_signature)  # the bytes parsed: what is loaded is what is checked
         delta.check_base(self.config, self.fingerprint)
         name = name or delta.name
         with self._use_lock:

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from edgeadapt.formats.delta import SIGNATURE_TAG, read_delta, signature_message, with_signature, write_delta
+from edgeadapt.formats.delta import (SIGNATURE_TAG, delta_from_bytes, read_delta, signature_message, with_signature,
+                                     write_delta)
 from edgeadapt.errors import FormatError, IntegrityError, MissingDependencyError, UnsupportedError, collect
 
 KEY_PREFIX = "edgeadapt-ed25519"
@@ -162,15 +163,16 @@ def sign_delta(path: str | os.PathLike, key: str | os.PathLike, out: str | os.Pa
     path = Path(path)
     out = Path(out) if out is not None else path
     priv = _load_private(key)
-    delta = read_delta(path)  # every check a device makes, before we vouch for it
+    if not path.is_file():
+        raise FormatError(f"{path}: no such delta file")
+    data = path.read_bytes()  # read once: the bytes checked are the bytes signed
+    delta = delta_from_bytes(data, path)  # every check a device makes, before we vouch for it
     if delta.format_version == 1:
         tmp = out.with_name(out.name + ".v2.tmp")
         write_delta(tmp, arch=delta.arch, fingerprint=delta.fingerprint, name=delta.name, version=delta.version,
                     factors=delta.factors, source=delta.source, description=delta.description, dtype=delta.quant)
         data = tmp.read_bytes()
         tmp.unlink()
-    else:
-        data = path.read_bytes()
     _, digest = signature_message(data, str(path))
     raw = priv.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
     slot = f"ed25519:{key_id(raw)}:{priv.sign(SIGNATURE_TAG + digest).hex()}"

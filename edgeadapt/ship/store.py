@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from edgeadapt.formats.delta import LoraDelta, read_delta
-from edgeadapt.errors import AdapterNotFoundError, EdgeAdaptError, FormatError
+from edgeadapt.formats.delta import LoraDelta, delta_from_bytes, read_delta
+from edgeadapt.errors import AdapterNotFoundError, EdgeAdaptError, FormatError, IntegrityError
 
 STATE = "state.json"
 STATE_FORMAT = "edgeadapt.ship.store"
@@ -112,12 +112,24 @@ class AdapterStore:
             raise AdapterNotFoundError(f"no adapter named {name!r} in the store {self.root}; installed: {self.names()}")
         return self.root / name / st["current"]
 
+    def load(self, name: str) -> LoraDelta:
+        """The current version of ``name``, read once: its bytes must hash to the content hash in the blob's name
+        (a blob changed in place is refused), then they are parsed and verified — what is used is what was checked."""
+        path = self.resolve(name)
+        data = path.read_bytes()
+        want = BLOB_RE.fullmatch(path.name).group(2)  # type: ignore[union-attr]
+        if hashlib.sha256(data).hexdigest()[:12] != want:
+            raise IntegrityError(f"{path}: expected contents with sha256 {want}…, found "
+                                 f"{hashlib.sha256(data).hexdigest()[:12]}…; the installed file was changed — "
+                                 f"reinstall it or `edgeadapt rollback {name}`")
+        return delta_from_bytes(data, path)
+
     def open(self, name: str, *, trust: Any = None, require_signature: bool = False) -> LoraDelta:
-        """The current version of ``name``, read, verified and checked against the signature policy
+        """The current version of ``name``, read once (:meth:`load`) and checked against the signature policy
         (:func:`edgeadapt.ship.signing.check_trust`): ``Model.add_adapter(store.open("billing"))``."""
         from edgeadapt.ship.signing import check_trust
 
-        delta = read_delta(self.resolve(name))
+        delta = self.load(name)
         check_trust(delta, trust, require_signature)
         return delta
 
@@ -171,29 +183,30 @@ class AdapterStore:
     def install(self, source: str | os.PathLike, *, trust: Any = None, require_signature: bool = False,
                 allow_downgrade: bool = False) -> Installed:
         """Verify and install a delta file under its adapter name; the replaced version is kept."""
-        source = Path(source)
-        read_delta(source)  # refuse bad files before touching the store
-        with self._locked():
-            return self._install(source, trust, require_signature, allow_downgrade)
-
-    def _install(self, source: Path, trust: Any, require: bool, allow_downgrade: bool) -> Installed:
         from edgeadapt.ship.signing import check_trust
 
+        source = Path(source)
+        if not source.is_file():
+            raise FormatError(f"{source}: no such delta file")
+        data = source.read_bytes()  # read once: these bytes are verified, hashed and written, nothing else
+        delta = delta_from_bytes(data, source)  # refuse bad files before touching the store
+        check_trust(delta, trust, require_signature)
+        with self._locked():
+            return self._install(source, data, delta, allow_downgrade)
+
+    def _install(self, source: Path, data: bytes, delta: LoraDelta, allow_downgrade: bool) -> Installed:
         tmp_dir = self.root / f".tmp-{os.getpid()}"
         tmp_dir.mkdir(exist_ok=True)
         tmp = tmp_dir / "incoming.gguf"
-        h = hashlib.sha256()
-        with open(source, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(_CHUNK):
-                h.update(chunk)
-                dst.write(chunk)
+        h = hashlib.sha256(data)
+        with open(tmp, "wb") as dst:
+            for i in range(0, max(len(data), 1), _CHUNK):
+                dst.write(data[i:i + _CHUNK])
                 _step("copy")
             dst.flush()
             os.fsync(dst.fileno())
         _step("copied")
         try:
-            delta = read_delta(tmp)  # what we keep is what we verified
-            check_trust(delta, trust, require)
             name = delta.name
             if not NAME_RE.fullmatch(name):
                 raise FormatError(f"{source}: adapter name {name!r} cannot name a store entry; expected letters, "
