@@ -310,6 +310,9 @@ def _write_file(path: Path, arch: str, kv: list[tuple[str, str, object]], tensor
 def read_delta(path: str | os.PathLike) -> LoraDelta | KindAdapter:
     """Read and fully validate a delta file of any registered kind. Raises a :class:`FormatError`
     subclass on any defect."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        from edgeadapt.errors import UsageError
+        raise UsageError(f"expected a delta file path (str or os.PathLike), found {type(path).__name__} {path!r}")
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such delta file")

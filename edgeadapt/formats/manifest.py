@@ -190,6 +190,9 @@ def _uint(x: Any) -> bool:
 
 
 def read_manifest(folder: str | os.PathLike) -> BaseManifest:
+    if not isinstance(folder, (str, os.PathLike)) or not str(folder):
+        from edgeadapt.errors import UsageError
+        raise UsageError(f"expected a base folder path (str or os.PathLike), found {type(folder).__name__} {folder!r}")
     root = Path(folder)
     if root.is_file() and root.name == "manifest.json":
         root = root.parent
