@@ -11,6 +11,7 @@ new; the bytes sent again after a download is cut at 50 % (through tests/netfaul
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import tempfile
@@ -140,7 +141,8 @@ def main() -> None:
         "",
         "`python bench/update.py`. Bytes are nginx's `$bytes_sent` (headers + bodies) from its access log; "
         "one sync = the look for a next root (404), timestamp, snapshot, targets, then the files. "
-        f"PEFT's `examples/adapters/billing/adapter_model.safetensors`: {peft:,} bytes.",
+        f"PEFT's `examples/adapters/billing/adapter_model.safetensors`: {peft:,} bytes. Machine: "
+        f"{os.cpu_count()} cores shared with other jobs, load average {os.getloadavg()[0]:.1f} at the end.",
         "",
         "| update | delta file bytes | file on the wire | metadata on the wire | total | vs PEFT safetensors | requests | seconds |",
         "|---|---|---|---|---|---|---|---|",

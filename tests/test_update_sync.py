@@ -197,6 +197,8 @@ def test_cli_repo_and_sync(tiny, site, tmp_path):
     assert res.exit_code == 0 and "added a version 1 (lora, F32," in res.output, res.output
     res = run(main, ["repo", "publish", str(repo), "--keys", str(keys), "--expires", "1d"])
     assert res.exit_code == 0 and "2 adapters listed" in res.output, res.output
+    res = run(main, ["repo", "resign", str(repo), "targets", "--keys", str(keys)])
+    assert res.exit_code == 0 and res.output == "re-signed targets: version 3\n", res.output
     res = run(main, ["repo", "list", str(repo), "--json"])
     assert [a["name"] for a in json.loads(res.output)["adapters"]] == ["a", "b"]
     (site["repo"].parent / f"{site['repo'].name}-cli").symlink_to(repo)
@@ -204,11 +206,13 @@ def test_cli_repo_and_sync(tiny, site, tmp_path):
     store = tmp_path / "store"
     args = ["sync", url, "--root", str(repo / "metadata" / "1.root.json"), "--store", str(store),
             "--base", str(tiny["base"])]
-    res = run(main, args + ["--json"])
-    assert res.exit_code == 0, res.output
-    assert sorted(u["name"] for u in json.loads(res.output)["updated"]) == ["a", "b"]
     res = run(main, args)
-    assert res.exit_code == 0 and res.output.startswith(f"synced {store}: updated 0, unchanged 2, "), res.output
+    assert res.exit_code == 0 and res.stdout.startswith(f"synced {store}: updated 2 (a -→1, b -→1), unchanged 0, ")
+    assert "a " in res.stderr and "█" * 24 in res.stderr and " MB" in res.stderr  # a bar per download, on stderr
+    res = run(main, args + ["--json"])
+    assert res.exit_code == 0 and res.stderr == "", res.output
+    got = json.loads(res.stdout)
+    assert (got["updated"], sorted(got["unchanged"])) == ([], ["a", "b"])
     res = run(main, args[:1] + [url + "/nowhere"] + args[2:])
     assert res.exit_code == 2 and res.output.count("\n") == 1
     assert res.output.startswith(f"error: sync from {url}/nowhere refused: HTTP 404 from the repository")
@@ -241,3 +245,23 @@ def test_the_device_side_imports_no_torch_and_tuf_only_on_sync(tiny, site):
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False ['a'] []", out.stderr
+
+
+def test_offline_roles_are_re_signed_and_a_stale_snapshot_is_refreshed(tiny, site):
+    from edgeadapt.ship.repo import AdapterRepository
+
+    r = AdapterRepository(site["repo"], site["keys"], {"targets": 10})
+    r.add([tiny["a"]])
+    r.publish()
+    _sync(site, tiny["base"])
+    assert r.expiring() == [f"targets expires {r.targets().expires:%Y-%m-%d}"]  # publish warns with this
+    r = AdapterRepository(site["repo"], site["keys"])
+    assert r.resign("targets") == 3 and r.expiring() == []
+    assert r.resign("root") == 2
+    snap = r.publish()[0]
+    assert r.publish()[0] == snap  # nothing changed: the same snapshot
+    assert AdapterRepository(site["repo"], site["keys"], {"snapshot": 10}).publish(force=True)[0] == snap + 1
+    assert r.publish()[0] == snap + 2  # 10 days left of a 30-day lifetime: re-signed
+    assert r.publish()[0] == snap + 2
+    got = _sync(site, tiny["base"])  # follows 2.root.json, takes the new targets and snapshot
+    assert got.unchanged == ["a"] and got.requests == 5

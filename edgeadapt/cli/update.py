@@ -91,6 +91,22 @@ def repo_publish_cmd(repo: Path, keys: Path, expires: str) -> None:
     r = AdapterRepository(repo, keys, _expiry(expires))
     snap, ts = r.publish()
     click.echo(f"published {repo}: snapshot {snap}, timestamp {ts}, {len(r.listed())} adapters listed")
+    for role in r.expiring():
+        click.echo(f"warning: {role}; devices refuse it after that: edgeadapt repo resign {repo} "
+                   f"{role.split()[0]} --keys KEYDIR", err=True)
+
+
+@repo_cmd.command("resign")
+@_REPO
+@click.argument("role", type=click.Choice(["root", "targets"]))
+@_KEYS
+@_EXPIRES
+def repo_resign_cmd(repo: Path, role: str, keys: Path, expires: str) -> None:
+    """A new version of ROLE's metadata, same keys, fresh expiry (publish warns 30 days before one expires)."""
+    from edgeadapt.ship.repo import AdapterRepository
+
+    v = AdapterRepository(repo, keys, _expiry(expires)).resign(role)
+    click.echo(f"re-signed {role}: version {v}")
 
 
 @repo_cmd.command("rotate")

@@ -293,19 +293,38 @@ class AdapterRepository:
 
     def publish(self, *, force: bool = False) -> tuple[int, int]:
         """Snapshot the current targets, then timestamp it (written last). Returns (snapshot, timestamp) versions.
-        Run it at least as often as the timestamp expires (a device refuses expired metadata)."""
+        Run it at least as often as the timestamp expires (a device refuses expired metadata); the snapshot
+        is re-signed when the targets changed or when less than half of its lifetime is left."""
         snap = self._open("snapshot")
         targets = self._meta_file("targets")
         old = snap.signed.meta.get("targets.json")
         if old is not None and targets.version < old.version:
             raise UpdateError(f"targets version {targets.version} is older than the published {old.version}")
-        if force or old is None or old.version != targets.version:
+        stale = snap.signed.expires - _now() < timedelta(days=self.expiry["snapshot"] / 2)
+        if force or stale or old is None or old.version != targets.version:
             snap.signed.meta["targets.json"] = targets
             self._close("snapshot", snap)
         ts = self._open("timestamp")
         ts.signed.snapshot_meta = self._meta_file("snapshot")
         self._close("timestamp", ts)
         return ts.signed.snapshot_meta.version, ts.signed.version
+
+    def expiring(self, days: float = 30.0) -> list[str]:
+        """Roles signed offline (root, targets) that expire within ``days``: re-sign them with :meth:`resign`."""
+        soon = _now() + timedelta(days=days)
+        return [f"{role} expires {md.signed.expires:%Y-%m-%d}" for role in ("root", "targets")
+                if (md := self._open(role)).signed.expires < soon]
+
+    def resign(self, role: str) -> int:
+        """A new version of ``role`` with the same contents and keys and a fresh expiry (root: a new
+        N.root.json, signed by its keys; targets: published with a new snapshot). Returns the version."""
+        if role not in ("root", "targets"):
+            raise UpdateError(f"resign: expected root or targets (publish re-signs snapshot and timestamp), found {role!r}")
+        md = self._open(role)
+        self._close(role, md)
+        if role == "targets":
+            self.publish()
+        return md.signed.version
 
     def rotate(self, role: str) -> str:
         """Replace every key of ``role`` by a new one (as many as its threshold) in a new root version,
