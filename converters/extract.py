@@ -40,6 +40,8 @@ class Extracted:
 class DenseDelta(LoraDelta):
     """The exact ΔW of a fine-tune, shaped as an adapter the runtime can apply (the report's reference)."""
 
+    live = False  # dense: it only merges (its zero factors must never run live as if they were the change)
+
     def __init__(self, name: str, arch: str, fingerprint: str, dense: dict[str, np.ndarray]):
         z = np.zeros((1, 1), np.float32)
         super().__init__(name=name, version=0, arch=arch, fingerprint=fingerprint,
