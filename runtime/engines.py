@@ -35,7 +35,7 @@ class Engine:
     kind_slots: bool = False  # runs scale / bias terms live (DoRA, IA3, lora_bias: LiveTerms in / out / bias)
     bn_slots: bool = False  # runs bottleneck adapters in their block slots (forward(bn=...))
     head_slots: bool = False  # runs a live change of some rows of the output head (forward(head=...))
-    row_lora: bool = False  # takes runtime.row_lora.RowLoRA (each row at its own rank) for mixed batches
+    row_lora: bool = False  # takes runtime.row_lora.PerRow (each row at its own rank) for mixed batches
     can_merge: bool = False  # folds adapters into its weights (set_weights) without re-quantizing them
 
     def ensure_slots(self) -> None:

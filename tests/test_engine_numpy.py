@@ -220,7 +220,7 @@ def test_per_row_lora_equals_each_row_alone(base, mode):
 def test_row_lora_rows_are_bit_identical_to_each_row_alone(base, mode):
     """RowLoRA: each row at its own rank (4, 2, none, 4 again), no zero padding: the batch equals
     every row run alone with its 2-D factors exactly, where the padded slot form differs in the last bits."""
-    from edgeadapt.runtime.row_lora import RowLoRA
+    from edgeadapt.runtime.numpy_engine.rows import RowLoRA
 
     _, _, cfg, _, path = base
     eng = NumpyEngine(path, dequantize=mode)

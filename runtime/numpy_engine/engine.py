@@ -24,7 +24,7 @@ from edgeadapt.formats.names import ROPE_FREQS
 
 from edgeadapt.runtime.numpy_engine.weights import _FAST_DEQ, _Lazy, _Src
 from edgeadapt.runtime.numpy_engine.ops import _attend, _rmsnorm, _ro, _rope, add_head_delta, set_blas_threads
-from edgeadapt.runtime.row_lora import _add_rows, _has_terms, _lin, _low_rank, _mm, check_rows
+from edgeadapt.runtime.numpy_engine.rows import _add_rows, _has_terms, _lin, _low_rank, _mm, check_rows
 from edgeadapt.runtime.engines import Engine
 
 _F32 = np.float32
@@ -439,7 +439,7 @@ class NumpyEngine(Engine):
         ``{gguf linear name: (A, B)}``, A float32 [n, in, r], B float32 [n, r, out], scales
         already folded into B, n = 1 (one adapter for every row) or n = batch (row b uses
         A[b], B[b]; a row without an adapter has zero slices; ranks of different adapters are
-        zero-padded to one r), or a :class:`~edgeadapt.runtime.row_lora.RowLoRA` (each row at its
+        zero-padded to one r), or a :class:`~edgeadapt.runtime.numpy_engine.rows.RowLoRA` (each row at its
         own rank; a row's output is then bit-identical to that row run alone with its 2-D factors,
         as the per-row requests of :mod:`.model` do). Each named linear computes ``x Wᵀ
         (+ set_weights / set_live state) + (x A) B`` per row. Checked in full, raising :class:`AdapterMismatchError`
@@ -512,7 +512,7 @@ class NumpyEngine(Engine):
         bufs = self._kv_buffers(past, B, past_len, T)
         qkv_bias, qk_norm = cfg.qkv_bias, cfg.qk_norm
         scale = self._scale
-        # layer products row by row (see row_lora._mm) when rows may differ from each other — per-row adapters —
+        # layer products row by row (see numpy_engine.rows._mm) when rows may differ from each other — per-row adapters —
         # or in decode (seq 1: matrix-vector products, no slower); a batch of prompts sharing one adapter set
         # runs each product as one call, which is faster and within ~1e-7 relative of the rows alone
         mb = B if rows or S == 1 else 1
@@ -577,7 +577,7 @@ class NumpyEngine(Engine):
                 else:
                     x += m
             h = _rmsnorm(x, norm["output_norm.weight"], eps)
-            logits = _lin(h, *self._head, rows.get(self._head_name), B, head=True).reshape(B, S, -1)
+            logits = _lin(h, *self._head, rows.get(self._head_name), B, head=not rows).reshape(B, S, -1)
             if head is not None:
                 add_head_delta(logits, h, head)
 

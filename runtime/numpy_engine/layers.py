@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from edgeadapt.runtime.numpy_engine.ops import _attend, _rmsnorm, _ro, _rope
-from edgeadapt.runtime.row_lora import _lin
+from edgeadapt.runtime.numpy_engine.rows import _lin
 
 _F32 = np.float32
 _GELU_C = _F32(np.sqrt(2.0 / np.pi))
@@ -187,7 +187,7 @@ def forward_blocks(eng: Any, ids: np.ndarray, am: np.ndarray, pos: np.ndarray, p
                 d = _norm(eng, d, f"{p}.post_ffw_norm", eps)
             x += d
         h = _norm(eng, x, "output_norm", eps)
-        logits = _lin(h, *eng._head, rows.get(eng._head_name) if rows else None, B, head=True).reshape(B, S, -1)
+        logits = _lin(h, *eng._head, rows.get(eng._head_name) if rows else None, B, head=not rows).reshape(B, S, -1)
         if head is not None:  # a live change of some head rows, before any softcap
             from edgeadapt.runtime.numpy_engine.ops import add_head_delta
 

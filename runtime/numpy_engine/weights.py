@@ -193,14 +193,21 @@ class _Lazy:
         self.step = max(1, _LAZY_CHUNK_BYTES // (4 * inn))
         self.mv = _FAST_MV.get(src.qtype)
 
-    def matmul(self, x: np.ndarray) -> np.ndarray:
+    def matmul(self, x: np.ndarray, nb: int = 1) -> np.ndarray:
+        """x [N, in] @ Wᵀ -> [N, out]. ``nb`` > 1: x is nb row blocks of a batch, each computed by the path and
+        call shapes it gets alone (a slab dequantized once serves every block), so a row's result does not
+        depend on the batch."""
         y = np.empty((x.shape[0], self.out), _F32)
         data, deq, step = self.src.data, self.src.deq, self.step
-        if self.mv is not None and x.shape[0] <= _MATVEC_MAX_ROWS:
+        blocks = [(b, b + x.shape[0] // nb) for b in range(0, x.shape[0], x.shape[0] // nb)] if nb > 1 else [(0, None)]
+        if self.mv is not None and x.shape[0] // nb <= _MATVEC_MAX_ROWS:
             mv = self.mv
             for r0 in range(0, self.out, step):
-                y[:, r0:r0 + step] = mv(x, data[r0:r0 + step])
+                for b0, b1 in blocks:
+                    y[b0:b1, r0:r0 + step] = mv(x[b0:b1], data[r0:r0 + step])
             return y
         for r0 in range(0, self.out, step):
-            np.matmul(x, deq(data[r0:r0 + step]).T, out=y[:, r0:r0 + step])
+            wt = deq(data[r0:r0 + step]).T
+            for b0, b1 in blocks:
+                np.matmul(x[b0:b1], wt, out=y[b0:b1, r0:r0 + step])
         return y
