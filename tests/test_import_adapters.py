@@ -284,6 +284,21 @@ def test_mismatches_are_named_at_once(fx, tmp_path):
     assert not (tmp_path / "out.gguf").exists()
 
 
+def test_wrong_arguments_are_refused_by_name(fx, cpp_files, tmp_path):
+    from edgeadapt.converters.importers import import_adapter
+    from edgeadapt.errors import UsageError
+
+    good = dict(source=cpp_files["F32"], base=fx["base"], out=tmp_path / "x.gguf")
+    for bad, want in ((dict(source=None), "expected an adapter file or folder path, found NoneType"),
+                      (dict(name=3), "name: expected a non-empty string or None, found int 3"),
+                      (dict(version=-1), "version: expected an integer"), (dict(version=1.5), "found float 1.5"),
+                      (dict(dtype="Q4_0"), "dtype: expected F32 or F16"), (dict(out=None), "out: expected")):
+        kw = {**good, **bad}
+        with pytest.raises(UsageError, match=want):
+            import_adapter(kw.pop("source"), kw.pop("base"), kw.pop("out"), **kw)
+    assert not (tmp_path / "x.gguf").exists()
+
+
 # ---- .onnx_adapter
 def _onnx_adapter(path: Path, params: dict[str, np.ndarray], model_version: int = 0) -> Path:
     import onnxruntime as ort

@@ -68,6 +68,12 @@ def import_adapter(source: str | Path, base: str | Path | Any, out: str | Path, 
 
     if dtype not in ("F32", "F16"):
         raise UsageError(f"dtype: expected F32 or F16, found {dtype!r}")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise UsageError(f"name: expected a non-empty string or None, found {type(name).__name__} {name!r}")
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version < 2 ** 32:
+        raise UsageError(f"version: expected an integer in 0…2**32-1, found {type(version).__name__} {version!r}")
+    if not isinstance(out, (str, Path)) or not str(out):
+        raise UsageError(f"out: expected a delta file path, found {type(out).__name__} {out!r}")
     manifest = base if hasattr(base, "fingerprint") else read_manifest(base)
     src = Path(source) if isinstance(source, (str, Path)) else source
     imp = read_foreign(src, manifest)
