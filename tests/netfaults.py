@@ -6,7 +6,8 @@ files by default); its access log records every request's status, bytes on the w
 a given string, misbehaves: ``reset`` (RST after half the body), ``truncate`` (FIN after half the
 body, Content-Length unchanged), ``stall`` (half the body, then silence), ``slow`` (the body trickled
 at ``rate`` bytes/s), ``500`` (an error answer), ``longer`` (bytes after the declared body),
-``endless`` (no Content-Length, the body then garbage forever). It counts the bytes it sends.
+``endless`` (no Content-Length, the body then garbage forever), ``norange`` (the Range header dropped,
+as by a server without Range support). It counts the bytes it sends.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ http {{
 
 @dataclass
 class Fault:
-    kind: str  # reset | truncate | stall | slow | 500 | longer | endless
+    kind: str  # reset | truncate | stall | slow | 500 | longer | endless | norange
     match: str  # substring of the request path
     times: int = 1  # how many matching requests misbehave (-1: all)
     rate: float = 200.0  # slow: bytes per second
@@ -195,7 +196,8 @@ class FaultProxy:
             if fault is not None and fault.kind == "500":
                 self._send(conn, b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 return
-            req = b"\r\n".join([ln for ln in lines if not ln.lower().startswith(b"connection:")] +
+            drop = (b"connection:", b"range:") if fault is not None and fault.kind == "norange" else (b"connection:",)
+            req = b"\r\n".join([ln for ln in lines if not ln.lower().startswith(drop)] +
                                [b"Connection: close"]) + b"\r\n\r\n"
             with socket.create_connection(("127.0.0.1", self.upstream), timeout=30) as up:
                 up.sendall(req)
@@ -214,7 +216,7 @@ class FaultProxy:
                 pass
 
     def _answer(self, conn: socket.socket, fault: Fault | None, head: bytes, body: bytes) -> None:
-        if fault is None:
+        if fault is None or fault.kind == "norange":
             self._send(conn, head + body)
             return
         cut = int(len(body) * fault.at)

@@ -173,6 +173,26 @@ def test_resume_after_an_interruption_at_half(tiny, site):
     assert not list(site["store"].glob(".tuf/*/partial/*"))
 
 
+def test_a_server_without_range_sends_the_whole_file_again(tiny, site):
+    from edgeadapt.errors import UpdateError
+    from edgeadapt.ship.store import AdapterStore
+
+    r = _repo(site)
+    a = release(tiny["a"], site["tmp"] / "a1.gguf", 1)
+    r.add([a])
+    r.publish()
+    site["proxy"].add("reset", "/targets/", at=0.5)
+    with pytest.raises(UpdateError):
+        _sync(site, tiny["base"], url=site["purl"], retries=0)
+    assert list(site["store"].glob(".tuf/*/partial/*.part"))[0].stat().st_size > 0
+    site["proxy"].add("norange", "/targets/")
+    n0 = len(site["nginx"].log())
+    got = _sync(site, tiny["base"], url=site["purl"])
+    (uri, status, sent, rng), = _target_gets(site, n0)
+    assert (status, rng) == (200, "") and got.updated[0]["bytes"] == a.stat().st_size  # 200: the start is skipped
+    assert AdapterStore(site["store"]).resolve("a").read_bytes() == a.read_bytes()
+
+
 @pytest.mark.parametrize("kind,match,times", [("reset", "/targets/", 2), ("truncate", "/targets/", 1),
                                               ("500", "timestamp.json", 2), ("500", "/targets/", 1),
                                               ("truncate", ".snapshot.json", 1), ("longer", ".targets.json", 1)])

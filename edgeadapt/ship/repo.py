@@ -36,6 +36,11 @@ from typing import Any, Iterable
 
 from edgeadapt.errors import MissingDependencyError, UpdateError
 
+try:  # the publisher is a tuf.repository.Repository; without tuf, _tuf() names the install on first use
+    from tuf.repository import Repository
+except ImportError:  # pragma: no cover
+    Repository = object  # type: ignore[assignment,misc]
+
 ROLES = ("root", "targets", "snapshot", "timestamp")
 EXPIRY_DAYS = {"root": 365.0, "targets": 365.0, "snapshot": 30.0, "timestamp": 7.0}
 TARGET_RE = re.compile(r"([0-9a-f]{16})/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/\2-v(\d{1,10})\.gguf")
@@ -45,7 +50,7 @@ _KEY_RE = re.compile(r"(root|targets|snapshot|timestamp)-([0-9a-f]{16})\.key")
 
 def _tuf():
     try:
-        import securesystemslib.signer  # noqa: F401
+        import securesystemslib.signer  # noqa: F401  (imported to fail early and name the extra)
         import tuf.api.metadata  # noqa: F401
     except ImportError as e:
         raise MissingDependencyError(f"publishing adapter updates needs tuf: pip install 'edgeadapt[update]' "
@@ -121,8 +126,11 @@ class Listed:
     length: int
 
 
-class AdapterRepository:
-    """A TUF repository of delta files in a folder; keys in KEYDIR. Every change signs what it writes."""
+class AdapterRepository(Repository):
+    """A TUF repository of delta files in a folder; keys in KEYDIR. Every change signs what it writes.
+
+    A ``tuf.repository.Repository``: :meth:`open` / :meth:`close` read and write role metadata
+    (consistent snapshots), so tuf's own ``edit``, ``do_snapshot`` and ``do_timestamp`` drive publishing."""
 
     def __init__(self, root: str | os.PathLike, keydir: str | os.PathLike | None = None,
                  expiry_days: dict[str, float] | None = None):
@@ -186,11 +194,20 @@ class AdapterRepository:
         md.signed.version = 0
         return md
 
-    def root(self):
-        return self._open("root").signed
+    # ---- tuf.repository.Repository
+    def open(self, role: str):
+        return self._open(role)
 
-    def targets(self):
-        return self._open("targets").signed
+    def close(self, role: str, md) -> None:
+        self._close(role, md)
+
+    @property
+    def targets_infos(self):
+        return {"targets.json": self._meta_file("targets")}
+
+    @property
+    def snapshot_info(self):
+        return self._meta_file("snapshot")
 
     def listed(self) -> list[Listed]:
         out = []
@@ -295,19 +312,14 @@ class AdapterRepository:
         """Snapshot the current targets, then timestamp it (written last). Returns (snapshot, timestamp) versions.
         Run it at least as often as the timestamp expires (a device refuses expired metadata); the snapshot
         is re-signed when the targets changed or when less than half of its lifetime is left."""
-        snap = self._open("snapshot")
-        targets = self._meta_file("targets")
-        old = snap.signed.meta.get("targets.json")
-        if old is not None and targets.version < old.version:
-            raise UpdateError(f"targets version {targets.version} is older than the published {old.version}")
-        stale = snap.signed.expires - _now() < timedelta(days=self.expiry["snapshot"] / 2)
-        if force or stale or old is None or old.version != targets.version:
-            snap.signed.meta["targets.json"] = targets
-            self._close("snapshot", snap)
-        ts = self._open("timestamp")
-        ts.signed.snapshot_meta = self._meta_file("snapshot")
-        self._close("timestamp", ts)
-        return ts.signed.snapshot_meta.version, ts.signed.version
+        snap = self._open("snapshot").signed
+        stale = snap.version > 0 and snap.expires - _now() < timedelta(days=self.expiry["snapshot"] / 2)
+        try:
+            self.do_snapshot(force=force or stale)  # a new snapshot when targets changed (or keys, or stale)
+        except ValueError as e:
+            raise UpdateError(f"{self.dir}: {e}: the targets metadata is older than the published one") from None
+        self.do_timestamp(force=True)
+        return self.snapshot_info.version, self._open("timestamp").signed.version
 
     def expiring(self, days: float = 30.0) -> list[str]:
         """Roles signed offline (root, targets) that expire within ``days``: re-sign them with :meth:`resign`."""
@@ -319,7 +331,8 @@ class AdapterRepository:
         """A new version of ``role`` with the same contents and keys and a fresh expiry (root: a new
         N.root.json, signed by its keys; targets: published with a new snapshot). Returns the version."""
         if role not in ("root", "targets"):
-            raise UpdateError(f"resign: expected root or targets (publish re-signs snapshot and timestamp), found {role!r}")
+            raise UpdateError(f"resign: expected root or targets (publish re-signs snapshot and timestamp), "
+                              f"found {role!r}")
         md = self._open(role)
         self._close(role, md)
         if role == "targets":
