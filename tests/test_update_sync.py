@@ -229,8 +229,9 @@ def test_cli_repo_and_sync(tiny, site, tmp_path):
     res = run(main, args)
     assert res.exit_code == 0 and res.stdout.startswith(f"synced {store}: updated 2 (a -→1, b -→1), unchanged 0, ")
     assert "a " in res.stderr and "█" * 24 in res.stderr and " MB" in res.stderr  # a bar per download, on stderr
-    res = run(main, args + ["--json"])
+    res = run(main, args + ["--json", "--only", "a,zz", "--only", "b"])
     assert res.exit_code == 0 and res.stderr == "", res.output
+    assert json.loads(res.stdout)["not_listed"] == ["zz"]
     got = json.loads(res.stdout)
     assert (got["updated"], sorted(got["unchanged"])) == ([], ["a", "b"])
     res = run(main, args[:1] + [url + "/nowhere"] + args[2:])
@@ -285,3 +286,23 @@ def test_offline_roles_are_re_signed_and_a_stale_snapshot_is_refreshed(tiny, sit
     assert r.publish()[0] == snap + 2
     got = _sync(site, tiny["base"])  # follows 2.root.json, takes the new targets and snapshot
     assert got.unchanged == ["a"] and got.requests == 5
+
+
+def test_every_path_the_device_accepts_stays_inside_its_folder():
+    import posixpath
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from edgeadapt.ship.repo import TARGET_RE
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.text(alphabet="ab./-_\0\\v1g:0", max_size=40))
+    def check(tail):
+        for path in (tail, f"0123456789abcdef/{tail}", f"0123456789abcdef/{tail}/{tail}-v1.gguf"):
+            if TARGET_RE.fullmatch(path):
+                parts = path.split("/")
+                assert posixpath.normpath(path) == path and not path.startswith("/") and "\0" not in path
+                assert ".." not in parts and "." not in parts and "\\" not in path and len(parts) == 3
+
+    check()

@@ -167,7 +167,8 @@ class _Bar:
               type=click.Path(file_okay=False, path_type=Path), help="The adapter store folder.")
 @click.option("--base", "base", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="This device's base folder: only adapters pinned to its fingerprint are fetched.")
-@click.option("--only", "only", multiple=True, metavar="NAME", help="Only these adapters. Repeatable.")
+@click.option("--only", "only", multiple=True, metavar="NAME[,NAME…]",
+              help="Only these adapters (repeatable, or comma-separated).")
 @click.option("--prune", is_flag=True, help="Remove installed adapters of this base the repository no longer lists.")
 @click.option("--trust", "trust", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Also require delta files signed by these keys (see `edgeadapt keygen`). Repeatable.")
@@ -183,7 +184,8 @@ def sync_cmd(url: str, root: Path, store: Path, base: Path, only: tuple[str, ...
     if trust:
         from edgeadapt.ship.signing import TrustStore
         ts = TrustStore.load(*trust)
-    r = sync(url, root=root, store=store, base=base, only=only or None, prune=prune, trust=ts,
+    names = [n.strip() for spec in only for n in spec.split(",") if n.strip()]
+    r = sync(url, root=root, store=store, base=base, only=names or None, prune=prune, trust=ts,
              require_signature=bool(trust), progress=None if as_json else _Bar(), timeout=timeout)
     if as_json:
         import json
