@@ -45,7 +45,7 @@ def read_foreign(source: str | Path, manifest: Any) -> Imported:
         raise FormatError(f"{src}: expected one of {', '.join(FORMATS)}; found a folder without adapters.safetensors"
                           + ("; it is a PEFT folder: convert it with edgeadapt export-adapter" if peft else ""))
     if not src.is_file():
-        raise FormatError(f"{src}: no such adapter file or folder")
+        raise FormatError(f"{src}: {'not a regular file' if src.exists() else 'no such adapter file or folder'}")
     from edgeadapt.converters.importers.llama_gguf import is_gguf, read_llama_lora
     from edgeadapt.converters.importers.onnx_adapter import is_onnx_adapter, read_onnx_adapter_file
 

@@ -60,7 +60,7 @@ def read_onnx_adapter_file(path: str | Path, cfg: ArchConfig, pin: int | None = 
         params = {k: v.numpy() for k, v in fmt.get_parameters().items()}
         version = int(fmt.get_model_version())
     except Exception as e:  # onnxruntime raises its own types for a damaged flatbuffer
-        raise FormatError(f"{path}: not a readable .onnx_adapter file: {e}") from None
+        raise FormatError(f"{path}: not a readable .onnx_adapter file: {str(e).strip()}") from None
     problems: list[str] = []
     pairs: dict[str, dict[str, np.ndarray]] = {}
     hf_order: set[str] = set()
