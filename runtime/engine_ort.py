@@ -34,6 +34,10 @@ from edgeadapt.runtime.engines import Engine
 
 PastKV = list[tuple[np.ndarray, np.ndarray]]
 WEIGHTS = {"fp32": None, "int4": "onnx_int4", "int8": "onnx_int8"}  # weights= -> manifest file kind (None: onnx)
+# memory= -> (enable_cpu_mem_arena, enable_mem_pattern). The arena keeps every buffer a run ever needed (a
+# prompt's logits, [tokens, vocab] float32) for the session's life; without it they go back to the allocator
+# after each run, and (see _return_large_buffers) to the system. Measured: docs/PERFORMANCE.md, "Memory".
+MEMORY = {"low": (False, False), "balanced": (False, True), "fast": (True, True)}
 
 
 class OverrideNotAppliedError(EdgeAdaptError, RuntimeError):
@@ -59,8 +63,13 @@ class OrtEngine(Engine):
     name = "ort"
 
     def __init__(self, manifest: BaseManifest, *, threads: int | None = None, live: bool | str = False,
-                 weights: str = "fp32", defer: bool = False):
+                 weights: str = "fp32", defer: bool = False, memory: str = "balanced"):
         self._ort = import_ort()
+        if memory not in MEMORY:
+            raise UnsupportedError(f"memory {memory!r} is not one of {tuple(MEMORY)}")
+        self.memory = memory
+        if memory != "fast":
+            _return_large_buffers()
         if weights not in WEIGHTS:
             raise UnsupportedError(f"weights {weights!r} is not one of {tuple(WEIGHTS)}")
         self.weights = weights
@@ -171,6 +180,8 @@ class OrtEngine(Engine):
         if self._threads:
             so.intra_op_num_threads = self._threads
         so.log_severity_level = 3
+        arena, pattern = MEMORY[self.memory]
+        so.enable_cpu_mem_arena, so.enable_mem_pattern = arena, pattern
         return so
 
     def _build(self, overrides: dict[str, np.ndarray], path: Path | None = None) -> Any:
@@ -533,6 +544,8 @@ class KVCache:
         self._slots, self._empty_slot = g.slots, g.empty_slot
         self.io = self.sess.io_binding()
         self.io.bind_output("logits", "cpu")
+        vocab = self.sess.get_outputs()[0].shape[-1]
+        self._vocab = vocab if isinstance(vocab, int) else cfg.vocab_size
         self._shape = (batch, cfg.n_kv_heads, 0, cfg.head_dim)
         self._arrays: list[np.ndarray] = []
         self.capacity = 0
@@ -576,10 +589,30 @@ class KVCache:
         self.io.bind_cpu_input("input_ids", ids)
         self.io.bind_cpu_input("attention_mask", mask)
         self.io.bind_cpu_input("position_ids", pos)
-        self.io.bind_output("logits", "cpu")
+        # onnxruntime writes the logits straight into a fresh numpy array: no second copy of a prompt's
+        # [batch, tokens, vocab] float32 (13.6 MB for 69 tokens of SmolLM2) at the peak of a prefill
+        logits = np.empty(ids.shape + (self._vocab,), np.float32)
+        self.io.bind_ortvalue_output("logits", self._engine._ort.OrtValue.ortvalue_from_numpy(logits))
         self.sess.run_with_iobinding(self.io)
         self.length = mask.shape[1]
-        return self.io.get_outputs()[0].numpy()
+        return logits
+
+
+def _return_large_buffers() -> None:
+    """glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which the
+    prompt's logits, onnxruntime's per-run buffers and numpy's temporaries come from the heap and stay
+    resident once freed. A fixed threshold of 64 KiB sends blocks that large back to the system when freed
+    (process-wide; measured in docs/PERFORMANCE.md, "Memory"). Elsewhere than glibc: nothing to do."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD (fixing it also turns off the dynamic raise)
+    mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD: give back free heap above 1 MiB
 
 
 def default_threads() -> int | None:

@@ -67,7 +67,7 @@ def engine_class(name: str) -> type[Engine]:
 
 
 def make_engine(manifest: BaseManifest, engine: str, threads: int | None, *, dequantize: str = "auto",
-                 live: bool = False, weights: str = "fp32") -> Engine:
+                 live: bool = False, weights: str = "fp32", memory: str = "balanced") -> Engine:
     """"ort": onnxruntime on model.onnx (``weights`` "int4" | "int8": on model_int4.onnx | model_int8.onnx),
     or an error saying why not. "numpy": model.gguf in numpy (``dequantize`` = its "auto" | "load" | "lazy").
     "auto": onnxruntime when it imports and builds a session on that graph, else numpy; the numpy engine
@@ -94,7 +94,8 @@ def make_engine(manifest: BaseManifest, engine: str, threads: int | None, *, deq
             try:
                 # "ort" asked for by name: a lazy engine builds its first session when it first runs; "auto"
                 # builds it here, because a failed build is what sends auto to numpy
-                return engine_class("ort")(manifest, threads=threads, live=live, weights=weights, defer=engine == "ort")
+                return engine_class("ort")(manifest, threads=threads, live=live, weights=weights, defer=engine == "ort",
+                                           memory=memory)
             except ImportError as e:  # MissingDependencyError included: the expected case on a device
                 if engine == "ort":
                     raise

@@ -37,8 +37,8 @@ MODES = ("auto", "merge", "live")
 
 
 def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", threads: int | None = None,
-         weights: str = "fp32", dequantize: str = "auto", trust: Any = None, require_signature: bool = False,
-         store: str | os.PathLike | None = None) -> "Model":
+         weights: str = "fp32", dequantize: str = "auto", memory: str = "balanced", trust: Any = None,
+         require_signature: bool = False, store: str | os.PathLike | None = None) -> "Model":
     """Load a base folder made by ``edgeadapt export-base``.
 
     ``engine``: "ort" (onnxruntime), "numpy" (pure numpy, from model.gguf) or "auto"
@@ -51,10 +51,17 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
     written by ``export-base --onnx-quant``): the quantized base with adapters live beside it, in float32.
     ``dequantize`` (numpy engine): "auto" | "load" (fp32 once: fastest) | "lazy" (quantized blocks stay
     mapped: least memory) — see docs/NUMPY_ENGINE.md.
+    ``memory``: "low" | "balanced" (default) | "fast" — what the engine may hold beyond the weights for speed
+    (onnxruntime: its buffer arena and memory pattern; numpy, when ``dequantize`` is "auto": "lazy" | "auto" |
+    "load"). Outputs are identical; the costs in MB and tok/s are in docs/PERFORMANCE.md, "Memory".
     ``trust``: an :class:`edgeadapt.ship.signing.TrustStore` (or a path / list of paths of public keys);
     ``require_signature``: refuse adapters not signed by a trusted key; ``store``: an adapter store
     folder (``edgeadapt install``), so ``add_adapter("billing")`` loads the installed version.
     """
+    from edgeadapt.runtime.args import choice
+    choice(memory, ("low", "balanced", "fast"), "memory")
+    if dequantize == "auto":
+        dequantize = {"low": "lazy", "balanced": "auto", "fast": "load"}[memory]
     if mode not in MODES:
         raise UnsupportedError(f"mode {mode!r} is not one of {MODES}")
     if weights != "fp32" and mode == "merge":
@@ -75,7 +82,8 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
     if trust is not None and not hasattr(trust, "keys"):
         from edgeadapt.ship.signing import TrustStore
         trust = TrustStore.load(*([trust] if isinstance(trust, (str, os.PathLike)) else trust))
-    model = Model(manifest, make_engine(manifest, engine, threads, live=live, weights=weights, dequantize=dequantize), mode=mode)
+    model = Model(manifest, make_engine(manifest, engine, threads, live=live, weights=weights, dequantize=dequantize,
+                                       memory=memory), mode=mode)
     model.trust, model.require_signature, model.store = trust, require_signature, store
     return model
 

@@ -62,19 +62,21 @@ class System:
 
 
 class Edgeadapt(System):
-    def __init__(self, spec: Spec, engine: str, weights: str = "fp32"):
+    def __init__(self, spec: Spec, engine: str, weights: str = "fp32", memory: str | None = None):
         super().__init__(spec)
-        self.engine, self.weights = engine, weights
-        self.name = f"edgeadapt {engine}" + (f" {weights}" if engine == "ort" else "")
+        self.engine, self.weights, self.memory = engine, weights, memory
+        self.name = (f"edgeadapt {engine}" + (f" {weights}" if engine == "ort" else "")
+                     + (f" memory={memory}" if memory else ""))
         self.how = (f"edgeadapt.load(engine={engine!r}" + (f", weights={weights!r}" if engine == "ort" else "")
-                    + "), adapters live (mode auto)")
+                    + (f", memory={memory!r}" if memory else "") + "), adapters live (mode auto)")
 
     def load(self) -> None:
         from dataclasses import replace
 
         import edgeadapt
 
-        self.m = edgeadapt.load(self.spec.base, engine=self.engine, weights=self.weights, threads=self.spec.threads)
+        kw = {"memory": self.memory} if self.memory else {}  # else load's default policy
+        self.m = edgeadapt.load(self.spec.base, engine=self.engine, weights=self.weights, threads=self.spec.threads, **kw)
         self.m.config = replace(self.m.config, eos_token_ids=[])  # fixed-length decoding
         self.m.auto_merge_tokens = None  # the rounds measure live adapters, never an automatic merge
 
@@ -322,6 +324,9 @@ SYSTEMS = {
     "edgeadapt-ort-int4": lambda s: Edgeadapt(s, "ort", "int4"),
     "edgeadapt-ort-fp32": lambda s: Edgeadapt(s, "ort", "fp32"),
     "edgeadapt-numpy": lambda s: Edgeadapt(s, "numpy"),
+    "edgeadapt-ort-int4-fast": lambda s: Edgeadapt(s, "ort", "int4", memory="fast"),  # the memory= trades
+    "edgeadapt-ort-int4-low": lambda s: Edgeadapt(s, "ort", "int4", memory="low"),
+    "edgeadapt-numpy-low": lambda s: Edgeadapt(s, "numpy", memory="low"),
     "llama-cpp-python": lambda s: LlamaCpp(s),
     "llama.cpp-capi": lambda s: LlamaCpp(s, capi=True),
     "ort-lora-adapter": OrtMultiLora,

@@ -249,7 +249,7 @@ def demo_cmd(out: Path, engine: str, prompt: str) -> None:
 # they import only click at module level, the real work lazily inside each command)
 _COMMAND_MODULES: list[str] = ["edgeadapt.cli.ship", "edgeadapt.cli.bench", "edgeadapt.cli.combine",
                                 "edgeadapt.cli.update", "edgeadapt.cli.serve",
-                                "edgeadapt.cli.imports"]
+                                "edgeadapt.cli.imports", "edgeadapt.cli.bundle"]
 
 
 def _register() -> None:
