@@ -113,8 +113,8 @@ def table(title: str, rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['step']} | {r['s']:.3f} | {r['VmRSS']:.0f} | {r['RssAnon']:.0f} | {r['RssFile']:.0f} | "
                      f"{r['VmHWM']:.0f} |")
-    cold = sum(r["s"] for r in rows if "32 tokens" not in r["step"] and "x" not in r["step"].split()[-1]
-               and rows.index(r) <= next(i for i, x in enumerate(rows) if x["step"].startswith("first token")))
+    first = next(i for i, r in enumerate(rows) if r["step"].startswith("first token"))
+    cold = sum(r["s"] for r in rows[: first + 1])
     lines += ["", f"cold start to the first token: {cold:.2f} s"]
     return "\n".join(lines)
 

@@ -19,7 +19,6 @@ is refused by name at load: ``weights="fp32"`` on an int4 bundle names the bundl
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -197,7 +196,3 @@ def _as_half(t: Any, raw: bytes, inits: dict[str, Any], root: Path) -> tuple[str
 
 def folder_size(root: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(root).iterdir() if p.is_file())
-
-
-def describe(man: BaseManifest) -> str:
-    return json.dumps({"files": man.files, "bytes": folder_size(man.root)})
