@@ -38,12 +38,13 @@ class Fetcher(FetcherInterface):
         self.timeout, self.min_rate, self.grace, self.retries = timeout, min_rate, grace, retries
         self.bytes = 0  # body bytes received, every request
         self.requests = 0
-        self._pool = urllib3.PoolManager(headers={"User-Agent": user_agent}, retries=False)
+        self.user_agent = user_agent
+        self._pool = urllib3.PoolManager(retries=False)
 
     # ---- one request
     def _open(self, url: str, offset: int) -> tuple[urllib3.BaseHTTPResponse, int]:
         """GET ``url`` from byte ``offset``; returns the response and the offset its body starts at."""
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        headers = {"User-Agent": self.user_agent} | ({"Range": f"bytes={offset}-"} if offset else {})
         self.requests += 1
         try:
             r = self._pool.request("GET", url, headers=headers, preload_content=False, redirect=False,
