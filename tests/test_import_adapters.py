@@ -2,7 +2,7 @@
 matched against the defining tool's own forward on both engines (live), and llama.cpp's greedy text.
 
 - llama.cpp LoRA GGUF: made by llama.cpp's own ``convert_lora_to_gguf.py`` when its source tree is found
-  ($LLAMA_CPP_DIR, or an unpacked llama-cpp-python sdist under /tmp/lcp*/…/vendor/llama.cpp), else by
+  ($LLAMA_CPP_DIR: the vendor/llama.cpp folder of llama-cpp-python's source release, which .ci/run unpacks), else by
   :func:`layout_gguf`, which follows its layout (the skip / log line says which);
 - ``.onnx_adapter``: onnxruntime's own ``AdapterFormat`` with the parameter names of onnxruntime-genai's
   model builder, of Olive's ``convert-adapters`` and of our slotted graph (pinned to no base);
@@ -13,7 +13,6 @@ matched against the defining tool's own forward on both engines (live), and llam
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import os
 import subprocess
@@ -68,12 +67,11 @@ def run(engine: str, base: Path, delta: Path, ids) -> np.ndarray:
 
 # ---- llama.cpp LoRA GGUF
 def lora_converter() -> Path | None:
-    """llama.cpp's convert_lora_to_gguf.py: $LLAMA_CPP_DIR when set (``-``: none), else an unpacked llama-cpp-python
-    sdist (``pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36``, untarred under /tmp/lcp…)."""
-    env = os.environ.get("LLAMA_CPP_DIR")
-    dirs = [env] if env is not None else sorted(glob.glob("/tmp/lcp*/*/vendor/llama.cpp"))
-    return next((Path(d) / "convert_lora_to_gguf.py" for d in dirs
-                 if d and (Path(d) / "convert_lora_to_gguf.py").is_file()), None)
+    """llama.cpp's convert_lora_to_gguf.py under $LLAMA_CPP_DIR (llama.cpp's source tree, e.g. the vendor/llama.cpp
+    folder of ``pip download --no-deps --no-binary :all: llama-cpp-python``, as .ci/run sets it up)."""
+    env = os.environ.get("LLAMA_CPP_DIR", "")
+    conv = Path(env) / "convert_lora_to_gguf.py"
+    return conv if env and conv.is_file() else None
 
 
 def layout_gguf(peft_dir: Path, cfg, out: Path, outtype: str) -> Path:
