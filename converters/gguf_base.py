@@ -28,7 +28,8 @@ FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTL
 KEY_FINGERPRINT = "edgeadapt.base.fingerprint"
 _NOT_COPIED = {"general.file_type", "general.alignment", KEY_FINGERPRINT}
 # tokenizer.json's Split regex -> llama.cpp's pre-tokenizer name (tokenizer.ggml.pre; llama.cpp's converter finds
-# the same name by hashing a tokenization). Anything else is written as "default".
+# the same name by hashing a tokenization); a tokenizer.json written from a GGUF (gguf_tokenizer: llama.cpp's own
+# regexes) is named back. Anything else is written as "default".
 LLAMA_CPP_PRE = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
         "qwen2",  # Qwen2, Qwen2.5, Qwen3: one digit per piece
@@ -118,7 +119,9 @@ def _bpe_pre(path: Path) -> str:
         return "default"
     parts = (pre.get("pretokenizers") or [pre]) if isinstance(pre, dict) else []
     regexes = [(p.get("pattern") or {}).get("Regex") for p in parts if isinstance(p, dict) and p.get("type") == "Split"]
-    return next((LLAMA_CPP_PRE[r] for r in regexes if r in LLAMA_CPP_PRE), "default")
+    from edgeadapt.converters.gguf_tokenizer import pre_name
+
+    return pre_name(tuple(regexes)) or next((LLAMA_CPP_PRE[r] for r in regexes if r in LLAMA_CPP_PRE), "default")
 
 
 def write_base_gguf(cfg: ArchConfig, weights: dict[str, np.ndarray], path: Path, *, qtype: str = "F32",

@@ -45,6 +45,11 @@ _GROUPS: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
      (r"\p{N}", _GPT2)),  # one digit per piece first
 ]
 LLAMA_CPP_SPLITS: dict[str, tuple[str, ...]] = {name: regexes for names, regexes in _GROUPS for name in names}
+
+
+def pre_name(regexes: tuple[str, ...]) -> str | None:
+    """The llama.cpp pre-tokenizer name whose regexes these are (a tokenizer.json this module wrote), or None."""
+    return next((names[0] for names, r in _GROUPS if r == tuple(regexes)), None)
 # pre-tokenizers llama.cpp adds BOS for by default, and those it looks whole pieces up in the vocabulary for
 _BOS_BY_DEFAULT = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
                    "jina-v5-nano", "tekken", "chameleon"}
