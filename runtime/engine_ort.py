@@ -224,7 +224,10 @@ class OrtEngine(Engine):
         whole). The int4 / int8 graphs look up Q8_0 rows of the same table, within its quantization error."""
         e = self._table.get("token_embd.weight")
         if e is None or e["layout"] != "as_is":
-            raise FormatError(f"{self._root}: the manifest does not locate token_embd.weight in the ONNX data")
+            raise FormatError(f"{self._root}: adapters that read the base's embedding rows (trainable tokens, a tied "
+                              "head's changed rows) need token_embd.weight in float32 (model.onnx.data), which the "
+                              "manifest does not locate (an int4 / int8 device bundle ships none); load the full "
+                              "base folder for such adapters")
         mm = self._mm.get(e["file"])
         if mm is None:
             mm = self._mm[e["file"]] = np.memmap(self._root / e["file"], dtype=np.uint8, mode="r")

@@ -124,3 +124,24 @@ def test_memory_policy_is_checked(qbase):
 
     with pytest.raises(UsageError, match="memory: expected one of 'low', 'balanced', 'fast', found"):
         edgeadapt.load(qbase, memory="tiny")
+
+
+def test_quantized_bundle_names_what_needs_float_embedding_rows(qbase, tmp_path, ids):
+    """Trainable tokens replace embedding rows, so they read the base's float32 rows (model.onnx.data), which an
+    int4 bundle does not ship: refused by name, where the full folder runs them."""
+    from edgeadapt.formats.manifest import read_manifest
+    from edgeadapt.kinds.sequence import SeqAdapter
+
+    b = _bundle(qbase, tmp_path / "bundle", "ort/int4")
+    man = read_manifest(qbase)
+    tok = SeqAdapter.build("trainable_tokens", token_rows=(np.array([5, 17]), np.ones((2, man.arch.dim))), name="t",
+                           version=1, arch=man.arch.arch, fingerprint=man.fingerprint)
+    full = edgeadapt.load(qbase, engine="ort", weights="int4")
+    full.add_adapter(tok)
+    full.use("t")
+    assert np.isfinite(full.logits(ids)).all()
+    m = edgeadapt.load(b, engine="ort", weights="int4")
+    m.add_adapter(tok)
+    with pytest.raises(FormatError, match="device bundle ships none\); load the full base folder"):
+        m.use("t")
+        m.logits(ids)
