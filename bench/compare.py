@@ -269,8 +269,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--name", default=None, help="results file stem under bench/results (default: compare[_quick])")
     a = ap.parse_args()
-    name = "compare_quick" if a.quick else "compare"
+    name = a.name or ("compare_quick" if a.quick else "compare")
     cache = HERE / ".cache" / ("compare_tiny" if a.quick else "compare_smollm2")
     cache.mkdir(parents=True, exist_ok=True)
     spec, prep = (prepare_tiny if a.quick else prepare_smollm2)(cache)
