@@ -25,6 +25,7 @@ from edgeadapt.formats.manifest import BaseManifest, read_manifest
 
 from edgeadapt.runtime.engines import make_engine
 from edgeadapt.runtime.row_lora import add_terms, slot_inputs
+from edgeadapt.runtime import args
 from edgeadapt.runtime.rwlock import RWLock
 from edgeadapt.runtime.sampling import Sampler
 from edgeadapt.runtime.seq import Plan, SeqParts
@@ -58,10 +59,15 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
     ``require_signature``: refuse adapters not signed by a trusted key; ``store``: an adapter store
     folder (``edgeadapt install``), so ``add_adapter("billing")`` loads the installed version.
     """
-    from edgeadapt.runtime.args import choice
-    choice(memory, ("low", "balanced", "fast"), "memory")
+    args.path(base, "load: base")
+    args.choice(engine, ("auto", "ort", "numpy"), "engine")
+    args.choice(weights, ("fp32", "int4", "int8"), "weights")
+    args.choice(dequantize, ("auto", "load", "lazy"), "dequantize")
+    args.choice(memory, ("low", "balanced", "fast"), "memory")
     if dequantize == "auto":
         dequantize = {"low": "lazy", "balanced": "auto", "fast": "load"}[memory]
+    if threads is not None:
+        args.count(threads, "threads", 1)
     if mode not in MODES:
         raise UnsupportedError(f"mode {mode!r} is not one of {MODES}")
     if weights != "fp32" and mode == "merge":
@@ -152,6 +158,8 @@ class Model:
         """Read, verify (integrity, signature when required or trusted, base fingerprint, shapes) and keep an
         adapter, not yet active. ``source``: a delta file, a ``.onnx_adapter``, an adapter object, or the
         name of an adapter installed in ``store``. Returns its name."""
+        args.adapter_source(source)
+        args.adapter_name(name)
         if self.store is not None and isinstance(source, str) and not os.path.exists(source):
             from edgeadapt.ship.store import AdapterStore
             delta = AdapterStore(self.store).load(source)  # one read, checked against its blob's content hash
@@ -160,6 +168,10 @@ class Model:
         elif str(source).endswith(".onnx_adapter"):
             from edgeadapt.formats.onnx_adapter import read_onnx_adapter
             delta = read_onnx_adapter(source, arch=self.config.arch, fingerprint=self.fingerprint, name=name)
+            if delta.fingerprint != self.fingerprint:  # not written by export-adapter for this base
+                raise AdapterMismatchError(f"{source}: an .onnx_adapter not pinned to this base ({delta.fingerprint}); "
+                                           f"one another tool wrote is imported, checked against the base, with: "
+                                           f"edgeadapt import-adapter {source} --base {self.manifest.root} -o NEW.gguf")
         else:
             delta = read_delta(source)
         if self.trust is not None or self.require_signature:
@@ -178,6 +190,7 @@ class Model:
         return name
 
     def remove_adapter(self, name: str) -> None:
+        args.adapter_name(name, optional=False)
         if name not in self.adapters:
             raise AdapterNotFoundError(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
         if name in self.active:
@@ -355,6 +368,9 @@ class Model:
         :meth:`_request` reads when the request starts. Either way later swaps do not touch a running request."""
         if adapters is None:
             return None
+        if isinstance(adapters, (str, Mapping)) or not isinstance(adapters, Sequence):
+            raise args.UsageError(f"adapters=: expected a list with one entry per row, found {type(adapters).__name__} "
+                                  f"{adapters!r}; for one adapter on every row use use() or adapters=[spec] * rows")
         if len(adapters) != batch:
             raise FormatError(f"adapters= names one entry per row: expected {batch}, found {len(adapters)}")
         if not self._live_ok or self.requested_mode == "merge":
@@ -425,12 +441,7 @@ class Model:
                                     embed=None if plan.embed is None else plan.embed(ids), **kw)
 
     def _check_ids(self, ids: Any) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise FormatError(f"expected token ids [batch, seq], found shape {list(ids.shape)}")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise FormatError(f"token ids must lie in [0, {self.config.vocab_size}); found {ids.min()}…{ids.max()}")
-        return ids
+        return args.token_rows(ids, self.config.vocab_size)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -457,6 +468,8 @@ class Model:
         per step; ``adapters`` then gives each row its own adapter). ``chat`` (default: when the base has a
         template) wraps prompts in the model's chat template. ``stream=True`` yields text pieces
         (single prompt only)."""
+        args.prompt(prompt)
+        args.count(max_new_tokens, "max_new_tokens")
         sampler = Sampler(temperature, top_k, top_p, seed)
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str):
             if stream:
@@ -464,7 +477,7 @@ class Model:
             rows = [self.encode_prompt(p, chat, system) for p in prompt]
             outs = self.generate_batch(rows, max_new_tokens, sampler, adapters=adapters)
             return [self.tokenizer.decode(o) for o in outs]
-        ids = self.encode_prompt(prompt, chat, system) if isinstance(prompt, str) else list(prompt)
+        ids = self.encode_prompt(prompt, chat, system) if isinstance(prompt, str) else args.token_list(prompt, self.config.vocab_size)
         plan = self._plan(adapters, 1)
         own = None if adapters is None else self._normalise(adapters[0])
         pieces = self._stream(ids, max_new_tokens, sampler, plan, own)
@@ -480,6 +493,8 @@ class Model:
     def generate_ids(self, ids: Sequence[int], max_new_tokens: int = 64, sampler: Sampler | None = None, *,
                      adapter: UseSpec = None) -> list[int]:
         """Token ids in, generated token ids out (stops at EOS, which is not included)."""
+        ids = args.token_list(ids, self.config.vocab_size)
+        args.count(max_new_tokens, "max_new_tokens")
         plan = self._plan([adapter], 1) if adapter is not None else self._plan(None, 1)
         own = None if adapter is None else self._normalise(adapter)
         return [t for step in self._steps([ids], max_new_tokens, sampler or Sampler(), plan, own) for _, t in step]
@@ -488,6 +503,10 @@ class Model:
                        *, adapters: Sequence[UseSpec] | None = None, plan: Live | None = None) -> list[list[int]]:
         """Several prompts (token ids) at once, left-padded, one forward pass per step; each row may
         have its own adapter. Returns the generated ids of each row (up to its EOS)."""
+        if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or not rows:
+            raise args.UsageError(f"rows: expected a non-empty list of token-id lists, found {type(rows).__name__}")
+        rows = [args.token_list(r, self.config.vocab_size) for r in rows]
+        args.count(max_new_tokens, "max_new_tokens")
         if plan is None:
             plan = self._plan(adapters, len(rows))
         sampler = sampler or Sampler()

@@ -78,6 +78,23 @@ def _cases(f):
         (["combine", a, f["b"], "-o", f["missing"] + "/c.gguf"], "does not exist"),
         (["combine", a, txt, "-o", str(f["d"] / "c.gguf")], "error:"),
         (["combine", a, f["b"], "--weights", "1,x", "-o", str(f["d"] / "c.gguf")], "error:"),
+        (["export-adapter", a, "--base", base, "-o", str(f["d"] / "x.gguf")], "already a delta file"),
+        # import-adapter
+        (["import-adapter", txt, "--base", base, "-o", str(f["d"] / "i.gguf")], "error:"),
+        (["import-adapter", a, "--base", base, "-o", str(f["d"] / "i.gguf")], "nothing to import"),
+        (["import-adapter", peft, "--base", base, "-o", f["missing"] + "/i.gguf"], "does not exist"),
+        (["import-adapter", str(f["d"]), "--base", base, "-o", str(f["d"] / "i.gguf")], "error:"),
+        # the update channel: publisher and device (port 9 on loopback: nothing listens)
+        (["repo", "init", str(f["d"] / "repo"), "--keys", str(f["d"] / "repo" / "keys")], "outside"),
+        (["repo", "add", str(f["d"] / "no-repo"), a, "--keys", str(f["d"] / "keys")], "error:"),
+        (["repo", "publish", txt, "--keys", str(f["d"] / "keys")], "error:"),
+        (["sync", "http://127.0.0.1:9/", "--root", a, "--store", str(f["d"] / "st"), "--base", base], "root"),
+        (["sync", "http://127.0.0.1:9/", "--root", txt, "--store", txt, "--base", base], "error"),
+        (["sync", "ftp://127.0.0.1:9/", "--root", txt, "--store", str(f["d"] / "st"), "--base", base], "error"),
+        # serve refuses before it listens
+        (["serve", base, "--adapter", "x=" + str(f["d"] / "nope.gguf"), "--port", "0"], "nope.gguf"),
+        (["serve", base, "--adapter", a + ":0.5", "--port", "0"], "NAME=FILE"),
+        (["serve", base, "--port", "70000"], "--port"),
     ]
 
 
@@ -109,13 +126,19 @@ def test_a_file_whose_name_has_a_colon_is_still_a_file(files, tmp_path):
 
 def test_every_option_of_every_command_has_help():
     missing = []
-    ctx = click.Context(main)
-    for name in main.list_commands(ctx):
-        cmd = main.get_command(ctx, name)
-        for p in cmd.params:
-            if isinstance(p, click.Option) and not p.help and "--help" not in p.opts:
-                missing.append(f"{name} {'/'.join(p.opts)}")
-        if not (cmd.help or "").strip():
-            missing.append(f"{name}: no description")
+
+    def walk(group: click.Group, prefix: str) -> None:
+        ctx = click.Context(group)
+        for name in group.list_commands(ctx):
+            cmd = group.get_command(ctx, name)
+            if isinstance(cmd, click.Group):
+                walk(cmd, f"{prefix}{name} ")
+            for p in cmd.params:
+                if isinstance(p, click.Option) and not p.help and "--help" not in p.opts:
+                    missing.append(f"{prefix}{name} {'/'.join(p.opts)}")
+            if not (cmd.help or "").strip():
+                missing.append(f"{prefix}{name}: no description")
+
+    walk(main, "")
     assert not missing, f"options without help text: {missing}"
 

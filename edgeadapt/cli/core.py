@@ -85,6 +85,14 @@ def export_adapter_cmd(adapter: Path, base: Path, out: Path, name: str | None, v
     from edgeadapt.formats.manifest import read_manifest
 
     output_file(out, suffixes=(".onnx_adapter",) if fmt == "onnx_adapter" else (".gguf",), what="-o")
+    if adapter.is_file() and fmt == "gguf":
+        from edgeadapt.errors import UsageError
+        from edgeadapt.formats.delta import read_delta
+
+        d = read_delta(adapter)  # a llama.cpp LoRA GGUF is refused here, naming import-adapter
+        raise UsageError(f"{adapter} is already a delta file ({d.kind} {d.name!r}, base {d.fingerprint[:19]}…): use it "
+                         "as it is; export-adapter takes PEFT / AdapterHub folders (and delta files with --format "
+                         "onnx_adapter); to store it another way: edgeadapt combine FILE --quant Q -o NEW.gguf")
     adapterhub = is_adapterhub(adapter)
     if adapterhub and fmt == "gguf":
         path = export_adapterhub(adapter, read_manifest(base), out, name=name, version=version, dtype=quant or dtype)
@@ -248,8 +256,8 @@ def demo_cmd(out: Path, engine: str, prompt: str) -> None:
 # ---- commands that live in their own modules (each module: ``COMMANDS = [click.Command, ...]``;
 # they import only click at module level, the real work lazily inside each command)
 _COMMAND_MODULES: list[str] = ["edgeadapt.cli.ship", "edgeadapt.cli.bench", "edgeadapt.cli.combine",
-                                "edgeadapt.cli.update", "edgeadapt.cli.serve",
-                                "edgeadapt.cli.imports", "edgeadapt.cli.bundle"]
+                                "edgeadapt.cli.update", "edgeadapt.cli.imports", "edgeadapt.cli.serve",
+                                "edgeadapt.cli.bundle"]
 
 
 def _register() -> None:

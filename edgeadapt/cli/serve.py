@@ -13,11 +13,11 @@ import click
               help="An adapter served under NAME (repeat for more); NAME alone loads that adapter from --store.")
 @click.option("--store", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="An adapter store (edgeadapt install): --adapter NAME and the admin endpoints load from it.")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default; anything else exposes the model).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
 @click.option("--api-key", default=None, help="Clients must send 'Authorization: Bearer KEY'.")
 @click.option("--admin-key", default=None, help="Turns on /admin/adapters (load / unload), for this key only.")
-@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "ort", "numpy"]))
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "ort", "numpy"]), help="Engine (see generate --engine).")
 @click.option("--weights", default="fp32", show_default=True, type=click.Choice(["fp32", "int4", "int8"]),
               help="onnxruntime: the float or a quantized base (export-base --onnx-quant).")
 @click.option("--id", "base_id", default=None, help="The base's model id in /v1/models (default: BASE's folder name).")

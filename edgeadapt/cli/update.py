@@ -123,7 +123,7 @@ def repo_rotate_cmd(repo: Path, role: str, keys: Path) -> None:
 
 @repo_cmd.command("list")
 @_REPO
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print roles and adapters as one JSON object.")
 def repo_list_cmd(repo: Path, as_json: bool) -> None:
     """Roles (version, expiry, keys) and the adapters REPO lists."""
     import json
