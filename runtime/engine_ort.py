@@ -34,10 +34,11 @@ from edgeadapt.runtime.engines import Engine
 
 PastKV = list[tuple[np.ndarray, np.ndarray]]
 WEIGHTS = {"fp32": None, "int4": "onnx_int4", "int8": "onnx_int8"}  # weights= -> manifest file kind (None: onnx)
-# memory= -> (enable_cpu_mem_arena, enable_mem_pattern). The arena keeps every buffer a run ever needed (a
-# prompt's logits, [tokens, vocab] float32) for the session's life; without it they go back to the allocator
-# after each run, and (see _return_large_buffers) to the system. Measured: docs/PERFORMANCE.md, "Memory".
-MEMORY = {"low": (False, False), "balanced": (False, True), "fast": (True, True)}
+# memory= -> (enable_cpu_mem_arena, enable_mem_pattern); "low" and "balanced" also fix glibc's mmap threshold
+# (_return_large_buffers). Without the arena every run's buffers go back to the system and are faulted in again
+# next run (SmolLM2 int4: −8 MB, but a first token 0.7 -> 1.4 s): only "low" pays that. Measured:
+# docs/PERFORMANCE.md, "Memory".
+MEMORY = {"low": (False, False), "balanced": (True, True), "fast": (True, True)}
 
 
 class OverrideNotAppliedError(EdgeAdaptError, RuntimeError):
