@@ -53,8 +53,9 @@ def load(base: str | os.PathLike, engine: str = "auto", *, mode: str = "auto", t
     ``dequantize`` (numpy engine): "auto" | "load" (fp32 once: fastest) | "lazy" (quantized blocks stay
     mapped: least memory) — see docs/NUMPY_ENGINE.md.
     ``memory``: "low" | "balanced" (default) | "fast" — what the engine may hold beyond the weights for speed
-    (onnxruntime: its buffer arena and memory pattern; numpy, when ``dequantize`` is "auto": "lazy" | "auto" |
-    "load"). Outputs are identical; the costs in MB and tok/s are in docs/PERFORMANCE.md, "Memory".
+    (onnxruntime: "low" and "balanced" give large freed buffers back to the system, "low" also runs without
+    onnxruntime's arena; numpy, when ``dequantize`` is "auto": "lazy" | "auto" | "load"). The same outputs;
+    the costs in MB and tok/s are in docs/PERFORMANCE.md, "Memory".
     ``trust``: an :class:`edgeadapt.ship.signing.TrustStore` (or a path / list of paths of public keys);
     ``require_signature``: refuse adapters not signed by a trusted key; ``store``: an adapter store
     folder (``edgeadapt install``), so ``add_adapter("billing")`` loads the installed version.
