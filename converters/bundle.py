@@ -44,8 +44,9 @@ def bundle(base: str | Path, out: str | Path, *, engine: str = "ort", weights: s
                                f"{', '.join(f'{e}/{w}' for e, w in ENGINE_FILES)}; found {engine}/{weights}")
     man = read_manifest(base)
     out = Path(out)
-    if out.resolve() == man.root.resolve():
-        raise UnsupportedError(f"bundle: OUT must be a new folder, not the base folder {man.root}")
+    if out.exists() and any(out.iterdir()):  # a bundle is exactly its files: nothing stale beside them
+        raise UnsupportedError(f"bundle: expected a new or empty folder for {out}, found files in it "
+                               f"(e.g. {next(out.iterdir()).name}); choose another folder or empty it")
     kinds = [k for k in ENGINE_FILES[(engine, weights)] if man.files.get(k) and man.path(k).is_file()]
     if ENGINE_FILES[(engine, weights)][0] not in kinds:
         first = ENGINE_FILES[(engine, weights)][0]

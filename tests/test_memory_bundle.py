@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 import edgeadapt
-from edgeadapt.errors import FormatError
+from edgeadapt.errors import FormatError, UnsupportedError
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,10 @@ def test_bundle_refuses_what_it_left_out(tiny, qbase, tmp_path):
         edgeadapt.load(b, engine="numpy")
     with pytest.raises(FormatError, match="--onnx-quant int8"):
         bundle(tiny["base"], tmp_path / "b8", engine="ort", weights="int8")  # the tiny base has no int8 graph
+    with pytest.raises(UnsupportedError, match="expected a new or empty folder"):
+        bundle(qbase, b, engine="ort", weights="fp32")  # over another bundle: stale files would stay
+    with pytest.raises(UnsupportedError, match="expected a new or empty folder"):
+        bundle(qbase, qbase)
 
 
 @pytest.mark.parametrize("load", [dict(engine="ort", weights="int4"), dict(engine="ort", mode="live"),
