@@ -121,3 +121,16 @@ def test_sign_signs_the_bytes_it_checked(files, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert len(reads) == 1
     assert verify_delta(tmp_path / "signed.gguf", TrustStore.load(pub)).key_id
+
+
+def test_install_bytes_installs_exactly_those_bytes(files, tmp_path):
+    """What an update client uses: the bytes it checked are the bytes installed (no file read at all)."""
+    from edgeadapt.ship.signing import TrustStore
+    from edgeadapt.ship.store import AdapterStore
+
+    store = AdapterStore(tmp_path / "store")
+    trust = TrustStore.load(files["pub"])
+    with pytest.raises(IntegrityError, match="unsigned"):
+        store.install_bytes(files["unsigned"].read_bytes(), "download.part", trust=trust, require_signature=True)
+    info = store.install_bytes(files["signed"].read_bytes(), "download.part", trust=trust, require_signature=True)
+    assert info.path.read_bytes() == files["signed"].read_bytes() and store.names() == ["a"]

@@ -194,6 +194,18 @@ class AdapterStore:
         with self._locked():
             return self._install(source, data, delta, allow_downgrade)
 
+    def install_bytes(self, data: bytes, where: str | os.PathLike = "<bytes>", *, trust: Any = None,
+                      require_signature: bool = False, allow_downgrade: bool = False) -> Installed:
+        """:meth:`install` of a delta file's bytes already in memory: a caller that checked more of them (an update's
+        signed metadata, the base pin) parses ``delta_from_bytes(data)`` itself and installs exactly the bytes it
+        checked, with no second read of a file. ``where`` names them in messages."""
+        from edgeadapt.ship.signing import check_trust
+
+        delta = delta_from_bytes(data, where)
+        check_trust(delta, trust, require_signature)
+        with self._locked():
+            return self._install(Path(where), data, delta, allow_downgrade)
+
     def _install(self, source: Path, data: bytes, delta: LoraDelta, allow_downgrade: bool) -> Installed:
         tmp_dir = self.root / f".tmp-{os.getpid()}"
         tmp_dir.mkdir(exist_ok=True)
