@@ -22,6 +22,7 @@ from edgeadapt.errors import FormatError, UnsupportedError
 from arch_common import (TOL, add_lora, check_cached_decode, check_greedy, check_left_padded, check_logits,
                          check_lora, cli, export, export_lora, randomize)
 from conftest import ENGINES, SIZES, torch, torch_logits
+from llama_cpp_src import WHY
 
 transformers = pytest.importorskip("transformers")
 
@@ -301,7 +302,7 @@ def test_gguf_from_llama_cpp_converter(l3, ids, tmp_path):
 
     conv = _llama_cpp_converter()
     if conv is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (set LLAMA_CPP_DIR to a llama.cpp checkout)")
+        pytest.skip(WHY)
     hf = tmp_path / "hf"
     shutil.copytree(l3["root"] / "hf_base", hf)
     byte_tokenizer(hf, bos=1, eos=2, pad=0)

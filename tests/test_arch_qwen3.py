@@ -9,7 +9,6 @@ window, read from the same config keys)."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from arch_common import (TOL, add_lora, byte_tokenizer, check_cached_decode, che
                          check_left_padded, check_logits, check_lora, cli, export, export_lora, greedy_hf,
                          llama_cpp_greedy, randomize)
 from conftest import ENGINES, torch, torch_logits
+from llama_cpp_src import WHY
 
 transformers = pytest.importorskip("transformers")
 
@@ -337,13 +337,11 @@ def test_llama_cpp_agrees_with_lora(q3_cpp):
 
 
 def _llama_cpp_converter():
-    """llama.cpp's convert_hf_to_gguf.py: $LLAMA_CPP_DIR, or the source tree llama-cpp-python was built from."""
-    import glob
-    import os
+    """llama.cpp's convert_hf_to_gguf.py (tests/llama_cpp_src.py finds or fetches llama.cpp's source tree)."""
+    from llama_cpp_src import llama_cpp_dir
 
-    dirs = [os.environ.get("LLAMA_CPP_DIR", "")] + sorted(glob.glob("/tmp/lcp/*/vendor/llama.cpp"))
-    return next((Path(d) / "convert_hf_to_gguf.py" for d in dirs if d and (Path(d) / "convert_hf_to_gguf.py").is_file()),
-                None)
+    d = llama_cpp_dir()
+    return None if d is None else d / "convert_hf_to_gguf.py"
 
 
 # the converter names a BPE tokenizer by hashing its output on a test text; the test vocabulary is none it knows
@@ -366,7 +364,7 @@ def test_gguf_from_llama_cpp_converter(q3_cpp, ids, tmp_path):
 
     conv = _llama_cpp_converter()
     if conv is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (set LLAMA_CPP_DIR to a llama.cpp checkout)")
+        pytest.skip(WHY)
     gguf_path = tmp_path / "qwen3.gguf"
     res = subprocess.run([sys.executable, "-c", _CONVERT, str(conv.parent), str(q3_cpp["root"] / "hf"), str(gguf_path)],
                          capture_output=True, text=True, timeout=600)

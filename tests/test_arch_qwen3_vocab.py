@@ -16,6 +16,7 @@ import edgeadapt
 
 from arch_common import cli, llama_cpp_greedy
 from test_arch_qwen3 import _llama_cpp_converter, make_qwen3
+from llama_cpp_src import WHY
 
 
 def _llama_cpp_models() -> Path | None:
@@ -27,7 +28,7 @@ def _llama_cpp_models() -> Path | None:
 def models_dir():
     d = _llama_cpp_models()
     if d is None:
-        pytest.skip("llama.cpp's models/ folder not found (set LLAMA_CPP_DIR to a llama.cpp checkout)")
+        pytest.skip(WHY)
     return d
 
 

@@ -22,6 +22,7 @@ from arch_common import (TOL, add_lora as _add_lora, byte_tokenizer, check_cache
                          check_per_row, check_left_padded, check_logits, check_lora, cli, export, export_lora,
                          greedy_hf, llama_cpp_greedy, randomize)
 from conftest import ENGINES, torch, torch_logits
+from llama_cpp_src import WHY
 
 transformers = pytest.importorskip("transformers")
 
@@ -437,7 +438,7 @@ def test_gguf_from_llama_cpp_converter(sm_cpp, tmp_path):
 
     conv = _llama_cpp_converter()
     if conv is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (set LLAMA_CPP_DIR to a llama.cpp checkout)")
+        pytest.skip(WHY)
     gguf_path = tmp_path / "smollm3.gguf"
     res = subprocess.run([sys.executable, "-c", _CONVERT, str(conv.parent), str(sm_cpp["root"] / "hf"), str(gguf_path)],
                          capture_output=True, text=True, timeout=600)

@@ -2,7 +2,7 @@
 matched against the defining tool's own forward on both engines (live), and llama.cpp's greedy text.
 
 - llama.cpp LoRA GGUF: made by llama.cpp's own ``convert_lora_to_gguf.py`` when its source tree is found
-  ($LLAMA_CPP_DIR: the vendor/llama.cpp folder of llama-cpp-python's source release, which .ci/run unpacks), else by
+  (llama.cpp's source tree: tests/llama_cpp_src.py), else by
   :func:`layout_gguf`, which follows its layout (the skip / log line says which);
 - ``.onnx_adapter``: onnxruntime's own ``AdapterFormat`` with the parameter names of onnxruntime-genai's
   model builder, of Olive's ``convert-adapters`` and of our slotted graph (pinned to no base);
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,11 +66,11 @@ def run(engine: str, base: Path, delta: Path, ids) -> np.ndarray:
 
 # ---- llama.cpp LoRA GGUF
 def lora_converter() -> Path | None:
-    """llama.cpp's convert_lora_to_gguf.py under $LLAMA_CPP_DIR (llama.cpp's source tree, e.g. the vendor/llama.cpp
-    folder of ``pip download --no-deps --no-binary :all: llama-cpp-python``, as .ci/run sets it up)."""
-    env = os.environ.get("LLAMA_CPP_DIR", "")
-    conv = Path(env) / "convert_lora_to_gguf.py"
-    return conv if env and conv.is_file() else None
+    """llama.cpp's convert_lora_to_gguf.py (tests/llama_cpp_src.py finds or fetches llama.cpp's source tree)."""
+    from llama_cpp_src import llama_cpp_dir
+
+    d = llama_cpp_dir()
+    return None if d is None or not (d / "convert_lora_to_gguf.py").is_file() else d / "convert_lora_to_gguf.py"
 
 
 def layout_gguf(peft_dir: Path, cfg, out: Path, outtype: str) -> Path:

