@@ -34,7 +34,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from edgeadapt.errors import MissingDependencyError, UpdateError
+from edgeadapt.errors import FormatError, MissingDependencyError, UpdateError
 
 try:  # the publisher is a tuf.repository.Repository; without tuf, _tuf() names the install on first use
     from tuf.repository import Repository
@@ -259,18 +259,21 @@ class AdapterRepository(Repository):
         same base leave the listing unless ``keep_older``. Devices see them after :meth:`publish`."""
         from tuf.api.metadata import TargetFile
 
-        from edgeadapt.formats.delta import read_delta
+        from edgeadapt.formats.delta import delta_from_bytes
 
         md = self._open("targets")
         added = []
         for f in map(Path, files):
-            d = read_delta(f)  # integrity (and the file's shape) checked before anything is published
+            if not f.is_file():
+                raise FormatError(f"{f}: no such delta file")
+            data = f.read_bytes()  # read once: the bytes checked are the bytes hashed and published
+            d = delta_from_bytes(data, f)  # integrity (and the file's shape) checked before anything is published
             sig = d.signature.split(":")[1] if d.signature else ""
             path = target_path(d.fingerprint, d.name, d.version)
             if not TARGET_RE.fullmatch(path):
                 raise UpdateError(f"{f}: adapter name {d.name!r} cannot name a target; expected letters, digits, '.', "
                                   "'_' or '-' (up to 64, starting with a letter or digit)")
-            tf = TargetFile.from_file(path, str(f), ["sha256"])
+            tf = TargetFile.from_data(path, data, ["sha256"])
             old = md.signed.targets.get(path)
             if old is not None and old.hashes != tf.hashes:
                 raise UpdateError(f"{f}: {d.name} version {d.version} for this base is already published with other "
@@ -281,7 +284,7 @@ class AdapterRepository(Repository):
             dest = self.dir / "targets" / path.rpartition("/")[0] / f"{tf.hashes['sha256']}.{path.rpartition('/')[2]}"
             dest.parent.mkdir(parents=True, exist_ok=True)
             if not dest.is_file():
-                _write_atomic(dest, f.read_bytes())
+                _write_atomic(dest, data)
             if not keep_older:
                 for p in [p for p in md.signed.targets if p != path and p.rpartition("/")[0] == path.rpartition("/")[0]]:
                     if int(TARGET_RE.fullmatch(p).group(3)) < d.version:  # type: ignore[union-attr]

@@ -18,7 +18,7 @@
    read it as a delta file (its own integrity), check that it says what the signed metadata says
    and that it fits this base (fingerprint, architecture, shapes);
 5. only when every download passed, install each atomically with
-   :meth:`edgeadapt.ship.store.AdapterStore.install` (versions only go up, the previous one is
+   :meth:`edgeadapt.ship.store.AdapterStore.install_bytes` of the verified bytes (versions only go up, the previous one is
    kept); ``prune`` then removes store adapters of this base the repository no longer lists.
 
 Any refusal raises :class:`edgeadapt.errors.UpdateError` (or the store's or reader's own error)
@@ -225,7 +225,7 @@ def sync(url: str, *, root: str | os.PathLike, store: str | os.PathLike, base: s
                 todo.append(w)
 
         # ---- download and verify everything before installing anything
-        ready: list[tuple[_Wanted, Path]] = []
+        ready: list[tuple[_Wanted, Path, bytes]] = []
         for w in todo:
             tf = w.target
             sha = tf.hashes["sha256"]
@@ -233,16 +233,16 @@ def sync(url: str, *, root: str | os.PathLike, store: str | os.PathLike, base: s
             dirname, _, basename = tf.path.rpartition("/")
             target_url = f"{url}/targets/{dirname}/{sha}.{basename}"
             cb = (lambda d, n, _name=w.name: progress(_name, d, n)) if progress else None
-            got = _download_verified(fetcher, target_url, part, tf, cb, url)
-            _check_delta(part, w, fp, manifest, url, trust, require_signature)
-            ready.append((w, part))
+            got, data = _download_verified(fetcher, target_url, part, tf, cb, url)
+            _check_delta(data, part, w, fp, manifest, url, trust, require_signature)
+            ready.append((w, part, data))
             result.updated.append({"name": w.name, "version": w.version,
                                    "previous": installed[w.name].version if w.name in installed else None,
                                    "bytes": got})
 
         # ---- install (each atomic; the store refuses downgrades itself too)
-        for w, part in ready:
-            st.install(part, trust=trust, require_signature=require_signature)
+        for w, part, data in ready:
+            st.install_bytes(data, w.target.path, trust=trust, require_signature=require_signature)
             part.unlink(missing_ok=True)
         if prune:
             for name, info in installed.items():
@@ -258,9 +258,10 @@ def sync(url: str, *, root: str | os.PathLike, store: str | os.PathLike, base: s
     return result
 
 
-def _download_verified(fetcher, target_url: str, part: Path, tf, progress, url: str) -> int:
-    """Download (resuming) and verify against the signed length and hashes; a partial file that fails is
-    dropped and fetched once more from zero (it may hold bytes of an earlier, bad answer)."""
+def _download_verified(fetcher, target_url: str, part: Path, tf, progress, url: str) -> tuple[int, bytes]:
+    """Download (resuming) and verify against the signed length and hashes; returns the bytes on the wire and
+    the file's bytes, read once: what was verified is what is parsed and installed. A partial file that fails
+    is dropped and fetched once more from zero (it may hold bytes of an earlier, bad answer)."""
     from tuf.api import exceptions as x
 
     got = 0
@@ -268,9 +269,9 @@ def _download_verified(fetcher, target_url: str, part: Path, tf, progress, url: 
         resumed = part.is_file() and part.stat().st_size > 0
         try:
             got += fetcher.download_to(target_url, part, tf.length, progress)
-            with open(part, "rb") as f:
-                tf.verify_length_and_hashes(f)
-            return got
+            data = part.read_bytes()
+            tf.verify_length_and_hashes(data)
+            return got, data
         except x.LengthOrHashMismatchError as e:
             part.unlink(missing_ok=True)
             if attempt or not resumed:
@@ -283,14 +284,15 @@ def _download_verified(fetcher, target_url: str, part: Path, tf, progress, url: 
     raise AssertionError("unreachable")
 
 
-def _check_delta(path: Path, w: _Wanted, fp: str, manifest, url: str, trust: Any, require_signature: bool) -> None:
+def _check_delta(data: bytes, path: Path, w: _Wanted, fp: str, manifest, url: str, trust: Any,
+                 require_signature: bool) -> None:
     """The delta file's own integrity, that it is what the signed metadata says, that it fits this base,
-    and the store's signature policy — all before anything is installed."""
-    from edgeadapt.formats.delta import read_delta
+    and the store's signature policy — on the bytes TUF verified, before anything is installed."""
+    from edgeadapt.formats.delta import delta_from_bytes
     from edgeadapt.ship.signing import check_trust
 
     try:
-        d = read_delta(path)
+        d = delta_from_bytes(data, path)
         c = w.target.custom[CUSTOM_KEY]
         said = {k: c.get(k) for k in ("name", "version", "kind", "quant", "base")}
         found = {"name": d.name, "version": d.version, "kind": d.kind, "quant": d.quant, "base": d.fingerprint}
