@@ -1,0 +1,305 @@
+"""Serving many adapters: edgeadapt serve against llama.cpp's llama-server, the same adapters per request.
+
+    python bench/serve.py                      # SmolLM2-135M-Instruct, 1/4/8/16 clients, 64 tokens, 1 round
+    python bench/serve.py --clients 1,8 --rounds 2 --llama-server /path/to/llama-server
+
+Base and adapters: bench/compare.py's cache (SmolLM2-135M-Instruct Q4_1, exported with fp32 and int4 ONNX;
+rank-16 LoRAs on every linear layer; our delta files are llama.cpp GGUF LoRAs, which llama-server loads).
+Clients: C threads, each sending ``--requests`` streamed /v1/completions one after another, client i on adapter
+i mod 4 (edgeadapt: ``model`` = the adapter; llama-server: ``"lora": [{"id": i, "scale": 1}]``, the others at 0).
+Systems alternate within each client count (every server is up, idle ones take no CPU). Measured per request:
+time to first token (first streamed text), per-token latency ((end - first) / (tokens - 1)); per cell: aggregate
+completion tokens / wall time. Writes bench/results/serve.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ADAPTERS = "abcd"
+PROMPTS = ["Where is my invoice? I paid last week but the account page still shows it as due.",
+           "My app keeps crashing when I open the settings page.", "How do I reset my password?",
+           "Explain photosynthesis briefly.", "Write a haiku about the sea.", "What is the capital of France?"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, path: str = "/health", timeout: float = 300) -> None:
+    import httpx
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url}: not up after {timeout}s")
+
+
+class System:
+    def __init__(self, name: str, cmd: list[str], body: callable):
+        self.name, self.cmd, self.body = name, cmd, body
+        self.port = int(cmd[cmd.index("--port") + 1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _wait(self.url, self.proc)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def edgeadapt_system(base: Path, adapters: dict[str, str], weights: str, threads: int) -> System:
+    port = _port()
+    cmd = [sys.executable, "-c", "from edgeadapt.cli import main; main()", "serve", str(base), "--engine", "ort",
+           "--weights", weights, "--port", str(port), "--threads", str(threads), "--max-rows", "16"]
+    for k in ADAPTERS:
+        cmd += ["--adapter", f"{k}={adapters[k]}"]
+    return System(f"edgeadapt-{weights}", cmd, lambda prompt, i, n: {
+        "model": ADAPTERS[i % 4], "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True}})
+
+
+def llama_server_system(binary: str, gguf: str, adapters: dict[str, str], threads: int, slots: int) -> System:
+    port = _port()
+    cmd = [binary, "-m", gguf, "--port", str(port), "--host", "127.0.0.1", "-t", str(threads), "-tb", str(threads),
+           "-np", str(slots), "-c", str(slots * 512), "--lora-init-without-apply", "--no-webui"]
+    for k in ADAPTERS:
+        cmd += ["--lora", adapters[k]]
+    return System("llama-server", cmd, lambda prompt, i, n: {
+        "model": "base", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True}, "lora": [{"id": j, "scale": 1.0 if j == i % 4 else 0.0} for j in range(4)]})
+
+
+def one_request(client, system: System, prompt: str, i: int, n: int) -> dict:
+    t0 = time.perf_counter()
+    first, tokens, text, used = None, 0, "", None
+    # a new connection per request: llama-server closes idle keep-alive connections, which a reused one met as
+    # "Server disconnected" (counted as an error against it in a first run)
+    with client.stream("POST", system.url + "/v1/completions", json=system.body(prompt, i, n),
+                       headers={"connection": "close"}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{system.name}: HTTP {r.status_code} {r.read()[:300]!r}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            c = json.loads(line[6:])
+            used = (c.get("usage") or {}).get("completion_tokens", used)
+            piece = (c.get("choices") or [{}])[0].get("text") or ""
+            if piece:
+                tokens += 1  # one streamed chunk per token on both servers (text held back for UTF-8 aside)
+                text += piece
+                if first is None:
+                    first = time.perf_counter()
+    end = time.perf_counter()
+    first = first or end
+    return {"ttft": first - t0, "total": end - t0, "chunks": used or tokens, "text": text}
+
+
+def cell(system: System, clients: int, requests: int, n: int) -> dict:
+    import httpx
+
+    out: list[dict] = []
+    errors: list[str] = []
+
+    def client_loop(c: int) -> None:
+        with httpx.Client(timeout=600) as cl:
+            for r in range(requests):
+                try:
+                    out.append(one_request(cl, system, PROMPTS[(c + r) % len(PROMPTS)], c, n))
+                except Exception as e:  # reported in the table
+                    errors.append(str(e))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    usage = _completion_tokens(system, out)
+    ttft = [o["ttft"] for o in out]
+    per_tok = [(o["total"] - o["ttft"]) / max(o["chunks"] - 1, 1) for o in out]
+    return {"system": system.name, "clients": clients, "requests": len(out), "errors": errors[:3],
+            "tokens": usage, "wall_s": wall, "tok_s": usage / wall if wall else 0.0,
+            "ttft_p50": float(np.percentile(ttft, 50)) if ttft else None,
+            "ttft_p95": float(np.percentile(ttft, 95)) if ttft else None,
+            "tpot_p50": float(np.percentile(per_tok, 50)) if per_tok else None,
+            "tpot_p95": float(np.percentile(per_tok, 95)) if per_tok else None}
+
+
+def _completion_tokens(system: System, out: list[dict]) -> int:
+    return sum(o["chunks"] for o in out)
+
+
+def alone(base: Path, adapter: str, weights: str, threads: int, n: int, rounds: int = 3) -> float:
+    """m.generate alone, in this process: tokens / s of one request (the one-client target's reference)."""
+    import edgeadapt
+    from edgeadapt.runtime.sampling import Sampler
+
+    m = edgeadapt.load(base, engine="ort", weights=weights, mode="live", threads=threads)
+    m.add_adapter(adapter, name="a")
+    ids = m.encode_prompt(PROMPTS[0], chat=False)
+    m.batching = False
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        k = len(m.generate_ids(ids, n, Sampler(), adapter="a"))
+        best = max(best, k / (time.perf_counter() - t0))
+    return best
+
+
+def medians(cells: list[dict]) -> list[dict]:
+    """One cell per (system, clients): the median of each figure over the rounds."""
+    out = []
+    for key in sorted({(c["system"], c["clients"]) for c in cells}, key=lambda k: (k[1], k[0])):
+        cs = [c for c in cells if (c["system"], c["clients"]) == key]
+        m = {k: float(np.median([c[k] for c in cs if c[k] is not None])) for k in
+             ("tok_s", "ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95")}
+        out.append({"system": key[0], "clients": key[1], "rounds": len(cs), "requests": sum(c["requests"] for c in cs),
+                    "errors": [e for c in cs for e in c["errors"]], **m})
+    return out
+
+
+def chart(cells: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for name in sorted({c["system"] for c in cells}):
+        cs = sorted((c for c in cells if c["system"] == name), key=lambda c: c["clients"])
+        x = [c["clients"] for c in cs]
+        axes[0].plot(x, [c["tok_s"] for c in cs], "o-", label=name)
+        axes[1].plot(x, [c["ttft_p95"] * 1000 for c in cs], "o-", label=name)
+        axes[2].plot(x, [c["tpot_p50"] * 1000 for c in cs], "o-", label=name)
+    for ax, t in zip(axes, ("aggregate tokens/s", "p95 time to first token (ms)", "p50 per-token latency (ms)")):
+        ax.set_title(t)
+        ax.set_xlabel("concurrent clients (4 adapters)")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(res: dict) -> str:
+    lines = ["| system | clients | requests | tok/s | TTFT p50 / p95 (ms) | per-token p50 / p95 (ms) | errors |",
+             "|---|---|---|---|---|---|---|"]
+    for c in medians(res["cells"]):
+        lines.append(f"| {c['system']} | {c['clients']} | {c['requests']} | {c['tok_s']:.1f} | "
+                     f"{c['ttft_p50'] * 1000:.0f} / {c['ttft_p95'] * 1000:.0f} | "
+                     f"{c['tpot_p50'] * 1000:.1f} / {c['tpot_p95'] * 1000:.1f} | {len(c['errors'])} |")
+    lines.append("")
+    for k, v in res["alone"].items():
+        lines.append(f"- `m.generate` alone, {k}: {v:.1f} tok/s")
+    lines.append(f"- machine: {res['machine']}; load average {res.get('load', '?')}")
+    lines.append(f"- medians over {res.get('rounds', 1)} rounds; {res['tokens']} new tokens per request")
+    for k, v in res["missing"].items():
+        lines.append(f"- not run: {k}: {v}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", default="1,4,8,16")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=2, help="requests per client per cell")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--systems", default="edgeadapt-int4,edgeadapt-fp32,llama-server")
+    ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+                    or "/tmp/edgeadapt_llsrv/bin/llama-server")
+    a = ap.parse_args()
+    cache = HERE / ".cache" / "compare_smollm2"
+    if not (cache / "base" / "manifest.json").is_file() or not all((cache / f"{k}.gguf").is_file() for k in ADAPTERS):
+        sys.path.insert(0, str(HERE))
+        from compare import prepare_smollm2
+        prepare_smollm2(cache)
+    base = cache / "base"
+    adapters = {k: str(cache / f"{k}.gguf") for k in ADAPTERS}
+    from edgeadapt.formats.manifest import read_manifest
+    from edgeadapt.runtime.tokenizer import Tokenizer
+
+    man = read_manifest(base)
+    tok = Tokenizer(man.path("tokenizer"), chat_template=man.chat_template, special=man.special_tokens)
+    global PROMPTS
+    PROMPTS = [tok.render_chat([{"role": "user", "content": p}]) for p in PROMPTS]  # raw text, templated once
+    clients = [int(c) for c in a.clients.split(",")]
+    want = a.systems.split(",")
+    systems, missing = [], {}
+    for w in ("int4", "fp32"):
+        if f"edgeadapt-{w}" in want:
+            systems.append(edgeadapt_system(base, adapters, w, a.threads))
+    if "llama-server" in want:
+        if a.llama_server and Path(a.llama_server).is_file():
+            systems.append(llama_server_system(a.llama_server, str(man.path("gguf")), adapters, a.threads,
+                                               max(clients)))
+        else:
+            missing["llama-server"] = f"no binary at {a.llama_server!r} (pass --llama-server)"
+    res = {"cells": [], "alone": {}, "missing": missing, "tokens": a.tokens, "rounds": a.rounds,
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {a.threads} threads each"}
+    before = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    try:
+        for s in systems:
+            s.start()
+            print(f"{s.name} up on {s.url}", file=sys.stderr)
+        for s in systems:  # warm-up: sessions, caches, first requests
+            cell(s, 2, 1, 8)
+        for rnd in range(a.rounds):
+            for c in clients:
+                for s in systems[rnd % len(systems):] + systems[:rnd % len(systems)]:  # order rotated per round
+                    r = cell(s, c, a.requests, a.tokens)
+                    print(f"{s.name:16s} {c:3d} clients  {r['tok_s']:7.1f} tok/s  TTFT p95 {r['ttft_p95'] * 1000:6.0f} ms  "
+                          f"per-token p50 {r['tpot_p50'] * 1000:5.1f} ms  errors {len(r['errors'])}", file=sys.stderr)
+                    res["cells"].append(r)
+    finally:
+        for s in systems:
+            s.stop()
+    res["load"] = f"{before} before, {' / '.join(f'{x:.1f}' for x in os.getloadavg())} after"
+    for w in ("int4", "fp32"):
+        if f"edgeadapt-{w}" in want:
+            res["alone"][f"ort {w}, adapter a"] = alone(base, adapters["a"], w, a.threads, a.tokens)
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(res, indent=1))
+    (out / "serve.md").write_text(report(res))
+    try:
+        chart(medians(res["cells"]), out / "serve.png")
+    except ImportError:
+        print("matplotlib missing: no chart", file=sys.stderr)
+    print(report(res))
+
+
+if __name__ == "__main__":
+    main()
