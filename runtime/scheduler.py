@@ -16,7 +16,9 @@ runs here when ``Model.batching`` is on (the default):
 Weights: each request holds its read lock until its row has left the batch, so a merge (``use()`` in merge mode,
 an auto-mode merge) waits for every running row and never lands under one. While weights are merged only
 requests of the merged (active) set run — as one shared plan; otherwise every row runs beside the pure base
-with its own set, which is what a request alone runs: greedy tokens are the same, logits agree to ~1e-7.
+with its own set, which is what a request alone runs: greedy tokens are the same, logits agree to ~1e-7 (on
+onnxruntime's int4 graph a batched row's logits move by ~1e-2 — MatMulNBits quantizes its inputs — and greedy
+answers can diverge: docs/SERVING.md).
 
 KV cache: the batch's keys / values are one left-padded cache [rows, kv_heads, T, head_dim] per layer, each
 row right-aligned (its last token at T-1), updated in place by the engine while the rows stay the same (numpy:
