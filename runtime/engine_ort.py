@@ -300,6 +300,29 @@ class OrtEngine(Engine):
                                           "as it was:\n  " + "\n  ".join(bad))
 
     # ---- forward
+    def cache_layers(self, past: Any) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        if isinstance(past, KVCache):  # per layer key, value buffers [B, KV, capacity, hd]
+            return [(past._arrays[2 * i], past._arrays[2 * i + 1], past.length) for i in range(len(past._arrays) // 2)]
+        return super().cache_layers(past)
+
+    def cache_from(self, layers: list[tuple[np.ndarray, np.ndarray]], plan: Any = None) -> Any:
+        """A KVCache bound in place (IOBinding) when ``plan`` runs on the in-place fused path: no embedding, head,
+        bottleneck or scale / bias terms; otherwise the list, for the general path."""
+        from edgeadapt.runtime.seq import Plan
+
+        g = self._current()
+        extras = isinstance(plan, Plan) and (plan.embed is not None or plan.head is not None or bool(plan.bn))
+        kinds = bool(plan) and any(type(v) is tuple and len(v) > 2 for v in plan.values())
+        if extras or kinds or not g.inplace or plan and not g.slots:
+            return layers
+        B, _, T, _ = layers[0][0].shape
+        cache = KVCache(self, B, T, g)
+        for i, (k, v) in enumerate(layers):
+            cache._arrays[2 * i][:, :, :T] = k
+            cache._arrays[2 * i + 1][:, :, :T] = v
+        cache.length = T
+        return cache
+
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: Any = None, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
                 embed: np.ndarray | None = None, bn: dict[str, np.ndarray] | None = None,

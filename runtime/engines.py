@@ -53,6 +53,16 @@ class Engine:
         """Replace these weights (float32, canonical) from the base; ``{}`` restores the base."""
         raise NotImplementedError
 
+    def cache_layers(self, past: Any) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """Per layer (keys, values, length) of a cache :meth:`forward` returned; keys / values [B, KV, T, hd]
+        with the first ``length`` positions in use. By default the cache is a list of (keys, values)."""
+        return [(k, v, k.shape[2]) for k, v in past]
+
+    def cache_from(self, layers: list[tuple[np.ndarray, np.ndarray]], plan: Any = None) -> Any:
+        """A cache to pass back as ``past``, holding ``layers`` ((keys, values) [B, KV, T, hd] per layer), for
+        forwards that run ``plan`` (the live inputs of a batch); by default the list itself."""
+        return layers
+
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Any = None,
                 **live: Any) -> tuple[np.ndarray, Any]:
         """Logits [batch, seq, vocab] float32 and the cache to pass back as ``past``; ``live``: ``lora``, ``embed``,

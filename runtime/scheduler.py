@@ -300,10 +300,10 @@ class Scheduler:
         shape = (len(rows), cfg.n_kv_heads, T, cfg.head_dim)
         layers = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(cfg.n_layers)]
         mask = np.zeros((len(rows), T), np.int64)
-        old = _layers(self._past) if keep else None
+        old = m._engine.cache_layers(self._past) if keep else None
         for b, r in enumerate(rows):
             if r in new:
-                src, i, end = _layers(r.kv), 0, None
+                src, i, end = m._engine.cache_layers(r.kv), 0, None
                 mask[b, T - r.length:T - r.length + len(r.mask0)] = r.mask0
                 mask[b, T - r.length + len(r.mask0):] = 1
             else:
@@ -331,7 +331,7 @@ class Scheduler:
             if plan:
                 m._slots_ready()
             self._plan = plan
-        self._past = _engine_cache(m._engine, layers, self._plan)
+        self._past = m._engine.cache_from(layers, self._plan)
         self.rebuilds += 1
 
     def _step(self) -> None:
@@ -365,34 +365,6 @@ class Scheduler:
             m._stable_tokens += delivered  # auto mode: the active set has run alone this step
         else:  # a mixed batch: no set has run alone
             m._stable_tokens = 0
-
-
-def _layers(past: Any) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """Per layer (keys, values, length) of an engine's cache: a list of (k, v) [B, KV, T, hd], or a KVCache."""
-    if isinstance(past, (list, tuple)):
-        return [(k, v, k.shape[2]) for k, v in past]
-    arrays = past._arrays  # runtime.engine_ort.KVCache: per layer key, value [B, KV, capacity, hd]
-    return [(arrays[2 * i], arrays[2 * i + 1], past.length) for i in range(len(arrays) // 2)]
-
-
-def _engine_cache(engine: Any, layers: list[tuple[np.ndarray, np.ndarray]], plan: Any) -> Any:
-    """The rebuilt cache as the engine takes it back in place: numpy copies a list into its own buffers once;
-    onnxruntime's fused graph gets a KVCache (bound by IOBinding) when the plan runs on that path."""
-    if engine.name != "ort" or getattr(plan, "embed", None) is not None or getattr(plan, "head", None) is not None \
-            or getattr(plan, "bn", None) or (plan and any(type(v) is tuple and len(v) > 2 for v in plan.values())):
-        return layers
-    from edgeadapt.runtime.engine_ort import KVCache
-
-    g = engine._current()
-    if not g.inplace or plan and not g.slots:
-        return layers
-    B, _, T, _ = layers[0][0].shape
-    cache = KVCache(engine, B, T, g)
-    for i, (k, v) in enumerate(layers):
-        cache._arrays[2 * i][:, :, :T] = k
-        cache._arrays[2 * i + 1][:, :, :T] = v
-    cache.length = T
-    return cache
 
 
 # ---- token streams, asyncio
