@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from edgeadapt.errors import FormatError, MissingDependencyError, UpdateError
+from edgeadapt.ship.targets import CUSTOM_KEY, TARGET_RE, target_path  # noqa: F401 (re-exported)
 
 try:  # the publisher is a tuf.repository.Repository; without tuf, _tuf() names the install on first use
     from tuf.repository import Repository
@@ -43,8 +44,6 @@ except ImportError:  # pragma: no cover
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 EXPIRY_DAYS = {"root": 365.0, "targets": 365.0, "snapshot": 30.0, "timestamp": 7.0}
-TARGET_RE = re.compile(r"([0-9a-f]{16})/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/\2-v(\d{1,10})\.gguf")
-CUSTOM_KEY = "edgeadapt"
 _KEY_RE = re.compile(r"(root|targets|snapshot|timestamp)-([0-9a-f]{16})\.key")
 
 
@@ -55,11 +54,6 @@ def _tuf():
     except ImportError as e:
         raise MissingDependencyError(f"publishing adapter updates needs tuf: pip install 'edgeadapt[update]' "
                                      f"({e})") from None
-
-
-def target_path(fingerprint: str, name: str, version: int) -> str:
-    """The TUF target path of an adapter: ``<fp16>/<name>/<name>-v<version>.gguf``."""
-    return f"{fingerprint.split(':')[-1][:16]}/{name}/{name}-v{version}.gguf"
 
 
 def _write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:

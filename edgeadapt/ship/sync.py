@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from edgeadapt.errors import EdgeAdaptError, MissingDependencyError, UpdateError
-from edgeadapt.ship.repo import CUSTOM_KEY, TARGET_RE
+from edgeadapt.ship.targets import CUSTOM_KEY, TARGET_RE
 
 REFUSED = "nothing installed was changed"
 
