@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeadapt.errors import AdapterMismatchError, AdapterNotFoundError, UsageError
+from edgeadapt.errors import AdapterMismatchError, AdapterNotFoundError, FormatError, UsageError
 
 
 def _found(v: Any) -> str:
@@ -51,19 +51,20 @@ def use_spec(spec: Any) -> None:
 
 
 def token_rows(ids: Any, vocab_size: int) -> np.ndarray:
-    """Token ids ``[batch, seq]`` as int64: integers (no silent truncation of floats), in ``[0, vocab)``."""
+    """Token ids ``[batch, seq]`` as int64: integers (no silent truncation of floats), in ``[0, vocab)``;
+    a :class:`FormatError` (as before this module existed) names what is wrong."""
     try:
         arr = np.asarray(ids)
     except ValueError as e:  # ragged rows
-        raise UsageError(f"expected token ids [batch, seq] of equal-length rows, found ragged rows ({e})") from None
+        raise FormatError(f"expected token ids [batch, seq] of equal-length rows, found ragged rows ({e})") from None
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-        raise UsageError(f"expected integer token ids, found dtype {arr.dtype}"
+        raise FormatError(f"expected integer token ids, found dtype {arr.dtype}"
                          + (f" (e.g. {arr.flat[0]!r})" if arr.size and arr.dtype != object else ""))
     if arr.ndim != 2 or arr.shape[1] == 0:
-        raise UsageError(f"expected token ids [batch, seq], found shape {list(arr.shape)}")
+        raise FormatError(f"expected token ids [batch, seq], found shape {list(arr.shape)}")
     arr = arr.astype(np.int64, copy=False)
     if arr.min() < 0 or arr.max() >= vocab_size:
-        raise UsageError(f"token ids must lie in [0, {vocab_size}); found {arr.min()}…{arr.max()}")
+        raise FormatError(f"token ids must lie in [0, {vocab_size}); found {arr.min()}…{arr.max()}")
     return arr
 
 

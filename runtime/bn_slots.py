@@ -38,7 +38,7 @@ class BnPlan(Plan):
 
 
 def is_bottleneck(adapter: Any) -> bool:
-    return getattr(adapter, "kind", None) == "bottleneck"
+    return adapter.kind == "bottleneck"
 
 
 def feeds(adapters: Mapping[str, Any], rows: Sequence[Mapping[str, float]], dim: int) -> Feeds | None:
@@ -64,7 +64,8 @@ def attach(plan: Any, bn: Feeds | None) -> Any:
     if not bn:
         return plan
     out = BnPlan(plan)
-    out.embed, out.prefix = getattr(plan, "embed", None), getattr(plan, "prefix", None)
+    if isinstance(plan, Plan):  # the sequence parts ride along (a tied head's rows too)
+        out.embed, out.prefix, out.head = plan.embed, plan.prefix, plan.head
     out.bn = bn
     return out
 

@@ -22,6 +22,7 @@ from edgeadapt.errors import (AdapterMismatchError, AdapterNotFoundError, Format
                               UnsupportedError, collect)
 from edgeadapt.formats.manifest import BaseManifest
 
+from edgeadapt.runtime import args
 from edgeadapt.runtime.args import UseSpec, normalise_spec
 
 Feeds = dict[str, np.ndarray]
@@ -126,12 +127,12 @@ class OrtEncoder:
 def check_adapter(cfg: Any, fingerprint: str, a: Any) -> None:
     """Refuse, naming every mismatch, an adapter object that does not fit this encoder base."""
     problems = []
-    if getattr(a, "fingerprint", None) != fingerprint:
-        problems.append(f"base fingerprint: the adapter was made for {getattr(a, 'fingerprint', None)}, "
+    if a.fingerprint != fingerprint:
+        problems.append(f"base fingerprint: the adapter was made for {a.fingerprint}, "
                         f"this base is {fingerprint}")
-    if getattr(a, "arch", None) != cfg.arch:
-        problems.append(f"architecture: expected {cfg.arch!r}, found {getattr(a, 'arch', None)!r}")
-    kind = getattr(a, "kind", None)
+    if a.arch != cfg.arch:
+        problems.append(f"architecture: expected {cfg.arch!r}, found {a.arch!r}")
+    kind = a.kind
     shapes = cfg.linear_shapes()
     if kind == "bottleneck":
         collect(problems, AdapterMismatchError, f"adapter {a.name!r} does not fit this base:")
@@ -142,7 +143,7 @@ def check_adapter(cfg: Any, fingerprint: str, a: Any) -> None:
             if t not in shapes or (fb.shape[0], fa.shape[1]) != shapes[t]:
                 problems.append(f"{t}: expected a change of shape {list(shapes.get(t, ()))}, found "
                                 f"lora_a {list(fa.shape)} and lora_b {list(fb.shape)}")
-        if getattr(a, "biases", None):
+        if a.biases:
             problems.append("LoRA bias terms are not supported on encoder bases yet")
     elif kind == "ia3":
         for t, p in a.params.items():
@@ -151,7 +152,7 @@ def check_adapter(cfg: Any, fingerprint: str, a: Any) -> None:
                                 f"{ {k: list(v.shape) for k, v in p.items()} }")
     else:
         problems.append(f"adapter kind {kind!r} does not run on encoder bases; supported: lora, ia3, bottleneck")
-    collect(problems, AdapterMismatchError, f"{kind} adapter {getattr(a, 'name', '?')!r} does not fit this base:")
+    collect(problems, AdapterMismatchError, f"{kind} adapter {a.name!r} does not fit this base:")
 
 
 class EncoderModel:
@@ -187,6 +188,8 @@ class EncoderModel:
         """Verify (base fingerprint, architecture, shapes) and keep an adapter object (from
         :func:`edgeadapt.converters.adapterhub.convert_adapterhub`, a LoRA delta file or any kind
         object), not yet active. Returns its name."""
+        args.adapter_source(source)
+        args.adapter_name(name)
         if isinstance(source, (str, os.PathLike)):
             from edgeadapt.formats.delta import read_delta
             source = read_delta(source)
@@ -205,6 +208,7 @@ class EncoderModel:
         check_adapter(self.config, self.fingerprint, a)
 
     def remove_adapter(self, name: str) -> None:
+        args.adapter_name(name, optional=False)
         if name not in self.adapters:
             raise AdapterNotFoundError(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
         with self._lock:
@@ -296,15 +300,11 @@ class EncoderModel:
     def _inputs(self, x: Any, attention_mask: Any, token_type_ids: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if isinstance(x, str):
             x = [x]
-        if len(x) and isinstance(x[0], str):
+        if isinstance(x, (list, tuple)) and x and all(isinstance(s, str) for s in x):
             return self.encode(x)
-        ids = np.asarray(x, np.int64)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise FormatError(f"expected token ids [batch, seq], found shape {list(ids.shape)}")
+        ids = args.token_rows(x, self.config.vocab_size)
         if ids.shape[1] > self.config.context_length:
             raise FormatError(f"{ids.shape[1]} tokens is over the base's {self.config.context_length} positions")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise FormatError(f"token ids must lie in [0, {self.config.vocab_size}); found {ids.min()}…{ids.max()}")
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
         types = np.zeros_like(ids) if token_type_ids is None else np.asarray(token_type_ids, np.int64)
         if mask.shape != ids.shape or types.shape != ids.shape:
@@ -317,6 +317,8 @@ class EncoderModel:
         if adapters is None:
             feeds = self._feeds
         else:
+            if isinstance(adapters, (str, Mapping)) or not isinstance(adapters, Sequence):
+                raise args.UsageError(f"adapters=: expected a list with one entry per row, found {adapters!r}")
             if len(adapters) != ids.shape[0]:
                 raise FormatError(f"adapters= names one entry per row: expected {ids.shape[0]}, found {len(adapters)}")
             feeds = self._build([self._normalise(a) for a in adapters])

@@ -98,16 +98,16 @@ class SeqParts:
         heads: list[list[tuple[Any, float]]] = []
         prefixes: list[str | None] = []
         for want in rows:
-            seq = {n: w for n, w in want.items() if getattr(self.m.adapters[n], "n_virtual", 0)}
+            seq = {n: w for n, w in want.items() if self.m.adapters[n].n_virtual}
             if seq and (len(want) > 1 or any(w != 1.0 for w in seq.values())):
                 n = next(iter(seq))
                 raise UnsupportedError(f"{self.m.adapters[n].kind} adapter {n!r} prepends virtual tokens and runs alone, "
                                        f"at weight 1; found the set {dict(want)}")
             prefixes.append(next(iter(seq), None))
-            embeds.append([(c, w) for n, w in want.items() if getattr(self.m.adapters[n], "changes_embedding", False)
+            embeds.append([(c, w) for n, w in want.items() if self.m.adapters[n].changes_embedding
                            for c in [self._change(n, n not in merged_embed)] if c is not None])
             heads.append([(self._head_change(n), w) for n, w in want.items()
-                          if getattr(self.m.adapters[n], "changes_head", False)])
+                          if self.m.adapters[n].changes_head])
         if not any(embeds) and not any(prefixes) and not any(heads):
             return live
         plan = Plan(live)
@@ -138,7 +138,7 @@ class SeqParts:
     # ---- the KV prefix of a request
     def past(self, plan: Any, mask: np.ndarray, pos: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
         """(past, mask, pos) for the first forward of a request: unchanged without a prefix."""
-        names = getattr(plan, "prefix", None)
+        names = plan.prefix if isinstance(plan, Plan) else None
         if not names:
             return None, mask, pos
         B = mask.shape[0]

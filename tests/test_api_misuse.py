@@ -107,3 +107,47 @@ def test_the_public_api_refuses_misuse_and_changes_nothing(tiny, engine):
     assert not escaped, "calls that escaped EdgeAdaptError:\n" + "\n".join(escaped)
     assert not unnamed, "\n".join(unnamed)
     np.testing.assert_array_equal(m.logits(probe), before)
+
+
+def test_the_encoder_api_refuses_misuse_and_changes_nothing(tmp_path):
+    """The same walk over an encoder base (BERT family): embed / hidden states / adapters."""
+    torch = pytest.importorskip("torch")
+    from transformers import BertConfig, BertModel
+
+    from edgeadapt.converters.export_base import export_base
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=48, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(tmp_path / "hf")
+    export_base(tmp_path / "hf", tmp_path / "base")
+    m = edgeadapt.load(tmp_path / "base", engine="numpy")
+    probe = [[3, 4, 5]]
+    before = m.embed(probe)
+    calls = [
+        ("embed(float ids)", lambda: m.embed([[1.5, 2]]), "integer"),
+        ("embed(out of vocab)", lambda: m.embed([[500]]), "[0, "),
+        ("embed(None)", lambda: m.embed(None), "integer"),
+        ("hidden_states(negative)", lambda: m.hidden_states([[-2, 3]]), "[0, "),
+        ("embed(ragged)", lambda: m.embed([[1, 2], [3]]), "ragged"),
+        ("embed(adapters=str)", lambda: m.embed(probe, adapters="a"), "one entry per row"),
+        ("add_adapter(None)", lambda: m.add_adapter(None), "NoneType"),
+        ("add_adapter(3)", lambda: m.add_adapter(3), "int"),
+        ("remove_adapter(None)", lambda: m.remove_adapter(None), "NoneType"),
+        ("use(3)", lambda: m.use(3), "int 3"),
+        ("use(nan)", lambda: m.use({"x": NAN}), "x"),
+    ]
+    problems = []
+    for label, call, want in calls:
+        try:
+            call()
+        except EdgeAdaptError as e:
+            if want not in str(e):
+                problems.append(f"{label}: expected {want!r} in {type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{label}: escaped as {type(e).__name__}: {e}")
+        else:
+            problems.append(f"{label}: no error")
+    assert not problems, "\n".join(problems)
+    assert m.active == {} and m.adapters == {}
+    np.testing.assert_array_equal(m.embed(probe), before)
