@@ -1,8 +1,7 @@
 """A llama-family forward pass in plain numpy, straight from a GGUF base.
 
-Device-side: imports only numpy, gguf, the standard library, ``edgeadapt.formats.arch`` /
-``edgeadapt.errors`` / ``edgeadapt.formats.gguf_file`` and :mod:`.ggml_weights` (the stored weights and
-their kernels); nothing is computed at import time. The I/O contract is the ONNX
+Device-side: numpy, gguf, the standard library, edgeadapt's formats and errors, and this package's kernels
+(:mod:`.weights`, :mod:`.ops`, :mod:`.rows`); nothing is computed at import time. The I/O contract is the ONNX
 engine's (``input_ids``/``attention_mask``/``position_ids``/``past`` in, logits and present
 key/values out), so one generation loop drives both.
 """
