@@ -128,10 +128,13 @@ def greedy_hf(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def llama_cpp_greedy(gguf_path: Path, prompt: list[int], n: int) -> list[int]:
+def llama_cpp_greedy(gguf_path: Path, prompt: list[int], n: int, lora: Path | None = None, **llama_kw) -> list[int]:
+    """llama.cpp's greedy tokens on ``gguf_path`` (with the LoRA GGUF ``lora``); ``llama_kw`` go to ``Llama``."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install llama-cpp-python)")
+    if lora is not None:
+        llama_kw["lora_path"] = str(lora)
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=128, n_threads=1, verbose=False, seed=0,
-                          vocab_only=False, logits_all=False)
+                          vocab_only=False, logits_all=False, **llama_kw)
     out: list[int] = []
     for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
         out.append(int(tok))

@@ -28,7 +28,7 @@ from edgeadapt.cli import main
 from edgeadapt.errors import AdapterMismatchError, EdgeAdaptError, FormatError
 from edgeadapt.formats.arch import CONV1D_ARCHES, permute_qk, qk_heads, unpermute_qk
 
-from arch_common import byte_tokenizer
+from arch_common import byte_tokenizer, llama_cpp_greedy
 from conftest import add_lora, make_model, torch, torch_logits
 
 TOL = 1e-4
@@ -195,18 +195,6 @@ def test_llama_cpp_lora_matches_peft(fx, cpp_files, outtype, engine, ids):
     assert "asserted by the importer" in res.asserted_by and "alpha 16" in res.asserted_by
 
 
-def _llama_cpp_greedy(gguf_path: Path, lora: Path, prompt: list[int], n: int) -> list[int]:
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install llama-cpp-python)")
-    llm = llama_cpp.Llama(model_path=str(gguf_path), lora_path=str(lora), n_ctx=128, n_threads=1, verbose=False,
-                          seed=0, type_k=0, type_v=0)
-    out: list[int] = []
-    for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-        out.append(int(tok))
-        if len(out) == n:
-            break
-    return out
-
-
 @pytest.mark.parametrize("outtype", ["F32", "Q8_0"])
 def test_llama_cpp_generates_the_same_text_from_the_imported_file(fx, cpp_files, outtype):
     """llama.cpp with the original LoRA and with the imported delta (alpha 0, scale in B) on the F32 base:
@@ -217,8 +205,8 @@ def test_llama_cpp_generates_the_same_text_from_the_imported_file(fx, cpp_files,
     out = fx["root"] / f"for-llama-cpp-{outtype}.gguf"
     import_adapter(cpp_files[outtype], fx["base"], out)
     prompt = [5, 17, 42, 99, 7, 8]
-    theirs = _llama_cpp_greedy(fx["base"] / "model.gguf", cpp_files[outtype], prompt, 12)
-    ours = _llama_cpp_greedy(fx["base"] / "model.gguf", out, prompt, 12)
+    theirs = llama_cpp_greedy(fx["base"] / "model.gguf", prompt, 12, cpp_files[outtype], type_k=0, type_v=0)
+    ours = llama_cpp_greedy(fx["base"] / "model.gguf", prompt, 12, out, type_k=0, type_v=0)
     assert ours == theirs and len(ours) == 12
     if outtype == "F32":  # PEFT's greedy tokens, EOS included (llama.cpp's generator does not stop at it)
         seq = list(prompt)
