@@ -20,7 +20,7 @@ from edgeadapt.formats.manifest import BaseManifest
 ENGINES = ("auto", "ort", "numpy")
 WEIGHTS = ("fp32", "int4", "int8")
 # engine name -> "module:class", imported when that engine is made (the registry exception to the import rules)
-ENGINE_CLASSES: dict[str, str] = {"ort": "edgeadapt.runtime.engine_ort:OrtEngine",
+ENGINE_CLASSES: dict[str, str] = {"ort": "edgeadapt.runtime.ort_engine.engine:OrtEngine",
                                   "numpy": "edgeadapt.runtime.numpy_engine.engine:NumpyEngine"}
 
 

@@ -244,7 +244,7 @@ def test_a_clean_made_up_tree_passes(tmp_path):
     ({"edgeadapt/formats/a.py": "from edgeadapt.formats import b\n",
       "edgeadapt/formats/b.py": "def f():\n    from . import a\n"},
      ["import circle: edgeadapt.formats.a <-> edgeadapt.formats.b"]),
-    ({"runtime/engine_ort.py": "import onnxruntime\n", "runtime/model.py": "from edgeadapt.runtime import engine_ort\n"},
+    ({"runtime/ort_engine/engine.py": "import onnxruntime\n", "runtime/model.py": "from edgeadapt.runtime.ort_engine import engine\n"},
      ["imports onnxruntime at module level and is imported at module level by edgeadapt.runtime.model"]),
     ({"edgeadapt/cli/core.py": "import click\nfrom edgeadapt.converters import merge\n", "converters/merge.py": ""},
      ["the command line imports edgeadapt.converters.merge at module level"]),

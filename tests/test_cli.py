@@ -67,7 +67,7 @@ def test_inspect_refuses_a_damaged_file(tiny, tmp_path):
 def test_runtime_imports_without_torch_or_onnx():
     code = ("import sys\n"
             "for m in ('torch', 'transformers', 'peft', 'onnx', 'safetensors'): sys.modules[m] = None\n"
-            "import edgeadapt, edgeadapt.runtime.model, edgeadapt.runtime.engine_ort, edgeadapt.runtime.numpy_engine.engine\n"
+            "import edgeadapt, edgeadapt.runtime.model, edgeadapt.runtime.ort_engine.engine, edgeadapt.runtime.numpy_engine.engine\n"
             "import edgeadapt.formats.delta, edgeadapt.formats.manifest\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'transformers') and sys.modules[m]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

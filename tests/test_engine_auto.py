@@ -58,7 +58,7 @@ def test_ort_without_onnxruntime_names_the_package(tiny, no_ort):
 @needs_ort
 def test_auto_falls_back_when_onnxruntime_is_broken(tiny, monkeypatch):
     """Installed but failing (a bad wheel, a session that cannot be built): numpy, with a warning."""
-    from edgeadapt.runtime import engine_ort
+    from edgeadapt.runtime.ort_engine import engine as engine_ort
 
     def broken(self, *a, **k):
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : simulated")

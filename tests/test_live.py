@@ -312,7 +312,7 @@ def test_ort_by_name_defers_its_first_session(tiny, ids, monkeypatch):
     """engine="ort", mode auto: no session at load; the first run builds the plain graph, or — when the first
     request uses an adapter — only the slotted one (a cold start with an adapter builds one session, not two).
     engine="auto" still builds at load: a failed build is what sends it to numpy."""
-    from edgeadapt.runtime.engine_ort import OrtEngine
+    from edgeadapt.runtime.ort_engine.engine import OrtEngine
 
     built = []
     real = OrtEngine._build

@@ -26,7 +26,7 @@ pytest.importorskip("onnx")
 
 import edgeadapt  # noqa: E402
 from edgeadapt.converters.hf import from_transformers  # noqa: E402
-from edgeadapt.runtime.engine_ort import _Session  # noqa: E402
+from edgeadapt.runtime.ort_engine.engine import _Session  # noqa: E402
 from edgeadapt.converters.onnx_graphs.fast import GROUPS, _group_name, build_quant_onnx, quantize_base  # noqa: E402
 from edgeadapt.converters.onnx_graphs.graph import build_onnx  # noqa: E402
 from edgeadapt.converters.onnx_graphs.quant import Q, quantize  # noqa: E402

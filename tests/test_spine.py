@@ -203,7 +203,7 @@ def test_every_refusal_is_an_edgeadapt_error():
 
 def test_ort_refuses_a_session_that_ignores_overrides(tiny, ids, monkeypatch):
     """onnxruntime silently ignores overrides of folded weights: the engine must notice and keep the old model."""
-    from edgeadapt.runtime.engine_ort import OrtEngine, OverrideNotAppliedError
+    from edgeadapt.runtime.ort_engine.engine import OrtEngine, OverrideNotAppliedError
 
     m = edgeadapt.load(tiny["base"], engine="ort", mode="merge")
     m.add_adapter(tiny["a"], name="a")
