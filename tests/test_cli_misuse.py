@@ -95,6 +95,16 @@ def _cases(f):
         (["serve", base, "--adapter", "x=" + str(f["d"] / "nope.gguf"), "--port", "0"], "nope.gguf"),
         (["serve", base, "--adapter", a + ":0.5", "--port", "0"], "NAME=FILE"),
         (["serve", base, "--port", "70000"], "--port"),
+        # bundle, bench, list, demo
+        (["bundle", base, str(f["d"] / "bundle"), "--for", "ort/int4"], "error:"),  # the tiny base has no int4 graph
+        (["bundle", base, txt], "error:"),
+        (["bundle", txt, str(f["d"] / "bundle2")], "Error"),
+        (["bench", base, "--adapter", str(f["d"] / "nope.gguf")], "Error"),
+        (["bench", base, "--adapter", a, "--systems", "nosuch"], "nosuch"),
+        (["bench", base, "--adapter", a, "--rounds", "0"], "--rounds"),
+        (["list", "--store", txt], "Error"),
+        (["demo", "--out", txt], "found a file"),
+        (["demo", "--engine", "gpu"], "Error"),
     ]
 
 

@@ -146,6 +146,6 @@ def test_quantized_bundle_names_what_needs_float_embedding_rows(qbase, tmp_path,
     assert np.isfinite(full.logits(ids)).all()
     m = edgeadapt.load(b, engine="ort", weights="int4")
     m.add_adapter(tok)
-    with pytest.raises(FormatError, match="device bundle ships none\); load the full base folder"):
+    with pytest.raises(FormatError, match=r"device bundle ships none\); load the full base folder"):
         m.use("t")
         m.logits(ids)
