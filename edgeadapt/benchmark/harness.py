@@ -320,7 +320,8 @@ def table(res: dict[str, Any], ref: str | None) -> str:
 
 def agreement(res: dict[str, Any], pairs: list[tuple[str, str]]) -> str:
     """Greedy-token agreement between pairs of systems: identical sequences and first divergence (pairs where
-    either system has no tokens are left out, and said so when none is left)."""
+    either system has no tokens are left out, and said so when none is left). A system that stops at EOS
+    (onnxruntime-genai) is compared over the tokens it produced."""
     lines = ["| systems | adapter | identical prompts | tokens before the first difference, per prompt |",
              "|---|---|---|---|"]
     for x, y in pairs:
@@ -328,7 +329,7 @@ def agreement(res: dict[str, Any], pairs: list[tuple[str, str]]) -> str:
         if not tx or not ty or "error" in tx or "error" in ty:
             continue
         for label in ("base", "a"):
-            same = [p == q for p, q in zip(tx[label], ty[label])]
+            same = [p[:min(len(p), len(q))] == q[:min(len(p), len(q))] for p, q in zip(tx[label], ty[label])]
             first = []
             for p, q in zip(tx[label], ty[label]):
                 k = 0

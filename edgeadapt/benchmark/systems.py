@@ -244,7 +244,7 @@ class Genai(System):
 
     def _generator(self, total: int) -> Any:
         p = self.og.GeneratorParams(self.model)
-        p.set_search_options(max_length=total, min_length=total, do_sample=False)
+        p.set_search_options(max_length=total, do_sample=False)  # min_length would mask EOS, changing the argmax
         g = self.og.Generator(self.model, p)
         if self.active:
             g.set_active_adapter(self.adapters, self.active)
@@ -254,7 +254,7 @@ class Genai(System):
         g = self._generator(len(prompt) + n)
         g.append_tokens(prompt)
         out = []
-        while len(out) < n:
+        while len(out) < n and not g.is_done():  # genai stops at EOS (the others decode a fixed length)
             g.generate_next_token()
             out.append(int(g.get_next_tokens()[0]))
         return out
