@@ -19,7 +19,7 @@ import numpy as np
 from edgeadapt.kinds.slots import (NORMS, POSITIONS, bn_feeds, bn_name, bottleneck, defaults, gelu, gelu_tanh,
                                      ia3_name, layer_norm, lora_names)
 from edgeadapt.errors import (AdapterMismatchError, AdapterNotFoundError, FormatError, MissingDependencyError,
-                              UnsupportedError, collect)
+                              UnsupportedError, UsageError, collect)
 from edgeadapt.formats.manifest import BaseManifest
 
 from edgeadapt.runtime import args
@@ -318,7 +318,7 @@ class EncoderModel:
             feeds = self._feeds
         else:
             if isinstance(adapters, (str, Mapping)) or not isinstance(adapters, Sequence):
-                raise args.UsageError(f"adapters=: expected a list with one entry per row, found {adapters!r}")
+                raise UsageError(f"adapters=: expected a list with one entry per row, found {adapters!r}")
             if len(adapters) != ids.shape[0]:
                 raise FormatError(f"adapters= names one entry per row: expected {ids.shape[0]}, found {len(adapters)}")
             feeds = self._build([self._normalise(a) for a in adapters])

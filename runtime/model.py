@@ -20,16 +20,16 @@ import numpy as np
 from edgeadapt.formats.arch import ArchConfig
 from edgeadapt.formats.delta import LoraDelta, read_delta
 from edgeadapt.formats.encoder_arch import EncoderConfig
-from edgeadapt.errors import AdapterMismatchError, AdapterNotFoundError, FormatError, UnsupportedError
+from edgeadapt.errors import AdapterMismatchError, AdapterNotFoundError, FormatError, UnsupportedError, UsageError
 from edgeadapt.formats.manifest import BaseManifest, read_manifest
 
+from edgeadapt.runtime import args
+from edgeadapt.runtime.args import UseSpec, normalise_spec
 from edgeadapt.runtime.engines import make_engine
 from edgeadapt.runtime.row_lora import add_terms, slot_inputs
-from edgeadapt.runtime import args
 from edgeadapt.runtime.rwlock import RWLock
 from edgeadapt.runtime.sampling import Sampler
 from edgeadapt.runtime.seq import Plan, SeqParts
-from edgeadapt.runtime.args import UseSpec, normalise_spec
 from edgeadapt.runtime.tokenizer import StreamDecoder, Tokenizer
 
 Live = dict[str, Any]  # a live plan: weight -> the factors the engine runs (see _factors)
@@ -370,7 +370,7 @@ class Model:
         if adapters is None:
             return None
         if isinstance(adapters, (str, Mapping)) or not isinstance(adapters, Sequence):
-            raise args.UsageError(f"adapters=: expected a list with one entry per row, found {type(adapters).__name__} "
+            raise UsageError(f"adapters=: expected a list with one entry per row, found {type(adapters).__name__} "
                                   f"{adapters!r}; for one adapter on every row use use() or adapters=[spec] * rows")
         if len(adapters) != batch:
             raise FormatError(f"adapters= names one entry per row: expected {batch}, found {len(adapters)}")
@@ -505,7 +505,7 @@ class Model:
         """Several prompts (token ids) at once, left-padded, one forward pass per step; each row may
         have its own adapter. Returns the generated ids of each row (up to its EOS)."""
         if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or not rows:
-            raise args.UsageError(f"rows: expected a non-empty list of token-id lists, found {type(rows).__name__}")
+            raise UsageError(f"rows: expected a non-empty list of token-id lists, found {type(rows).__name__}")
         rows = [args.token_list(r, self.config.vocab_size) for r in rows]
         args.count(max_new_tokens, "max_new_tokens")
         if plan is None:

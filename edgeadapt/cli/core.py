@@ -215,7 +215,7 @@ def generate_cmd(base: Path, prompt: str, adapters: tuple[str, ...], engine: str
     import edgeadapt
     from edgeadapt.errors import UsageError
 
-    files: dict[str, float] = {}
+    files: dict[str, tuple[str, float]] = {}  # real path -> (the path as given, weight): each parsed once
     for spec in adapters:
         file, w = _file_weight(spec)
         if os.path.isdir(file):
@@ -224,14 +224,10 @@ def generate_cmd(base: Path, prompt: str, adapters: tuple[str, ...], engine: str
         key = os.path.realpath(file)
         if key in files:
             raise UsageError(f"--adapter {file} is given twice; give it once, with the summed weight "
-                             f"({file}:{files[key] + w:g}) if that is what you mean")
-        files[key] = w
+                             f"({file}:{files[key][1] + w:g}) if that is what you mean")
+        files[key] = (file, w)
     m = edgeadapt.load(base, engine=engine, mode=mode)
-    weights: dict[str, float] = {}
-    for spec in adapters:
-        file, w = _file_weight(spec)
-        name = m.add_adapter(file, name=f"{Path(file).stem}#{len(weights)}")
-        weights[name] = w
+    weights = {m.add_adapter(file, name=f"{Path(file).stem}#{i}"): w for i, (file, w) in enumerate(files.values())}
     m.use(weights or None)
     for piece in m.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stream=True, chat=chat):
