@@ -39,7 +39,7 @@ from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from edgeadapt.errors import EdgeAdaptError, FormatError
+from edgeadapt.errors import EdgeAdaptError
 
 _END = object()
 _LOCK = threading.Lock()  # creates one scheduler per model
@@ -303,11 +303,11 @@ class Scheduler:
         old = m._engine.cache_layers(self._past) if keep else None
         for b, r in enumerate(rows):
             if r in new:
-                src, i, end = m._engine.cache_layers(r.kv), 0, None
+                src, i = m._engine.cache_layers(r.kv), 0
                 mask[b, T - r.length:T - r.length + len(r.mask0)] = r.mask0
                 mask[b, T - r.length + len(r.mask0):] = 1
             else:
-                src, i, end = old, self._rows.index(r), None
+                src, i = old, self._rows.index(r)
                 mask[b, T - r.length:] = self._mask[i, self._mask.shape[1] - r.length:]
             L = r.length
             for (K, V), (k, v, n) in zip(layers, src):
