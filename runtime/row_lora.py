@@ -83,3 +83,28 @@ def slot_inputs(per_row: list[dict[str, tuple[list[np.ndarray], list[np.ndarray]
                     cols.append(np.stack([np.full(n, fill, np.float32) if v is None else v for v in vals]).astype(np.float32))
             out[t] = (*out[t], *cols)
     return out
+
+
+def stack_rows(rows: list[dict[str, tuple[np.ndarray, np.ndarray]] | None], row_lora: bool) -> dict[str, Any]:
+    """A batch's plan from one-row plans of plain factors ({target: (A [1, in, r], B [1, r, out])}, None for a row
+    on the bare base), as :func:`slot_inputs` makes it for those rows at once: a :class:`PerRow` per target
+    (``row_lora``), else the padded slot form A [n, in, R], B [n, R, out] (zeros past a row's rank)."""
+    out: dict[str, Any] = {}
+    for t in sorted({t for r in rows if r for t in r}):
+        parts = [r.get(t) if r else None for r in rows]
+        some = next(p for p in parts if p is not None)
+        n_in, n_out = some[0].shape[1], some[1].shape[2]
+        if row_lora:
+            out[t] = PerRow([None if p is None else (p[0][0], p[1][0]) for p in parts], n_in, n_out, f"factors of {t}")
+            continue
+        R = max(p[0].shape[2] for p in parts if p is not None)
+        if all(p is not None and p[0].shape[2] == R for p in parts):
+            out[t] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+            continue
+        A = np.zeros((len(rows), n_in, R), _F32)
+        B = np.zeros((len(rows), R, n_out), _F32)
+        for i, p in enumerate(parts):
+            if p is not None:
+                A[i, :, :p[0].shape[2]], B[i, :p[0].shape[2]] = p[0][0], p[1][0]
+        out[t] = (A, B)
+    return out

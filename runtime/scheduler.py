@@ -3,15 +3,19 @@
 Every ``generate()`` / ``generate_ids()`` of one prompt (from threads, or ``Model.agenerate`` from asyncio)
 runs here when ``Model.batching`` is on (the default):
 
-- the caller's thread reads the request's state under the model's read lock (:meth:`Model._request`), waits
-  for a row (at most ``max_rows`` requests run at once; ``max_waiting`` more may wait for one, a further one is
-  refused with :class:`QueueFullError`), runs the prompt's prefill alone, in chunks of ``prefill_chunk``
-  tokens, and samples the first token;
-- the row then joins the decode batch that this module's worker thread runs: one forward per step for every
-  running row, each row with its own adapter set (per-row factors, :mod:`runtime.row_lora`), sampler, seed and
-  token limit; a row leaves at EOS, at its limit, or when its caller stops reading (a closed stream);
-- every forward (a decode step or a prefill chunk) takes its turn in one first-come lock, so a prompt being
-  prefilled delays the running rows by one chunk at a time, and the two cores are never split between forwards.
+- the caller (its thread, or for asyncio one executor hop per request) reads the request's state under the
+  model's read lock (:meth:`Model._request`) and waits for a row: at most ``max_rows`` requests run at once,
+  ``max_waiting`` more may wait for one, a further one is refused with :class:`QueueFullError`;
+- everything else runs in this module's worker thread, one forward at a time: prefills and decode steps
+  alternate. Prompts of up to ``prefill_chunk`` tokens that are waiting together are prefilled in one forward
+  (left-padded, each row with its own adapter set: what ``generate([...], adapters=[...])`` runs), at most
+  ``prefill_tokens`` padded tokens per forward; a longer prompt (or one with a KV prefix) is prefilled alone, one
+  chunk of ``prefill_chunk`` tokens per turn, so running rows wait for one chunk at a time;
+- the rows then join the decode batch: one forward per step for every running row, each row with its own
+  adapter set (per-row factors, :mod:`runtime.row_lora`), sampler, seed and token limit; a row leaves at EOS, at
+  its limit, or when its caller stops reading (a closed stream, a cancelled task);
+- each step's tokens go out once per step: a thread's request gets them through its queue, every asyncio
+  request of one event loop through one ``call_soon_threadsafe`` for all its rows (no thread hop per token).
 
 Weights: each request holds its read lock until its row has left the batch, so a merge (``use()`` in merge mode,
 an auto-mode merge) waits for every running row and never lands under one. While weights are merged only
@@ -20,18 +24,21 @@ with its own set, which is what a request alone runs: greedy tokens are the same
 onnxruntime's int4 graph a batched row's logits move by ~1e-2 — MatMulNBits quantizes its inputs — and greedy
 answers can diverge: docs/SERVING.md).
 
+Per-row plans: each adapter set's one-row factors are made once (:meth:`Scheduler._single`); a batch's plan is
+stacked from them (:func:`runtime.row_lora.stack_rows`) and kept for the last 32 mixes.
+
 KV cache: the batch's keys / values are one left-padded cache [rows, kv_heads, T, head_dim] per layer, each
 row right-aligned (its last token at T-1), updated in place by the engine while the rows stay the same (numpy:
 the engine's own buffers; onnxruntime's fused graph: a KVCache bound by IOBinding). When rows join — at
 most once per step, all joins of that step together — the cache is rebuilt: the kept rows' windows and the new
-rows' prefill caches are copied into a new one as long as the longest row. Cost: one copy of the running rows'
-caches per step where rows join, nothing on the steps in between. Rows that only leave stay in place, masked,
-until they are as many as the running rows (then the next update rebuilds).
+rows' prefill caches are copied into a new one as long as the longest row. Rows that only leave stay in place,
+masked, until they are as many as the running rows (then the next update rebuilds).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import queue
 import threading
@@ -60,7 +67,7 @@ def scheduler_of(model: Any) -> "Scheduler":
 
 
 class _TurnLock:
-    """A first-come, first-served mutex: a decode step and a prefill chunk waiting together run in order."""
+    """A first-come, first-served mutex around every forward (tests hold it to pause the worker)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -78,28 +85,60 @@ class _TurnLock:
             self._cond.notify_all()
 
 
-class _Row:
-    """One request in the batch: its state, its output queue, and the lease (read lock) it runs under."""
+class LoopSink:
+    """Where an asyncio request's tokens arrive: filled on its event loop (the worker hands each step's tokens
+    to the loop in one ``call_soon_threadsafe``), read by :meth:`get`."""
 
-    def __init__(self, max_new: int, sampler: Any) -> None:
-        self.max_new, self.sampler = max_new, sampler
-        self.out: queue.SimpleQueue = queue.SimpleQueue()
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.items = loop, collections.deque()
+        self._wake: asyncio.Future | None = None
+
+    def push(self, item: Any) -> None:  # on the loop
+        self.items.append(item)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def get(self) -> list:
+        """Every item delivered so far (at least one)."""
+        while not self.items:
+            self._wake = self.loop.create_future()
+            await self._wake
+        out = list(self.items)
+        self.items.clear()
+        return out
+
+
+def _deliver(items: list[tuple[LoopSink, Any]]) -> None:
+    for sink, item in items:
+        sink.push(item)
+
+
+class _Row:
+    """One request in the batch: its state, its output (a queue, or a LoopSink), and the lease (read lock)."""
+
+    def __init__(self, ids: np.ndarray, max_new: int, sampler: Any, sink: Any) -> None:
+        self.ids, self.max_new, self.sampler, self.sink = ids, max_new, sampler, sink
         self.lease = contextlib.ExitStack()
         self.key: Any = None  # ("rows",) or ("merged", plan id): rows of one key share a batch
         self.row_set: dict[str, float] | None = None  # rows: the adapter set ({name: weight}) this row runs
-        self.plan: Any = None  # merged: the shared plan
-        self.kv: Any = None  # the prefill's cache until the row is copied into the batch
+        self.plan: Any = None  # merged: the shared plan; rows: the plan it was admitted with (a KV prefix, alone)
+        self.alone = False  # prefilled alone in chunks (a long prompt, a KV prefix)
+        self.done = 0  # prompt tokens prefilled so far (alone)
+        self.pos_all: np.ndarray | None = None  # the prompt's positions (alone)
+        self.kv: Any = None  # (cache layers, row index) of its prefill until the row is copied into the batch
         self.mask0: np.ndarray | None = None  # the prefill's mask [length]; every later token is real
         self.length = 0  # keys this row has in the cache
         self.pos = 0  # position of the next token
         self.last = 0  # the token fed at the next step
         self.count = 0  # tokens delivered
         self.cancelled = False
+        self.ended = False  # its reader got (or gets) its last item
         self.dead = False  # left, but its slot stays in the batch (masked) until the next rebuild
         self.left = threading.Event()
         self._released = False
         self._on_release: Any = None
         self._once = threading.Lock()
+        self._state = threading.Lock()  # ended / cancelled: whoever sees both releases the row
 
     def release(self) -> None:
         """Drop the read lock and the row slot (idempotent; any thread)."""
@@ -118,25 +157,32 @@ class Scheduler:
 
     max_rows = 16  # requests running at once (prefill + decode)
     max_waiting = 64  # requests waiting for a row beyond that; one more is refused (QueueFullError)
-    prefill_chunk = 128  # prompt tokens per forward while other rows run
+    prefill_chunk = 128  # prompt tokens per forward of a prompt prefilled alone; longer prompts are prefilled alone
+    prefill_tokens = 512  # padded prompt tokens (rows × longest) per batched prefill forward
 
     def __init__(self, model: Any) -> None:
         self.m = model
+        self._eos = set(model.config.eos_token_ids)
         self.turn = _TurnLock()
         self._cond = threading.Condition()
         self._running = 0  # requests holding a row slot
         self._waiting = 0
-        self._joining: list[_Row] = []
+        self._pending: list[_Row] = []  # admitted, waiting for (or in) their prefill
+        self._joining: list[_Row] = []  # prefilled, waiting to join the batch
         self._thread: threading.Thread | None = None
         # batch state, worker thread only
         self._rows: list[_Row] = []
         self._past: Any = None
         self._mask = np.zeros((0, 0), np.int64)
         self._plan: Any = None
-        self._plans: dict[tuple, Any] = {}
+        self._plans: dict[tuple, Any] = {}  # a mix of sets (one per row) -> its batch plan
+        self._singles: dict[tuple, Any] = {}  # one set -> its one-row plan
+        self._out: list[tuple[_Row, Any]] = []  # this turn's deliveries
         self.steps = 0  # decode steps run (a counter for tests and benchmarks)
+        self.prefills = 0  # prefill forwards run
         self.rebuilds = 0  # cache rebuilds (steps where rows joined or left)
         self.peak = 0  # the most rows one step has run
+        self.peak_prefill = 0  # the most prompts one prefill forward has run
         self.cancelled = 0  # rows whose reader stopped before their end
 
     @property
@@ -166,80 +212,102 @@ class Scheduler:
             self._running -= 1
             self._cond.notify_all()
 
-    def run(self, ids: Sequence[int], max_new: int, sampler: Any, plan: Any, own: Mapping[str, float] | None
-            ) -> Iterator[list[tuple[int, int]]]:
-        """One request, as ``Model._steps`` yields it: [(0, token)] per token. ``plan``: the request's own plan
+    def submit(self, ids: Sequence[int], max_new: int, sampler: Any, plan: Any, own: Mapping[str, float] | None,
+               sink: Any) -> _Row:
+        """Admit one request (blocks while the rows are full) and hand it to the worker; its tokens, then _END
+        (or an exception), arrive in ``sink`` (a SimpleQueue, or a LoopSink). ``plan``: the request's own plan
         (``own`` its set) or None (the active set)."""
         m = self.m
-        if max_new <= 0:
-            return
-        x = m._check_ids([list(ids)])
+        x = np.asarray(m._check_ids([list(ids)])[0], np.int64)
         if plan is None and self._running == 0:
             m._maybe_auto_merge()  # only when idle: a merge would otherwise wait for every running row
-        row = _Row(max_new, sampler)
+        row = _Row(x, max_new, sampler, sink)
         self._admit(row)
-        joined = False
         try:
             plan = row.lease.enter_context(m._request(plan))
             if own is not None:
-                row.key, row.row_set = ("rows",), dict(own)
+                row.key, row.row_set, row.plan = ("rows",), dict(own), plan
             elif m._merged:
                 row.key, row.plan = ("merged", id(plan)), plan
             else:  # live (or nothing active): the active set beside the pure base, as a row of its own
-                row.row_set = dict(m.active)
-                row.key = ("rows",)
-                key = tuple(sorted(row.row_set.items()))
-                plan = (m._set_plans.get(key) or m._live_plan([row.row_set])) if row.row_set else None
-            t = self._prefill(row, x, plan)
-            eos = set(m.config.eos_token_ids)
-            if t in eos:
-                return
-            row.count = 1
-            if row.key[0] == "merged" or row.row_set == m.active:
-                m._stable_tokens += 1  # auto mode counts every token of the active set, as the loop alone does
-            if row.count < max_new:
-                row.last = t
-                with self._cond:
-                    self._joining.append(row)
-                    self._start()
-                    self._cond.notify_all()
-                joined = True
-            yield [(0, t)]
-            if not joined:
-                return
+                row.key, row.row_set, row.plan = ("rows",), dict(m.active), plan
+            mask, pos = np.ones((1, len(x)), np.int64), np.arange(len(x), dtype=np.int64)[None]
+            row.alone = len(x) > self.prefill_chunk or m._seq.past(row.plan, mask, pos)[0] is not None
+        except BaseException:
+            row.release()
+            raise
+        with self._cond:
+            self._pending.append(row)
+            self._start()
+            self._cond.notify_all()
+        return row
+
+    def cancel(self, row: _Row, wait: bool) -> None:
+        """The reader stopped (or read the end): a row that has ended is released now, any other is dropped by
+        the worker at its next turn (``wait``: until it has)."""
+        if row.left.is_set():
+            return
+        with row._state:
+            row.cancelled, ended = True, row.ended
+        if ended:
+            row.release()
+            return
+        with self._cond:
+            self._start()
+            self._cond.notify_all()
+        if wait:
+            row.left.wait()
+
+    def run(self, ids: Sequence[int], max_new: int, sampler: Any, plan: Any, own: Mapping[str, float] | None
+            ) -> Iterator[list[tuple[int, int]]]:
+        """One request, as ``Model._steps`` yields it: [(0, token)] per token."""
+        if max_new <= 0:
+            return
+        sink: queue.SimpleQueue = queue.SimpleQueue()
+        row = self.submit(ids, max_new, sampler, plan, own, sink)
+        try:
             while True:
-                item = row.out.get()
-                if item is _END:  # the worker computes nothing more for this row: its lease may go now
-                    row.left.set()
+                item = sink.get()
+                if item is _END:
                     return
                 if isinstance(item, BaseException):
                     raise item
                 yield [(0, item)]
         finally:
-            if joined and not row.left.is_set():
-                row.cancelled = True  # the reader stopped: the worker drops the row at its next step
-                with self._cond:
-                    self._cond.notify_all()
-                row.left.wait()
-            row.release()
+            self.cancel(row, wait=True)
 
-    def _prefill(self, row: _Row, x: np.ndarray, plan: Any) -> int:
-        m = self.m
-        S = x.shape[1]
-        mask = np.ones_like(x)
-        pos = np.arange(S, dtype=np.int64)[None]
-        past, mask, pos = m._seq.past(plan, mask, pos)  # a KV prefix (prompt / prefix tuning), if any
-        P = mask.shape[1] - S
-        for a in range(0, S, max(1, self.prefill_chunk)):
-            b = min(S, a + max(1, self.prefill_chunk))
-            with self.turn:
-                logits, past = m._forward(x[:, a:b], mask[:, :P + b], pos[:, a:b], past, plan)
-        row.kv, row.mask0, row.length = past, mask[0], mask.shape[1]
-        row.pos = int(pos[0, -1]) + 1
-        return int(row.sampler(logits[:, -1])[0])
+    async def arun(self, ids: Sequence[int], max_new: int, sampler: Any, plan: Any,
+                   own: Mapping[str, float] | None) -> AsyncIterator[list[int]]:
+        """One request for asyncio: lists of the tokens that have arrived (in order). One executor hop to admit
+        it; closing the iterator (or cancelling its task) drops its row."""
+        if max_new <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        sink = LoopSink(loop)
+        fut = loop.run_in_executor(None, lambda: self.submit(ids, max_new, sampler, plan, own, sink))
+        try:
+            row = await asyncio.shield(fut)
+        except asyncio.CancelledError:  # admitted later all the same: drop it then
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() or self.cancel(f.result(), wait=False))
+            raise
+        try:
+            while True:
+                items = await sink.get()
+                toks = []
+                for item in items:
+                    if item is _END:
+                        if toks:
+                            yield toks
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    toks.append(item)
+                yield toks
+        finally:
+            self.cancel(row, wait=False)
 
     # ---- the worker
-    def _start(self) -> None:
+    def _start(self) -> None:  # under self._cond
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name="edgeadapt-scheduler", daemon=True)
             self._thread.start()
@@ -247,25 +315,201 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._joining and not self._rows:
-                    if not self._cond.wait(timeout=5.0) and not self._joining:
+                while not self._pending and not self._joining and not self._rows:
+                    if not self._cond.wait(timeout=5.0) and not self._pending and not self._joining:
                         self._thread = None  # idle: the next request starts a new worker
                         self._past = None
                         return
-                joins, self._joining = self._joining, []
             try:
+                self._prefill_turn()
+                joins, self._joining = self._joining, []
                 self._update(joins)
                 if self._rows:
                     self._step()
             except BaseException as e:  # the engine failed: every row gets the error, the batch starts over
-                failed = self._rows + [j for j in joins if j not in self._rows]
-                with self._cond:
-                    self._joining = [j for j in self._joining if j not in failed]
+                failed = self._rows + [j for j in self._joining if j not in self._rows]
+                self._rows, self._past, self._plan, self._joining = [], None, None, []
                 for r in failed:
-                    r.out.put(e)
-                    r.release()
-                self._rows, self._past, self._plan = [], None, None
+                    self._finish(r, e)
+            self._flush()
 
+    def _finish(self, r: _Row, item: Any = _END) -> None:
+        """The row gets nothing more: its reader learns (_END or the error) and releases the row when it reads it
+        (a slot is held, and a merge waits, until then); a reader that already left: released here."""
+        with r._state:
+            first, gone = not r.ended, r.cancelled
+            r.ended = True
+        if first:
+            self._out.append((r, item))
+        if gone:
+            r.release()
+
+    def _flush(self) -> None:
+        """This turn's tokens: into each thread's queue, and to each event loop in one call."""
+        out, self._out = self._out, []
+        loops: dict[Any, list[tuple[_Row, Any]]] = {}
+        for r, item in out:
+            if isinstance(r.sink, LoopSink):
+                loops.setdefault(r.sink.loop, []).append((r, item))
+            else:
+                r.sink.put(item)
+        for loop, items in loops.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, [(r.sink, item) for r, item in items])
+            except RuntimeError:  # the loop is closed: nobody reads these rows any more
+                for r, _ in items:
+                    self.cancel(r, wait=False)
+
+    def _deliver(self, r: _Row, t: int) -> bool:
+        """A sampled token of row r: EOS ends it (False: nothing delivered), the limit ends it after this token."""
+        if t in self._eos:
+            r.count = r.max_new
+            self._finish(r)
+            return False
+        r.count += 1
+        r.last = t
+        self._out.append((r, t))
+        if r.count >= r.max_new:
+            self._finish(r)
+        return True
+
+    # ---- prefills
+    def _prefill_turn(self) -> None:
+        """One prefill forward, if a prompt waits: the next chunk of the oldest prompt that runs alone, or the
+        waiting short prompts of the batch's kind together."""
+        with self._cond:
+            gone = [r for r in self._pending if r.cancelled]
+            self._pending = [r for r in self._pending if not r.cancelled]
+            pending = list(self._pending)
+        for r in gone:
+            self.cancelled += 1
+            self._finish(r)
+        if not pending:
+            return
+        key = self._rows[0].key if any(not r.dead for r in self._rows) else None
+        ok = [r for r in pending if key is None or r.key == key]  # another kind waits until the batch drains
+        if not ok:
+            return
+        if ok[0].alone:
+            return self._prefill_alone(ok[0])
+        key, group, width = ok[0].key, [], 0
+        for r in ok:
+            w = max(width, len(r.ids))
+            if r.alone or r.key != key or group and w * (len(group) + 1) > self.prefill_tokens:
+                continue
+            group.append(r)
+            width = w
+        self._prefill_group(group)
+
+    def _taken(self, rows: list[_Row]) -> None:
+        with self._cond:
+            self._pending = [r for r in self._pending if r not in rows]
+
+    def _prefill_alone(self, row: _Row) -> None:
+        m = self.m
+        S = len(row.ids)
+        if row.done == 0:
+            mask = np.ones((1, S), np.int64)
+            pos = np.arange(S, dtype=np.int64)[None]
+            row.kv, row.mask0, row.pos_all = m._seq.past(row.plan, mask, pos)  # a KV prefix, if any
+        P = row.mask0.shape[1] - S
+        a, b = row.done, min(S, row.done + max(1, self.prefill_chunk))
+        plan = self._prefill_plan([row])
+        try:
+            with self.turn:
+                logits, row.kv = m._forward(row.ids[None, a:b], row.mask0[:, :P + b], row.pos_all[:, a:b], row.kv, plan)
+        except BaseException as e:
+            self._taken([row])
+            self._finish(row, e)
+            return
+        self.prefills += 1
+        row.done = b
+        if b < S:
+            return
+        self._taken([row])
+        row.kv, row.mask0, row.length = (m._engine.cache_layers(row.kv), 0), row.mask0[0], row.mask0.shape[1]
+        row.pos = int(row.pos_all[0, -1]) + 1
+        self._first(row, logits[:, -1])
+
+    def _prefill_group(self, rows: list[_Row]) -> None:
+        """Prompts together in one left-padded forward, each row with its own plan — as generate([...]) runs."""
+        m = self.m
+        self._taken(rows)
+        S = max(len(r.ids) for r in rows)
+        x = np.zeros((len(rows), S), np.int64)
+        mask = np.zeros((len(rows), S), np.int64)
+        for b, r in enumerate(rows):
+            x[b, S - len(r.ids):], mask[b, S - len(r.ids):] = r.ids, 1
+        pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+        try:
+            plan = self._prefill_plan(rows)
+            with self.turn:
+                logits, past = m._forward(x, mask, pos, None, plan)
+        except BaseException as e:
+            for r in rows:
+                self._finish(r, e)
+            return
+        self.prefills += 1
+        self.peak_prefill = max(self.peak_prefill, len(rows))
+        layers = m._engine.cache_layers(past)
+        for b, r in enumerate(rows):
+            r.kv, r.mask0, r.length, r.pos = (layers, b), np.ones(len(r.ids), np.int64), len(r.ids), len(r.ids)
+            self._first(r, logits[b:b + 1, -1])
+
+    def _first(self, r: _Row, logits: np.ndarray) -> None:
+        """The prefill's token: the row's first; it joins the batch unless that ended it."""
+        m = self.m
+        if self._deliver(r, int(r.sampler(logits)[0])) and (r.key[0] == "merged" or r.row_set == m.active):
+            m._stable_tokens += 1  # auto mode counts every token of the active set, as the loop alone does
+        if r.count < r.max_new:
+            self._joining.append(r)
+        else:
+            r.kv = None
+
+    def _prefill_plan(self, rows: list[_Row]) -> Any:
+        if rows[0].key[0] == "merged" or rows[0].alone:
+            return rows[0].plan  # the shared plan; a row alone: its plan as made for it (a KV prefix runs with it)
+        return self._batch_plan(rows)
+
+    # ---- per-row plans
+    def _set_key(self, s: Mapping[str, float]) -> tuple:
+        return tuple(sorted((n, w, id(self.m.adapters.get(n))) for n, w in s.items()))
+
+    def _single(self, s: Mapping[str, float]) -> Any:
+        """The one-row plan of set ``s`` (None: the bare base), made once per set."""
+        key = self._set_key(s)
+        if key not in self._singles:
+            if len(self._singles) >= 64:
+                self._singles.clear()
+            self._singles[key] = self.m._live_plan([s]) if s else None
+        return self._singles[key]
+
+    def _batch_plan(self, rows: list[_Row]) -> Any:
+        """The plan of rows with a set each: stacked from each set's one-row plan (plain factors), else made whole."""
+        from edgeadapt.runtime.row_lora import stack_rows
+
+        m = self.m
+        sets = tuple(self._set_key(r.row_set) for r in rows)
+        if sets in self._plans:
+            return self._plans[sets]
+        if not any(sets):
+            plan = None
+        else:
+            singles = [self._single(r.row_set) for r in rows]
+            if len(rows) == 1:
+                plan = singles[0]
+            elif all(p is None or type(p) is dict and all(len(v) == 2 for v in p.values()) for p in singles):
+                plan = stack_rows(singles, m._engine.row_lora)
+            else:  # sequence parts, bottleneck slots, scale / bias terms: the whole batch at once
+                plan = m._live_plan([r.row_set for r in rows])
+        if plan:
+            m._slots_ready()
+        if len(self._plans) >= 32:
+            self._plans.clear()
+        self._plans[sets] = plan
+        return plan
+
+    # ---- the decode batch
     def _update(self, joins: list[_Row]) -> None:
         """Rows that finished or were cancelled leave, rows of the batch's kind join. Joins rebuild the cache;
         rows that only leave stay in it, masked, until they are as many as the running ones (then a rebuild)."""
@@ -276,21 +520,20 @@ class Scheduler:
         joins = [j for j in joins if not j.cancelled]
         key = keep[0].key if keep else (joins[0].key if joins else None)
         now = [j for j in joins if j.key == key]
-        with self._cond:  # rows of another kind wait until this batch has drained (no merge lands under it)
-            self._joining[:0] = [j for j in joins if j.key != key]
+        self._joining[:0] = [j for j in joins if j.key != key]  # (none: prefills take the batch's kind only)
+        for r in gone:
+            r.kv = None
+            self._finish(r)  # released here if its reader left, else by its reader at _END
         if not gone and not now:
             return
-        rows = keep + now
         dead = len(self._rows) - len(live)
         if keep and not now and dead + len(gone) <= len(keep):  # no copy this step: their slots idle, masked
             for r in gone:
                 r.dead = True
-        elif rows:
+        elif keep or now:
             self._rebuild(keep, now)
         else:
             self._rows, self._past, self._plan = [], None, None
-        for r in gone:
-            r.release()
 
     def _rebuild(self, keep: list[_Row], new: list[_Row]) -> None:
         m = self.m
@@ -303,7 +546,7 @@ class Scheduler:
         old = m._engine.cache_layers(self._past) if keep else None
         for b, r in enumerate(rows):
             if r in new:
-                src, i = m._engine.cache_layers(r.kv), 0
+                src, i = r.kv
                 mask[b, T - r.length:T - r.length + len(r.mask0)] = r.mask0
                 mask[b, T - r.length + len(r.mask0):] = 1
             else:
@@ -317,20 +560,7 @@ class Scheduler:
             r.kv = None
         self._rows, self._mask = rows, mask
         self.peak = max(self.peak, len(rows))
-        key = rows[0].key
-        if key[0] == "merged":
-            self._plan = rows[0].plan
-        else:
-            sets = tuple(tuple(sorted((n, w, id(m.adapters.get(n))) for n, w in r.row_set.items())) for r in rows)
-            plan = self._plans.get(sets)
-            if plan is None:
-                plan = m._live_plan([r.row_set for r in rows]) if any(sets) else None
-                if len(self._plans) >= 32:
-                    self._plans.clear()
-                self._plans[sets] = plan
-            if plan:
-                m._slots_ready()
-            self._plan = plan
+        self._plan = rows[0].plan if rows[0].key[0] == "merged" else self._batch_plan(rows)
         self._past = m._engine.cache_from(layers, self._plan)
         self.rebuilds += 1
 
@@ -343,24 +573,13 @@ class Scheduler:
         with self.turn:
             logits, self._past = m._forward(x, self._mask, pos, self._past, self._plan)
         self.steps += 1
-        eos = set(m.config.eos_token_ids)
         delivered = 0
         for b, r in enumerate(rows):
             r.length += 1
             r.pos += 1
-            if r.cancelled or r.dead:
+            if r.cancelled or r.dead or r.count >= r.max_new:
                 continue
-            t = int(r.sampler(logits[b:b + 1, -1])[0])
-            if t in eos:
-                r.count = r.max_new  # leaves at the next update
-                r.out.put(_END)
-                continue
-            r.count += 1
-            r.last = t
-            r.out.put(t)
-            delivered += 1
-            if r.count >= r.max_new:
-                r.out.put(_END)
+            delivered += self._deliver(r, int(r.sampler(logits[b:b + 1, -1])[0]))
         if all(r.dead or r.key[0] == "merged" or r.row_set == m.active for r in rows):
             m._stable_tokens += delivered  # auto mode: the active set has run alone this step
         else:  # a mixed batch: no set has run alone
@@ -376,6 +595,27 @@ def stream_tokens(model: Any, ids: Sequence[int], max_new: int, sampler: Any, ad
     for step in model._steps([list(ids)], max_new, sampler, plan, own):
         for _, t in step:
             yield t
+
+
+async def astream_tokens(model: Any, ids: Sequence[int], max_new: int, sampler: Any,
+                         adapter: Any = None) -> AsyncIterator[list[int]]:
+    """:func:`stream_tokens` for asyncio: lists of token ids as each step delivers them, with no thread hop per
+    token (batching off: the sync stream, one executor hop per token)."""
+    if not model.batching:
+        async for t in aiterate(lambda: stream_tokens(model, ids, max_new, sampler, adapter)):
+            yield [t]
+        return
+    own = None if adapter is None else model._normalise(adapter)
+    plan = model._plan(None if adapter is None else [adapter], 1)
+    if not ids:
+        from edgeadapt.errors import FormatError
+        raise FormatError("cannot generate from an empty prompt")
+    it = scheduler_of(model).arun(list(ids), max_new, sampler, plan, own)
+    try:
+        async for toks in it:
+            yield toks
+    finally:
+        await it.aclose()
 
 
 async def aiterate(make: Any) -> AsyncIterator[Any]:

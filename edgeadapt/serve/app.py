@@ -90,15 +90,17 @@ async def _json(request: Any) -> Any:
         raise APIError(400, f"expected a JSON body, found {len(raw)} bytes that do not parse ({e})") from None
 
 
-async def _tokens(svc: Service, ids: list[int], req: oa.GenRequest, spec: dict | None) -> AsyncIterator[int]:
+async def _tokens(svc: Service, ids: list[int], req: oa.GenRequest, spec: dict | None) -> AsyncIterator[list[int]]:
+    """The request's tokens as the scheduler hands them to this loop: a list per step (more when this stream
+    fell behind), no thread hop per token."""
     from edgeadapt.runtime.sampling import Sampler
-    from edgeadapt.runtime.scheduler import QueueFullError, aiterate, stream_tokens
+    from edgeadapt.runtime.scheduler import QueueFullError, astream_tokens
 
     sampler = Sampler(req.temperature, 0, req.top_p, req.seed)
     names = list(spec or ())
     for n in names:
         svc.in_use[n] = svc.in_use.get(n, 0) + 1
-    it = aiterate(lambda: stream_tokens(svc.m, ids, req.max_tokens, sampler, spec))
+    it = astream_tokens(svc.m, ids, req.max_tokens, sampler, spec)
     try:
         try:
             first = await it.__anext__()
@@ -107,8 +109,8 @@ async def _tokens(svc: Service, ids: list[int], req: oa.GenRequest, spec: dict |
         except QueueFullError as e:
             raise APIError(429, str(e), code="queue_full") from None
         yield first
-        async for t in it:
-            yield t
+        async for toks in it:
+            yield toks
     finally:
         await it.aclose()
         for n in names:
@@ -142,48 +144,56 @@ def build_app(svc: Service, *, workers: int = 64) -> Any:
         except StopAsyncIteration:
             first = None
 
-        async def pieces() -> AsyncIterator[tuple[str, str | None, int]]:
-            """(text to send, finish reason once done, tokens so far)."""
+        async def batches() -> AsyncIterator[list[int]]:
+            if first is not None:
+                yield first
+                async for toks in tokens:
+                    yield toks
+
+        async def pieces() -> AsyncIterator[tuple[list[str], str | None, int]]:
+            """(texts to send, one per token that completed some text; finish reason once done; tokens so far)."""
             dec, scan, n = StreamDecoder(svc.m.tokenizer), oa.StopScan(req.stop), 0
             try:
-                if first is not None:
-                    n = 1
-                    out = scan.push(dec.push(first))
-                    if out:
-                        yield out, None, n
-                    if not scan.hit:
-                        async for t in tokens:
-                            n += 1
-                            out = scan.push(dec.push(t))
-                            if out:
-                                yield out, None, n
-                            if scan.hit:
-                                break
+                async for batch in batches():
+                    texts = []
+                    for t in batch:
+                        n += 1
+                        out = scan.push(dec.push(t))
+                        if out:
+                            texts.append(out)
+                        if scan.hit:
+                            break
+                    if texts:
+                        yield texts, None, n
+                    if scan.hit:
+                        break
                 tail = "" if scan.hit else scan.flush()
-                yield tail, "length" if n >= req.max_tokens and not scan.hit else "stop", n
+                yield [tail] if tail else [], "length" if n >= req.max_tokens and not scan.hit else "stop", n
             finally:
                 await tokens.aclose()
 
         if req.stream:
-            async def sse() -> AsyncIterator[str]:
-                yield "data: " + json.dumps(oa.chunk(rid, req.model, chat, "" if chat else None, None, first=True)) + "\n\n"
+            async def sse() -> AsyncIterator[bytes]:
+                event = oa.SSEChunks(rid, req.model, chat)
+                yield event.first()
                 n = 0
-                async for text, finish, n in pieces():
-                    if text:
-                        yield "data: " + json.dumps(oa.chunk(rid, req.model, chat, text, None)) + "\n\n"
+                async for texts, finish, n in pieces():
+                    out = b"".join(event.text(t) for t in texts)  # one write for what this step brought
                     if finish:
-                        yield "data: " + json.dumps(oa.chunk(rid, req.model, chat, None, finish)) + "\n\n"
+                        out += event.finish(finish)
+                    if out:
+                        yield out
                 if req.include_usage:
                     body = oa.chunk(rid, req.model, chat, None, None)
                     body["choices"], body["usage"] = [], oa.usage(len(ids), n)
-                    yield "data: " + json.dumps(body) + "\n\n"
-                yield "data: [DONE]\n\n"
+                    yield b"data: " + json.dumps(body).encode() + b"\n\n"
+                yield b"data: [DONE]\n\n"
             return StreamingResponse(sse(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
         async def collect() -> tuple[str, str, int]:
             text, finish, n = "", "stop", 0
-            async for piece, fin, n in pieces():
-                text += piece
+            async for texts, fin, n in pieces():
+                text += "".join(texts)
                 finish = fin or finish
             return text, finish, n
 

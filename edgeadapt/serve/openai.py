@@ -11,6 +11,7 @@ own clients send some. Every refusal is an :class:`APIError` with OpenAI's error
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -144,6 +145,32 @@ def chunk(rid: str, model: str, chat: bool, text: str | None, finish: str | None
         choice["text"] = text or ""
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": [choice]}
+
+
+class SSEChunks:
+    """One stream's server-sent events as bytes: the JSON of :func:`chunk` made once, each token's text spliced
+    into it (a ``json.dumps`` of the text, not of a dict per token)."""
+
+    _HOLE = "\x00edgeadapt\x00"
+
+    def __init__(self, rid: str, model: str, chat: bool):
+        self.rid, self.model, self.chat = rid, model, chat
+        body = json.dumps(chunk(rid, model, chat, self._HOLE, None))
+        head, _, tail = body.partition(json.dumps(self._HOLE))
+        self._head, self._tail = b"data: " + head.encode(), tail.encode() + b"\n\n"
+
+    def first(self) -> bytes:
+        return self._event(chunk(self.rid, self.model, self.chat, "" if self.chat else None, None, first=True))
+
+    def text(self, text: str) -> bytes:
+        return self._head + json.dumps(text).encode() + self._tail
+
+    def finish(self, reason: str) -> bytes:
+        return self._event(chunk(self.rid, self.model, self.chat, None, reason))
+
+    @staticmethod
+    def _event(body: dict) -> bytes:
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
 class StopScan:

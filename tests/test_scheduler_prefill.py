@@ -1,0 +1,168 @@
+"""runtime.scheduler: prompts waiting together are prefilled in one forward, and each step's tokens reach many
+asyncio streams at once — each request still gets exactly what it gets alone.
+
+Reference: each request run alone with batching off (the decode loop of runtime.model). fp32: greedy tokens
+identical and every step's logits within 1e-5 (the first step's logits are the batched prefill's), on numpy and
+onnxruntime — 2e-5 for numpy under OpenBLAS's Haswell kernels (OPENBLAS_CORETYPE=Haswell), where a prompt's
+rows inside a taller left-padded matrix round differently (~1e-6 in its keys, up to 1.5e-5 on a logit a few steps
+later); int4: the tolerance test_scheduler states for MatMulNBits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from edgeadapt.runtime.sampling import Sampler
+from edgeadapt.runtime.scheduler import astream_tokens, scheduler_of
+from test_scheduler import Recording, _alone, _model, int4_base  # noqa: F401  (int4_base: a fixture)
+
+# prompts of different lengths (left-padded together), each with its own set; the last is longer than the chunk
+# below, so it is prefilled alone, in chunks, beside the batched ones
+PROMPTS = [
+    ([5, 6, 7, 8], 14, None, 0),
+    ([9, 10, 11], 16, "a", 0),
+    ([12] * 11, 12, "b", 0),
+    ([3, 4], 15, {"a": 0.7, "b": 0.3}, 0),
+    ([40, 41, 42, 43, 44, 45], 10, "a", 0),
+    (list(range(20, 44)), 9, "b", 0),
+]
+
+
+def _close(ref, got, tol):
+    if tol == 1e-5 and os.environ.get("OPENBLAS_CORETYPE", "").lower() == "haswell":
+        tol = 2e-5
+    for k, ((rt, rl), (gt, gl)) in enumerate(zip(ref, got)):
+        assert gt == rt, f"request {k}: tokens differ"
+        for step, (a, b) in enumerate(zip(rl, gl)):
+            np.testing.assert_allclose(b, a, atol=tol, rtol=0, err_msg=f"request {k}, step {step}")
+
+
+def _all_at_once(m, reqs):
+    """Every request waits for its prefill at once: a first request holds the worker (its prefill forward waits
+    for the turn lock this thread holds) while the others queue. The first is not part of the result."""
+    sched = scheduler_of(m)
+    out: list = [None] * len(reqs)
+
+    def go(k):
+        ids, n, ad, _ = reqs[k]
+        s = Recording(temperature=0.0, seed=k)
+        out[k] = (m.generate_ids(ids, n, s, adapter=ad), s.seen)
+
+    with sched.turn:
+        queued = sched.turn._next
+        first = threading.Thread(target=m.generate_ids, args=([1], 2))
+        first.start()
+        while sched.turn._next == queued:  # the worker took the first request and waits for the turn
+            threading.Event().wait(0.001)
+        threads = [threading.Thread(target=go, args=(k,)) for k in range(len(reqs))]
+        for t in threads:
+            t.start()
+        while len(sched._pending) < len(reqs):
+            threading.Event().wait(0.001)
+    for t in threads + [first]:
+        t.join(120)
+    return out
+
+
+@pytest.mark.parametrize("engine,weights", [("numpy", "fp32"), ("ort", "fp32"), ("ort", "int4")])
+def test_prompts_waiting_together_share_one_prefill(tiny, int4_base, engine, weights):
+    m = _model(tiny, int4_base, engine, mode="live", weights=weights)
+    ref = _alone(m, PROMPTS)
+    sched = scheduler_of(m)
+    sched.prefill_chunk = 16
+    try:
+        prefills0 = sched.prefills
+        got = _all_at_once(m, PROMPTS)
+    finally:
+        sched.prefill_chunk = 128
+    _close(ref, got, 1e-5 if weights == "fp32" else 5e-2)
+    assert [len(t) for t, _ in got] == [len(t) for t, _ in ref]
+    assert sched.peak_prefill == 5  # the five short prompts in one forward; the long one alone
+    # the first request's, one batched forward, two chunks of the long prompt (24 tokens, chunks of 16)
+    assert sched.prefills - prefills0 == 4
+    assert sched.active == 0
+
+
+def test_prefill_budget_splits_a_crowd(tiny, int4_base):
+    """At most prefill_tokens padded tokens per prefill forward: more prompts take more turns."""
+    m = _model(tiny, int4_base, "numpy", mode="live")
+    reqs = [([7 + k] * 6, 4, "ab"[k % 2], 0) for k in range(6)]
+    ref = _alone(m, reqs)
+    sched = scheduler_of(m)
+    sched.prefill_tokens = 12  # two prompts of 6 per forward
+    try:
+        p0 = sched.prefills
+        got = _all_at_once(m, reqs)
+    finally:
+        sched.prefill_tokens = 512
+    _close(ref, got, 1e-5)
+    assert sched.prefills - p0 == 4 and sched.peak_prefill == 2
+
+
+def test_async_streams_each_get_their_own_tokens(tiny, int4_base):
+    """Many asyncio streams on one loop: each step's tokens are handed to the loop together, and every stream gets
+    exactly its own tokens, in order; a stream closed part way frees its row."""
+    m = _model(tiny, int4_base, "numpy", mode="live")
+    reqs = [([5 + k, 6 + k, 7 + k], 12 + k, [None, "a", "b", {"a": 0.5, "b": 0.5}][k % 4], 0) for k in range(12)]
+    ref = _alone(m, reqs)
+    assert len({tuple(t) for t, _ in ref}) > 6
+
+    async def one(k, stop=None):
+        ids, n, ad, _ = reqs[k]
+        got, batches = [], 0
+        it = astream_tokens(m, ids, n, Sampler(), ad)
+        async for toks in it:
+            got += toks
+            batches += 1
+            if stop is not None and len(got) >= stop:
+                await it.aclose()
+                break
+        return got
+
+    async def main():
+        return await asyncio.gather(*(one(k, 3 if k == 5 else None) for k in range(len(reqs))))
+
+    outs = asyncio.run(main())
+    for k, (got, (want, _)) in enumerate(zip(outs, ref)):
+        assert got == (want[:len(got)] if k == 5 else want), f"stream {k}"
+    assert len(outs[5]) >= 3
+    sched = scheduler_of(m)
+    for _ in range(2000):  # the closed stream's row leaves at the worker's next turn
+        if sched.active == 0:
+            break
+        threading.Event().wait(0.005)
+    assert sched.active == 0 and sched.peak > 1
+
+
+def test_stacked_plan_equals_the_whole_batch_plan(tiny, int4_base):
+    """A batch's plan stacked from each set's one-row plan is what the model makes for those rows at once."""
+    from edgeadapt.runtime.row_lora import PerRow
+
+    sets = [{"a": 1.0}, {}, {"a": 0.7, "b": 0.3}, {"b": 1.0}]
+    for engine in ("numpy", "ort"):
+        m = _model(tiny, int4_base, engine, mode="live")
+        sched = scheduler_of(m)
+        rows = []
+        for s in sets:
+            r = type("R", (), {})()
+            r.row_set = s
+            rows.append(r)
+        got = sched._batch_plan(rows)
+        want = m._live_plan(sets)
+        assert sorted(got) == sorted(want)
+        for t in want:
+            if isinstance(want[t], PerRow):
+                assert isinstance(got[t], PerRow)
+                for g, w in zip(got[t].rows, want[t].rows):
+                    assert (g is None) == (w is None)
+                    if w is not None:
+                        np.testing.assert_array_equal(g[0], w[0])
+                        np.testing.assert_array_equal(g[1], w[1])
+            else:
+                np.testing.assert_array_equal(got[t][0], want[t][0])
+                np.testing.assert_array_equal(got[t][1], want[t][1])
