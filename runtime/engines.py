@@ -63,6 +63,12 @@ class Engine:
         forwards that run ``plan`` (the live inputs of a batch); by default the list itself."""
         return layers
 
+    def slot_form(self, lora: dict[str, Any]) -> dict[str, Any]:
+        """Live factors ``{weight: (A [n, in, r], B [n, r, out])}`` in the form :meth:`forward` runs them, which
+        forward then takes as they are (the scheduler keeps each adapter set's one-row plan in this form and stacks
+        rows of it); by default the factors themselves."""
+        return lora
+
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Any = None,
                 **live: Any) -> tuple[np.ndarray, Any]:
         """Logits [batch, seq, vocab] float32 and the cache to pass back as ``past``; ``live``: ``lora``, ``embed``,

@@ -24,8 +24,8 @@ with its own set, which is what a request alone runs: greedy tokens are the same
 onnxruntime's int4 graph a batched row's logits move by ~1e-2 — MatMulNBits quantizes its inputs — and greedy
 answers can diverge: docs/SERVING.md).
 
-Per-row plans: each adapter set's one-row factors are made once (:meth:`Scheduler._single`); a batch's plan is
-stacked from them (:func:`runtime.row_lora.stack_rows`) and kept for the last 32 mixes.
+Per-row plans (:mod:`runtime.batch_plans`): each adapter set's one-row factors are made once; the decode batch
+runs views of buffers that outlast it, where a joining row overwrites only the rows whose set changed.
 
 KV cache: the batch's keys / values are one left-padded cache [rows, kv_heads, T, head_dim] per layer, each
 row right-aligned (its last token at T-1), updated in place by the engine while the rows stay the same (numpy:
@@ -47,6 +47,7 @@ from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 import numpy as np
 
 from edgeadapt.errors import EdgeAdaptError
+from edgeadapt.runtime.batch_plans import BatchPlans
 
 _END = object()
 _LOCK = threading.Lock()  # creates one scheduler per model
@@ -175,8 +176,7 @@ class Scheduler:
         self._past: Any = None
         self._mask = np.zeros((0, 0), np.int64)
         self._plan: Any = None
-        self._plans: dict[tuple, Any] = {}  # a mix of sets (one per row) -> its batch plan
-        self._singles: dict[tuple, Any] = {}  # one set -> its one-row plan
+        self.plans = BatchPlans(model)
         self._out: list[tuple[_Row, Any]] = []  # this turn's deliveries
         self.steps = 0  # decode steps run (a counter for tests and benchmarks)
         self.prefills = 0  # prefill forwards run
@@ -469,45 +469,7 @@ class Scheduler:
     def _prefill_plan(self, rows: list[_Row]) -> Any:
         if rows[0].key[0] == "merged" or rows[0].alone:
             return rows[0].plan  # the shared plan; a row alone: its plan as made for it (a KV prefix runs with it)
-        return self._batch_plan(rows)
-
-    # ---- per-row plans
-    def _set_key(self, s: Mapping[str, float]) -> tuple:
-        return tuple(sorted((n, w, id(self.m.adapters.get(n))) for n, w in s.items()))
-
-    def _single(self, s: Mapping[str, float]) -> Any:
-        """The one-row plan of set ``s`` (None: the bare base), made once per set."""
-        key = self._set_key(s)
-        if key not in self._singles:
-            if len(self._singles) >= 64:
-                self._singles.clear()
-            self._singles[key] = self.m._live_plan([s]) if s else None
-        return self._singles[key]
-
-    def _batch_plan(self, rows: list[_Row]) -> Any:
-        """The plan of rows with a set each: stacked from each set's one-row plan (plain factors), else made whole."""
-        from edgeadapt.runtime.row_lora import stack_rows
-
-        m = self.m
-        sets = tuple(self._set_key(r.row_set) for r in rows)
-        if sets in self._plans:
-            return self._plans[sets]
-        if not any(sets):
-            plan = None
-        else:
-            singles = [self._single(r.row_set) for r in rows]
-            if len(rows) == 1:
-                plan = singles[0]
-            elif all(p is None or type(p) is dict and all(len(v) == 2 for v in p.values()) for p in singles):
-                plan = stack_rows(singles, m._engine.row_lora)
-            else:  # sequence parts, bottleneck slots, scale / bias terms: the whole batch at once
-                plan = m._live_plan([r.row_set for r in rows])
-        if plan:
-            m._slots_ready()
-        if len(self._plans) >= 32:
-            self._plans.clear()
-        self._plans[sets] = plan
-        return plan
+        return self.plans.prefill([r.row_set for r in rows], len(self._rows), self.max_rows)
 
     # ---- the decode batch
     def _update(self, joins: list[_Row]) -> None:
@@ -538,6 +500,8 @@ class Scheduler:
     def _rebuild(self, keep: list[_Row], new: list[_Row]) -> None:
         m = self.m
         rows = keep + new
+        if rows[0].key[0] != "merged":
+            rows = self.plans.order(rows)  # a row goes where the plan's buffers hold its set already
         T = max(r.length for r in rows)
         cfg = m.config
         shape = (len(rows), cfg.n_kv_heads, T, cfg.head_dim)
@@ -545,7 +509,7 @@ class Scheduler:
         mask = np.zeros((len(rows), T), np.int64)
         old = m._engine.cache_layers(self._past) if keep else None
         for b, r in enumerate(rows):
-            if r in new:
+            if r.kv is not None:  # joining: its prefill's cache
                 src, i = r.kv
                 mask[b, T - r.length:T - r.length + len(r.mask0)] = r.mask0
                 mask[b, T - r.length + len(r.mask0):] = 1
@@ -560,7 +524,7 @@ class Scheduler:
             r.kv = None
         self._rows, self._mask = rows, mask
         self.peak = max(self.peak, len(rows))
-        self._plan = rows[0].plan if rows[0].key[0] == "merged" else self._batch_plan(rows)
+        self._plan = rows[0].plan if rows[0].key[0] == "merged" else self.plans.decode(rows, self.max_rows)
         self._past = m._engine.cache_from(layers, self._plan)
         self.rebuilds += 1
 

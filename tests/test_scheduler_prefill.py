@@ -140,10 +140,13 @@ def test_async_streams_each_get_their_own_tokens(tiny, int4_base):
 
 
 def test_stacked_plan_equals_the_whole_batch_plan(tiny, int4_base):
-    """A batch's plan stacked from each set's one-row plan is what the model makes for those rows at once."""
+    """A batch's plan stacked from each set's one-row plan: row b holds exactly its set's one-row factors (in the
+    engine's slot form; zeros past its rank), and every row's change x·A·B is what the model's plan for those rows
+    at once gives."""
     from edgeadapt.runtime.row_lora import PerRow
 
     sets = [{"a": 1.0}, {}, {"a": 0.7, "b": 0.3}, {"b": 1.0}]
+    rng = np.random.default_rng(0)
     for engine in ("numpy", "ort"):
         m = _model(tiny, int4_base, engine, mode="live")
         sched = scheduler_of(m)
@@ -152,17 +155,67 @@ def test_stacked_plan_equals_the_whole_batch_plan(tiny, int4_base):
             r = type("R", (), {})()
             r.row_set = s
             rows.append(r)
-        got = sched._batch_plan(rows)
-        want = m._live_plan(sets)
-        assert sorted(got) == sorted(want)
-        for t in want:
-            if isinstance(want[t], PerRow):
-                assert isinstance(got[t], PerRow)
-                for g, w in zip(got[t].rows, want[t].rows):
-                    assert (g is None) == (w is None)
-                    if w is not None:
-                        np.testing.assert_array_equal(g[0], w[0])
-                        np.testing.assert_array_equal(g[1], w[1])
-            else:
-                np.testing.assert_array_equal(got[t][0], want[t][0])
-                np.testing.assert_array_equal(got[t][1], want[t][1])
+        got = sched.plans.stacked(sets)
+        whole = m._engine.slot_form(m._live_plan(sets))  # onnxruntime: q|k|v and gate|up grouped
+        singles = [m._engine.slot_form(m._live_plan([s])) if s else {} for s in sets]
+        assert sorted(got) == sorted(whole)
+        for t in whole:
+            per_row = got[t].rows if isinstance(got[t], PerRow) else [(got[t][0][b], got[t][1][b]) for b in range(4)]
+            for b, (one, pr) in enumerate(zip(singles, per_row)):
+                if t not in one:
+                    assert pr is None or not pr[0].any(), f"{engine} {t} row {b}: factors where its set has none"
+                    continue
+                a1, b1 = one[t][0][0], one[t][1][0]
+                r = a1.shape[1]
+                np.testing.assert_array_equal(pr[0][:, :r], a1)
+                np.testing.assert_array_equal(pr[1][:r], b1)
+                assert not pr[0][:, r:].any() and not pr[1][r:].any()
+                if not isinstance(whole[t], PerRow):
+                    x = rng.standard_normal(a1.shape[0]).astype(np.float32)
+                    np.testing.assert_allclose(x @ pr[0] @ pr[1], x @ whole[t][0][b] @ whole[t][1][b], atol=1e-5)
+
+
+def test_row_buffers_write_only_rows_whose_set_changed():
+    """The decode batch's plan buffers: each row's views hold exactly its set's factors (zeros past its rank and in
+    slots its set lacks); a row whose set is already in place is not written; a prefill's rows go after the batch's
+    without touching them."""
+    from edgeadapt.runtime.batch_plans import RowBuffers
+
+    rng = np.random.default_rng(1)
+
+    def single(r, slots=("q", "v")):
+        return {t: (rng.standard_normal((1, 8, r)).astype(np.float32), rng.standard_normal((1, r, 6)).astype(np.float32))
+                for t in slots}
+
+    sets = {"a": single(4), "b": single(2, ("q",)), "c": single(4, ("v",))}
+    buf = RowBuffers()
+
+    def check(plan, names, start=0):
+        for k, name in enumerate(names):
+            one = sets[name]
+            for t, (A, B) in plan.items():
+                if t in one:
+                    r = one[t][0].shape[2]
+                    np.testing.assert_array_equal(A[k, :, :r], one[t][0][0])
+                    np.testing.assert_array_equal(B[k, :r], one[t][1][0])
+                    assert not A[k, :, r:].any() and not B[k, r:].any()
+                else:
+                    assert not A[k].any() and not B[k].any(), f"row {start + k} ({name}): {t} should be zero"
+
+    names = ["a", "b", "a"]
+    check(buf.plan(names, [sets[n] for n in names], 16), names)
+    assert buf.writes == 3
+    names2 = ["a", "c", "a", "b"]  # rows 0 and 2 keep their set: not written
+    check(buf.plan(names2, [sets[n] for n in names2], 16), names2)
+    assert buf.writes == 3 + 2
+    batch = buf.plan(names2, [sets[n] for n in names2], 16)
+    before = {t: (A.copy(), B.copy()) for t, (A, B) in batch.items()}
+    pre = buf.plan(["b", "c"], [sets["b"], sets["c"]], 16, start=4)  # a prefill after the batch's 4 rows
+    check(pre, ["b", "c"], 4)
+    for t, (A, B) in batch.items():
+        np.testing.assert_array_equal(A, before[t][0])
+        np.testing.assert_array_equal(B, before[t][1])
+    names3 = ["a", "c", "a", "b", "b", "c"]  # the prefilled rows join where they were prefilled
+    w = buf.writes
+    check(buf.plan(names3, [sets[n] for n in names3], 16), names3)
+    assert buf.writes == w
