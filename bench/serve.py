@@ -122,7 +122,8 @@ def one_request(client, system: System, prompt: str, i: int, n: int) -> dict:
                     first = time.perf_counter()
     end = time.perf_counter()
     first = first or end
-    return {"ttft": first - t0, "total": end - t0, "chunks": used or tokens, "text": text}
+    return {"ttft": first - t0, "total": end - t0, "chunks": used or tokens, "text": text, "prompt": PROMPTS.index(prompt),
+            "adapter": i % 4}
 
 
 def cell(system: System, clients: int, requests: int, n: int) -> dict:
@@ -150,6 +151,7 @@ def cell(system: System, clients: int, requests: int, n: int) -> dict:
     ttft = [o["ttft"] for o in out]
     per_tok = [(o["total"] - o["ttft"]) / max(o["chunks"] - 1, 1) for o in out]
     return {"system": system.name, "clients": clients, "requests": len(out), "errors": errors[:3],
+            "texts": [(o["prompt"], o["adapter"], o["text"]) for o in out],
             "tokens": usage, "wall_s": wall, "tok_s": usage / wall if wall else 0.0,
             "ttft_p50": float(np.percentile(ttft, 50)) if ttft else None,
             "ttft_p95": float(np.percentile(ttft, 95)) if ttft else None,
@@ -161,21 +163,45 @@ def _completion_tokens(system: System, out: list[dict]) -> int:
     return sum(o["chunks"] for o in out)
 
 
-def alone(base: Path, adapter: str, weights: str, threads: int, n: int, rounds: int = 3) -> float:
-    """m.generate alone, in this process: tokens / s of one request (the one-client target's reference)."""
+def alone(base: Path, adapters: dict[str, str], weights: str, threads: int, n: int, requests: int, rounds: int,
+          texts: set[tuple[int, int]]) -> dict:
+    """The references, in this process with the servers stopped. One client, like for like: the requests the
+    one-client cell sends (client 0: adapter a, prompts 0, 1, … one after another, the same text tokenized the
+    same way, wall time from the call to the last token, prefill included), with ``m.generate`` alone (batching
+    off: the plain decode loop), tok/s = tokens / summed wall time, median over ``rounds``. Texts: ``m.generate``
+    with temperature 0 for every (prompt, adapter) a server answered, to count the served answers that equal it."""
     import edgeadapt
-    from edgeadapt.runtime.sampling import Sampler
 
     m = edgeadapt.load(base, engine="ort", weights=weights, mode="live", threads=threads)
-    m.add_adapter(adapter, name="a")
-    ids = m.encode_prompt(PROMPTS[0], chat=False)
+    for k in ADAPTERS:
+        m.add_adapter(adapters[k], name=k)
     m.batching = False
-    best = 0.0
+    m.generate(PROMPTS[0], 8, chat=False, adapters=["a"])  # warm-up, as the servers had
+    runs = []
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        k = len(m.generate_ids(ids, n, Sampler(), adapter="a"))
-        best = max(best, k / (time.perf_counter() - t0))
-    return best
+        tokens, wall = 0, 0.0
+        for r in range(requests):
+            t0 = time.perf_counter()
+            tokens += len(m.generate_ids(m.encode_prompt(PROMPTS[r % len(PROMPTS)], chat=False), n, adapter="a"))
+            wall += time.perf_counter() - t0
+        runs.append(tokens / wall)
+    ref = {f"{p},{a}": m.generate(PROMPTS[p], n, chat=False, adapters=[ADAPTERS[a]]) for p, a in sorted(texts)}
+    return {"tok_s": float(np.median(runs)), "runs": runs, "texts": ref}
+
+
+def agreement(res: dict) -> dict[str, str]:
+    """Per edgeadapt system and client count: served answers equal to m.generate alone (greedy), of all."""
+    out = {}
+    for c in res["cells"]:
+        w = c["system"].removeprefix("edgeadapt-")
+        ref = res["alone"].get(w, {}).get("texts")
+        if not ref:
+            continue
+        same = sum(ref.get(f"{p},{a}") == t for p, a, t in c["texts"])
+        key = f"{c['system']}, {c['clients']} clients"
+        got = out.get(key, (0, 0))
+        out[key] = (got[0] + same, got[1] + len(c["texts"]))
+    return {k: f"{s} of {n}" for k, (s, n) in out.items()}
 
 
 def medians(cells: list[dict]) -> list[dict]:
@@ -221,8 +247,13 @@ def report(res: dict) -> str:
                      f"{c['ttft_p50'] * 1000:.0f} / {c['ttft_p95'] * 1000:.0f} | "
                      f"{c['tpot_p50'] * 1000:.1f} / {c['tpot_p95'] * 1000:.1f} | {len(c['errors'])} |")
     lines.append("")
-    for k, v in res["alone"].items():
-        lines.append(f"- `m.generate` alone, {k}: {v:.1f} tok/s")
+    for w, v in res["alone"].items():
+        one = [c for c in medians(res["cells"]) if c["system"] == f"edgeadapt-{w}" and c["clients"] == 1]
+        ratio = f" — the one-client cell: {one[0]['tok_s']:.1f} tok/s = {one[0]['tok_s'] / v['tok_s']:.2f}x" if one else ""
+        lines.append(f"- `m.generate` alone, {w}, the one-client cell's requests in order (adapter a): "
+                     f"{v['tok_s']:.1f} tok/s (median of {len(v['runs'])}){ratio}")
+    for k, v in res.get("agree", {}).items():
+        lines.append(f"- greedy answers equal to `m.generate` alone: {k}: {v}")
     lines.append(f"- machine: {res['machine']}; load average {res.get('load', '?')}")
     lines.append(f"- medians over {res.get('rounds', 1)} rounds; {res['tokens']} new tokens per request")
     for k, v in res["missing"].items():
@@ -289,7 +320,9 @@ def main() -> None:
     res["load"] = f"{before} before, {' / '.join(f'{x:.1f}' for x in os.getloadavg())} after"
     for w in ("int4", "fp32"):
         if f"edgeadapt-{w}" in want:
-            res["alone"][f"ort {w}, adapter a"] = alone(base, adapters["a"], w, a.threads, a.tokens)
+            texts = {(p, ad) for c in res["cells"] if c["system"] == f"edgeadapt-{w}" for p, ad, _ in c["texts"]}
+            res["alone"][w] = alone(base, adapters, w, a.threads, a.tokens, a.requests, max(3, a.rounds), texts)
+    res["agree"] = agreement(res)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "serve.json").write_text(json.dumps(res, indent=1))
