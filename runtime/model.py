@@ -488,7 +488,7 @@ class Model:
         """:meth:`generate` for asyncio: ``await m.agenerate(p)`` is the text; ``stream=True`` gives an async
         iterator of pieces. Concurrent calls join one decode batch (runtime.scheduler); cancelling the task
         frees its row."""
-        from edgeadapt.runtime.scheduler import agenerate
+        from edgeadapt.runtime.streams import agenerate
         return agenerate(self, prompt, max_new_tokens, **kw)
 
     def generate_ids(self, ids: Sequence[int], max_new_tokens: int = 64, sampler: Sampler | None = None, *,

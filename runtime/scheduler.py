@@ -24,7 +24,7 @@ with its own set, which is what a request alone runs: greedy tokens are the same
 onnxruntime's int4 graph a batched row's logits move by ~1e-2 — MatMulNBits quantizes its inputs — and greedy
 answers can diverge: docs/SERVING.md).
 
-Per-row plans (:mod:`runtime.batch_plans`): each adapter set's one-row factors are made once; the decode batch
+Per-row plans (:class:`runtime.row_lora.BatchPlans`): each adapter set's one-row factors are made once; the decode batch
 runs views of buffers that outlast it, where a joining row overwrites only the rows whose set changed.
 
 KV cache: the batch's keys / values are one left-padded cache [rows, kv_heads, T, head_dim] per layer, each
@@ -47,7 +47,7 @@ from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 import numpy as np
 
 from edgeadapt.errors import EdgeAdaptError
-from edgeadapt.runtime.batch_plans import BatchPlans
+from edgeadapt.runtime.row_lora import BatchPlans
 
 _END = object()
 _LOCK = threading.Lock()  # creates one scheduler per model
@@ -276,15 +276,15 @@ class Scheduler:
         finally:
             self.cancel(row, wait=True)
 
-    async def arun(self, ids: Sequence[int], max_new: int, sampler: Any, plan: Any,
-                   own: Mapping[str, float] | None) -> AsyncIterator[list[int]]:
-        """One request for asyncio: lists of the tokens that have arrived (in order). One executor hop to admit
-        it; closing the iterator (or cancelling its task) drops its row."""
+    async def arun(self, ids: Sequence[int], max_new: int, sampler: Any, prepare: Any) -> AsyncIterator[list[int]]:
+        """One request for asyncio: lists of the tokens that have arrived (in order). One executor hop, which
+        calls ``prepare()`` for (plan, own) — making a plan may wait for a merge to be undone — and admits it;
+        closing the iterator (or cancelling its task) drops its row."""
         if max_new <= 0:
             return
         loop = asyncio.get_running_loop()
         sink = LoopSink(loop)
-        fut = loop.run_in_executor(None, lambda: self.submit(ids, max_new, sampler, plan, own, sink))
+        fut = loop.run_in_executor(None, lambda: self.submit(ids, max_new, sampler, *prepare(), sink))
         try:
             row = await asyncio.shield(fut)
         except asyncio.CancelledError:  # admitted later all the same: drop it then
@@ -469,7 +469,10 @@ class Scheduler:
     def _prefill_plan(self, rows: list[_Row]) -> Any:
         if rows[0].key[0] == "merged" or rows[0].alone:
             return rows[0].plan  # the shared plan; a row alone: its plan as made for it (a KV prefix runs with it)
-        return self.plans.prefill([r.row_set for r in rows], len(self._rows), self.max_rows)
+        # the rows' factors go after the running batch's (whose forward has them bound), or from the first row when
+        # none of its rows runs any more (it is rebuilt before its next step): where rows of their sets were
+        running = any(not (r.dead or r.cancelled or r.count >= r.max_new) for r in self._rows)
+        return self.plans.prefill([r.row_set for r in rows], len(self._rows) if running else 0, self.max_rows)
 
     # ---- the decode batch
     def _update(self, joins: list[_Row]) -> None:
@@ -548,72 +551,3 @@ class Scheduler:
             m._stable_tokens += delivered  # auto mode: the active set has run alone this step
         else:  # a mixed batch: no set has run alone
             m._stable_tokens = 0
-
-
-# ---- token streams, asyncio
-def stream_tokens(model: Any, ids: Sequence[int], max_new: int, sampler: Any, adapter: Any = None) -> Iterator[int]:
-    """Generated token ids of one prompt, as they come (EOS excluded), with ``adapter`` (a name, ``{name: weight}``)
-    as its own set, or the active set when None; closing the iterator frees the row."""
-    own = None if adapter is None else model._normalise(adapter)
-    plan = model._plan(None if adapter is None else [adapter], 1)
-    for step in model._steps([list(ids)], max_new, sampler, plan, own):
-        for _, t in step:
-            yield t
-
-
-async def astream_tokens(model: Any, ids: Sequence[int], max_new: int, sampler: Any,
-                         adapter: Any = None) -> AsyncIterator[list[int]]:
-    """:func:`stream_tokens` for asyncio: lists of token ids as each step delivers them, with no thread hop per
-    token (batching off: the sync stream, one executor hop per token)."""
-    if not model.batching:
-        async for t in aiterate(lambda: stream_tokens(model, ids, max_new, sampler, adapter)):
-            yield [t]
-        return
-    own = None if adapter is None else model._normalise(adapter)
-    plan = model._plan(None if adapter is None else [adapter], 1)
-    if not ids:
-        from edgeadapt.errors import FormatError
-        raise FormatError("cannot generate from an empty prompt")
-    it = scheduler_of(model).arun(list(ids), max_new, sampler, plan, own)
-    try:
-        async for toks in it:
-            yield toks
-    finally:
-        await it.aclose()
-
-
-async def aiterate(make: Any) -> AsyncIterator[Any]:
-    """An async iterator over the sync iterator ``make()`` returns, each ``next`` in the event loop's executor;
-    closing it (or cancelling its task) closes the sync one there, which frees a request's row."""
-    loop = asyncio.get_running_loop()
-    it = await loop.run_in_executor(None, lambda: iter(make()))
-    lock = threading.Lock()  # next() and close() never overlap (a cancelled await may leave a next() running)
-
-    def step() -> Any:
-        with lock:
-            return next(it, _END)
-
-    def close() -> None:
-        with lock:
-            getattr(it, "close", lambda: None)()
-
-    try:
-        while True:
-            item = await loop.run_in_executor(None, step)
-            if item is _END:
-                return
-            yield item
-    finally:
-        await asyncio.shield(loop.run_in_executor(None, close))
-
-
-def agenerate(model: Any, prompt: Any, max_new_tokens: int = 64, *, stream: bool = False, **kw: Any) -> Any:
-    """``Model.agenerate``: the text (an awaitable), or with ``stream=True`` an async iterator of pieces. The
-    request runs in the scheduler like a thread's; cancelling the task (or closing the iterator) frees its row."""
-    pieces = aiterate(lambda: model.generate(prompt, max_new_tokens, stream=True, **kw))
-    if stream:
-        return pieces
-
-    async def text() -> str:
-        return "".join([p async for p in pieces])
-    return text()

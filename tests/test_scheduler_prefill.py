@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from edgeadapt.runtime.sampling import Sampler
-from edgeadapt.runtime.scheduler import astream_tokens, scheduler_of
-from test_scheduler import Recording, _alone, _model, int4_base  # noqa: F401  (int4_base: a fixture)
+from edgeadapt.runtime.scheduler import scheduler_of
+from edgeadapt.runtime.streams import astream_tokens
+from test_scheduler import Recording, _alone, _IdsTokenizer, _model, int4_base  # noqa: F401  (int4_base: a fixture)
 
 # prompts of different lengths (left-padded together), each with its own set; the last is longer than the chunk
 # below, so it is prefilled alone, in chunks, beside the batched ones
@@ -124,10 +126,25 @@ def test_async_streams_each_get_their_own_tokens(tiny, int4_base):
                 break
         return got
 
-    async def main():
-        return await asyncio.gather(*(one(k, 3 if k == 5 else None) for k in range(len(reqs))))
+    class Counting(ThreadPoolExecutor):
+        calls = 0
 
-    outs = asyncio.run(main())
+        def submit(self, *a, **kw):
+            Counting.calls += 1
+            return super().submit(*a, **kw)
+
+    async def main():
+        asyncio.get_running_loop().set_default_executor(Counting(4))
+        outs = await asyncio.gather(*(one(k, 3 if k == 5 else None) for k in range(len(reqs))))
+        text = await m.agenerate([1, 2, 3], 9, adapters=["a"])  # Model.agenerate: the same path, text
+        return outs, text
+
+    m._tokenizer = _IdsTokenizer()
+    outs, text = asyncio.run(main())
+    assert Counting.calls == len(reqs) + 1  # one executor hop per request (its admission), none per token
+    m.batching = False
+    assert text == "".join(f"{t} " for t in m.generate_ids([1, 2, 3], 9, adapter="a"))
+    m.batching = True
     for k, (got, (want, _)) in enumerate(zip(outs, ref)):
         assert got == (want[:len(got)] if k == 5 else want), f"stream {k}"
     assert len(outs[5]) >= 3
@@ -179,7 +196,7 @@ def test_row_buffers_write_only_rows_whose_set_changed():
     """The decode batch's plan buffers: each row's views hold exactly its set's factors (zeros past its rank and in
     slots its set lacks); a row whose set is already in place is not written; a prefill's rows go after the batch's
     without touching them."""
-    from edgeadapt.runtime.batch_plans import RowBuffers
+    from edgeadapt.runtime.row_lora import RowBuffers
 
     rng = np.random.default_rng(1)
 

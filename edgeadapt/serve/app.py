@@ -94,7 +94,8 @@ async def _tokens(svc: Service, ids: list[int], req: oa.GenRequest, spec: dict |
     """The request's tokens as the scheduler hands them to this loop: a list per step (more when this stream
     fell behind), no thread hop per token."""
     from edgeadapt.runtime.sampling import Sampler
-    from edgeadapt.runtime.scheduler import QueueFullError, astream_tokens
+    from edgeadapt.runtime.scheduler import QueueFullError
+    from edgeadapt.runtime.streams import astream_tokens
 
     sampler = Sampler(req.temperature, 0, req.top_p, req.seed)
     names = list(spec or ())
