@@ -239,6 +239,8 @@ class BatchPlans:
         singles = [self.single(s) for s in sets]
         if not any(singles) or self.m._engine.row_lora or not all(_plain(p) for p in singles):
             return self.stacked(sets)
+        if after + len(sets) > max(self.buffers.cap, max_rows):  # no room after the batch's rows: new arrays
+            return self.stacked(sets)
         self.m._slots_ready()
         return self.buffers.plan([self.key(s) for s in sets], singles, max_rows, start=after)
 
