@@ -33,7 +33,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -71,7 +71,7 @@ def is_low_rank(adapter: Any) -> bool:
     """A plain LoRA delta: its ΔW is B@A with nothing depending on the base."""
     if getattr(adapter, "needs_base", False) or getattr(adapter, "kind", "lora") != "lora":
         return False
-    return isinstance(getattr(adapter, "factors", None), dict) and not hasattr(adapter, "dense")
+    return isinstance(getattr(adapter, "factors", None), Mapping) and not hasattr(adapter, "dense")
 
 
 def _biases(adapter: Any) -> dict[str, np.ndarray]:

@@ -37,6 +37,7 @@ class Engine:
     head_slots: bool = False  # runs a live change of some rows of the output head (forward(head=...))
     row_lora: bool = False  # takes runtime.row_lora.PerRow (each row at its own rank) for mixed batches
     can_merge: bool = False  # folds adapters into its weights (set_weights) without re-quantizing them
+    copies_factors: bool = False  # copies live factors into a layout of its own: takes Aᵀ / Bᵀ as strided views
 
     def ensure_slots(self) -> None:
         """Get ready to run adapters live (a lazy engine builds its slotted graph here); by default nothing."""

@@ -329,8 +329,10 @@ class Model:
         return {t: (None, None, None, None, d[None].astype(np.float32)) for t, d in acc.items()}
 
     def _adapter_factors(self, name: str) -> dict[str, tuple]:
-        """Per target (Aᵀ [in, r], Bᵀ [r, out]), contiguous, made once per adapter (at add time for kinds that
-        need the base); kinds with scale / bias terms: (Aᵀ | None, Bᵀ | None, in [in], out [out], bias [out])."""
+        """Per target (Aᵀ [in, r], Bᵀ [r, out]), made once per adapter (at add time for kinds that need the base);
+        kinds with scale / bias terms: (Aᵀ | None, Bᵀ | None, in [in], out [out], bias [out]). Contiguous copies,
+        or, for an engine that ``copies_factors`` into its own layout (onnxruntime's slots), transposed views of
+        the adapter's arrays, so that its factors are held once."""
         f = self._factor_cache.get(name)
         if f is None:
             ad, f = self.adapters[name], {}
@@ -338,10 +340,12 @@ class Model:
                 lt = ad.live_terms(t, self._engine.base_weight(t) if ad.needs_base else None)
                 if lt is None:  # nothing on a linear layer: a bottleneck adapter's block slot (runtime.bn_slots)
                     continue
-                at = None if lt.a is None else np.ascontiguousarray(lt.a.T)
-                bt = None if lt.b is None else np.ascontiguousarray(lt.b.T)
                 extra = (lt.in_scale, lt.out_scale, lt.bias)
-                f[t] = (at, bt) if all(x is None for x in extra) else (at, bt, *extra)
+                plain = all(x is None for x in extra)  # scale / bias terms run on graphs fed as they are
+                own = np.asarray if plain and self._engine.copies_factors else np.ascontiguousarray
+                at = None if lt.a is None else own(lt.a.T)
+                bt = None if lt.b is None else own(lt.b.T)
+                f[t] = (at, bt) if plain else (at, bt, *extra)
             self._factor_cache[name] = f
         return f
 

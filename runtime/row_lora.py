@@ -241,6 +241,8 @@ class BatchPlans:
             return self.stacked(sets)
         if after + len(sets) > max(self.buffers.cap, max_rows):  # no room after the batch's rows: new arrays
             return self.stacked(sets)
+        if len(sets) == 1 and not after:  # one row alone runs its set's own plan: no second copy (issue #17)
+            return self.stacked(sets)
         self.m._slots_ready()
         return self.buffers.plan([self.key(s) for s in sets], singles, max_rows, start=after)
 
@@ -263,7 +265,7 @@ class BatchPlans:
         singles = [self.single(s) for s in sets]
         if not any(singles):
             return None
-        if self.m._engine.row_lora or not all(_plain(p) for p in singles):
-            return self.stacked(sets)
+        if self.m._engine.row_lora or not all(_plain(p) for p in singles) or len(sets) == 1:
+            return self.stacked(sets)  # one row alone: its set's own plan, nothing copied into the buffers
         self.m._slots_ready()
         return self.buffers.plan([self.key(s) for s in sets], singles, max_rows)

@@ -30,9 +30,12 @@ def files(tiny, tmp_path_factory):
 
 
 def _swapped_after_first_read(monkeypatch, path: Path, first: bytes, later: bytes) -> list[int]:
-    """``path`` reads as ``first`` once, then as ``later`` (through Path.read_bytes and open)."""
+    """``path`` reads as ``first`` once, then as ``later`` (through Path.read_bytes, and the delta reader's
+    memory map)."""
+    import edgeadapt.formats.delta as delta_mod
+
     reads = []
-    real_read_bytes = Path.read_bytes
+    real_read_bytes, real_map = Path.read_bytes, delta_mod._map
 
     def read_bytes(self):
         if Path(self).resolve() == path.resolve():
@@ -40,7 +43,11 @@ def _swapped_after_first_read(monkeypatch, path: Path, first: bytes, later: byte
             return first if len(reads) == 1 else later
         return real_read_bytes(self)
 
+    def map_file(p):
+        return read_bytes(Path(p)) if Path(p).resolve() == path.resolve() else real_map(p)
+
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(delta_mod, "_map", map_file)
     return reads
 
 

@@ -64,10 +64,13 @@ This module imports only numpy, gguf and the standard library: it is used on dev
 
 from __future__ import annotations
 
+import mmap
 import os
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import gguf
 import numpy as np
@@ -168,13 +171,13 @@ class LoraDelta(AdapterBase):
         return LiveTerms(a=a, b=b, bias=self.biases.get(target))
 
     def base_shape(self, target: str) -> tuple[int, int]:
-        a, b = self.factors[target]
-        return (b.shape[0], a.shape[1])
+        a, b = self._shapes(target)
+        return (b[0], a[1])
 
     def _shape_problem(self, target: str, want: tuple[int, ...]) -> str:
-        a, b = self.factors[target]
+        a, b = self._shapes(target)
         return (f"{target}: expected lora_a [r, {want[1]}] and lora_b [{want[0]}, r], "
-                f"found {list(a.shape)} and {list(b.shape)}")
+                f"found {list(a)} and {list(b)}")
 
     def _extra_problems(self, cfg) -> list[str]:
         linear, shapes = cfg.linear_shapes(), cfg.tensor_shapes()
@@ -182,21 +185,29 @@ class LoraDelta(AdapterBase):
         for w, d in self.biases.items():
             if w not in self.factors:
                 out.append(f"{w}: a bias change without factors")
-            elif d.shape != (self.factors[w][1].shape[0],):
-                out.append(f"{w}: expected lora_bias [{self.factors[w][1].shape[0]}], found {list(d.shape)}")
+            elif d.shape != (self._shapes(w)[1][0],):
+                out.append(f"{w}: expected lora_bias [{self._shapes(w)[1][0]}], found {list(d.shape)}")
         return out
 
     @property
     def ranks(self) -> set[int]:
-        return {a.shape[0] for a, _ in self.factors.values()}
+        return {self._shapes(t)[0][0] for t in self.factors}
+
+    def _shapes(self, target: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(A's shape, B's shape), without reading a mapped file's factors."""
+        f = self.factors
+        if isinstance(f, MappedFactors):
+            return f.shapes(target)
+        return f[target][0].shape, f[target][1].shape
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.factors.values()) + sum(d.nbytes for d in self.biases.values())
+        return 4 * self.n_params  # float32
 
     @property
     def n_params(self) -> int:
-        return sum(a.size + b.size for a, b in self.factors.values()) + sum(d.size for d in self.biases.values())
+        return (sum(int(np.prod(a)) + int(np.prod(b)) for a, b in map(self._shapes, self.factors))
+                + sum(d.size for d in self.biases.values()))
 
 
 # ---- writer
@@ -316,11 +327,81 @@ def read_delta(path: str | os.PathLike) -> LoraDelta | KindAdapter:
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such delta file")
-    return delta_from_bytes(path.read_bytes(), path)
+    # memory-mapped and verified in one read; F32 factors are then read again, privately, only when first used
+    # (MappedFactors): a loaded adapter that does not run holds no memory
+    pages = _map(path)
+    out = delta_from_bytes(pages, path)
+    if isinstance(out, LoraDelta) and out.quant == "F32":  # else decoded into arrays of their own
+        out.factors = MappedFactors(pages, path, out.integrity, out.factors)
+    _release(pages)
+    return out
+
+
+def _map(path: Path) -> Any:
+    """The file's bytes, memory-mapped read-only (b"" when empty)."""
+    with open(path, "rb") as fh:
+        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(fh.fileno()).st_size else b""
+
+
+def _release(pages: Any) -> None:
+    """Drop a mapping's pages from this process's resident memory (they stay in the page cache)."""
+    if isinstance(pages, mmap.mmap) and not pages.closed and hasattr(mmap, "MADV_DONTNEED"):
+        pages.madvise(mmap.MADV_DONTNEED)
+
+
+class MappedFactors(Mapping):
+    """The F32 factors of a delta file read by :func:`read_delta`: names and shapes from the verified mapping, the
+    arrays from one private copy of the file made when a factor is first read — parsed and verified again, and
+    refused unless its integrity is the one verified at load. So an adapter that is loaded but never runs holds
+    no memory (its pages leave resident memory once verified), and what runs is what was verified even if the
+    file is rewritten in place after loading."""
+
+    def __init__(self, pages: Any, path: Path, integrity: str, views: dict[str, tuple[np.ndarray, np.ndarray]]):
+        self._pages, self._path, self._integrity = pages, path, integrity
+        self._shape = {w: (a.shape, b.shape) for w, (a, b) in views.items()}  # no view of the mapping is kept
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+        self._lock = threading.Lock()
+
+    def shapes(self, target: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return self._shape[target]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shape)
+
+    def __len__(self) -> int:
+        return len(self._shape)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._shape
+
+    def __getitem__(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        return self._read()[key]
+
+    def __repr__(self) -> str:
+        return f"MappedFactors({self._path}, {len(self)} targets{', read' if self._arrays is not None else ''})"
+
+    def _read(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        with self._lock:
+            if self._arrays is None:
+                data = bytes(self._pages)  # one private copy: the factors below are views of it
+                _release(self._pages)
+                try:
+                    again = delta_from_bytes(data, self._path)
+                except FormatError as e:  # IntegrityError included
+                    raise self._changed(str(e)) from None
+                if not isinstance(again, LoraDelta) or again.integrity != self._integrity:
+                    raise self._changed(f"it now holds {getattr(again, 'integrity', 'another kind')}")
+                self._arrays = dict(again.factors)
+            return self._arrays
+
+    def _changed(self, found: str) -> IntegrityError:
+        return IntegrityError(f"{self._path}: the file changed after it was loaded (verified as {self._integrity}; "
+                              f"{found}); nothing of it runs: add the adapter again to load the new file")
 
 
 def delta_from_bytes(data: bytes, path: str | os.PathLike | None = None) -> LoraDelta | KindAdapter:
-    """:func:`read_delta` of a file's bytes already in memory (``path``, if any, names it in messages)."""
+    """:func:`read_delta` of a file's bytes already in memory (``path``, if any, names it in messages). F32
+    factors are read-only views of ``data``; other storage types are decoded into arrays of their own."""
     where = Path(path) if path is not None else Path("<bytes>")
     buf = memoryview(data)
     c = parse_gguf(buf, str(where))
@@ -487,7 +568,7 @@ def _factors(path: Path, buf: memoryview, c: _Container, allowed: tuple[Any, ...
             if quant in BITS:
                 a, b = _decode_int(buf, p, BITS[quant], group)
             else:
-                a, b = (_array(buf, p[r, False]).astype(np.float32) for r in ("a", "b"))
+                a, b = (_array(buf, p[r, False]).astype(np.float32, copy=False) for r in ("a", "b"))
         except FormatError as e:
             problems.append(f"{w}: {e}")
             continue

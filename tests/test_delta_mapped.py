@@ -1,0 +1,102 @@
+"""A delta file's F32 factors are held once (issue #17, edge memory).
+
+- ``read_delta`` verifies the file through a read-only memory map and keeps names and shapes only; the factors
+  are read again, privately, when first used (``MappedFactors``), and must then be the bytes verified at load:
+  a file rewritten in place after loading is refused by name, never run;
+- the model driver hands the engines transposed views of those arrays and the onnxruntime engine copies them
+  into its slot layout once: outputs are bit for bit those of the same adapter read into memory the old way
+  (``delta_from_bytes``), bare, alone, stacked, swapped, removed and per row, on the int4 graph and on numpy.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+import edgeadapt
+from edgeadapt.errors import IntegrityError
+from edgeadapt.formats.delta import MappedFactors, delta_from_bytes, read_delta
+
+
+@pytest.fixture(scope="module")
+def qbase(tiny, tmp_path_factory):
+    from edgeadapt.converters.export_base import export_base
+
+    out = tmp_path_factory.mktemp("mapped") / "base"
+    export_base(tiny["root"] / "hf", out, gguf_type="F32", onnx_weights=("fp32", "int4"))
+    return out
+
+
+def test_loaded_factors_are_the_files_and_are_read_on_use(tiny):
+    d = read_delta(tiny["a"])
+    ref = delta_from_bytes(tiny["a"].read_bytes(), tiny["a"])
+    assert isinstance(d.factors, MappedFactors) and "read" not in repr(d.factors)
+    # what loading and checking a base ask for comes from the verified header, without reading the factors
+    assert d.targets == ref.targets and d.ranks == ref.ranks and d.n_params == ref.n_params
+    assert [d.base_shape(t) for t in d.targets] == [ref.base_shape(t) for t in ref.targets]
+    assert "read" not in repr(d.factors)
+    for t in ref.targets:
+        for x, y in zip(d.factors[t], ref.factors[t]):
+            assert x.dtype == np.float32 and x.shape == y.shape
+            np.testing.assert_array_equal(x, y)
+    assert "read" in repr(d.factors)
+
+
+def test_a_file_rewritten_after_loading_is_refused_when_used(tiny, tmp_path):
+    """Any change of the bytes between loading and first use is refused: what runs must be what was verified."""
+    path = tmp_path / "x.gguf"
+    shutil.copy(tiny["a"], path)
+    d = read_delta(path)
+    data = bytearray(path.read_bytes())
+    data[-8:] = np.array([0.5, -0.25], np.float32).tobytes()  # the last factor values change, the size does not
+    with open(path, "r+b") as f:  # in place: the same inode the loader mapped
+        f.write(data)
+    with pytest.raises(IntegrityError, match="changed after it was loaded"):
+        d.factors[d.targets[0]]
+
+
+def test_factors_read_before_a_rewrite_stay_the_verified_ones(tiny, tmp_path):
+    path = tmp_path / "x.gguf"
+    shutil.copy(tiny["a"], path)
+    d = read_delta(path)
+    before = {t: tuple(x.copy() for x in d.factors[t]) for t in d.targets}
+    with open(path, "r+b") as f:
+        f.seek(-64, 2)
+        f.write(bytes(64))
+    for t in d.targets:
+        for x, y in zip(d.factors[t], before[t]):
+            np.testing.assert_array_equal(x, y)
+
+
+def _run(m, ids, tiny):
+    """Logits bare, "a", "a"+"b" stacked, "b" after a swap, bare after removing "a"; greedy tokens per row."""
+    out = [m.logits(ids)]
+    m.use("a")
+    out.append(m.logits(ids))
+    m.use({"a": 0.5, "b": 1.0})
+    out.append(m.logits(ids))
+    m.use("b")
+    out.append(m.logits(ids))
+    rows = m.generate_batch(ids, 6, adapters=["a", {"a": 1.0, "b": 0.5}])
+    m.use(None)
+    m.remove_adapter("a")
+    out.append(m.logits(ids))
+    return out, rows
+
+
+@pytest.mark.parametrize("load", [dict(engine="ort", weights="int4"), dict(engine="ort", mode="live"),
+                                  dict(engine="numpy")])
+def test_outputs_are_those_of_the_adapter_read_into_memory(tiny, qbase, ids, load):
+    got = edgeadapt.load(qbase, **load)
+    ref = edgeadapt.load(qbase, **load)
+    for m, how in ((got, "mapped"), (ref, "in memory")):
+        for n in ("a", "b"):
+            m.add_adapter(tiny[n] if how == "mapped" else delta_from_bytes(tiny[n].read_bytes(), tiny[n]), name=n)
+    assert isinstance(got.adapters["a"].factors, MappedFactors)
+    assert not isinstance(ref.adapters["a"].factors, MappedFactors)
+    (g, grows), (r, rrows) = _run(got, ids, tiny), _run(ref, ids, tiny)
+    for x, y in zip(g, r):
+        np.testing.assert_array_equal(x, y)
+    assert grows == rrows
