@@ -220,7 +220,8 @@ def fused_decoder(cfg: ArchConfig, lin: _Linears, inits: list[TensorProto], name
     lin.head(g, h)
     inputs, outputs = _io(cfg, lin.slots, g, slot_defaults)
     if lin.slots:  # graphs that serve adapters (not the bare base): + a live change of some head rows
-        inputs += add_head_delta(g, h, cfg.dim)
+        head_in, head_out = add_head_delta(g, h, cfg.dim)
+        inputs, outputs = inputs + head_in, outputs + head_out
     return helper.make_graph(g.nodes, name, inputs + [embed_in], outputs, initializer=g.inits)
 
 

@@ -378,9 +378,7 @@ class OrtEngine(Engine):
             feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = a, bb
         if embed is not None:
             feeds["embed.delta"] = np.ascontiguousarray(embed, np.float32)
-        if head is not None:
-            feeds["head.ids"], feeds["head.delta"] = (np.ascontiguousarray(head[0], np.int64),
-                                                      np.ascontiguousarray(head[1], np.float32))
+        names = self._head_feeds(g, feeds, head)
         s = ids.shape[1]
         if g.fused and past and b > 1 and s > 1 and past[0][0].shape[2] > 0:
             # GroupQueryAttention takes several new tokens after a past only at batch 1: one at a time
@@ -391,8 +389,18 @@ class OrtEngine(Engine):
                                         head=head)
                 out.append(lg)
             return np.concatenate(out, axis=1), past
-        outs = g.sess.run(self._out_names, feeds)
-        return outs[0], [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
+        outs = g.sess.run(names, feeds)
+        return _add_head(outs, head, g), [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
+
+    def _head_feeds(self, g: "_Session", feeds: dict[str, Any], head: Any) -> list[str]:
+        """Feed a live change of head rows; the outputs to fetch (+ head.logits on graphs that output it)."""
+        if head is None:
+            return self._out_names
+        feeds["head.delta"] = np.ascontiguousarray(head[1], np.float32)
+        if g.head_out:
+            return self._out_names + ["head.logits"]
+        feeds["head.ids"] = np.ascontiguousarray(head[0], np.int64)  # an older graph scatters it in-graph
+        return self._out_names
 
     # ---- scale / bias slots (model_kinds.onnx: DoRA, IA3, lora_bias)
     @property
@@ -467,13 +475,10 @@ class OrtEngine(Engine):
             feeds["embed.delta"] = np.ascontiguousarray(embed, np.float32)
         if bn:
             feeds.update(bn)
-        if head is not None:
-            if not g.head:
-                raise UnsupportedError(f"{file.name} has no head.delta input; export the base again with this edgeadapt")
-            feeds["head.ids"], feeds["head.delta"] = (np.ascontiguousarray(head[0], np.int64),
-                                                      np.ascontiguousarray(head[1], np.float32))
-        outs = g.sess.run(self._out_names, feeds)
-        return outs[0], [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
+        if head is not None and not g.head:
+            raise UnsupportedError(f"{file.name} has no head.delta input; export the base again with this edgeadapt")
+        outs = g.sess.run(self._head_feeds(g, feeds, head), feeds)
+        return _add_head(outs, head, g), [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
 
     def _forward_inplace(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Any, lora: Any,
                          g: "_Session") -> tuple[np.ndarray, "KVCache"]:
@@ -492,6 +497,15 @@ class OrtEngine(Engine):
                    for k in range(s)]
             return np.concatenate(out, axis=1), past
         return past.run(ids, mask, pos, lora), past
+
+
+def _add_head(outs: list[np.ndarray], head: Any, g: "_Session") -> np.ndarray:
+    """The logits, with a live change of head rows added at its columns: logits[b, s, ids] += head.logits[b, s]
+    (ids distinct; the same float32 adds the older graphs' in-graph scatter made)."""
+    logits = outs[0]
+    if head is not None and g.head_out and len(head[0]):
+        logits[:, :, np.asarray(head[0], np.int64)] += outs[-1]
+    return logits
 
 
 def _slotted_graph(manifest: BaseManifest) -> Path:

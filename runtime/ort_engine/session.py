@@ -40,6 +40,9 @@ class _Session:
         self.inplace = self.fused and not any(f"lora.{n}.a" in defaults for n in self.slots)
         self.embed = "embed.delta" in inputs | defaults  # base folders exported before it have no such input
         self.head = "head.delta" in inputs | defaults  # only the graphs that serve adapters have it
+        # graphs since issue #17 output head.logits (h @ deltaᵀ) for the engine to add; older ones add it in-graph
+        # (a head.ids input and a scatter into logits)
+        self.head_out = "head.logits" in {o.name for o in sess.get_outputs()}
 
 
     def slot_arrays(self, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
