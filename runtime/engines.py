@@ -38,6 +38,7 @@ class Engine:
     row_lora: bool = False  # takes runtime.row_lora.PerRow (each row at its own rank) for mixed batches
     can_merge: bool = False  # folds adapters into its weights (set_weights) without re-quantizing them
     copies_factors: bool = False  # copies live factors into a layout of its own: takes Aᵀ / Bᵀ as strided views
+    last_logits: bool = False  # forward(..., last=True) returns the last position's logits only, [B, 1, vocab]
 
     def ensure_slots(self) -> None:
         """Get ready to run adapters live (a lazy engine builds its slotted graph here); by default nothing."""

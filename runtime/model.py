@@ -432,14 +432,19 @@ class Model:
         pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
         with self._request(self._plan(adapters, ids.shape[0])) as plan:
             past, mask, pos = self._seq.past(plan, mask, pos)  # a KV prefix (prompt / prefix tuning), if any
-            return self._forward(ids, mask, pos, past, plan)[0]
+            return self._forward(ids, mask, pos, past, plan, every=True)[0]
 
-    def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Any, plan: Live | None) -> Any:
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Any, plan: Live | None,
+                 every: bool = False) -> Any:
+        """(logits, cache). Generation samples the last position only: an engine with ``last_logits`` then makes
+        only that row ([B, 1, vocab]); ``every``: every position's (Model.logits)."""
+        kw: dict[str, Any] = {"last": True} if not every and self._engine.last_logits else {}
         if not plan:
-            return self._engine.forward(ids, mask, pos, past)
+            return self._engine.forward(ids, mask, pos, past, **kw)
         if not isinstance(plan, Plan):  # live factors only
-            return self._engine.forward(ids, mask, pos, past, lora=plan)
-        kw = {"bn": plan.bn} if plan.bn else {}  # bottleneck slots (runtime.bn_slots)
+            return self._engine.forward(ids, mask, pos, past, lora=plan, **kw)
+        if plan.bn:  # bottleneck slots (runtime.bn_slots)
+            kw["bn"] = plan.bn
         if plan.head is not None:  # a tied head's changed rows (runtime.seq.HeadFn)
             kw["head"] = plan.head(ids.shape[0])
         return self._engine.forward(ids, mask, pos, past, lora=plan if len(plan) else None,

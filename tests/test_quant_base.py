@@ -70,6 +70,8 @@ def _logits(path, feeds, cfg):
     arrays = slots.slot_arrays(lora)
     for name in slots.slots:
         feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = arrays.get(name) or slots.empty_slot[name]
+    if slots.logits_from:  # every position's logits (a graph that can also make the last one's only)
+        feeds["logits.from"] = np.zeros(1, np.int64)
     return sess.run(["logits"], feeds)[0]
 
 

@@ -123,7 +123,7 @@ class _F32Linears(_Linears):
     def head(self, g: _G, x: str) -> None:
         if self.cfg.tied_embeddings:  # Gemm(transB=1) over the embedding: no copy, no Transpose
             x2 = g.op("Reshape", x, g.const([-1, self.cfg.dim]))
-            bs = g.op("Slice", g.op("Shape", "input_ids"), g.const([0]), g.const([2]))
+            bs = g.op("Slice", g.op("Shape", x), g.const([0]), g.const([2]))  # [B, S] of x (logits.from slices S)
             y2 = g.op("Gemm", x2, "token_embd.weight", transB=1)
             g.op("Reshape", y2, g.op("Concat", bs, g.const([self.cfg.vocab_size]), axis=0), out="logits")
         else:
@@ -185,9 +185,12 @@ def _gqa_mask(g: _G, window: int | None = None) -> tuple[str, str, str]:
 
 
 def fused_decoder(cfg: ArchConfig, lin: _Linears, inits: list[TensorProto], name: str, *,
-                  slot_defaults: bool = True, resid: Any = None) -> onnx.GraphProto:
+                  slot_defaults: bool = True, resid: Any = None, logits_from: bool = False) -> onnx.GraphProto:
     """``resid(g, i, position, y, x) -> x'``, when given, replaces the residual add x + y of block i at
-    "attn" and "ffn" (the bottleneck slots of bottleneck.py); the norm after it is then its own node."""
+    "attn" and "ffn" (the bottleneck slots of bottleneck.py); the norm after it is then its own node.
+    ``logits_from``: + a required input ``logits.from`` int64 [1], the first position the head computes logits
+    for — [0] every position, [-1] the last (a prefill that only samples: SmolLM2, 69 tokens: 13.6 MB of logits
+    not made, and the head's product on one row instead of 69)."""
     g = _G()
     g.inits += inits
     eps = float(cfg.rms_eps)
@@ -217,12 +220,19 @@ def fused_decoder(cfg: ArchConfig, lin: _Linears, inits: list[TensorProto], name
         (m,) = lin.group(g, act, i, GROUPS[3])
         nxt = f"blk.{i + 1}.attn_norm.weight" if i + 1 < cfg.n_layers else "output_norm.weight"
         h, x = _skip_norm(g, m, x, nxt, eps, resid and (lambda y, r: resid(g, i, "ffn", y, r)))
+    if logits_from:  # h [B,S,dim] -> [B,S',dim], S' = the positions from logits.from on
+        h = g.op("Slice", h, LOGITS_FROM, g.const([2 ** 62]), g.const([1]))
     lin.head(g, h)
     inputs, outputs = _io(cfg, lin.slots, g, slot_defaults)
+    if logits_from:
+        inputs.append(helper.make_tensor_value_info(LOGITS_FROM, TensorProto.INT64, [1]))
     if lin.slots:  # graphs that serve adapters (not the bare base): + a live change of some head rows
         head_in, head_out = add_head_delta(g, h, cfg.dim)
         inputs, outputs = inputs + head_in, outputs + head_out
     return helper.make_graph(g.nodes, name, inputs + [embed_in], outputs, initializer=g.inits)
+
+
+LOGITS_FROM = "logits.from"  # graph input: the first position the head computes logits for
 
 
 def _head_norm(g: _G, x: str, w: str, heads: int, hd: int, eps: float) -> str:
@@ -307,12 +317,13 @@ def build_quant_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: P
     lin = _QLinears(cfg, cfg.linear_shapes() if slots else None, q, accuracy_level)
     # slots without defaults: onnxruntime's IOBinding cannot bind an input that has an initializer, and the
     # engine binds every slot (idle ones to rank-0 arrays) so that the kv cache is updated in place
-    save_fused(fused_decoder(cfg, lin, inits, f"edgeadapt_{cfg.arch}_{kind}", slot_defaults=False), path, lin.props())
+    save_fused(fused_decoder(cfg, lin, inits, f"edgeadapt_{cfg.arch}_{kind}", slot_defaults=False, logits_from=True),
+               path, lin.props())
     info = {"file": path.name, "data": path.name + ".data"}
     if slots:  # the same weights without slots: the bare base at full speed (the runtime switches at first use)
         plain = path.with_name(path.stem + "_base.onnx")
-        save_fused(fused_decoder(cfg, _QLinears(cfg, None, q, accuracy_level), inits, f"edgeadapt_{cfg.arch}_{kind}_base"),
-                   plain)
+        save_fused(fused_decoder(cfg, _QLinears(cfg, None, q, accuracy_level), inits, f"edgeadapt_{cfg.arch}_{kind}_base",
+                                 logits_from=True), plain)
         info["base_file"] = plain.name
     exact = sum(w.exact for p, w in q.items())
     return {**info, "exact": exact, "quantized": len(q) - exact}

@@ -204,8 +204,8 @@ def build_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, *
             # input that has a default, and binding is what keeps the kv cache in place between tokens), q|k|v and
             # gate|up fused with one slot per group (see fast._Linears): 4 slots a layer instead of 7
             live = _F32Linears(cfg, linear, grouped=True)
-            save_fused(fused_decoder(cfg, live, inits, f"edgeadapt_{cfg.arch}_live", slot_defaults=False),
-                       out_dir / LIVE_FILE, live.props())
+            save_fused(fused_decoder(cfg, live, inits, f"edgeadapt_{cfg.arch}_live", slot_defaults=False,
+                                     logits_from=True), out_dir / LIVE_FILE, live.props())
             save_kinds_graph(cfg, inits, out_dir)  # scale / bias slots (DoRA, IA3, lora_bias): the runtime loads it lazily
             if cfg.arch in DECODER_ARCHES:  # + bottleneck slots (AdapterHub's Llama / Mistral), loaded lazily too
                 save_bottleneck_graph(cfg, inits, out_dir)

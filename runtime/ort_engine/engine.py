@@ -62,6 +62,7 @@ class OrtEngine(Engine):
     base pays nothing for the slots it does not use."""
 
     name = "ort"
+    last_logits = True  # forward(last=True): the graphs since issue #17 compute the last position's logits only
     copies_factors = True  # the slot arrays (session.slot_arrays) are made from the driver's views
 
     def __init__(self, manifest: BaseManifest, *, threads: int | None = None, live: bool | str = False,
@@ -209,6 +210,8 @@ class OrtEngine(Engine):
                 feeds[f"past.{i}.{kv}"] = np.zeros((1, self.cfg.n_kv_heads, 0, self.cfg.head_dim), np.float32)
         for n in g.required:  # a graph whose slots have no default: idle (rank 0)
             feeds[f"lora.{n}.a"], feeds[f"lora.{n}.b"] = g.empty_slot[n]
+        if g.logits_from:
+            feeds["logits.from"] = np.zeros(1, np.int64)
         return g.sess.run(["logits"], feeds)[0]
 
     # ---- weights
@@ -334,8 +337,10 @@ class OrtEngine(Engine):
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: Any = None, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
                 embed: np.ndarray | None = None, bn: dict[str, np.ndarray] | None = None,
-                head: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, Any]:
-        """Logits [B, S, vocab] float32 and the cache to pass back as ``past`` for the next tokens.
+                head: tuple[np.ndarray, np.ndarray] | None = None, last: bool = False) -> tuple[np.ndarray, Any]:
+        """Logits [B, S, vocab] float32 and the cache to pass back as ``past`` for the next tokens; ``last``:
+        [B, 1, vocab], the last position's only (what sampling reads; graphs with a ``logits.from`` input do not
+        compute the others).
 
         ``embed``: float32 [B or 1, S or 1, dim], added to the looked-up embeddings (graph input ``embed.delta``).
         ``past`` may also be a list of (key, value) [B, KV, P, hd] made by the caller (a KV prefix); such a
@@ -352,7 +357,8 @@ class OrtEngine(Engine):
         if (lora or bn) and not self.live:
             raise AdapterMismatchError("live LoRA factors need the slotted graph: load with mode='live' or 'auto'")
         if bn or lora and any(len(v) > 2 for v in lora.values()):  # scale / bias / bottleneck: their own graphs
-            return self._forward_kinds(input_ids, attention_mask, position_ids, past, lora or {}, embed, bn, head)
+            lg, past = self._forward_kinds(input_ids, attention_mask, position_ids, past, lora or {}, embed, bn, head)
+            return _last(lg, last), past
         if (lora or head is not None) and self._lazy:
             self.ensure_slots()
         ids, mask, pos = (np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids))
@@ -365,7 +371,7 @@ class OrtEngine(Engine):
                                    "tokens or modules_to_save on a tied head) runs live on the graphs that serve "
                                    "adapters (mode='live' or 'auto'); export the base again with this edgeadapt")
         if isinstance(past, KVCache) or g.inplace and embed is None and head is None and not past:
-            return self._forward_inplace(ids, mask, pos, past, lora, g)
+            return self._forward_inplace(ids, mask, pos, past, lora, g, last)
         b = ids.shape[0]
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
         empty = np.zeros((b, self.cfg.n_kv_heads, 0, self.cfg.head_dim), np.float32)
@@ -379,6 +385,8 @@ class OrtEngine(Engine):
         if embed is not None:
             feeds["embed.delta"] = np.ascontiguousarray(embed, np.float32)
         names = self._head_feeds(g, feeds, head)
+        if g.logits_from:
+            feeds["logits.from"] = np.array([-1 if last else 0], np.int64)
         s = ids.shape[1]
         if g.fused and past and b > 1 and s > 1 and past[0][0].shape[2] > 0:
             # GroupQueryAttention takes several new tokens after a past only at batch 1: one at a time
@@ -388,9 +396,9 @@ class OrtEngine(Engine):
                 lg, past = self.forward(ids[:, k:k + 1], mask[:, :mask.shape[1] - s + k + 1], pos[:, k:k + 1], past, lora, e,
                                         head=head)
                 out.append(lg)
-            return np.concatenate(out, axis=1), past
+            return (out[-1] if last else np.concatenate(out, axis=1)), past
         outs = g.sess.run(names, feeds)
-        return _add_head(outs, head, g), [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
+        return _last(_add_head(outs, head, g), last), [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
 
     def _head_feeds(self, g: "_Session", feeds: dict[str, Any], head: Any) -> list[str]:
         """Feed a live change of head rows; the outputs to fetch (+ head.logits on graphs that output it)."""
@@ -481,7 +489,7 @@ class OrtEngine(Engine):
         return _add_head(outs, head, g), [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.cfg.n_layers)]
 
     def _forward_inplace(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: Any, lora: Any,
-                         g: "_Session") -> tuple[np.ndarray, "KVCache"]:
+                         g: "_Session", last: bool = False) -> tuple[np.ndarray, "KVCache"]:
         b, s = ids.shape
         t = mask.shape[1]
         if past is None:
@@ -495,8 +503,13 @@ class OrtEngine(Engine):
         if s > 1 and b > 1 and past.length:  # GroupQueryAttention takes several new tokens after a past only at batch 1
             out = [self._forward_inplace(ids[:, k:k + 1], mask[:, :t - s + k + 1], pos[:, k:k + 1], past, lora, g)[0]
                    for k in range(s)]
-            return np.concatenate(out, axis=1), past
-        return past.run(ids, mask, pos, lora), past
+            return (out[-1] if last else np.concatenate(out, axis=1)), past
+        return past.run(ids, mask, pos, lora, last), past
+
+
+def _last(logits: np.ndarray, last: bool) -> np.ndarray:
+    """[B, 1, vocab] when only the last position is asked for (a graph without ``logits.from`` made them all)."""
+    return np.ascontiguousarray(logits[:, -1:]) if last and logits.shape[1] > 1 else logits
 
 
 def _add_head(outs: list[np.ndarray], head: Any, g: "_Session") -> np.ndarray:

@@ -43,6 +43,7 @@ class _Session:
         # graphs since issue #17 output head.logits (h @ deltaᵀ) for the engine to add; older ones add it in-graph
         # (a head.ids input and a scatter into logits)
         self.head_out = "head.logits" in {o.name for o in sess.get_outputs()}
+        self.logits_from = "logits.from" in inputs  # the graph can compute the last position's logits only
 
 
     def slot_arrays(self, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -142,7 +143,7 @@ class KVCache:
             self.io.bind_cpu_input(f"lora.{name}.b", b)
         self._lora, self._bound = lora, arrays  # keeps the bound arrays alive
 
-    def run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, lora: Any) -> np.ndarray:
+    def run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, lora: Any, last: bool = False) -> np.ndarray:
         if lora and not self._slots:
             raise AdapterMismatchError("this request started on the plain graph (no LoRA slots); start a new "
                                        "request to run adapters live")
@@ -150,14 +151,18 @@ class KVCache:
             self._grow(mask.shape[1])
         if self._slots and lora is not self._lora:
             self._bind_lora(lora)
-        self._inputs = (ids, mask, pos)  # bound by pointer: alive until the next step rebinds them
+        start = np.array([-1 if last else 0], np.int64)
+        self._inputs = (ids, mask, pos, start)  # bound by pointer: alive until the next step rebinds them
         self.io.bind_cpu_input("input_ids", ids)
         self.io.bind_cpu_input("attention_mask", mask)
         self.io.bind_cpu_input("position_ids", pos)
+        if self._g.logits_from:
+            self.io.bind_cpu_input("logits.from", start)
         # onnxruntime writes the logits straight into a fresh numpy array: no second copy of a prompt's
         # [batch, tokens, vocab] float32 (13.6 MB for 69 tokens of SmolLM2) at the peak of a prefill
-        logits = np.empty(ids.shape + (self._vocab,), np.float32)
+        rows = 1 if last and self._g.logits_from else ids.shape[1]
+        logits = np.empty((ids.shape[0], rows, self._vocab), np.float32)
         self.io.bind_ortvalue_output("logits", self._engine._ort.OrtValue.ortvalue_from_numpy(logits))
         self.sess.run_with_iobinding(self.io)
         self.length = mask.shape[1]
-        return logits
+        return np.ascontiguousarray(logits[:, -1:]) if last and rows > 1 else logits
