@@ -5,9 +5,8 @@ running batch's keys and values bound to it in place (:class:`KVCache`). Used by
 from __future__ import annotations
 
 import json
-import mmap
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -49,9 +48,8 @@ class _Session:
     def slot_arrays(self, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per-weight factors {weight: (A [n, in, r], B [n, r, out])} -> this graph's slot inputs: a group slot
         gets A = [A_1 | A_2 | …] (ranks side by side) and B block-diagonal, so x·A·B = [x·A_1·B_1 | x·A_2·B_2 | …]
-        is exactly the per-weight sum (zeros where a weight has no factors). Every slot array is contiguous (the
-        driver hands out transposed views of the adapters' arrays); once a plan's arrays are made, the pages of a
-        memory-mapped delta file they were copied from leave resident memory (:func:`release_sources`)."""
+        is exactly the per-weight sum (zeros where a weight has no factors). Every slot array is contiguous: the
+        driver hands out transposed views of the adapters' arrays (``copies_factors``), copied here once."""
         if not lora:
             return {}
         last_in, last_out = self._last
@@ -75,26 +73,11 @@ class _Session:
                     b[:, r0:r0 + r, o0:o1] = lora[w][1]
                 r0, o0 = r0 + r, o1
             out[gname] = (a, b)
-        release_sources(f for fs in lora.values() for f in fs[:2] if f is not None)
         self._last = (lora, out)
         return out
 
     def _grouped_names(self) -> set[str]:
         return {w for ws in self.groups.values() for w in ws}
-
-
-def release_sources(arrays: Iterable[np.ndarray]) -> None:
-    """Drop from resident memory the pages of the memory-mapped files these arrays are views of (a delta file's
-    F32 factors, see edgeadapt.formats.delta.read_delta) — called once their contents were copied; the pages stay
-    in the page cache and are read again if a later plan needs them."""
-    seen: set[int] = set()
-    for a in arrays:
-        base = a
-        while base is not None and not isinstance(base, mmap.mmap):
-            base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
-        if base is not None and id(base) not in seen and not base.closed and hasattr(mmap, "MADV_DONTNEED"):
-            seen.add(id(base))
-            base.madvise(mmap.MADV_DONTNEED)
 
 
 class KVCache:
