@@ -10,7 +10,10 @@ runs here when ``Model.batching`` is on (the default):
   alternate. Prompts of up to ``prefill_chunk`` tokens that are waiting together are prefilled in one forward
   (left-padded, each row with its own adapter set: what ``generate([...], adapters=[...])`` runs), at most
   ``prefill_tokens`` padded tokens per forward; a longer prompt (or one with a KV prefix) is prefilled alone, one
-  chunk of ``prefill_chunk`` tokens per turn, so running rows wait for one chunk at a time;
+  chunk of ``prefill_chunk`` tokens per turn, so running rows wait for one chunk at a time. A prompt that starts
+  with at least ``prefix_min`` tokens of the last prompt of its adapter set (a chat template's system part) reuses
+  their kept keys / values and prefills only the rest (batch 1: GroupQueryAttention takes several new tokens after
+  a past only at batch 1);
 - the rows then join the decode batch: one forward per step for every running row, each row with its own
   adapter set (per-row factors, :mod:`runtime.row_lora`), sampler, seed and token limit; a row leaves at EOS, at
   its limit, or when its caller stops reading (a closed stream, a cancelled task);
@@ -37,12 +40,10 @@ masked, while computing them costs less than a rebuild (``idle_row_steps``: rows
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import contextlib
 import queue
 import threading
-from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -86,30 +87,8 @@ class _TurnLock:
             self._cond.notify_all()
 
 
-class LoopSink:
-    """Where an asyncio request's tokens arrive: filled on its event loop (the worker hands each step's tokens
-    to the loop in one ``call_soon_threadsafe``), read by :meth:`get`."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.items = loop, collections.deque()
-        self._wake: asyncio.Future | None = None
-
-    def push(self, item: Any) -> None:  # on the loop
-        self.items.append(item)
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
-
-    async def get(self) -> list:
-        """Every item delivered so far (at least one)."""
-        while not self.items:
-            self._wake = self.loop.create_future()
-            await self._wake
-        out = list(self.items)
-        self.items.clear()
-        return out
-
-
-def _deliver(items: list[tuple[LoopSink, Any]]) -> None:
+def _push_all(items: list[tuple[Any, Any]]) -> None:
+    """On an event loop: each (sink, item) of one step (runtime.streams.LoopSink)."""
     for sink, item in items:
         sink.push(item)
 
@@ -164,6 +143,9 @@ class Scheduler:
     # this; beyond it the batch is rebuilt without them (SmolLM2-135M int4, 8 rows: a rebuild ~25 ms, a masked
     # row ~2.5 ms per step)
     idle_row_steps = 16
+    # a prompt starting with at least this many tokens of the last prompt of its adapter set (a chat template's
+    # system part, a shared instruction) reuses their keys / values and prefills only the rest; 0: never
+    prefix_min = 16
 
     def __init__(self, model: Any) -> None:
         self.m = model
@@ -187,6 +169,8 @@ class Scheduler:
         self.rebuilds = 0  # cache rebuilds (steps where rows joined or left)
         self.peak = 0  # the most rows one step has run
         self.peak_prefill = 0  # the most prompts one prefill forward has run
+        self.prefix_hits = 0  # prompts prefilled after kept keys / values of their start
+        self._prefixes: dict[tuple, tuple[np.ndarray, list]] = {}  # set key -> (prompt ids, its (k, v) per layer)
         self.cancelled = 0  # rows whose reader stopped before their end
 
     @property
@@ -219,7 +203,7 @@ class Scheduler:
     def submit(self, ids: Sequence[int], max_new: int, sampler: Any, plan: Any, own: Mapping[str, float] | None,
                sink: Any) -> _Row:
         """Admit one request (blocks while the rows are full) and hand it to the worker; its tokens, then _END
-        (or an exception), arrive in ``sink`` (a SimpleQueue, or a LoopSink). ``plan``: the request's own plan
+        (or an exception), arrive in ``sink`` (a SimpleQueue, or a runtime.streams.LoopSink). ``plan``: its own plan
         (``own`` its set) or None (the active set)."""
         m = self.m
         x = np.asarray(m._check_ids([list(ids)])[0], np.int64)
@@ -280,36 +264,6 @@ class Scheduler:
         finally:
             self.cancel(row, wait=True)
 
-    async def arun(self, ids: Sequence[int], max_new: int, sampler: Any, prepare: Any) -> AsyncIterator[list[int]]:
-        """One request for asyncio: lists of the tokens that have arrived (in order). One executor hop, which
-        calls ``prepare()`` for (plan, own) — making a plan may wait for a merge to be undone — and admits it;
-        closing the iterator (or cancelling its task) drops its row."""
-        if max_new <= 0:
-            return
-        loop = asyncio.get_running_loop()
-        sink = LoopSink(loop)
-        fut = loop.run_in_executor(None, lambda: self.submit(ids, max_new, sampler, *prepare(), sink))
-        try:
-            row = await asyncio.shield(fut)
-        except asyncio.CancelledError:  # admitted later all the same: drop it then
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception() or self.cancel(f.result(), wait=False))
-            raise
-        try:
-            while True:
-                items = await sink.get()
-                toks = []
-                for item in items:
-                    if item is _END:
-                        if toks:
-                            yield toks
-                        return
-                    if isinstance(item, BaseException):
-                        raise item
-                    toks.append(item)
-                yield toks
-        finally:
-            self.cancel(row, wait=False)
-
     # ---- the worker
     def _start(self) -> None:  # under self._cond
         if self._thread is None or not self._thread.is_alive():
@@ -353,13 +307,14 @@ class Scheduler:
         out, self._out = self._out, []
         loops: dict[Any, list[tuple[_Row, Any]]] = {}
         for r, item in out:
-            if isinstance(r.sink, LoopSink):
-                loops.setdefault(r.sink.loop, []).append((r, item))
+            loop = getattr(r.sink, "loop", None)  # an asyncio request's LoopSink (runtime.streams)
+            if loop is not None:
+                loops.setdefault(loop, []).append((r, item))
             else:
                 r.sink.put(item)
         for loop, items in loops.items():
             try:
-                loop.call_soon_threadsafe(_deliver, [(r.sink, item) for r, item in items])
+                loop.call_soon_threadsafe(_push_all, [(r.sink, item) for r, item in items])
             except RuntimeError:  # the loop is closed: nobody reads these rows any more
                 for r, _ in items:
                     self.cancel(r, wait=False)
@@ -396,14 +351,24 @@ class Scheduler:
             return
         if ok[0].alone:
             return self._prefill_alone(ok[0])
-        key, group, width = ok[0].key, [], 0
-        for r in ok:
-            w = max(width, len(r.ids))
-            if r.alone or r.key != key or group and w * (len(group) + 1) > self.prefill_tokens:
+        key, group, hits, width, spent = ok[0].key, [], [], 0, 0
+        for r in ok:  # within prefill_tokens: a prompt whose start is cached costs its rest, the others the padding
+            if r.alone or r.key != key:
                 continue
-            group.append(r)
-            width = w
-        self._prefill_group(group)
+            n, kept = self._reusable(r)
+            cost = len(r.ids) - n if n else max(width, len(r.ids)) * (len(group) + 1) - width * len(group)
+            if (group or hits) and spent + cost > self.prefill_tokens:
+                continue
+            spent += cost
+            if n:
+                hits.append((r, n, kept))
+            else:
+                group.append(r)
+                width = max(width, len(r.ids))
+        for k, (r, n, kept) in enumerate(hits):
+            self._prefill_rest(r, n, kept, k)
+        if group:
+            self._prefill_group(group, len(hits))
 
     def _taken(self, rows: list[_Row]) -> None:
         with self._cond:
@@ -435,7 +400,53 @@ class Scheduler:
         row.pos = int(row.pos_all[0, -1]) + 1
         self._first(row, logits[:, -1])
 
-    def _prefill_group(self, rows: list[_Row]) -> None:
+    # ---- prompt starts kept per adapter set
+    def _reusable(self, r: _Row) -> tuple[int, Any]:
+        """How many of the row's first prompt tokens have their keys / values kept (0: fewer than prefix_min), and
+        the kept entry they are in (a later prefill of the set replaces the entry, never changes it)."""
+        kept = self._prefixes.get(self.plans.key(r.row_set)) if r.key[0] == "rows" and self.prefix_min else None
+        if kept is None:
+            return 0, None
+        ids = kept[0]
+        n = min(len(ids), len(r.ids) - 1)
+        diff = np.flatnonzero(ids[:n] != r.ids[:n])
+        n = int(diff[0]) if len(diff) else n
+        return (n, kept) if n >= self.prefix_min else (0, None)
+
+    def _keep_prefix(self, r: _Row, layers: list, b: int) -> None:
+        """Keep row b's prompt keys / values (from a prefill's cache) for later prompts of its set."""
+        if r.key[0] != "rows" or not self.prefix_min:
+            return
+        S = len(r.ids)
+        kv = [(k[b:b + 1, :, n - S:n].copy(), v[b:b + 1, :, n - S:n].copy()) for k, v, n in layers]
+        key = self.plans.key(r.row_set)
+        self._prefixes.pop(key, None)
+        if len(self._prefixes) >= 32:
+            self._prefixes.pop(next(iter(self._prefixes)))  # the set kept longest ago
+        self._prefixes[key] = (r.ids.copy(), kv)
+
+    def _prefill_rest(self, r: _Row, n: int, kept: Any, offset: int) -> None:
+        """A prompt whose first n tokens' keys / values are kept: the rest in one forward after them (batch 1)."""
+        m = self.m
+        self._taken([r])
+        S = len(r.ids)
+        past = [(np.ascontiguousarray(k[:, :, :n]), np.ascontiguousarray(v[:, :, :n])) for k, v in kept[1]]
+        try:
+            plan = self._prefill_plan([r], offset)
+            with self.turn:
+                logits, past = m._forward(r.ids[None, n:], np.ones((1, S), np.int64),
+                                          np.arange(n, S, dtype=np.int64)[None], past, plan)
+        except BaseException as e:
+            self._finish(r, e)
+            return
+        self.prefills += 1
+        self.prefix_hits += 1
+        layers = m._engine.cache_layers(past)
+        r.kv, r.mask0, r.length, r.pos = (layers, 0), np.ones(S, np.int64), S, S
+        self._keep_prefix(r, layers, 0)
+        self._first(r, logits[:, -1])
+
+    def _prefill_group(self, rows: list[_Row], offset: int = 0) -> None:
         """Prompts together in one left-padded forward, each row with its own plan — as generate([...]) runs."""
         m = self.m
         self._taken(rows)
@@ -446,7 +457,7 @@ class Scheduler:
             x[b, S - len(r.ids):], mask[b, S - len(r.ids):] = r.ids, 1
         pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
         try:
-            plan = self._prefill_plan(rows)
+            plan = self._prefill_plan(rows, offset)
             with self.turn:
                 logits, past = m._forward(x, mask, pos, None, plan)
         except BaseException as e:
@@ -458,6 +469,7 @@ class Scheduler:
         layers = m._engine.cache_layers(past)
         for b, r in enumerate(rows):
             r.kv, r.mask0, r.length, r.pos = (layers, b), np.ones(len(r.ids), np.int64), len(r.ids), len(r.ids)
+            self._keep_prefix(r, layers, b)
             self._first(r, logits[b:b + 1, -1])
 
     def _first(self, r: _Row, logits: np.ndarray) -> None:
@@ -470,13 +482,14 @@ class Scheduler:
         else:
             r.kv = None
 
-    def _prefill_plan(self, rows: list[_Row]) -> Any:
+    def _prefill_plan(self, rows: list[_Row], offset: int = 0) -> Any:
         if rows[0].key[0] == "merged" or rows[0].alone:
             return rows[0].plan  # the shared plan; a row alone: its plan as made for it (a KV prefix runs with it)
         # the rows' factors go after the running batch's (whose forward has them bound), or from the first row when
         # none of its rows runs any more (it is rebuilt before its next step): where rows of their sets were
         running = any(not (r.dead or r.cancelled or r.count >= r.max_new) for r in self._rows)
-        return self.plans.prefill([r.row_set for r in rows], len(self._rows) if running else 0, self.max_rows)
+        return self.plans.prefill([r.row_set for r in rows], (len(self._rows) if running else 0) + offset,
+                                  self.max_rows)
 
     # ---- the decode batch
     def _update(self, joins: list[_Row]) -> None:

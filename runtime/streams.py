@@ -8,10 +8,65 @@ runs ``generate`` with each ``next`` in the event loop's executor (:func:`aitera
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 from edgeadapt.runtime.scheduler import _END, scheduler_of
+
+
+class LoopSink:
+    """Where an asyncio request's tokens arrive: filled on its event loop (the worker hands each step's tokens
+    to the loop in one ``call_soon_threadsafe``), read by :meth:`get`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.items = loop, collections.deque()
+        self._wake: asyncio.Future | None = None
+
+    def push(self, item: Any) -> None:  # on the loop
+        self.items.append(item)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def get(self) -> list:
+        """Every item delivered so far (at least one)."""
+        while not self.items:
+            self._wake = self.loop.create_future()
+            await self._wake
+        out = list(self.items)
+        self.items.clear()
+        return out
+
+
+async def arun(sched: Any, ids: Sequence[int], max_new: int, sampler: Any, prepare: Any) -> AsyncIterator[list[int]]:
+    """One request for asyncio: lists of the tokens that have arrived (in order). One executor hop, which
+    calls ``prepare()`` for (plan, own) — making a plan may wait for a merge to be undone — and admits it;
+    closing the iterator (or cancelling its task) drops its row."""
+    if max_new <= 0:
+        return
+    loop = asyncio.get_running_loop()
+    sink = LoopSink(loop)
+    fut = loop.run_in_executor(None, lambda: sched.submit(ids, max_new, sampler, *prepare(), sink))
+    try:
+        row = await asyncio.shield(fut)
+    except asyncio.CancelledError:  # admitted later all the same: drop it then
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception() or sched.cancel(f.result(), wait=False))
+        raise
+    try:
+        while True:
+            items = await sink.get()
+            toks = []
+            for item in items:
+                if item is _END:
+                    if toks:
+                        yield toks
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                toks.append(item)
+            yield toks
+    finally:
+        sched.cancel(row, wait=False)
 
 
 def stream_tokens(model: Any, ids: Sequence[int], max_new: int, sampler: Any, adapter: Any = None) -> Iterator[int]:
@@ -36,7 +91,7 @@ async def astream_tokens(model: Any, ids: Sequence[int], max_new: int, sampler: 
         from edgeadapt.errors import FormatError
         raise FormatError("cannot generate from an empty prompt")
     own = None if adapter is None else model._normalise(adapter)
-    it = scheduler_of(model).arun(list(ids), max_new, sampler,
+    it = arun(scheduler_of(model), list(ids), max_new, sampler,
                                   lambda: (model._plan(None if adapter is None else [adapter], 1), own))
     try:
         async for toks in it:
@@ -108,7 +163,7 @@ async def _apieces(model: Any, prompt: Any, max_new_tokens: int, *, temperature:
     def prepare() -> tuple:  # in the executor, as generate() does it: the plan checks ``adapters``
         plan = model._plan(adapters, 1)
         return plan, None if adapters is None else model._normalise(adapters[0])
-    it = scheduler_of(model).arun(ids, max_new_tokens, sampler, prepare)
+    it = arun(scheduler_of(model), ids, max_new_tokens, sampler, prepare)
     try:
         async for toks in it:
             for t in toks:

@@ -236,3 +236,30 @@ def test_row_buffers_write_only_rows_whose_set_changed():
     w = buf.writes
     check(buf.plan(names3, [sets[n] for n in names3], 16), names3)
     assert buf.writes == w
+
+
+@pytest.mark.parametrize("engine,weights", [("numpy", "fp32"), ("ort", "fp32"), ("ort", "int4")])
+def test_prompts_sharing_a_start_reuse_its_keys(tiny, int4_base, engine, weights):
+    """A prompt that starts like the last prompt of its adapter set (a chat template's system part) is prefilled
+    after that prompt's kept keys / values: the same greedy tokens as alone, logits within 1e-5 (numpy: 2e-5)."""
+    m = _model(tiny, int4_base, engine, mode="live", weights=weights)
+    start = [30, 31, 32, 33, 34, 35, 36]
+    reqs = [(start + [40, 41], 10, "a", 0), (start + [50], 12, "b", 0), (start + [60, 61, 62], 9, "a", 0),
+            (start + [70, 71], 11, "b", 0), (start[:5] + [90, 91], 8, "a", 0), (start + [40, 41], 10, "a", 0),
+            ([30, 31, 99], 7, "a", 0)]
+    ref = _alone(m, reqs)
+    sched = scheduler_of(m)
+    sched.prefix_min = 5
+    try:
+        hits0 = sched.prefix_hits
+        got = [_all_at_once(m, reqs[:2])]  # the first prompt of each set: nothing kept yet
+        got += [_all_at_once(m, reqs[2:])]
+    finally:
+        sched.prefix_min = 16
+    got = got[0] + got[1]
+    # numpy: the kept start came out of another prompt's (left-padded) forward, and the rest attends to it in a
+    # second one — float32 sums in another order, up to ~1.1e-5 on a logit a few steps later
+    _close(ref, got, 2e-5 if engine == "numpy" else 1e-5 if weights == "fp32" else 5e-2)
+    # the 2nd, 4th, 5th (its first 5 tokens) and 6th (all but its last token) reuse a start; the 7th shares 2 tokens
+    assert sched.prefix_hits - hits0 == 4
+    assert sched.active == 0
