@@ -146,6 +146,7 @@ class Scheduler:
     # a prompt starting with at least this many tokens of the last prompt of its adapter set (a chat template's
     # system part, a shared instruction) reuses their keys / values and prefills only the rest; 0: never
     prefix_min = 16
+    prefix_sets = 8  # sets whose last prompt is kept (SmolLM2-135M: 46 KB per token, ≤ 128 tokens each)
 
     def __init__(self, model: Any) -> None:
         self.m = model
@@ -421,7 +422,7 @@ class Scheduler:
         kv = [(k[b:b + 1, :, n - S:n].copy(), v[b:b + 1, :, n - S:n].copy()) for k, v, n in layers]
         key = self.plans.key(r.row_set)
         self._prefixes.pop(key, None)
-        if len(self._prefixes) >= 32:
+        if len(self._prefixes) >= self.prefix_sets:
             self._prefixes.pop(next(iter(self._prefixes)))  # the set kept longest ago
         self._prefixes[key] = (r.ids.copy(), kv)
 
