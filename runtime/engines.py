@@ -39,6 +39,9 @@ class Engine:
     can_merge: bool = False  # folds adapters into its weights (set_weights) without re-quantizing them
     copies_factors: bool = False  # copies live factors into a layout of its own: takes Aᵀ / Bᵀ as strided views
     last_logits: bool = False  # forward(..., last=True) returns the last position's logits only, [B, 1, vocab]
+    # its matmuls quantize their inputs (int8 activations): any change of float summation order (padding, a kept
+    # prompt start) can move a logit by a quantization step, so batched answers are not kept equal to alone ones
+    quantizes_inputs: bool = False
 
     def ensure_slots(self) -> None:
         """Get ready to run adapters live (a lazy engine builds its slotted graph here); by default nothing."""

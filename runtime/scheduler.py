@@ -144,8 +144,10 @@ class Scheduler:
     # row ~2.5 ms per step)
     idle_row_steps = 16
     # a prompt starting with at least this many tokens of the last prompt of its adapter set (a chat template's
-    # system part, a shared instruction) reuses their keys / values and prefills only the rest; 0: never
-    prefix_min = 16
+    # system part, a shared instruction) reuses their keys / values and prefills only the rest; 0: never. None:
+    # 16 on float arithmetic, 0 on an engine that quantizes its matmuls' inputs (int4 / int8 on onnxruntime),
+    # where a prompt prefilled in two pieces would no longer give m.generate's answer (its logits move by ~0.8)
+    prefix_min: int | None = None
     prefix_sets = 8  # sets whose last prompt is kept (SmolLM2-135M: 46 KB per token, ≤ 128 tokens each)
 
     def __init__(self, model: Any) -> None:
@@ -402,21 +404,27 @@ class Scheduler:
         self._first(row, logits[:, -1])
 
     # ---- prompt starts kept per adapter set
+    @property
+    def _prefix_min(self) -> int:
+        if self.prefix_min is not None:
+            return self.prefix_min
+        return 0 if self.m._engine.quantizes_inputs else 16
+
     def _reusable(self, r: _Row) -> tuple[int, Any]:
         """How many of the row's first prompt tokens have their keys / values kept (0: fewer than prefix_min), and
         the kept entry they are in (a later prefill of the set replaces the entry, never changes it)."""
-        kept = self._prefixes.get(self.plans.key(r.row_set)) if r.key[0] == "rows" and self.prefix_min else None
+        kept = self._prefixes.get(self.plans.key(r.row_set)) if r.key[0] == "rows" and self._prefix_min else None
         if kept is None:
             return 0, None
         ids = kept[0]
         n = min(len(ids), len(r.ids) - 1)
         diff = np.flatnonzero(ids[:n] != r.ids[:n])
         n = int(diff[0]) if len(diff) else n
-        return (n, kept) if n >= self.prefix_min else (0, None)
+        return (n, kept) if n >= self._prefix_min else (0, None)
 
     def _keep_prefix(self, r: _Row, layers: list, b: int) -> None:
         """Keep row b's prompt keys / values (from a prefill's cache) for later prompts of its set."""
-        if r.key[0] != "rows" or not self.prefix_min:
+        if r.key[0] != "rows" or not self._prefix_min:
             return
         S = len(r.ids)
         kv = [(k[b:b + 1, :, n - S:n].copy(), v[b:b + 1, :, n - S:n].copy()) for k, v, n in layers]
