@@ -417,6 +417,11 @@ class OrtEngine(Engine):
         return self.live and self.weights == "fp32" and self._kinds_file is not None and self._kinds_file.is_file()
 
     @property
+    def quantizes_inputs(self) -> bool:
+        """The int4 / int8 graphs' MatMulNBits run at accuracy level 4: inputs quantized to int8 per block."""
+        return self.weights != "fp32"
+
+    @property
     def can_merge(self) -> bool:
         """Can adapters be folded into the weights (float32 overrides of model.onnx; int4 / int8 blocks cannot)?"""
         return self.weights == "fp32"
