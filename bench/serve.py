@@ -78,13 +78,17 @@ class System:
                 self.proc.kill()
 
 
-def edgeadapt_system(base: Path, adapters: dict[str, str], weights: str, threads: int) -> System:
+def edgeadapt_system(base: Path, adapters: dict[str, str], weights: str, threads: int, prefix: bool = False) -> System:
+    """``prefix``: the scheduler reuses prompt starts (Scheduler.prefix_min = 16) also where it is off by default
+    (int4: it changes answers by the int8 rounding of a prompt prefilled in two pieces)."""
     port = _port()
-    cmd = [sys.executable, "-c", "from edgeadapt.cli import main; main()", "serve", str(base), "--engine", "ort",
+    code = ("from edgeadapt.runtime.scheduler import Scheduler; Scheduler.prefix_min = 16; " if prefix else "") + \
+        "from edgeadapt.cli import main; main()"
+    cmd = [sys.executable, "-c", code, "serve", str(base), "--engine", "ort",
            "--weights", weights, "--port", str(port), "--threads", str(threads), "--max-rows", "16"]
     for k in ADAPTERS:
         cmd += ["--adapter", f"{k}={adapters[k]}"]
-    return System(f"edgeadapt-{weights}", cmd, lambda prompt, i, n: {
+    return System(f"edgeadapt-{weights}" + ("-prefix" if prefix else ""), cmd, lambda prompt, i, n: {
         "model": ADAPTERS[i % 4], "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
         "stream_options": {"include_usage": True}})
 
@@ -193,7 +197,7 @@ def agreement(res: dict) -> dict[str, str]:
     """Per edgeadapt system and client count: served answers equal to m.generate alone (greedy), of all."""
     out = {}
     for c in res["cells"]:
-        w = c["system"].removeprefix("edgeadapt-")
+        w = c["system"].removeprefix("edgeadapt-").split("-")[0]
         ref = res["alone"].get(w, {}).get("texts")
         if not ref:
             continue
@@ -249,6 +253,7 @@ def report(res: dict) -> str:
     lines.append("")
     for w, v in res["alone"].items():
         one = [c for c in medians(res["cells"]) if c["system"] == f"edgeadapt-{w}" and c["clients"] == 1]
+        one = one or [c for c in medians(res["cells"]) if c["system"].startswith(f"edgeadapt-{w}") and c["clients"] == 1]
         ratio = f" — the one-client cell: {one[0]['tok_s']:.1f} tok/s = {one[0]['tok_s'] / v['tok_s']:.2f}x" if one else ""
         lines.append(f"- `m.generate` alone, {w}, the one-client cell's requests in order (adapter a): "
                      f"{v['tok_s']:.1f} tok/s (median of {len(v['runs'])}){ratio}")
@@ -268,7 +273,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2, help="requests per client per cell")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--systems", default="edgeadapt-int4,edgeadapt-fp32,llama-server")
+    ap.add_argument("--systems", default="edgeadapt-int4,edgeadapt-fp32,llama-server",
+                    help="also: edgeadapt-int4-prefix (int4 with prompt starts reused, off by default on int4)")
     ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
                     or "/tmp/edgeadapt_llsrv/bin/llama-server")
     a = ap.parse_args()
@@ -289,9 +295,9 @@ def main() -> None:
     clients = [int(c) for c in a.clients.split(",")]
     want = a.systems.split(",")
     systems, missing = [], {}
-    for w in ("int4", "fp32"):
+    for w in ("int4", "fp32", "int4-prefix"):
         if f"edgeadapt-{w}" in want:
-            systems.append(edgeadapt_system(base, adapters, w, a.threads))
+            systems.append(edgeadapt_system(base, adapters, w.split("-")[0], a.threads, w.endswith("-prefix")))
     if "llama-server" in want:
         if a.llama_server and Path(a.llama_server).is_file():
             systems.append(llama_server_system(a.llama_server, str(man.path("gguf")), adapters, a.threads,
@@ -319,8 +325,8 @@ def main() -> None:
             s.stop()
     res["load"] = f"{before} before, {' / '.join(f'{x:.1f}' for x in os.getloadavg())} after"
     for w in ("int4", "fp32"):
-        if f"edgeadapt-{w}" in want:
-            texts = {(p, ad) for c in res["cells"] if c["system"] == f"edgeadapt-{w}" for p, ad, _ in c["texts"]}
+        if any(s.startswith(f"edgeadapt-{w}") for s in want):
+            texts = {(p, ad) for c in res["cells"] if c["system"].startswith(f"edgeadapt-{w}") for p, ad, _ in c["texts"]}
             res["alone"][w] = alone(base, adapters, w, a.threads, a.tokens, a.requests, max(3, a.rounds), texts)
     res["agree"] = agreement(res)
     out = HERE / "results"
