@@ -42,6 +42,10 @@ class Engine:
     # its matmuls quantize their inputs (int8 activations): any change of float summation order (padding, a kept
     # prompt start) can move a logit by a quantization step, so batched answers are not kept equal to alone ones
     quantizes_inputs: bool = False
+    # takes RIGHT-padded batches: each row's keys at [0, len) of the cache, its key count read from its attention_mask
+    # (the index of its last 1), pads after it never read — a row then computes exactly what it computes alone. The
+    # scheduler keeps its decode batch so where this holds, and left-padded (rows right-aligned) elsewhere
+    pads_right: bool = False
 
     def ensure_slots(self) -> None:
         """Get ready to run adapters live (a lazy engine builds its slotted graph here); by default nothing."""

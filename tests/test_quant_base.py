@@ -240,6 +240,62 @@ def test_fused_graph_matches_plain_graph_with_padding_cache_and_lora(graphs):
                     cfg.head_dim, 3)]).max() < 1e-5
 
 
+def _run(sess, slots, cfg, ids, mask, pos, past, lora):
+    """(logits of every position, [(key, value)] per layer) of one call, ``lora`` per-weight factors."""
+    f = {"input_ids": np.asarray(ids, np.int64), "attention_mask": np.asarray(mask, np.int64),
+         "position_ids": np.asarray(pos, np.int64), "logits.from": np.zeros(1, np.int64)}
+    for i, (k, v) in enumerate(past):
+        f[f"past.{i}.key"], f[f"past.{i}.value"] = k, v
+    arrays = slots.slot_arrays(lora)
+    for name in slots.slots:
+        f[f"lora.{name}.a"], f[f"lora.{name}.b"] = arrays.get(name) or slots.empty_slot[name]
+    names = ["logits"] + [f"present.{i}.{kv}" for i in range(cfg.n_layers) for kv in ("key", "value")]
+    out = sess.run(names, f)
+    return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(cfg.n_layers)]
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_right_padded_rows_compute_exactly_their_alone_rows(graphs, kind):
+    """GroupQueryAttention takes each row's key count from its attention_mask (the index of its last 1): in a
+    RIGHT-padded batch (row b's keys at [0, len_b), pads after them) every row, with its own LoRA factors, gets
+    exactly its alone logits and keys at the prompt and at every decode step, bit for bit — though MatMulNBits
+    quantizes its inputs to int8 (accuracy level 4), where a left-padded row's longer, masked key range rounds
+    differently and moves its logits."""
+    cfg = graphs["cfg"]
+    path = graphs["root"] / f"{kind}_4" / f"model_{kind}.onnx"
+    sess = _session(path)
+    slots = _Session(sess, cfg, list(cfg.linear_shapes()), path)
+    assert slots.right_padded
+    lens, S, steps = [3, 8, 5], 8, 3
+    rng = np.random.default_rng(7)
+    ids = rng.integers(3, 256, (3, S))
+    lora = _lora_feeds(_delta(cfg, 5))
+    scale = np.array([1.0, 0.0, -0.5], np.float32)[:, None, None]  # row 1: the bare base
+    rows = {t: (np.concatenate([a] * 3), np.concatenate([b] * 3) * scale) for t, (a, b) in lora.items()}
+    empty = [(np.zeros((n, cfg.n_kv_heads, 0, cfg.head_dim), np.float32),) * 2 for n in (3, 1) for _ in range(cfg.n_layers)]
+    # the batch: the prompts right-padded, then decode steps, each row's new token after its own keys
+    mask = (np.arange(S)[None] < np.array(lens)[:, None]).astype(np.int64)
+    logits, past = _run(sess, slots, cfg, ids, mask, np.tile(np.arange(S), (3, 1)), empty[:cfg.n_layers], rows)
+    keys, batch_steps = [k for k, _ in past], []
+    for step in range(steps):
+        toks = (ids[np.arange(3), np.array(lens) - 1] + step + 1)[:, None] % 256
+        m = (np.arange(S + step + 1)[None] < np.array(lens)[:, None] + step + 1).astype(np.int64)
+        got, past = _run(sess, slots, cfg, toks, m, np.array(lens)[:, None] + step, past, rows)
+        assert np.isfinite(got).all()
+        batch_steps.append(got[:, 0])
+    for b, n in enumerate(lens):  # each row alone, with its own factors
+        one = {t: (a[b:b + 1], bb[b:b + 1]) for t, (a, bb) in rows.items()}
+        want, alone = _run(sess, slots, cfg, ids[b:b + 1, :n], np.ones((1, n)), np.arange(n)[None],
+                           empty[cfg.n_layers:], one)
+        np.testing.assert_array_equal(logits[b, :n], want[0])
+        for k, (k1, _) in zip(keys, alone):
+            np.testing.assert_array_equal(k[b, :, :n], k1[0])
+        for step in range(steps):
+            tok = (ids[b:b + 1, n - 1:n] + step + 1) % 256
+            want, alone = _run(sess, slots, cfg, tok, np.ones((1, n + step + 1)), [[n + step]], alone, one)
+            np.testing.assert_array_equal(batch_steps[step][b], want[0, 0], err_msg=f"row {b}, step {step}")
+
+
 # ---- 5. through edgeadapt.load(weights=...)
 @pytest.fixture(scope="module")
 def qbase(tiny, tmp_path_factory):

@@ -1,7 +1,7 @@
 """Fused decoder graphs on onnxruntime's contrib operators, and the quantized bases built on them.
 
 Inputs, outputs and LoRA slots are exactly those of ``model_lora.onnx`` (the contract in
-:mod:`edgeadapt.converters.onnx_graphs.graph`): input_ids, attention_mask (left padding), position_ids,
+:mod:`edgeadapt.converters.onnx_graphs.graph`): input_ids, attention_mask (left or right padding), position_ids,
 past.{i}.key/value -> logits, present.{i}.key/value = concat(past, new) on axis 2, and the
 optional inputs lora.<W>.a [n, in, r] / lora.<W>.b [n, r, out] (n = 1 or batch, scale in b,
 empty defaults). What changes is how a layer is computed (com.microsoft, onnxruntime >= 1.22):
@@ -9,7 +9,8 @@ empty defaults). What changes is how a layer is computed (com.microsoft, onnxrun
   SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization  RMS norm (+ the residual add); Qwen3's
                      q/k norm is a SimplifiedLayerNormalization over q viewed as [B,S,heads,head_dim]
   RotaryEmbedding    rope on q and k at the given position_ids (any left padding)
-  GroupQueryAttention  causal GQA over past + new keys, padding masked by an attention_bias
+  GroupQueryAttention  causal GQA over past + new keys, each row over its own keys (seqlens_k: the
+                     index of its last 1 in attention_mask), padding masked by an attention_bias
                      built once from attention_mask; rotary off (done above, so positions stay
                      the caller's); onnxruntime refuses seq > 1 with a past when batch > 1 —
                      the engine feeds such a call one token at a time
@@ -48,6 +49,10 @@ from edgeadapt.converters.onnx_graphs.quant import BLOCK, QWeight, quantize
 FUSED_ARCHES = frozenset({"llama", "qwen2", "qwen3", "smollm3"})  # the families this fused graph expresses
 MS = "com.microsoft"
 SLOT_GROUPS = "edgeadapt.slot_groups"  # model property: JSON {slot: [weights]} of grouped slots
+# model property "1": GroupQueryAttention gets each row's own key count from attention_mask (its last 1), so the
+# graph also takes RIGHT-padded rows (each row's keys at [0, len)); fused graphs exported before it lack it and take
+# left-padded rows only
+RIGHT_PADDED = "edgeadapt.right_padded"
 QUANT_FILES = {"int4": "model_int4.onnx", "int8": "model_int8.onnx"}
 ACCURACY_LEVEL = 4  # MatMulNBits: quantize activations to int8 per block, as llama.cpp's 4-bit dot products do
 GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
@@ -165,21 +170,29 @@ class _QLinears(_Linears):
 
 # ---- the decoder
 def _gqa_mask(g: _G, window: int | None = None) -> tuple[str, str, str]:
-    """(attention_bias [B,1,S,T] float: 0 or NEG, seqlens_k [B] int32 = T-1, total_sequence_length int32 scalar).
-    Every row's key count is T (left pads included): pads are masked by the bias, causality by GQA."""
+    """(attention_bias [B,1,S,T] float: 0 or NEG, seqlens_k [B] int32, total_sequence_length int32 scalar).
+    seqlens_k[b] is the index of row b's last 1 in attention_mask: the row's own key count − 1. GroupQueryAttention
+    reads keys [0, seqlens_k[b]] of row b and writes its new keys at seqlens_k[b] − S + 1, so one graph takes both
+    layouts of a batch: LEFT-padded rows (every row's last token at T−1: seqlens_k = T−1, pads masked by the bias)
+    and RIGHT-padded rows (row b's keys at [0, len_b), pads after them never read — the RIGHT_PADDED property):
+    each row then sums over exactly the keys it has alone, so its output is its alone output bit for bit."""
     ids_shape, mask_shape = g.op("Shape", "input_ids"), g.op("Shape", "attention_mask")
     b = g.op("Slice", ids_shape, g.const([0]), g.const([1]))  # [1]
     s = g.op("Slice", ids_shape, g.const([1]), g.const([2]))
     t = g.op("Slice", mask_shape, g.const([1]), g.const([2]))
     total = g.op("Cast", g.op("Squeeze", t, g.const([0])), to=TensorProto.INT32)
-    seqlens = g.op("Cast", g.op("Expand", g.op("Sub", t, g.const([1])), b), to=TensorProto.INT32)
+    last = g.op("ArgMax", "attention_mask", axis=1, keepdims=0, select_last_index=1)  # [B] int64: each row's last 1
+    seqlens = g.op("Cast", last, to=TensorProto.INT32)
     bias = g.op("Where", g.op("Equal", "attention_mask", g.const(1)), g.const(0.0, np.float32), g.const(NEG, np.float32))
     bias = g.op("Expand", g.op("Unsqueeze", bias, g.const([1, 2])), g.op("Concat", b, g.const([1]), s, t, axis=0))
-    if window is not None:  # sliding window (Mistral): query at past+s masks keys j with past+s - j >= window
+    if window is not None:  # sliding window (Mistral): query at cache index q masks keys j with q - j >= window
         t0, s0 = g.op("Squeeze", t, g.const([0])), g.op("Squeeze", s, g.const([0]))
-        q_pos = g.op("Unsqueeze", g.op("Range", g.op("Sub", t0, s0), t0, g.const(1)), g.const([1]))  # [S,1]
-        k_pos = g.op("Unsqueeze", g.op("Range", g.const(0), t0, g.const(1)), g.const([0]))  # [1,T]
-        far = g.op("GreaterOrEqual", g.op("Sub", q_pos, k_pos), g.const(window))  # [S,T]
+        # row b's query s sits at cache index last[b] - S + 1 + s (T - S + s for left-padded rows)
+        q_off = g.op("Range", g.op("Sub", g.const(1), s0), g.const(1), g.const(1))  # [S]: s - S + 1
+        q_pos = g.op("Add", g.op("Unsqueeze", last, g.const([1])), q_off)  # [B,S]
+        q_pos = g.op("Unsqueeze", q_pos, g.const([1, 3]))  # [B,1,S,1]
+        k_pos = g.op("Range", g.const(0), t0, g.const(1))  # [T]
+        far = g.op("GreaterOrEqual", g.op("Sub", q_pos, k_pos), g.const(window))  # [B,1,S,T]
         bias = g.op("Where", far, g.const(NEG, np.float32), bias)  # [B,1,S,T]
     return bias, seqlens, total
 
@@ -257,8 +270,9 @@ def save_fused(graph: onnx.GraphProto, path: Path, props: dict[str, str] | None 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="edgeadapt")
     model.ir_version = 8
-    # the runtime reads this: GroupQueryAttention takes seq > 1 after a past only at batch 1
-    helper.set_model_props(model, {"edgeadapt.attention": "GroupQueryAttention", **(props or {})})
+    # the runtime reads these: GroupQueryAttention takes seq > 1 after a past only at batch 1; each row's key count
+    # comes from its attention_mask, so batches may be right-padded (see _gqa_mask)
+    helper.set_model_props(model, {"edgeadapt.attention": "GroupQueryAttention", RIGHT_PADDED: "1", **(props or {})})
     onnx.save_model(model, str(path))
 
 

@@ -19,7 +19,7 @@ Files written by :func:`build_onnx` into ``out_dir``
 model.onnx contract (a spec the runtime relies on)
   inputs   input_ids       int64   [batch, seq]
            attention_mask  int64   [batch, total]   total = past + seq; 1 = real token, 0 = pad
-                                                    (batches are LEFT padded)
+                                                    (batches are LEFT padded; see "Right padding")
            position_ids    int64   [batch, seq]     rope positions, 0 <= p < cfg.context_length
            past.{i}.key    float32 [batch, n_kv_heads, past, head_dim]  i < n_layers; past may be 0
            past.{i}.value  float32 [batch, n_kv_heads, past, head_dim]
@@ -30,6 +30,14 @@ model.onnx contract (a spec the runtime relies on)
                                                  GroupQueryAttention's shared-buffer mode)
   Query s (absolute position past+s) attends key j iff j <= past+s and attention_mask[b, j] == 1;
   fully masked rows (pad queries) give finite, meaningless logits, never NaN.
+  Right padding (the fused graphs with the model property edgeadapt.right_padded = "1"): row b's
+  keys are its first last_b + 1 positions, last_b = the index of its last 1 in attention_mask; its
+  S new tokens are the last S of those (their keys written at last_b - S + 1 .. last_b, the pads
+  after them never read), so a row sums over exactly the keys it has alone. Left-padded rows have
+  last_b = total - 1: the contract above, unchanged. A pad query after a row's real keys (last
+  column 0) would have its key written over the row's last real one: feed its own column as 1 (the
+  runtime does, one new token at a time), so its key lands in its column, masked for later queries.
+  Queries of a right-padded row after its last 1 give meaningless values.
 
 Initializers (names are the GGUF names; overridable with SessionOptions.add_initializer)
   token_embd.weight            [vocab, dim]  as-is; Gather, and Gemm(transB=1) for tied logits

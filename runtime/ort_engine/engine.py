@@ -393,7 +393,7 @@ class OrtEngine(Engine):
             out = []
             for k in range(s):
                 e = embed if embed is None or embed.shape[1] == 1 else embed[:, k:k + 1]
-                lg, past = self.forward(ids[:, k:k + 1], mask[:, :mask.shape[1] - s + k + 1], pos[:, k:k + 1], past, lora, e,
+                lg, past = self.forward(ids[:, k:k + 1], _upto(mask, s, k), pos[:, k:k + 1], past, lora, e,
                                         head=head)
                 out.append(lg)
             return (out[-1] if last else np.concatenate(out, axis=1)), past
@@ -420,6 +420,14 @@ class OrtEngine(Engine):
     def quantizes_inputs(self) -> bool:
         """The int4 / int8 graphs' MatMulNBits run at accuracy level 4: inputs quantized to int8 per block."""
         return self.weights != "fp32"
+
+    @property
+    def pads_right(self) -> bool:
+        """The running graph takes right-padded rows (GroupQueryAttention gets each row's key count from its
+        attention_mask): the fused graphs exported with that property; older ones, and the plain-operator graphs,
+        take left-padded rows only. Every graph of one base folder (plain, slotted, kinds, bottleneck) comes from one
+        export, so the running session speaks for them all."""
+        return self._current().right_padded
 
     @property
     def can_merge(self) -> bool:
@@ -468,7 +476,7 @@ class OrtEngine(Engine):
             out = []
             for k in range(s):
                 e = embed if embed is None or embed.shape[1] == 1 else embed[:, k:k + 1]
-                lg, past = self._forward_kinds(ids[:, k:k + 1], mask[:, :mask.shape[1] - s + k + 1], pos[:, k:k + 1],
+                lg, past = self._forward_kinds(ids[:, k:k + 1], _upto(mask, s, k), pos[:, k:k + 1],
                                                past, lora, e, bn, head)
                 out.append(lg)
             return np.concatenate(out, axis=1), past
@@ -506,10 +514,20 @@ class OrtEngine(Engine):
                               f"(attention_mask covers past + new tokens), found {found}; a KVCache is updated in "
                               "place, so pass each one back once")
         if s > 1 and b > 1 and past.length:  # GroupQueryAttention takes several new tokens after a past only at batch 1
-            out = [self._forward_inplace(ids[:, k:k + 1], mask[:, :t - s + k + 1], pos[:, k:k + 1], past, lora, g)[0]
+            out = [self._forward_inplace(ids[:, k:k + 1], _upto(mask, s, k), pos[:, k:k + 1], past, lora, g)[0]
                    for k in range(s)]
             return (out[-1] if last else np.concatenate(out, axis=1)), past
         return past.run(ids, mask, pos, lora, last), past
+
+
+def _upto(mask: np.ndarray, s: int, k: int) -> np.ndarray:
+    """The mask of new token k of s fed alone: the columns up to it, its own marked real. A left pad after a row's
+    real keys (a KV prefix, then a shorter prompt) then has its key written in its own column — GroupQueryAttention
+    writes a row's new key after the row's last 1 — where every later step masks it, never over a real key; the
+    pad's own output is meaningless either way, every real token's is unchanged."""
+    m = mask[:, :mask.shape[1] - s + k + 1].copy()
+    m[:, -1] = 1
+    return m
 
 
 def _last(logits: np.ndarray, last: bool) -> np.ndarray:

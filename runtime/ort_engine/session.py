@@ -20,6 +20,9 @@ class _Session:
         meta = sess.get_modelmeta().custom_metadata_map
         self.sess, self.path = sess, path
         self.fused = meta.get("edgeadapt.attention") == "GroupQueryAttention"  # see OrtEngine.forward
+        # GroupQueryAttention reads each row's key count from attention_mask (onnx_graphs.fast.RIGHT_PADDED): rows may
+        # be right-padded; fused graphs exported before it count T keys for every row (left padding only)
+        self.right_padded = self.fused and meta.get("edgeadapt.right_padded") == "1"
         inputs = {i.name for i in sess.get_inputs()}
         defaults = {i.name for i in sess.get_overridable_initializers()}
         # grouped slots (model_live.onnx, quantized graphs): one slot for q|k|v and one for gate|up, see onnx_graphs.fast._Linears
@@ -83,8 +86,11 @@ class _Session:
 class KVCache:
     """The keys and values of a running batch, for a fused graph: per layer two buffers
     [batch, n_kv_heads, capacity, head_dim] bound as both ``past.{i}.*`` and ``present.{i}.*`` of one
-    IOBinding, so GroupQueryAttention writes each step's keys in place (nothing is copied per token).
-    Grows by doubling. Bound LoRA inputs stay bound until the plan (the ``lora`` dict) changes."""
+    IOBinding, so GroupQueryAttention writes each step's keys in place (nothing is copied per token): row b's new
+    keys at index seqlens_k[b] − S + 1, seqlens_k[b] being the index of its last 1 in attention_mask — T − S for
+    left-padded rows, the row's own length on a graph that takes right-padded rows (``_Session.right_padded``).
+    ``length`` is the mask's width T, whatever each row holds. Grows by doubling. Bound LoRA inputs stay bound until
+    the plan (the ``lora`` dict) changes."""
 
     def __init__(self, engine: Any, batch: int, tokens: int, g: "_Session"):
         cfg = engine.cfg
