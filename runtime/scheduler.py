@@ -7,9 +7,11 @@ runs here when ``Model.batching`` is on (the default):
   model's read lock (:meth:`Model._request`) and waits for a row: at most ``max_rows`` requests run at once,
   ``max_waiting`` more may wait for one, a further one is refused with :class:`QueueFullError`;
 - everything else runs in this module's worker thread, one forward at a time: prefills and decode steps
-  alternate. Prompts of up to ``prefill_chunk`` tokens that are waiting together are prefilled in one forward
-  (left-padded, each row with its own adapter set: what ``generate([...], adapters=[...])`` runs), at most
-  ``prefill_tokens`` padded tokens per forward; a longer prompt (or one with a KV prefix) is prefilled alone, one
+  alternate. Prompts of up to ``prefill_chunk`` tokens that are waiting together are prefilled in one turn, at
+  most ``prefill_tokens`` (padded) tokens per turn: on an engine that takes right-padded rows (``pads_right``:
+  onnxruntime's fused graphs) each at batch 1, exactly as it runs alone; elsewhere in one left-padded forward,
+  each row with its own adapter set (what ``generate([...], adapters=[...])`` runs). A longer prompt (or one with
+  a KV prefix) is prefilled alone, one
   chunk of ``prefill_chunk`` tokens per turn, so running rows wait for one chunk at a time. A prompt that starts
   with at least ``prefix_min`` tokens of the last prompt of its adapter set (a chat template's system part) reuses
   their kept keys / values and prefills only the rest (batch 1: GroupQueryAttention takes several new tokens after
@@ -23,19 +25,22 @@ runs here when ``Model.batching`` is on (the default):
 Weights: each request holds its read lock until its row has left the batch, so a merge (``use()`` in merge mode,
 an auto-mode merge) waits for every running row and never lands under one. While weights are merged only
 requests of the merged (active) set run — as one shared plan; otherwise every row runs beside the pure base
-with its own set, which is what a request alone runs: greedy tokens are the same, logits agree to ~1e-7 (on
-onnxruntime's int4 graph a batched row's logits move by ~1e-2 — MatMulNBits quantizes its inputs — and greedy
-answers can diverge: docs/SERVING.md).
+with its own set, which is what a request alone runs: greedy tokens are the same, logits agree to ~1e-7 on numpy,
+and are bit for bit the alone ones on onnxruntime's fused graphs (int4 included, where MatMulNBits quantizes its
+inputs and any other rounding would move a logit by ~1e-2: docs/SERVING.md).
 
 Per-row plans (:class:`runtime.row_lora.BatchPlans`): each adapter set's one-row factors are made once; the decode batch
 runs views of buffers that outlast it, where a joining row overwrites only the rows whose set changed.
 
-KV cache: the batch's keys / values are one left-padded cache [rows, kv_heads, T, head_dim] per layer, each
-row right-aligned (its last token at T-1), updated in place by the engine while the rows stay the same (numpy:
-the engine's own buffers; onnxruntime's fused graph: a KVCache bound by IOBinding). When rows join — at
-most once per step, all joins of that step together — the cache is rebuilt: the kept rows' windows and the new
-rows' prefill caches are copied into a new one as long as the longest row. Rows that only leave stay in place,
-masked, while computing them costs less than a rebuild (``idle_row_steps``: rows left × steps still to run).
+KV cache: the batch's keys / values are one cache [rows, kv_heads, T, head_dim] per layer, updated in place by
+the engine while the rows stay the same (numpy: the engine's own buffers; onnxruntime's fused graph: a KVCache
+bound by IOBinding). Where the engine takes right-padded rows (``Engine.pads_right``) each row's keys are at
+[0, len) and each step's mask covers the row's own keys and its new token, which GroupQueryAttention writes
+after them: a row's attention sums over exactly the keys it has alone. Elsewhere (numpy, graphs exported before)
+the cache is left-padded, each row right-aligned (its last token at T-1). When rows join — at most once per step,
+all joins of that step together — the cache is rebuilt: the kept rows' windows and the new rows' prefill caches
+are copied into a new one as long as the longest row. Rows that only leave stay in place, masked, while computing
+them costs less than a rebuild (``idle_row_steps``: rows left × steps still to run).
 """
 
 from __future__ import annotations
@@ -164,6 +169,7 @@ class Scheduler:
         self._rows: list[_Row] = []
         self._past: Any = None
         self._mask = np.zeros((0, 0), np.int64)
+        self._right = False  # a right-padded batch, each row's keys at [0, len) (Engine.pads_right); else left-padded
         self._plan: Any = None
         self.plans = BatchPlans(model)
         self._out: list[tuple[_Row, Any]] = []  # this turn's deliveries
@@ -355,11 +361,15 @@ class Scheduler:
         if ok[0].alone:
             return self._prefill_alone(ok[0])
         key, group, hits, width, spent = ok[0].key, [], [], 0, 0
+        right = self.m._engine.pads_right  # each prompt prefilled at batch 1, as alone (see _rebuild)
         for r in ok:  # within prefill_tokens: a prompt whose start is cached costs its rest, the others the padding
             if r.alone or r.key != key:
                 continue
             n, kept = self._reusable(r)
-            cost = len(r.ids) - n if n else max(width, len(r.ids)) * (len(group) + 1) - width * len(group)
+            if n or right:
+                cost = len(r.ids) - n
+            else:
+                cost = max(width, len(r.ids)) * (len(group) + 1) - width * len(group)
             if (group or hits) and spent + cost > self.prefill_tokens:
                 continue
             spent += cost
@@ -370,7 +380,10 @@ class Scheduler:
                 width = max(width, len(r.ids))
         for k, (r, n, kept) in enumerate(hits):
             self._prefill_rest(r, n, kept, k)
-        if group:
+        if group and right:  # batch 1 each: a row's keys and logits are then exactly its alone ones
+            for k, r in enumerate(group):
+                self._prefill_rest(r, 0, None, len(hits) + k)
+        elif group:
             self._prefill_group(group, len(hits))
 
     def _taken(self, rows: list[_Row]) -> None:
@@ -435,11 +448,14 @@ class Scheduler:
         self._prefixes[key] = (r.ids.copy(), kv)
 
     def _prefill_rest(self, r: _Row, n: int, kept: Any, offset: int) -> None:
-        """A prompt whose first n tokens' keys / values are kept: the rest in one forward after them (batch 1)."""
+        """A prompt whose first n tokens' keys / values are kept: the rest in one forward after them (batch 1);
+        n = 0: the whole prompt at batch 1, as the request alone runs it."""
         m = self.m
         self._taken([r])
         S = len(r.ids)
-        past = [(np.ascontiguousarray(k[:, :, :n]), np.ascontiguousarray(v[:, :, :n])) for k, v in kept[1]]
+        past = None
+        if n:
+            past = [(np.ascontiguousarray(k[:, :, :n]), np.ascontiguousarray(v[:, :, :n])) for k, v in kept[1]]
         try:
             plan = self._prefill_plan([r], offset)
             with self.turn:
@@ -449,7 +465,8 @@ class Scheduler:
             self._finish(r, e)
             return
         self.prefills += 1
-        self.prefix_hits += 1
+        self.prefix_hits += n > 0
+        self.peak_prefill = max(self.peak_prefill, 1)
         layers = m._engine.cache_layers(past)
         r.kv, r.mask0, r.length, r.pos = (layers, 0), np.ones(S, np.int64), S, S
         self._keep_prefix(r, layers, 0)
@@ -528,31 +545,38 @@ class Scheduler:
             self._rows, self._past, self._plan = [], None, None
 
     def _rebuild(self, keep: list[_Row], new: list[_Row]) -> None:
+        """A new cache for these rows: each row's keys at [0, len) where the engine takes right-padded rows
+        (``pads_right``: its sums then run over exactly its own keys, as alone), else at [T − len, T)."""
         m = self.m
         rows = keep + new
         if rows[0].key[0] != "merged":
             rows = self.plans.order(rows)  # a row goes where the plan's buffers hold its set already
         T = max(r.length for r in rows)
+        right = m._engine.pads_right
         cfg = m.config
         shape = (len(rows), cfg.n_kv_heads, T, cfg.head_dim)
         layers = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(cfg.n_layers)]
         mask = np.zeros((len(rows), T), np.int64)
         old = m._engine.cache_layers(self._past) if keep else None
         for b, r in enumerate(rows):
-            if r.kv is not None:  # joining: its prefill's cache
-                src, i = r.kv
-                mask[b, T - r.length:T - r.length + len(r.mask0)] = r.mask0
-                mask[b, T - r.length + len(r.mask0):] = 1
-            else:
-                src, i = old, self._rows.index(r)
-                mask[b, T - r.length:] = self._mask[i, self._mask.shape[1] - r.length:]
             L = r.length
-            for (K, V), (k, v, n) in zip(layers, src):
-                K[b, :, T - L:] = k[i, :, n - L:n]
-                V[b, :, T - L:] = v[i, :, n - L:n]
+            a = 0 if right else T - L  # where its keys go
+            if r.kv is not None:  # joining: its prefill's cache, the row's keys its last L positions
+                src, i = r.kv
+                mask[b, a:a + len(r.mask0)] = r.mask0
+                mask[b, a + len(r.mask0):a + L] = 1
+                windows = [(k[i, :, n - L:n], v[i, :, n - L:n]) for k, v, n in src]
+            else:  # kept: where the running batch holds it
+                i = self._rows.index(r)
+                w = 0 if self._right else self._mask.shape[1] - L
+                mask[b, a:a + L] = self._mask[i, w:w + L]
+                windows = [(k[i, :, w:w + L], v[i, :, w:w + L]) for k, v, _ in old]
+            for (K, V), (k, v) in zip(layers, windows):
+                K[b, :, a:a + L] = k
+                V[b, :, a:a + L] = v
         for r in new:
             r.kv = None
-        self._rows, self._mask = rows, mask
+        self._rows, self._mask, self._right = rows, mask, right
         self.peak = max(self.peak, len(rows))
         self._plan = rows[0].plan if rows[0].key[0] == "merged" else self.plans.decode(rows, self.max_rows)
         self._past = m._engine.cache_from(layers, self._plan)
@@ -563,7 +587,10 @@ class Scheduler:
         rows = self._rows
         x = np.array([[r.last] for r in rows], np.int64)
         pos = np.array([[r.pos] for r in rows], np.int64)
-        self._mask = np.concatenate([self._mask, np.array([[0 if r.dead else 1] for r in rows], np.int64)], axis=1)
+        self._mask = np.concatenate([self._mask, np.zeros((len(rows), 1), np.int64)], axis=1)
+        for b, r in enumerate(rows):  # the new token's key: after the row's own keys (right-padded), else at the end
+            if not r.dead:
+                self._mask[b, r.length if self._right else -1] = 1
         with self.turn:
             logits, self._past = m._forward(x, self._mask, pos, self._past, self._plan)
         self.steps += 1
