@@ -432,3 +432,30 @@ def test_tied_embedding_modules_to_save(tied, tmp_path, engine, tying):
     want = torch_logits(pm, ids)
     assert np.abs(want - torch_logits(model, ids)).max() > 0.05
     np.testing.assert_allclose(m.logits(ids, adapters=["e", "e"]), want, atol=1e-4, rtol=0)
+
+
+# ---- concurrent requests (runtime.scheduler): sequence adapters beside a LoRA and the bare base
+@pytest.mark.parametrize("engine", ENGINES)
+def test_concurrent_requests_with_sequence_adapters_equal_alone(tiny, seq_adapters, engine):
+    """Requests of different lengths on one model's scheduler, each with its own set — virtual tokens (a KV prefix
+    the row starts with), embedding changes, a LoRA, nothing — decoded in one batch (onnxruntime: right-padded,
+    the embedding changes on the fed-arrays path): each gets its alone tokens, logits within 1e-5."""
+    from edgeadapt.runtime.scheduler import scheduler_of
+    from test_scheduler import _alone, _together
+
+    m = edgeadapt.load(tiny["base"], engine=engine, mode="live")
+    for kind in ("prompt_tuning", "prefix_tuning", "embedding_lora", "lora_trainable_tokens"):
+        m.add_adapter(seq_adapters(kind)[2], name=kind)
+    m.add_adapter(tiny["a"], name="a")
+    ids = _ids()
+    reqs = [(ids[0][:7], 8, "prompt_tuning", 0), (ids[1], 10, "a", 0), (ids[0][:3], 9, "embedding_lora", 1),
+            (ids[1][:5], 7, "prefix_tuning", 2), (ids[0], 8, None, 3), (ids[1][:4], 6, "lora_trainable_tokens", 4)]
+    ref = _alone(m, reqs)
+    sched = scheduler_of(m)
+    steps0 = sched.steps
+    got = _together(m, reqs)
+    assert sched.peak > 1 and sched.steps - steps0 < sum(len(t) for t, _ in ref)  # rows shared steps
+    for k, ((rt, rl), (gt, gl)) in enumerate(zip(ref, got)):
+        assert gt == rt, f"request {k}: tokens differ"
+        for step, (a, b) in enumerate(zip(rl, gl)):
+            np.testing.assert_allclose(b, a, atol=1e-5, rtol=0, err_msg=f"request {k}, step {step}")
