@@ -351,6 +351,8 @@ class OrtEngine(Engine):
         ``lora`` (live engines only): {weight: (A [n, in, r], B [n, r, out])}, n = 1 or batch, scale in B.
         On a fused graph (GroupQueryAttention) the cache is a :class:`KVCache` updated in place: pass each
         one back once. On an older plain graph it is the list of (key, value) arrays of model.onnx.
+        ``attention_mask`` rows may be right-padded where :attr:`pads_right` (each row's keys and new tokens end at
+        its last 1), else left-padded (every row's at the last column).
 
         ``bn``: bottleneck slot inputs {``bn.<i>.<p>.<part>``: array} (:mod:`edgeadapt.runtime.bn_slots`), run on
         model_bottleneck.onnx beside ``lora``."""
