@@ -45,17 +45,22 @@ class _Session:
         self.logits_from = "logits.from" in inputs  # the graph can compute the last position's logits only
 
 
-    def slot_arrays(self, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def slot_arrays(self, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None, keep: bool = True
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per-weight factors {weight: (A [n, in, r], B [n, r, out])} -> this graph's slot inputs: a group slot
         gets A = [A_1 | A_2 | …] (ranks side by side) and B block-diagonal, so x·A·B = [x·A_1·B_1 | x·A_2·B_2 | …]
         is exactly the per-weight sum (zeros where a weight has no factors). Every slot array is contiguous: the
-        driver hands out transposed views of the adapters' arrays (``copies_factors``), copied here once."""
+        driver hands out transposed views of the adapters' arrays (``copies_factors``), copied here once. Slot
+        inputs already in this form are returned as they are. The last call is remembered: ``keep`` its input (a
+        plan that runs step after step), or only its output (a conversion: the input's arrays can then be freed)."""
         if not lora:
             return {}
         last_in, last_out = self._last
         if last_in is lora:
             return last_out
         grouped = self._grouped_names()
+        if not any(n in grouped for n in lora) and all(x.flags.c_contiguous for f in lora.values() for x in f):
+            return lora
         out = {n: tuple(np.ascontiguousarray(x) for x in f) for n, f in lora.items() if n not in grouped}
         for gname, ws in self.groups.items():
             present = [w for w in ws if w in lora]
@@ -73,7 +78,7 @@ class _Session:
                     b[:, r0:r0 + r, o0:o1] = lora[w][1]
                 r0, o0 = r0 + r, o1
             out[gname] = (a, b)
-        self._last = (lora, out)
+        self._last = (lora if keep else out, out)
         return out
 
     def _grouped_names(self) -> set[str]:
