@@ -7,7 +7,10 @@ step, from an empty interpreter to the first token and on to ten adapters.
 
 Each step prints resident memory as Linux counts it (/proc/self/status: VmRSS, its anonymous and
 file-backed parts, and the peak VmHWM, which is what bench/compare.py reports) and the wall time the
-step took. Numbers in docs/PERFORMANCE.md ("Memory", "Cold start") come from this script.
+step took. The prompt is bench/compare.py's first one (69 token ids of a chat, encoded here, so the measured
+processes load no tokenizer): which embedding rows a prompt gathers decides how much of the weights file is
+mapped (docs/PERFORMANCE.md, "Memory"). Numbers in docs/PERFORMANCE.md ("Memory", "Cold start") come from this
+script.
 """
 
 from __future__ import annotations
@@ -119,6 +122,23 @@ def table(title: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_prompt(base: str) -> list[int]:
+    """bench/compare.py's first prompt as the base's chat template encodes it; 69 ids spread over the vocabulary
+    when the base has no tokenizer."""
+    from edgeadapt.formats.manifest import read_manifest
+    from edgeadapt.runtime.tokenizer import Tokenizer
+
+    sys.path.insert(0, str(HERE))
+    from compare import PROMPTS
+
+    man = read_manifest(base)
+    path = man.path("tokenizer")
+    if path is None or not path.is_file():
+        return [(7919 * j) % (man.arch.vocab_size - 100) + 100 for j in range(69)]
+    tok = Tokenizer(path, chat_template=man.chat_template, special=man.special_tokens)
+    return tok.encode_raw(tok.render_chat([{"role": "user", "content": PROMPTS[0]}]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", default=str(CACHE / "base"))
@@ -131,17 +151,18 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     adapters = a.adapter or [str(CACHE / f"{k}.gguf") for k in "abcdefghij"]
-    prompt = [(7 * j) % 40000 + 100 for j in range(69)]
     if a.child:
         cfg = json.loads(a.child)
+        prompt = cfg["prompt"]
         rows = (run_llamacpp(cfg["gguf"], adapters, prompt) if cfg["system"] == "llamacpp"
                 else run_edgeadapt(a.base, adapters, cfg["weights"], cfg["memory"], cfg["engine"], prompt))
         print("@@rows " + json.dumps(rows))
         return
-    configs = [{"system": "edgeadapt", "engine": a.engine, "weights": a.weights, "memory": p}
+    prompt = compare_prompt(a.base)
+    configs = [{"system": "edgeadapt", "engine": a.engine, "weights": a.weights, "memory": p, "prompt": prompt}
                for p in (a.memory or ["low", "balanced", "fast"])]
     if a.llamacpp:
-        configs.append({"system": "llamacpp", "gguf": a.gguf or str(Path(a.base) / "model.gguf")})
+        configs.append({"system": "llamacpp", "gguf": a.gguf or str(Path(a.base) / "model.gguf"), "prompt": prompt})
     for cfg in configs:
         argv = [sys.executable, __file__, "--base", a.base, "--child", json.dumps(cfg)]
         for p in adapters:

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -140,6 +140,7 @@ class Model:
         self._factor_cache: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self._live_kind: dict[str, bool] = {}  # per loaded adapter: has a live form on this engine
         self._set_plans: dict[tuple, Any] = {}  # recent adapter sets -> their live plan: use() is then a lookup
+        self._generation = 0  # + 1 each time an adapter is added or removed
         self._seq = SeqParts(self)  # embedding changes and KV prefixes (edgeadapt.kinds.sequence), per adapter
         self.last_swap_seconds = 0.0
 
@@ -187,6 +188,7 @@ class Model:
             self._factor_cache.pop(name, None)
             self._live_kind.pop(name, None)
             self._set_plans.clear()
+            self._generation += 1
             self._seq.forget(name)
         return name
 
@@ -201,6 +203,7 @@ class Model:
             self._factor_cache.pop(name, None)
             self._live_kind.pop(name, None)
             self._set_plans.clear()
+            self._generation += 1
             self._seq.forget(name)
 
     def use(self, spec: UseSpec) -> None:
@@ -211,9 +214,14 @@ class Model:
                 return
             t0 = time.perf_counter()
             live = None
-            if self.requested_mode != "merge" and self._live_ok and self._low_rank(want):
+            live_ok = self.requested_mode != "merge" and self._live_ok
+            if want and live_ok and self._engine.copies_factors and not self._merged:
+                # the slotted session first: its build's transient peak (prepacking) then does not come on top of
+                # the factors read below, which the engine copies and the driver releases (see _live_plan)
+                self._slots_ready()
+            if live_ok and self._low_rank(want):
                 try:
-                    live = self._set_plan(want)  # built before anything changes
+                    live = self._live_plan([want])  # built before anything changes
                 except UnsupportedError:  # a set with no exact live form (an input and an output scale on one
                     if self.requested_mode == "live":  # layer): auto merges it, live says why not
                         raise
@@ -222,23 +230,12 @@ class Model:
             else:
                 if self._merged:  # leave a merge: back to the pure base weights first
                     self._merge({})
+                    live = self._live_plan([want])  # now in the live graph's own form (see _live_plan)
                 if live:
                     self._slots_ready()
                 self._live = live
             self.active, self._stable_tokens = want, 0
             self.last_swap_seconds = time.perf_counter() - t0
-
-    def _set_plan(self, want: dict[str, float]) -> Live:
-        """The live plan of one adapter set, built once and kept while its adapters stay loaded (plans are
-        never mutated), so swapping back to a recent set binds arrays that already exist."""
-        key = tuple(sorted(want.items()))
-        plan = self._set_plans.get(key)
-        if plan is None:
-            plan = self._live_plan([want])
-            if len(self._set_plans) >= 16:
-                self._set_plans.pop(next(iter(self._set_plans)))
-            self._set_plans[key] = plan
-        return plan
 
     def _slots_ready(self) -> None:
         """onnxruntime in auto mode runs the bare base on the plain graph; the first live adapter moves it to
@@ -304,13 +301,26 @@ class Model:
             self._engine.set_weights(merged)
             self._merged = dict(want)
             self._live = seq
+        self._release(want)  # the engine holds the merged weights; a live plan reads the factors again
 
     def _normalise(self, spec: UseSpec) -> dict[str, float]:
         return normalise_spec(spec, self.adapters)
 
     # ---- live factors
     def _live_plan(self, rows: Sequence[Mapping[str, float]]) -> Live:
-        """Everything a live request carries for one set per row: factors, sequence parts, bottleneck slots."""
+        """Everything a live request carries for one set per row: factors, sequence parts, bottleneck slots.
+
+        The plan of one set (every row alike) is built once and kept while its adapters stay loaded (plans are
+        never mutated): use() and the scheduler's one-row plans share it, and swapping back to a recent set binds
+        arrays that already exist. On an engine that ``copies_factors`` a plan of plain factors is handed over in
+        the engine's own form (onnxruntime: the slot arrays, copied once), and the adapters' own arrays are then
+        released: an active adapter is held once, by the engine; a later plan that needs them (a stack, a batch
+        row, a merge) reads them again, verified against the file checked at load."""
+        # the adapters' generation in the key: a plan built while add_adapter replaces one is never found again
+        key = (self._generation, tuple(sorted(rows[0].items()))) if len(rows) == 1 else None
+        plan = self._set_plans.get(key) if key is not None else None
+        if plan is not None:
+            return plan
         from edgeadapt.runtime import bn_slots
 
         bn = bn_slots.feeds(self.adapters, rows, self.config.dim)
@@ -318,7 +328,26 @@ class Model:
             raise UnsupportedError("bottleneck adapters run live on onnxruntime through model_bottleneck.onnx, in live "
                                    f"or auto mode on the fp32 graph; this base folder ({self.manifest.root}) has none: "
                                    "export the base again, or use engine='numpy'")
-        return bn_slots.attach(self._seq.plan(self._factors(rows), rows), bn)
+        plan = bn_slots.attach(self._seq.plan(self._factors(rows), rows), bn)
+        if self._engine.copies_factors and plan and type(plan) is dict and all(len(v) == 2 for v in plan.values()):
+            if self._merged:  # merged weights run on a graph without slots: not kept, use() asks again after unmerging
+                return plan
+            self._slots_ready()
+            plan = self._engine.slot_form(plan)
+            self._release({n for r in rows for n in r})
+        if key is not None:
+            for old in list(self._set_plans)[: max(0, len(self._set_plans) - 15)]:  # the oldest, 16 kept
+                self._set_plans.pop(old, None)
+            self._set_plans[key] = plan
+        return plan
+
+    def _release(self, names: Iterable[str]) -> None:
+        """Drop the driver's and the adapters' copies of these adapters' factors where the file can give them
+        again (memory-mapped delta files): what runs holds its own."""
+        for n in names:
+            ad = self.adapters.get(n)
+            if ad is not None and ad.release():
+                self._factor_cache.pop(n, None)
 
     def _bias_terms(self, want: Mapping[str, float]) -> Live:
         """Σ weight·Δb per target of the lora_bias adapters in ``want``, as live entries without factors."""
@@ -346,6 +375,8 @@ class Model:
                 at = None if lt.a is None else own(lt.a.T)
                 bt = None if lt.b is None else own(lt.b.T)
                 f[t] = (at, bt) if plain else (at, bt, *extra)
+            if not self._engine.copies_factors:  # contiguous copies: the adapter's own arrays are read again if needed
+                ad.release()
             self._factor_cache[name] = f
         return f
 

@@ -99,27 +99,44 @@ def slot_inputs(per_row: list[dict[str, tuple[list[np.ndarray], list[np.ndarray]
     return out
 
 
+def _put(A: np.ndarray, B: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """One row's slot factors into a row of rank R: a [in, k·r], b [..., r, out] -> A [in, k·R], B [..., R, out],
+    zeros past rank r. k = 1 for one weight's slot; an onnxruntime group slot with its weights' B side by side has
+    A = [A_1 | … | A_k], each of the group's rank (session.slot_arrays), so each part is padded on its own."""
+    R, r = B.shape[-2], b.shape[-2]
+    k = A.shape[-1] // max(R, 1)
+    parts, row = A.reshape(A.shape[0], k, R), a.reshape(a.shape[0], k, r)
+    parts[:, :, :r], parts[:, :, r:] = row, 0
+    B[..., :r, :], B[..., r:, :] = b, 0
+
+
+def _layout(a: np.ndarray, b: np.ndarray) -> tuple[int, int, tuple[int, ...], int]:
+    """(in, parts of A, B's axes between rows and rank, out) of a slot's (A [n, in, k·r], B [n, ..., r, out])."""
+    return a.shape[1], a.shape[2] // max(b.shape[-2], 1), b.shape[1:-2], b.shape[-1]
+
+
 def stack_rows(rows: list[dict[str, tuple[np.ndarray, np.ndarray]] | None], row_lora: bool) -> dict[str, Any]:
-    """A batch's plan from one-row plans of plain factors ({target: (A [1, in, r], B [1, r, out])}, None for a row
-    on the bare base), as :func:`slot_inputs` makes it for those rows at once: a :class:`PerRow` per target
-    (``row_lora``), else the padded slot form A [n, in, R], B [n, R, out] (zeros past a row's rank)."""
+    """A batch's plan from one-row plans of plain factors ({target: (A [1, in, r], B [1, r, out])}, or an engine's
+    slot form of them, None for a row on the bare base), as :func:`slot_inputs` makes it for those rows at once: a
+    :class:`PerRow` per target (``row_lora``), else the padded slot form A [n, in, R], B [n, R, out] (zeros past a
+    row's rank; :func:`_put`)."""
     out: dict[str, Any] = {}
     for t in sorted({t for r in rows if r for t in r}):
         parts = [r.get(t) if r else None for r in rows]
         some = next(p for p in parts if p is not None)
-        n_in, n_out = some[0].shape[1], some[1].shape[2]
+        n_in, k, lead, n_out = _layout(*some)
         if row_lora:
             out[t] = PerRow([None if p is None else (p[0][0], p[1][0]) for p in parts], n_in, n_out, f"factors of {t}")
             continue
-        R = max(p[0].shape[2] for p in parts if p is not None)
-        if all(p is not None and p[0].shape[2] == R for p in parts):
+        R = max(p[1].shape[-2] for p in parts if p is not None)
+        if all(p is not None and p[1].shape[-2] == R for p in parts):
             out[t] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
             continue
-        A = np.zeros((len(rows), n_in, R), _F32)
-        B = np.zeros((len(rows), R, n_out), _F32)
+        A = np.zeros((len(rows), n_in, k * R), _F32)
+        B = np.zeros((len(rows), *lead, R, n_out), _F32)
         for i, p in enumerate(parts):
             if p is not None:
-                A[i, :, :p[0].shape[2]], B[i, :p[0].shape[2]] = p[0][0], p[1][0]
+                _put(A[i], B[i], p[0][0], p[1][0])
         out[t] = (A, B)
     return out
 
@@ -131,7 +148,8 @@ def _plain(p: Any) -> bool:
 
 
 class RowBuffers:
-    """Per slot, A [capacity, in, R] and B [capacity, R, out]; ``keys[b]``: the set whose factors row b holds."""
+    """Per slot, A [capacity, in, R] and B [capacity, R, out] (an engine's slot layout: see :func:`_put`);
+    ``keys[b]``: the set whose factors row b holds."""
 
     def __init__(self) -> None:
         self.arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -145,19 +163,19 @@ class RowBuffers:
         """Views of rows [start, start + len(keys)) holding these sets' factors (rows outside are not touched: the
         running batch's, while a prefill's rows are written after them)."""
         n = start + len(keys)
-        need: dict[str, tuple[int, int, int]] = {}  # slot -> (in, R, out)
+        need: dict[str, tuple] = {}  # slot -> (R, (in, parts of A, B's middle axes, out))
         for p in singles:
             for t, (a, b) in (p or {}).items():
-                need[t] = (a.shape[1], max(a.shape[2], need[t][1] if t in need else 0), b.shape[2])
-        if n > self.cap or any(t not in self.arrays or self.arrays[t][0].shape[2] < r for t, (_, r, _) in need.items()):
+                need[t] = (max(b.shape[-2], need[t][0] if t in need else 0), _layout(a, b))
+        if n > self.cap or any(t not in self.arrays or self.arrays[t][1].shape[-2] < r for t, (r, _) in need.items()):
             # new buffers, every row written again; max_rows rows at once: untouched rows take no memory (zeroed pages
             # are mapped when first written), and a batch that grows within them keeps its rows in place
             cap = max(n, max_rows, 2 * self.cap if n > self.cap else self.cap)
-            shapes = {t: (A.shape[1], A.shape[2], B.shape[2]) for t, (A, B) in self.arrays.items()}
-            for t, (i, r, o) in need.items():
-                shapes[t] = (i, max(r, shapes.get(t, (0, 0, 0))[1]), o)
-            self.arrays = {t: (np.zeros((cap, i, r), np.float32), np.zeros((cap, r, o), np.float32))
-                           for t, (i, r, o) in shapes.items()}
+            shapes = {t: (B.shape[-2], _layout(A, B)) for t, (A, B) in self.arrays.items()}
+            for t, (r, lay) in need.items():
+                shapes[t] = (max(r, shapes[t][0] if t in shapes else 0), lay)
+            self.arrays = {t: (np.zeros((cap, i, k * r), np.float32), np.zeros((cap, *lead, r, o), np.float32))
+                           for t, (r, (i, k, lead, o)) in shapes.items()}
             self.keys, self.targets, self.cap = [], [], cap
         while len(self.keys) < start:  # rows never written: zeros
             self.keys.append(None)
@@ -171,10 +189,7 @@ class RowBuffers:
                 A[b], B[b] = 0, 0
             for t, (a, bb) in (p or {}).items():
                 A, B = self.arrays[t]
-                r = a.shape[2]
-                A[b, :, :r], B[b, :r] = a[0], bb[0]
-                if r < A.shape[2]:
-                    A[b, :, r:], B[b, r:] = 0, 0
+                _put(A[b], B[b], a[0], bb[0])
             if b < len(self.keys):
                 self.keys[b], self.targets[b] = key, set(p or ())
             else:

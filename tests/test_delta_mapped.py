@@ -5,7 +5,10 @@
   a file rewritten in place after loading is refused by name, never run;
 - the model driver hands the engines transposed views of those arrays and the onnxruntime engine copies them
   into its slot layout once: outputs are bit for bit those of the same adapter read into memory the old way
-  (``delta_from_bytes``), bare, alone, stacked, swapped, removed and per row, on the int4 graph and on numpy.
+  (``delta_from_bytes``), bare, alone, stacked, swapped, removed and per row, on the int4 graph and on numpy;
+- once the engine holds its copy, the driver's and the delta's are released: an active adapter is held once, and
+  a plan that needs the factors again (a stack) reads them again, verified — a file rewritten after ``use()``
+  keeps running as verified in the engine, and is refused by name when read again.
 """
 
 from __future__ import annotations
@@ -100,3 +103,53 @@ def test_outputs_are_those_of_the_adapter_read_into_memory(tiny, qbase, ids, loa
     for x, y in zip(g, r):
         np.testing.assert_array_equal(x, y)
     assert grows == rrows
+
+
+def _released(m, name):
+    return "read" not in repr(m.adapters[name].factors) and name not in m._factor_cache
+
+
+@pytest.mark.parametrize("load", [dict(engine="ort", weights="int4"), dict(engine="ort", mode="live")])
+def test_onnxruntime_holds_an_active_adapter_once(tiny, qbase, ids, load):
+    m = edgeadapt.load(qbase, **load)
+    for n in ("a", "b"):
+        m.add_adapter(tiny[n], name=n)
+    m.use("a")
+    one = m.logits(ids)
+    assert _released(m, "a")  # the engine's slot arrays are the one copy
+    m.use({"a": 1.0, "b": 0.5})  # read again (verified), copied into the stacked plan's slots, released
+    two = m.logits(ids)
+    assert _released(m, "a") and _released(m, "b")
+    m.use("a")  # the kept plan of "a": nothing read
+    assert _released(m, "a")
+    np.testing.assert_array_equal(m.logits(ids), one)
+    rows = m.logits(ids, adapters=["a", {"a": 1.0, "b": 0.5}])  # per-row plans read them again too
+    np.testing.assert_array_equal(rows[0], one[0])
+    assert _released(m, "a") and _released(m, "b")
+    assert not np.array_equal(one, two)
+
+
+def test_numpy_keeps_its_own_copy_and_releases_the_deltas(tiny, qbase, ids):
+    m = edgeadapt.load(qbase, engine="numpy")
+    m.add_adapter(tiny["a"], name="a")
+    m.use("a")
+    m.logits(ids)
+    assert "read" not in repr(m.adapters["a"].factors) and "a" in m._factor_cache
+
+
+def test_a_file_rewritten_after_use_runs_as_verified_and_is_refused_when_read_again(tiny, qbase, ids, tmp_path):
+    path = tmp_path / "x.gguf"
+    shutil.copy(tiny["a"], path)
+    m = edgeadapt.load(qbase, engine="ort", weights="int4")
+    m.add_adapter(path, name="a")
+    m.add_adapter(tiny["b"], name="b")
+    m.use("a")
+    before = m.logits(ids)
+    with open(path, "r+b") as f:  # in place: the inode the loader mapped
+        f.seek(-64, 2)
+        f.write(bytes(64))
+    np.testing.assert_array_equal(m.logits(ids), before)  # the engine's copy of the verified factors
+    with pytest.raises(IntegrityError, match="changed after it was loaded"):
+        m.use({"a": 1.0, "b": 1.0})  # a stack reads "a" again: refused, by name
+    assert m.active == {"a": 1.0}  # nothing changed
+    np.testing.assert_array_equal(m.logits(ids), before)

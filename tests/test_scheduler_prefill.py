@@ -189,13 +189,25 @@ def test_stacked_plan_equals_the_whole_batch_plan(tiny, int4_base):
                     assert pr is None or not pr[0].any(), f"{engine} {t} row {b}: factors where its set has none"
                     continue
                 a1, b1 = one[t][0][0], one[t][1][0]
-                r = a1.shape[1]
-                np.testing.assert_array_equal(pr[0][:, :r], a1)
-                np.testing.assert_array_equal(pr[1][:r], b1)
-                assert not pr[0][:, r:].any() and not pr[1][r:].any()
+                # A [in, k·r]: k parts (onnxruntime's group slots with their weights' B side by side, B [1, r, Σout]),
+                # each padded on its own; B [..., r, out]
+                r, R = b1.shape[-2], pr[1].shape[-2]
+                k = a1.shape[1] // r
+                parts = pr[0].reshape(pr[0].shape[0], k, R)
+                np.testing.assert_array_equal(parts[:, :, :r], a1.reshape(a1.shape[0], k, r))
+                np.testing.assert_array_equal(pr[1][..., :r, :], b1)
+                assert not parts[:, :, r:].any() and not pr[1][..., r:, :].any()
                 if not isinstance(whole[t], PerRow):
                     x = rng.standard_normal(a1.shape[0]).astype(np.float32)
-                    np.testing.assert_allclose(x @ pr[0] @ pr[1], x @ whole[t][0][b] @ whole[t][1][b], atol=1e-5)
+                    np.testing.assert_allclose(_change(x, *pr), _change(x, whole[t][0][b], whole[t][1][b]), atol=1e-5)
+
+
+def _change(x, a, b):
+    """x·A·B of one row's slot; a group slot with its weights' B side by side: every part's u_j·B (the graph then
+    keeps weight j's columns of part j)."""
+    if b.ndim == 2:
+        return x @ a @ b
+    return (x @ a).reshape(-1, b.shape[-2]) @ b[0]
 
 
 def test_row_buffers_write_only_rows_whose_set_changed():

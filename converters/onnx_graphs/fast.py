@@ -53,6 +53,8 @@ SLOT_GROUPS = "edgeadapt.slot_groups"  # model property: JSON {slot: [weights]} 
 # graph also takes RIGHT-padded rows (each row's keys at [0, len)); fused graphs exported before it lack it and take
 # left-padded rows only
 RIGHT_PADDED = "edgeadapt.right_padded"
+SLOT_GROUP_B = "edgeadapt.slot_groups.b"  # model property: how a group slot's b is laid out (SIDE_BY_SIDE; absent:
+SIDE_BY_SIDE = "side_by_side"  # block-diagonal, what grouped graphs exported before it take)
 QUANT_FILES = {"int4": "model_int4.onnx", "int8": "model_int8.onnx"}
 ACCURACY_LEVEL = 4  # MatMulNBits: quantize activations to int8 per block, as llama.cpp's 4-bit dot products do
 GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
@@ -65,10 +67,17 @@ def _group_name(parts: tuple[str, ...]) -> str:
 
 # ---- linear layers: float32 (one MatMul per weight, overridable) or quantized (one MatMulNBits per group)
 class _Linears:
-    """``grouped``: one slot per group of weights that read the same input (q|k|v, gate|up) — A = [A_q | A_k |
-    A_v] (ranks side by side), B block-diagonal, added to the fused product before its split: a third of the
-    slot operators of one slot per weight, which is what idle and active slots cost per token. The groups are
-    saved as the SLOT_GROUPS model property; the runtime builds the group arrays from per-weight factors."""
+    """``grouped``: one slot per group of weights that read the same input (q|k|v, gate|up), added to the fused
+    product before its split: fewer slot operators than one slot per weight, which is what idle and active slots
+    cost per token. A = [A_q | A_k | A_v], each weight's A [in, r] at the group's rank r (the largest of its
+    weights'; zero columns pad a smaller one), and B = [B_q | B_k | B_v] [n, 1, r, Σout], the weights' B side by side
+    over that rank (no block-diagonal zeros): u = x·A viewed [.., k, r], u·B [.., k, Σout], and weight j's columns
+    of row j gathered — each weight's x·A_j·B_j exactly. The groups are saved as the SLOT_GROUPS model property and
+    the layout as SLOT_GROUP_B; the runtime builds the group arrays from per-weight factors. ``group_b = None``
+    writes the block-diagonal B of the graphs exported before (A = [A_q | A_k | A_v] with the ranks side by side,
+    B [n, Σr, Σout]), which the runtime still reads."""
+
+    group_b: str | None = SIDE_BY_SIDE
 
     def __init__(self, cfg: ArchConfig, slots: dict[str, tuple[int, int]] | None, grouped: bool = False):
         self.cfg, self.slots = cfg, dict(slots or {})
@@ -83,16 +92,29 @@ class _Linears:
                     self.slots[name] = (sum(o for o, _ in shapes), shapes[0][1])
 
     def props(self) -> dict[str, str] | None:
-        return {SLOT_GROUPS: json.dumps(self.groups)} if self.groups else None
+        if not self.groups:
+            return None
+        return {SLOT_GROUPS: json.dumps(self.groups), **({SLOT_GROUP_B: self.group_b} if self.group_b else {})}
 
     def _split(self, g: _G, x: str, y: str, i: int, parts: tuple[str, ...]) -> list[str]:
         """The fused product y of a group -> + its group slot -> one output per weight (+ per-weight slots)."""
         prefix = f"blk.{i}.{_group_name(parts)}"
-        if prefix in self.groups:
-            y = self._slot(g, x, y, prefix)
         sizes = [self.cfg.linear_shapes()[f"blk.{i}.{p}.weight"][0] for p in parts]
+        if prefix in self.groups:
+            y = self._group_slot(g, x, y, prefix, sizes) if self.group_b else self._slot(g, x, y, prefix)
         ys = g.ops("Split", y, g.const(sizes), n_out=len(parts), axis=-1) if len(parts) > 1 else [y]
         return [self._slot(g, x, yp, f"blk.{i}.{p}.weight") for yp, p in zip(ys, parts)]
+
+    def _group_slot(self, g: _G, x: str, y: str, group: str, sizes: list[int]) -> str:
+        """y [B,S,Σout] + each weight's x·A_j·B_j at its columns, from a = [A_1 | … | A_k] [n, in, k·r] and
+        b = [B_1 | … | B_k] [n, 1, r, Σout]."""
+        a, b = lora_input_names(group)
+        k, total = len(sizes), sum(sizes)
+        u = g.op("Reshape", g.op("MatMul", x, a), g.const([0, 0, k, -1]))  # [B,S,k·r] -> [B,S,k,r]
+        p = g.op("Reshape", g.op("MatMul", u, b), g.const([0, 0, k * total]))  # [B,S,k,Σout] -> [B,S,k·Σout]
+        cols = np.concatenate([j * total + np.arange(o0, o0 + o) for j, (o0, o) in  # row j, weight j's columns
+                               enumerate(zip(np.cumsum([0] + sizes[:-1]), sizes))])
+        return g.op("Add", y, g.op("Gather", p, g.const(cols), axis=2))  # [B,S,Σout]
 
     def _slot(self, g: _G, x: str, y: str, weight: str) -> str:
         if weight not in self.slots:

@@ -58,10 +58,20 @@ LoRA slots (model_lora.onnx): extra optional inputs, two per weight W of cfg.lin
 
 Grouped slots (model_live.onnx, model_int4.onnx, model_int8.onnx): the linear layers that read one
 input are one product — q|k|v and gate|up — with ONE slot per group, lora.blk.{i}.attn_qkv.a/b and
-lora.blk.{i}.ffn_gate_up.a/b: a = [a_q | a_k | a_v] (ranks side by side), b block-diagonal, so
-(x @ a) @ b = [x a_q b_q | x a_k b_k | x a_v b_v]. The model property edgeadapt.slot_groups lists
-them ({slot: [weights]}). Four slots a layer instead of seven: per token, slot operators cost more
-than their arithmetic. Nothing is fed with a default: every slot is bound (rank 0 when idle).
+lora.blk.{i}.ffn_gate_up.a/b, whose change is [x a_q b_q | x a_k b_k | x a_v b_v]. The model property
+edgeadapt.slot_groups lists them ({slot: [weights]}); edgeadapt.slot_groups.b says how a and b hold the
+weights' factors:
+           "side_by_side"  a = [a_q | a_k | a_v]  float32 [lora_rows, in, k·r]   each weight's a at the
+                                                  group's rank r (zero columns pad a smaller rank)
+                           b = [b_q | b_k | b_v]  float32 [lora_rows, 1, r, Σout]  the weights' b side by
+                                                  side over r (zero rows pad a smaller rank)
+                           the graph views x·a as [.., k, r], multiplies by b ([.., k, Σout]) and gathers
+                           weight j's columns of row j: no block-diagonal zeros are stored or bound
+           absent          (graphs exported before issue #17's third pass) a = [a_q | a_k | a_v] with the
+                           ranks side by side [lora_rows, in, Σr], b block-diagonal [lora_rows, Σr, Σout]
+  Four slots a layer instead of seven: per token, slot operators cost more than their arithmetic.
+  Nothing is fed with a default: every slot is bound (rank 0 when idle: a [1, in, 0] and b [1, 1, 0, Σout]
+  or [1, 0, Σout]).
 model_live.onnx fuses the float weights with a Concat of initializers that onnxruntime folds at
 load, so its weights are NOT overridable (an override would feed the folded Concat): merges run on
 model.onnx. In the quantized bases the linear weights are MatMulNBits blocks: nothing to override.

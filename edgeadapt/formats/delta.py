@@ -166,6 +166,10 @@ class LoraDelta(AdapterBase):
     def live_factors(self, target: str) -> tuple[np.ndarray, np.ndarray]:
         return self.factors[target]
 
+    def release(self) -> bool:
+        f = self.factors
+        return f.release() if isinstance(f, MappedFactors) else False
+
     def live_terms(self, target: str, base: np.ndarray | None = None) -> LiveTerms:
         a, b = self.factors[target]
         return LiveTerms(a=a, b=b, bias=self.biases.get(target))
@@ -354,7 +358,8 @@ class MappedFactors(Mapping):
     arrays from one private copy of the file made when a factor is first read — parsed and verified again, and
     refused unless its integrity is the one verified at load. So an adapter that is loaded but never runs holds
     no memory (its pages leave resident memory once verified), and what runs is what was verified even if the
-    file is rewritten in place after loading."""
+    file is rewritten in place after loading. :meth:`release` drops the copy once an engine holds its own (the
+    model driver does, see ``Engine.copies_factors``); a later read makes and verifies another."""
 
     def __init__(self, pages: Any, path: Path, integrity: str, views: dict[str, tuple[np.ndarray, np.ndarray]]):
         self._pages, self._path, self._integrity = pages, path, integrity
@@ -379,6 +384,13 @@ class MappedFactors(Mapping):
 
     def __repr__(self) -> str:
         return f"MappedFactors({self._path}, {len(self)} targets{', read' if self._arrays is not None else ''})"
+
+    def release(self) -> bool:
+        """Drop the private copy (arrays already handed out stay valid); the next read makes and verifies a new
+        one, refused by name if the file no longer holds the bytes verified at load."""
+        with self._lock:
+            self._arrays = None
+        return True
 
     def _read(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         with self._lock:

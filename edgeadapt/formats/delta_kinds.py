@@ -128,6 +128,11 @@ class AdapterBase:
     def delta(self, target: str, base: np.ndarray | None = None) -> np.ndarray:
         raise NotImplementedError
 
+    def release(self) -> bool:
+        """Drop arrays that are read again, verified, from the file when next asked for; True if it did (a delta
+        file's memory-mapped F32 factors, once an engine holds a copy of its own). By default nothing to drop."""
+        return False
+
     def live_terms(self, target: str, base: np.ndarray | None = None) -> "LiveTerms | None":
         """The terms of ``target`` run live, or None: nothing on that linear layer (no live form, or a target
         that is not a linear layer, such as a bottleneck adapter's block slot)."""

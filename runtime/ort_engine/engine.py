@@ -312,9 +312,9 @@ class OrtEngine(Engine):
         return super().cache_layers(past)
 
     def slot_form(self, lora: dict[str, Any]) -> dict[str, Any]:
-        """The running graph's slot inputs: q|k|v and gate|up grouped (ranks side by side, B block-diagonal), which
-        the graph's slot_arrays passes through as they are."""
-        return self._current().slot_arrays(lora)
+        """The running graph's slot inputs: q|k|v and gate|up grouped (session.slot_arrays: the weights' B side by
+        side, or block-diagonal on graphs exported before), which the graph's slot_arrays passes through as they are."""
+        return self._current().slot_arrays(lora, keep=False)
 
     def cache_from(self, layers: list[tuple[np.ndarray, np.ndarray]], plan: Any = None) -> Any:
         """A KVCache bound in place (IOBinding) when ``plan`` runs on the in-place fused path: no embedding, head,

@@ -33,7 +33,12 @@ class _Session:
         for gname, ws in self.groups.items():
             shapes[gname] = (sum(shapes[w][0] for w in ws), shapes[ws[0]][1])
         self.shapes = shapes
-        self.empty_slot = {n: (np.zeros((1, shapes[n][1], 0), np.float32), np.zeros((1, 0, shapes[n][0]), np.float32))
+        # a group slot's b: the weights' B side by side [n, 1, r, Σout] (graphs since issue #17's third pass), or
+        # block-diagonal [n, Σr, Σout] (graphs exported before, which have no such property)
+        self.side_by_side = bool(self.groups) and meta.get("edgeadapt.slot_groups.b") == "side_by_side"
+        self.empty_slot = {n: (np.zeros((1, shapes[n][1], 0), np.float32),
+                               np.zeros((1, 1, 0, shapes[n][0]) if self.side_by_side and n in self.groups
+                                        else (1, 0, shapes[n][0]), np.float32))
                            for n in self.slots}  # what an idle slot is bound to (the graph's own defaults)
         self._last: tuple[Any, Any] = (None, None)  # (per-weight factors, their slot arrays): one request's plan
         self.required = [n for n in self.slots if f"lora.{n}.a" not in defaults]  # model_live / quantized: no defaults
@@ -48,17 +53,22 @@ class _Session:
         self.logits_from = "logits.from" in inputs  # the graph can compute the last position's logits only
 
 
-    def slot_arrays(self, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def slot_arrays(self, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None, keep: bool = True
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per-weight factors {weight: (A [n, in, r], B [n, r, out])} -> this graph's slot inputs: a group slot
         gets A = [A_1 | A_2 | …] (ranks side by side) and B block-diagonal, so x·A·B = [x·A_1·B_1 | x·A_2·B_2 | …]
         is exactly the per-weight sum (zeros where a weight has no factors). Every slot array is contiguous: the
-        driver hands out transposed views of the adapters' arrays (``copies_factors``), copied here once."""
+        driver hands out transposed views of the adapters' arrays (``copies_factors``), copied here once. Slot
+        inputs already in this form are returned as they are. The last call is remembered: ``keep`` its input (a
+        plan that runs step after step), or only its output (a conversion: the input's arrays can then be freed)."""
         if not lora:
             return {}
         last_in, last_out = self._last
         if last_in is lora:
             return last_out
         grouped = self._grouped_names()
+        if not any(n in grouped for n in lora) and all(x.flags.c_contiguous for f in lora.values() for x in f):
+            return lora
         out = {n: tuple(np.ascontiguousarray(x) for x in f) for n, f in lora.items() if n not in grouped}
         for gname, ws in self.groups.items():
             present = [w for w in ws if w in lora]
@@ -66,6 +76,9 @@ class _Session:
                 continue
             n = max(lora[w][0].shape[0] for w in present)
             ranks = [lora[w][0].shape[2] if w in lora else 0 for w in ws]
+            if self.side_by_side:
+                out[gname] = self._side_by_side(gname, ws, lora, n, ranks)
+                continue
             a = np.zeros((n, self.shapes[gname][1], sum(ranks)), np.float32)
             b = np.zeros((n, sum(ranks), self.shapes[gname][0]), np.float32)
             r0 = o0 = 0
@@ -76,8 +89,23 @@ class _Session:
                     b[:, r0:r0 + r, o0:o1] = lora[w][1]
                 r0, o0 = r0 + r, o1
             out[gname] = (a, b)
-        self._last = (lora, out)
+        self._last = (lora if keep else out, out)
         return out
+
+    def _side_by_side(self, gname: str, ws: list[str], lora: dict[str, tuple[np.ndarray, np.ndarray]], n: int,
+                      ranks: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """A [n, in, k·r] = [A_1 | … | A_k], B [n, 1, r, Σout] = [B_1 | … | B_k], r = the largest rank."""
+        r = max(ranks)
+        a = np.zeros((n, self.shapes[gname][1], len(ws) * r), np.float32)
+        b = np.zeros((n, 1, r, self.shapes[gname][0]), np.float32)
+        o0 = 0
+        for j, (w, rw) in enumerate(zip(ws, ranks)):
+            o1 = o0 + self.shapes[w][0]
+            if rw:
+                a[:, :, j * r:j * r + rw] = lora[w][0]
+                b[:, 0, :rw, o0:o1] = lora[w][1]
+            o0 = o1
+        return a, b
 
     def _grouped_names(self) -> set[str]:
         return {w for ws in self.groups.values() for w in ws}
