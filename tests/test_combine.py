@@ -167,7 +167,9 @@ def test_matches_peft_add_weighted_adapter(tiny, extra, ids, tmp_path, method):
     for engine in ENGINES:
         m = _model(tiny, engine, bc=out)
         m.use("bc")
-        np.testing.assert_allclose(m.logits(ids), want, atol=1e-4, rtol=0)
+        # float32 against torch: the two products' rounding grows with the logits' scale (|logit| up to ~3.3 here:
+        # 1.1e-4 apart on numpy under some BLAS kernels); a wrong weight or rank moves them by ~1e-1
+        np.testing.assert_allclose(m.logits(ids), want, atol=1e-4 * max(1.0, float(np.abs(want).max())), rtol=0)
     if method == "svd":
         # PEFT's rank-5 factors and ours are the same best approximation; the error we print is its true error
         res = cb.combine_files([tiny["b"], extra["c"]], list(W), tmp_path / "again.gguf", method="svd", rank=rank)
