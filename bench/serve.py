@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -93,10 +94,11 @@ def edgeadapt_system(base: Path, adapters: dict[str, str], weights: str, threads
         "stream_options": {"include_usage": True}})
 
 
-def llama_server_system(binary: str, gguf: str, adapters: dict[str, str], threads: int, slots: int) -> System:
+def llama_server_system(binary: str, gguf: str, adapters: dict[str, str], threads: int, slots: int,
+                        extra: Sequence[str] = ()) -> System:
     port = _port()
     cmd = [binary, "-m", gguf, "--port", str(port), "--host", "127.0.0.1", "-t", str(threads), "-tb", str(threads),
-           "-np", str(slots), "-c", str(slots * 512), "--lora-init-without-apply", "--no-webui"]
+           "-np", str(slots), "-c", str(slots * 512), "--lora-init-without-apply", "--no-webui", *extra]
     for k in ADAPTERS:
         cmd += ["--lora", adapters[k]]
     return System("llama-server", cmd, lambda prompt, i, n: {
@@ -261,6 +263,8 @@ def report(res: dict) -> str:
         lines.append(f"- greedy answers equal to `m.generate` alone: {k}: {v}")
     lines.append(f"- machine: {res['machine']}; load average {res.get('load', '?')}")
     lines.append(f"- medians over {res.get('rounds', 1)} rounds; {res['tokens']} new tokens per request")
+    if res.get("llama_server_args"):
+        lines.append(f"- llama-server run with `{res['llama_server_args']}` besides the flags in bench/serve.py")
     for k, v in res["missing"].items():
         lines.append(f"- not run: {k}: {v}")
     return "\n".join(lines) + "\n"
@@ -277,6 +281,9 @@ def main() -> None:
                     help="also: edgeadapt-int4-prefix (int4 with prompt starts reused, off by default on int4)")
     ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
                     or "/tmp/edgeadapt_llsrv/bin/llama-server")
+    ap.add_argument("--llama-server-args", default="",
+                    help="more llama-server flags, e.g. '-nr' (no weight repacking: no extra buffer types such as AMX, "
+                         "for a virtual machine that reports AMX but traps its instructions)")
     a = ap.parse_args()
     cache = HERE / ".cache" / "compare_smollm2"
     if not (cache / "base" / "manifest.json").is_file() or not all((cache / f"{k}.gguf").is_file() for k in ADAPTERS):
@@ -301,11 +308,12 @@ def main() -> None:
     if "llama-server" in want:
         if a.llama_server and Path(a.llama_server).is_file():
             systems.append(llama_server_system(a.llama_server, str(man.path("gguf")), adapters, a.threads,
-                                               max(clients)))
+                                               max(clients), a.llama_server_args.split()))
         else:
             missing["llama-server"] = f"no binary at {a.llama_server!r} (pass --llama-server)"
     res = {"cells": [], "alone": {}, "missing": missing, "tokens": a.tokens, "rounds": a.rounds,
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {a.threads} threads each"}
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {a.threads} threads each",
+           "llama_server_args": a.llama_server_args}
     before = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     try:
         for s in systems:
