@@ -85,8 +85,9 @@ def run_llamacpp(gguf: str, adapters: list[str], prompt: list[int]) -> list:
     st = Steps()
     import ctypes
 
-    import llama_cpp
+    from edgeadapt.benchmark.systems import import_llama_cpp
 
+    llama_cpp = import_llama_cpp()  # EDGEADAPT_LLAMA_EXTRA_BUFTS=0: without extra buffer types (AMX), see there
     st.mark("import llama_cpp")
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False)
     st.mark("Llama(model)")

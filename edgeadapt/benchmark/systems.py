@@ -37,6 +37,26 @@ class Spec:
         return cls(**json.loads(Path(path).read_text()))
 
 
+def import_llama_cpp() -> Any:
+    """llama_cpp; with ``EDGEADAPT_LLAMA_EXTRA_BUFTS=0`` its models load without llama.cpp's extra CPU buffer types
+    (repacked weights, AMX tiles): ``use_extra_bufts = False``, as llama-server's ``--no-repack``. For a virtual
+    machine that reports AMX but traps its instructions (SIGILL when a model is loaded)."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    if os.environ.get("EDGEADAPT_LLAMA_EXTRA_BUFTS") == "0" and not hasattr(lib.llama_model_default_params, "no_extra"):
+        default = lib.llama_model_default_params
+
+        def params() -> Any:
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        params.no_extra = True  # type: ignore[attr-defined]
+        lib.llama_model_default_params = params  # what llama_cpp.Llama reads when it loads a model
+    return llama_cpp
+
+
 # ---- the systems
 class System:
     name = ""
@@ -108,8 +128,7 @@ class LlamaCpp(System):
         self.current: list[str] = []
 
     def _make(self, lora: str | None) -> Any:
-        import llama_cpp
-
+        llama_cpp = import_llama_cpp()
         t = self.spec.threads
         return llama_cpp.Llama(model_path=self.spec.gguf, n_ctx=self.spec.ctx, n_threads=t, n_threads_batch=t,
                                verbose=False, **({"lora_path": lora} if lora else {}))
