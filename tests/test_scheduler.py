@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -110,15 +111,19 @@ def _together(m, reqs, temperature=0.0, close_after=None):
     return out
 
 
-def _check(ref, got, tol=1e-5):
-    """Tokens identical, each step's logits within ``tol`` (0: bit for bit)."""
+def _check(ref, got, tol=2e-5):
+    """Tokens identical, each step's logits within ``tol`` times the step's logit scale (max |logit|, at least 1:
+    float32 products rounded in another order differ in proportion to their size); 0: bit for bit. The default
+    is the numpy engine's: OpenBLAS's Haswell kernels round a row's products in a batch up to 1.2e-5 away from
+    the row alone (docs/SERVING.md); onnxruntime fp32 is held to 1e-5."""
     for k, ((rt, rl), (gt, gl)) in enumerate(zip(ref, got)):
         assert gt == rt[:len(gt)], f"request {k}: tokens differ"
         for step, (a, b) in enumerate(zip(rl, gl)):
             if tol == 0:
                 np.testing.assert_array_equal(b, a, err_msg=f"request {k}, step {step}")
             else:
-                np.testing.assert_allclose(b, a, atol=tol, rtol=0, err_msg=f"request {k}, step {step}")
+                scale = max(1.0, float(np.abs(a).max()))
+                np.testing.assert_allclose(b, a, atol=tol * scale, rtol=0, err_msg=f"request {k}, step {step}")
 
 
 @pytest.mark.parametrize("engine,weights", [("numpy", "fp32"), ("ort", "fp32"), ("ort", "int4")])
@@ -129,7 +134,8 @@ def test_concurrent_requests_equal_alone(tiny, int4_base, engine, weights):
     sched = scheduler_of(m)
     steps0 = sched.steps
     got = _together(m, REQUESTS)
-    _check(ref, got, 1e-5 if weights == "fp32" else 0)  # int4: bit for bit (see test_int4_rows_bit_for_bit)
+    # onnxruntime int4: bit for bit (see test_int4_rows_bit_for_bit); fp32 within 1e-5, numpy's default (2e-5)
+    _check(ref, got, 0 if weights == "int4" else 1e-5 if engine == "ort" else 2e-5)
     assert [len(t) for t, _ in got] == [len(t) for t, _ in ref]
     decoded = sum(max(len(t) - 1, 0) for t, _ in ref)
     assert sched.steps - steps0 < decoded  # rows shared steps
@@ -244,25 +250,36 @@ def test_agenerate_joins_and_cancels(tiny, int4_base):
     ref = _alone(m, REQUESTS[:3])
 
     async def main():
+        others_done = asyncio.Event()
+
         async def ids_of(ids, n, ad):
             pieces = []
-            async for p in m.agenerate(ids, n, stream=True, adapters=None if ad is None else [ad]):
-                pieces.append(p)
+            stream = m.agenerate(ids, n, stream=True, adapters=None if ad is None else [ad])
+            try:
+                async for p in stream:
+                    pieces.append(p)
+                    await others_done.wait()  # still reading when it is cancelled, however fast the worker runs
+            finally:
+                await stream.aclose()  # what contextlib.aclosing does: closing the stream drops its row
             return pieces
 
-        task = asyncio.ensure_future(ids_of([1, 2, 3], 40, "a"))
+        task = asyncio.ensure_future(ids_of([1, 2, 3], 100, "a"))
         await asyncio.sleep(0)
         outs = await asyncio.gather(*(m.agenerate(ids, n, adapters=None if ad is None else [ad])
                                       for ids, n, ad, _ in REQUESTS[:3]))
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        others_done.set()
         return outs
 
     m._tokenizer = _IdsTokenizer()
     outs = asyncio.run(main())
     assert outs == [_IdsTokenizer().decode(t) for t, _ in ref]
-    assert scheduler_of(m).active == 0
+    sched, end = scheduler_of(m), time.monotonic() + 30
+    while sched.active and time.monotonic() < end:  # a cancelled row is released by the worker, at its next turn
+        time.sleep(0.01)
+    assert sched.active == 0, f"expected the cancelled stream's row released, found {sched.active} still held"
 
 
 class _IdsTokenizer:
