@@ -110,6 +110,7 @@ def _quant_graphs(man: BaseManifest, out: Path, kinds: list[str]) -> dict[str, s
             halves: list = []  # Cast(w16) -> w: first, so that what follows may read the float32 scales
             derived: list = []  # the scales transposed, and Q4_1 offsets rebuilt from m16 (need the scales)
             inits = {t.name: t for t in g.initializer}
+            where: dict[str, tuple[str, int]] = {}  # initializer -> (how stored, offset in the new data file)
             for t in g.initializer:
                 ext = {e.key: e.value for e in t.external_data}
                 if not ext:
@@ -121,6 +122,7 @@ def _quant_graphs(man: BaseManifest, out: Path, kinds: list[str]) -> dict[str, s
                     half = _as_half(t, raw, inits, src.parent) if t.data_type == TensorProto.FLOAT else None
                     written[key] = ("as_is", put(raw)) if half is None else (half[0], put(half[1]))
                 how, (at, n) = written[key]
+                where[t.name] = (how, at)
                 if how == "as_is":
                     _point(t, data_name, at, n)
                     keep.append(t)
@@ -147,9 +149,33 @@ def _quant_graphs(man: BaseManifest, out: Path, kinds: list[str]) -> dict[str, s
             nodes = list(casts) + list(g.node)
             del g.node[:]
             g.node.extend(nodes)
+            _move_rows_spec(model, data_name, where)
             onnx.save(model, str(out / man.files[kind]))
             files[kind] = man.files[kind]
     return files
+
+
+def _move_rows_spec(model: Any, data_name: str, where: dict[str, tuple[str, int]]) -> None:
+    """The graph's ``edgeadapt.embed_rows`` property (where the runtime reads the embedding rows: see
+    onnx_graphs.fast.EMBED_ROWS_PROP), pointed at the rewritten data file, the scales' type as stored there."""
+    import json
+
+    for prop in model.metadata_props:
+        if prop.key != "edgeadapt.embed_rows":
+            continue
+        spec = json.loads(prop.value)
+        spec["file"] = data_name
+        for part in ("data", "scales"):
+            name = spec[part]["name"]
+            if name not in where:
+                raise FormatError(f"{name}: the embedding the graph's edgeadapt.embed_rows names is not in its data "
+                                  "file; export the base again")
+            how, spec[part]["offset"] = where[name]
+            if part == "scales":
+                spec[part]["type"] = "float16" if how == "half" else "float32"
+            elif how != "as_is":
+                raise FormatError(f"{name}: expected the embedding's bytes as they are, found them stored as {how}")
+        prop.value = json.dumps(spec)
 
 
 def _read(path: Path, offset: int, length: int) -> bytes:

@@ -67,6 +67,7 @@ def _logits(path, feeds, cfg):
     slots = _Session(sess, cfg, list(cfg.linear_shapes()), Path(path))  # per-weight factors -> the graph's (grouped) slots
     lora = {k[5:-2]: (feeds[k], feeds[k[:-2] + ".b"]) for k in feeds if k.startswith("lora.") and k.endswith(".a")}
     feeds = {k: v for k, v in feeds.items() if not k.startswith("lora.")}
+    feeds.update(slots.id_feeds(feeds["input_ids"]))  # + the embedding rows, where the graph takes them
     arrays = slots.slot_arrays(lora)
     for name in slots.slots:
         feeds[f"lora.{name}.a"], feeds[f"lora.{name}.b"] = arrays.get(name) or slots.empty_slot[name]
@@ -244,6 +245,7 @@ def _run(sess, slots, cfg, ids, mask, pos, past, lora):
     """(logits of every position, [(key, value)] per layer) of one call, ``lora`` per-weight factors."""
     f = {"input_ids": np.asarray(ids, np.int64), "attention_mask": np.asarray(mask, np.int64),
          "position_ids": np.asarray(pos, np.int64), "logits.from": np.zeros(1, np.int64)}
+    f.update(slots.id_feeds(f["input_ids"]))
     for i, (k, v) in enumerate(past):
         f[f"past.{i}.key"], f[f"past.{i}.value"] = k, v
     arrays = slots.slot_arrays(lora)

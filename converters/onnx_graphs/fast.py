@@ -22,9 +22,11 @@ Quantized files (``build_quant_onnx``): ``model_int4.onnx`` / ``model_int8.onnx`
 own data file ``<name>.data``. Their LoRA slots have NO default: every lora.<W>.a/b MUST be fed
 (rank 0 — [n, in, 0] and [n, 0, out] — for an idle slot), because onnxruntime's IOBinding, which
 lets GroupQueryAttention update the kv cache in place, cannot bind an input that has an initializer. Linear weights are llama.cpp Q4_1 (int4) or Q8_0 (int8) blocks
-(bit for bit from a GGUF source of that type); the embedding and the output head are Q8_0
-(GatherBlockQuantized and an 8-bit MatMulNBits over the same bytes when tied). Norms, biases and
-rope tables stay float32. There is nothing to override: adapters run live only.
+(bit for bit from a GGUF source of that type); the embedding and the output head are Q8_0 (an 8-bit
+MatMulNBits over the same bytes when tied). The embedding rows of the tokens are the input ``embed.rows``
+(float32 [B, S, dim]), which the runtime reads from the data file where the ``edgeadapt.embed_rows`` property
+says (EMBED_ROWS_PROP; graphs exported before it gather them in-graph with GatherBlockQuantized). Norms,
+biases and rope tables stay float32. There is nothing to override: adapters run live only.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ SLOT_GROUPS = "edgeadapt.slot_groups"  # model property: JSON {slot: [weights]} 
 RIGHT_PADDED = "edgeadapt.right_padded"
 SLOT_GROUP_B = "edgeadapt.slot_groups.b"  # model property: how a group slot's b is laid out (SIDE_BY_SIDE; absent:
 SIDE_BY_SIDE = "side_by_side"  # block-diagonal, what grouped graphs exported before it take)
+# the int4 / int8 graphs' embedding: the runtime reads each token's Q8_0 row from the data file and feeds the float32
+# rows as the input EMBED_ROWS [B, S, dim] — a lookup through onnxruntime's memory map of the file made every 2 MB
+# region of the table a token falls in resident (the page cache's large folios). The property (JSON) says where:
+# {"file", "data": {"name", "offset"} (uint8 [vocab, dim], q + 128), "scales": {"name", "offset", "type"} ([vocab,
+# dim/block]), "vocab", "dim", "block"}; graphs exported before it gather the rows in-graph (GatherBlockQuantized)
+EMBED_ROWS, EMBED_ROWS_PROP = "embed.rows", "edgeadapt.embed_rows"
 QUANT_FILES = {"int4": "model_int4.onnx", "int8": "model_int8.onnx"}
 ACCURACY_LEVEL = 4  # MatMulNBits: quantize activations to int8 per block, as llama.cpp's 4-bit dot products do
 GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
@@ -158,11 +166,19 @@ class _F32Linears(_Linears):
 
 
 class _QLinears(_Linears):
-    """Initializers <group>.qweight / .scales / .offsets / .bias written by build_quant_onnx."""
+    """Initializers <group>.qweight / .scales / .offsets / .bias written by build_quant_onnx. ``rows``: where the
+    Q8_0 embedding lies in the data file (the EMBED_ROWS property); the graph then takes the prompt's embedding rows
+    as the input ``embed.rows``, which the runtime reads from that file, instead of gathering them in-graph."""
 
-    def __init__(self, cfg: ArchConfig, slots, meta: dict[str, QWeight], accuracy_level: int):
+    def __init__(self, cfg: ArchConfig, slots, meta: dict[str, QWeight], accuracy_level: int,
+                 rows: dict | None = None):
         super().__init__(cfg, slots, grouped=True)
-        self.meta, self.acc = meta, accuracy_level
+        self.meta, self.acc, self.rows = meta, accuracy_level, rows
+        self.inputs: list[onnx.ValueInfoProto] = []  # graph inputs beside the decoder's own (embed.rows)
+
+    def props(self) -> dict[str, str] | None:
+        props = {**(super().props() or {}), **({EMBED_ROWS_PROP: json.dumps(self.rows)} if self.rows else {})}
+        return props or None
 
     def _matmul(self, g: _G, x: str, prefix: str, bias: bool = False) -> str:
         q = self.meta[prefix]
@@ -179,6 +195,9 @@ class _QLinears(_Linears):
         return self._split(g, x, y, i, parts)
 
     def embed(self, g: _G) -> str:  # Q8_0 rows, dequantized as gathered: (q - 128)·d
+        if self.rows is not None:  # read by the runtime from the data file (see EMBED_ROWS_PROP)
+            self.inputs = [helper.make_tensor_value_info(EMBED_ROWS, TensorProto.FLOAT, ["batch", "seq", self.cfg.dim])]
+            return EMBED_ROWS
         return g.op("GatherBlockQuantized", "token_embd.data", "input_ids", "token_embd.scales", domain=MS,
                     bits=8, block_size=BLOCK, gather_axis=0, quantize_axis=1)
 
@@ -264,7 +283,8 @@ def fused_decoder(cfg: ArchConfig, lin: _Linears, inits: list[TensorProto], name
     if lin.slots:  # graphs that serve adapters (not the bare base): + a live change of some head rows
         head_in, head_out = add_head_delta(g, h, cfg.dim)
         inputs, outputs = inputs + head_in, outputs + head_out
-    return helper.make_graph(g.nodes, name, inputs + [embed_in], outputs, initializer=g.inits)
+    return helper.make_graph(g.nodes, name, inputs + [embed_in] + getattr(lin, "inputs", []), outputs,
+                             initializer=g.inits)
 
 
 LOGITS_FROM = "logits.from"  # graph input: the first position the head computes logits for
@@ -318,9 +338,11 @@ def quantize_base(cfg: ArchConfig, weights: dict[str, np.ndarray], kind: str, so
 
 def build_quant_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, kind: str, *,
                      source: Source | None = None, progress: Progress | None = None, slots: bool = True,
-                     accuracy_level: int = ACCURACY_LEVEL) -> dict:
+                     accuracy_level: int = ACCURACY_LEVEL, embed_rows: bool = True) -> dict:
     """Write ``model_<kind>.onnx`` + its data file; returns {"file", "data", "exact", "quantized"}: how many
-    weight groups were repacked bit for bit from ``source`` and how many were quantized from float32."""
+    weight groups were repacked bit for bit from ``source`` and how many were quantized from float32.
+    ``embed_rows``: the graphs take the embedding rows as an input (EMBED_ROWS); False writes the in-graph lookup
+    of the graphs exported before it (which the runtime still runs)."""
     if cfg.arch not in FUSED_ARCHES:
         raise UnsupportedError(f"quantized ONNX ({kind}) is not supported for the {cfg.arch} architecture yet "
                                f"(only {sorted(FUSED_ARCHES)}); export fp32 ONNX, or run model.gguf on the numpy engine")
@@ -337,7 +359,7 @@ def build_quant_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: P
             inits += [data, writer.add(f"{prefix}.scales", w.scales)]
             if w.offsets is not None:
                 inits.append(writer.add(f"{prefix}.offsets", w.offsets))
-            if prefix == "token_embd":  # the same bytes as the [vocab, dim] table GatherBlockQuantized reads
+            if prefix == "token_embd" and not embed_rows:  # the [vocab, dim] table GatherBlockQuantized reads
                 inits.append(_DataWriter.alias("token_embd.data", data, (cfg.vocab_size, cfg.dim)))
         for name in cfg.tensor_shapes():
             if name.endswith("_norm.weight"):
@@ -350,7 +372,8 @@ def build_quant_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: P
         inits += [writer.add("rope.cos", cos), writer.add("rope.sin", sin)]
     finally:
         writer.close()
-    lin = _QLinears(cfg, cfg.linear_shapes() if slots else None, q, accuracy_level)
+    rows = _rows_spec(cfg, inits) if embed_rows else None
+    lin = _QLinears(cfg, cfg.linear_shapes() if slots else None, q, accuracy_level, rows)
     # slots without defaults: onnxruntime's IOBinding cannot bind an input that has an initializer, and the
     # engine binds every slot (idle ones to rank-0 arrays) so that the kv cache is updated in place
     save_fused(fused_decoder(cfg, lin, inits, f"edgeadapt_{cfg.arch}_{kind}", slot_defaults=False, logits_from=True),
@@ -358,11 +381,21 @@ def build_quant_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: P
     info = {"file": path.name, "data": path.name + ".data"}
     if slots:  # the same weights without slots: the bare base at full speed (the runtime switches at first use)
         plain = path.with_name(path.stem + "_base.onnx")
-        save_fused(fused_decoder(cfg, _QLinears(cfg, None, q, accuracy_level), inits, f"edgeadapt_{cfg.arch}_{kind}_base",
-                                 logits_from=True), plain)
+        bare = _QLinears(cfg, None, q, accuracy_level, rows)
+        save_fused(fused_decoder(cfg, bare, inits, f"edgeadapt_{cfg.arch}_{kind}_base", logits_from=True), plain,
+                   bare.props())
         info["base_file"] = plain.name
     exact = sum(w.exact for p, w in q.items())
     return {**info, "exact": exact, "quantized": len(q) - exact}
+
+
+def _rows_spec(cfg: ArchConfig, inits: list[TensorProto]) -> dict:
+    """Where the Q8_0 embedding's bytes lie in the data file (EMBED_ROWS_PROP)."""
+    where = {t.name: {e.key: e.value for e in t.external_data} for t in inits if t.name.startswith("token_embd.")}
+    data, scales = where["token_embd.qweight"], where["token_embd.scales"]
+    return {"file": data["location"], "data": {"name": "token_embd.qweight", "offset": int(data["offset"])},
+            "scales": {"name": "token_embd.scales", "offset": int(scales["offset"]), "type": "float32"},
+            "vocab": cfg.vocab_size, "dim": cfg.dim, "block": BLOCK}
 
 
 def gguf_source(reader: "gguf.GGUFReader") -> Source:

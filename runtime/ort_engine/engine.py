@@ -203,7 +203,7 @@ class OrtEngine(Engine):
 
     def _probe_logits(self, g: "_Session") -> np.ndarray:
         """Logits of a fixed two-token input: a fingerprint of the weights a session really uses."""
-        feeds = {"input_ids": np.array([[1, 2]], np.int64) % self.cfg.vocab_size,
+        feeds = {**g.id_feeds(np.array([[1, 2]], np.int64) % self.cfg.vocab_size),
                  "attention_mask": np.ones((1, 2), np.int64), "position_ids": np.array([[0, 1]], np.int64)}
         for i in range(self.cfg.n_layers):
             for kv in ("key", "value"):
@@ -375,7 +375,7 @@ class OrtEngine(Engine):
         if isinstance(past, KVCache) or g.inplace and embed is None and head is None and not past:
             return self._forward_inplace(ids, mask, pos, past, lora, g, last)
         b = ids.shape[0]
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        feeds = {**g.id_feeds(ids), "attention_mask": mask, "position_ids": pos}
         empty = np.zeros((b, self.cfg.n_kv_heads, 0, self.cfg.head_dim), np.float32)
         for i in range(self.cfg.n_layers):
             k, v = past[i] if past else (empty, empty)
@@ -482,7 +482,7 @@ class OrtEngine(Engine):
                                                past, lora, e, bn, head)
                 out.append(lg)
             return np.concatenate(out, axis=1), past
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        feeds = {**g.id_feeds(ids), "attention_mask": mask, "position_ids": pos}
         empty = np.zeros((b, self.cfg.n_kv_heads, 0, self.cfg.head_dim), np.float32)
         for i in range(self.cfg.n_layers):
             k, v = past[i] if past else (empty, empty)

@@ -5,12 +5,14 @@ running batch's keys and values bound to it in place (:class:`KVCache`). Used by
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgeadapt.errors import AdapterMismatchError
+from edgeadapt.errors import AdapterMismatchError, FormatError
 
 
 class _Session:
@@ -51,6 +53,13 @@ class _Session:
         # (a head.ids input and a scatter into logits)
         self.head_out = "head.logits" in {o.name for o in sess.get_outputs()}
         self.logits_from = "logits.from" in inputs  # the graph can compute the last position's logits only
+        # the int4 / int8 graphs since issue #17's fourth pass take the tokens' embedding rows as an input, read here
+        spec = meta.get("edgeadapt.embed_rows") if "embed.rows" in inputs else None
+        self.rows = EmbedRows(path.parent, spec, cfg) if spec else None
+
+    def id_feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """What a step feeds for its token ids: ``input_ids``, and their embedding rows where the graph takes them."""
+        return {"input_ids": ids} if self.rows is None else {"input_ids": ids, "embed.rows": self.rows(ids)}
 
 
     def slot_arrays(self, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None, keep: bool = True
@@ -111,6 +120,71 @@ class _Session:
         return {w for ws in self.groups.values() for w in ws}
 
 
+class EmbedRows:
+    """The Q8_0 embedding rows of an int4 / int8 graph (``edgeadapt.embed_rows``: where in its data file), read
+    with ``pread`` for the tokens of each step and dequantized as onnxruntime's GatherBlockQuantized does,
+    (q − 128)·d in float32 — the same floats bit for bit. Read, not memory-mapped: the page cache holds the
+    file in large folios, and a lookup through a mapping made every 2 MB region a token falls in resident (a
+    69-token chat prompt: 18 MB; a long conversation: the whole 28 MB table). Reading costs two ``pread`` calls
+    a distinct token."""
+
+    def __init__(self, root: Path, spec: str, cfg: Any):
+        try:
+            s = json.loads(spec)
+            self.path = Path(root) / s["file"]
+            self.vocab, self.dim, self.block = int(s["vocab"]), int(s["dim"]), int(s["block"])
+            self._data, self._scales = int(s["data"]["offset"]), int(s["scales"]["offset"])
+            self._stype = np.dtype({"float32": "<f4", "float16": "<f2"}[s["scales"]["type"]])
+        except (ValueError, KeyError, TypeError) as e:
+            raise FormatError(f"{root}: the graph's edgeadapt.embed_rows property is not the expected JSON "
+                              f"{{file, data, scales, vocab, dim, block}} ({e!r}); export the base again") from None
+        if (self.vocab, self.dim) != (cfg.vocab_size, cfg.dim) or self.block <= 0 or self.dim % self.block:
+            raise FormatError(f"{self.path.name}: expected an embedding of [{cfg.vocab_size}, {cfg.dim}] in blocks "
+                              f"dividing {cfg.dim}, found [{self.vocab}, {self.dim}] in blocks of {self.block}")
+        self._srow = self.dim // self.block * self._stype.itemsize
+        need = max(self._data + self.vocab * self.dim, self._scales + self.vocab * self._srow)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except OSError as e:
+            raise FormatError(f"{self.path}: the embedding's data file cannot be opened ({e.strerror})") from None
+        size = os.fstat(self._fd).st_size
+        if size < need:
+            os.close(self._fd)
+            self._fd = None
+            raise FormatError(f"{self.path}: expected at least {need} bytes (the embedding rows), found {size}; "
+                              "the file is truncated: export or bundle the base again")
+        self._lock = None if hasattr(os, "pread") else threading.Lock()  # seek + read where there is no pread
+
+    def _read(self, offset: int, n: int) -> bytes:
+        if self._lock is None:
+            raw = os.pread(self._fd, n, offset)
+        else:
+            with self._lock:
+                os.lseek(self._fd, offset, os.SEEK_SET)
+                raw = os.read(self._fd, n)
+        if len(raw) != n:
+            raise FormatError(f"{self.path}: expected {n} bytes at offset {offset}, found {len(raw)}; the file "
+                              "changed under the running model")
+        return raw
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """int64 [B, S] -> float32 [B, S, dim]."""
+        flat = np.asarray(ids).ravel()
+        if flat.size and (flat.min() < 0 or flat.max() >= self.vocab):
+            raise FormatError(f"token ids must lie in [0, {self.vocab}); found {flat.min()}…{flat.max()}")
+        uniq, inv = np.unique(flat, return_inverse=True)
+        q = np.frombuffer(b"".join(self._read(self._data + int(t) * self.dim, self.dim) for t in uniq), np.uint8)
+        d = np.frombuffer(b"".join(self._read(self._scales + int(t) * self._srow, self._srow) for t in uniq), self._stype)
+        rows = (q.astype(np.float32) - np.float32(128)).reshape(len(uniq), -1, self.block)
+        rows *= d.astype(np.float32).reshape(len(uniq), -1, 1)
+        return rows.reshape(len(uniq), self.dim)[inv].reshape(*np.shape(ids), self.dim)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+
 class KVCache:
     """The keys and values of a running batch, for a fused graph: per layer two buffers
     [batch, n_kv_heads, capacity, head_dim] bound as both ``past.{i}.*`` and ``present.{i}.*`` of one
@@ -169,8 +243,10 @@ class KVCache:
         if self._slots and lora is not self._lora:
             self._bind_lora(lora)
         start = np.array([-1 if last else 0], np.int64)
-        self._inputs = (ids, mask, pos, start)  # bound by pointer: alive until the next step rebinds them
-        self.io.bind_cpu_input("input_ids", ids)
+        feeds = self._g.id_feeds(ids)
+        self._inputs = (feeds, mask, pos, start)  # bound by pointer: alive until the next step rebinds them
+        for name, a in feeds.items():
+            self.io.bind_cpu_input(name, a)
         self.io.bind_cpu_input("attention_mask", mask)
         self.io.bind_cpu_input("position_ids", pos)
         if self._g.logits_from:
