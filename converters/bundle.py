@@ -117,6 +117,8 @@ def _quant_graphs(man: BaseManifest, out: Path, kinds: list[str]) -> dict[str, s
                     keep.append(t)
                     continue
                 key = (ext["location"], int(ext.get("offset", 0)), int(ext["length"]))
+                if key not in written and _within(key, written):  # a part of bytes already written (the head's parts)
+                    written[key] = _within(key, written)
                 if key not in written:
                     raw = _read(src.parent / key[0], key[1], key[2])
                     half = _as_half(t, raw, inits, src.parent) if t.data_type == TensorProto.FLOAT else None
@@ -153,6 +155,18 @@ def _quant_graphs(man: BaseManifest, out: Path, kinds: list[str]) -> dict[str, s
             onnx.save(model, str(out / man.files[kind]))
             files[kind] = man.files[kind]
     return files
+
+
+def _within(key: tuple[str, int, int], written: dict) -> tuple[str, tuple[int, int]] | None:
+    """Where the bytes ``key`` (location, offset, length) went, when they lie inside a tensor already written as
+    it was or as float16 (every value halved in size: offsets and lengths too)."""
+    loc, off, n = key
+    for (wloc, woff, wn), (how, (at, _)) in written.items():
+        if wloc == loc and woff <= off and off + n <= woff + wn and how in ("as_is", "half"):
+            k = 2 if how == "half" else 1
+            if (off - woff) % k == 0 and n % k == 0:
+                return how, (at + (off - woff) // k, n // k)
+    return None
 
 
 def _move_rows_spec(model: Any, data_name: str, where: dict[str, tuple[str, int]]) -> None:

@@ -4,7 +4,12 @@ graph's ``edgeadapt.embed_rows`` property says, instead of onnxruntime gathering
 file (which made every 2 MB page-cache folio a token falls in resident). The outputs are those of the in-graph
 lookup (GatherBlockQuantized) bit for bit — bare, with adapters, per row, generated tokens, on the full folder and
 on the device bundle (float16 scales) — and base folders exported before still run. A truncated data file, a
-malformed property and ids outside the vocabulary are refused by name."""
+malformed property and ids outside the vocabulary are refused by name.
+
+The output head runs in parts of HEAD_ROWS rows (views of the same bytes, logits side by side), so that onnxruntime,
+which prepacks weights in node order and unmaps each original once packed, never holds a whole head's original
+beside every packed weight: the logits are those of one product bit for bit, tied head or not, and the bundle
+writes the head's bytes once."""
 
 from __future__ import annotations
 
@@ -151,3 +156,36 @@ def test_bad_rows_are_refused_by_name(tiny, bases, tmp_path):
     with pytest.raises(FormatError, match="the file changed under the running model"):
         reader(np.array([[spec["vocab"] - 1]]))
     np.testing.assert_array_equal(before, rows(np.array([[spec["vocab"] - 1]])))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # an output head of its own; a head tied to the embedding
+def test_a_head_in_parts_gives_the_logits_of_one_product(kind, tmp_path, ids):
+    from conftest import make_model
+
+    from edgeadapt.converters.bundle import bundle
+    from edgeadapt.converters.export_base import export_base
+
+    make_model(kind).save_pretrained(tmp_path / "hf")
+    with pytest.MonkeyPatch.context() as mp:  # 256 rows in parts of 96, 96 and 64
+        mp.setattr(fast, "build_quant_onnx", functools.partial(fast.build_quant_onnx, head_rows=96))
+        export_base(tmp_path / "hf", tmp_path / "parts", gguf_type="F32", onnx_weights=("int4",))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fast, "build_quant_onnx", functools.partial(fast.build_quant_onnx, head_rows=None, embed_rows=False))
+        export_base(tmp_path / "hf", tmp_path / "whole", gguf_type="F32", onnx_weights=("int4",))
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "parts" / "model_int4.onnx"), load_external_data=False).graph
+    heads = [n for n in graph.node if n.op_type == "MatMulNBits" and ".part" in n.input[1]]
+    assert [dict((a.name, a.i) for a in n.attribute)["N"] for n in heads] == [96, 96, 64]
+    bundle(tmp_path / "parts", tmp_path / "bundle", engine="ort", weights="int4")
+    outs = []
+    for root in ("parts", "whole", "bundle"):
+        m = edgeadapt.load(tmp_path / root, engine="ort", weights="int4")
+        outs.append((m.logits(ids), m.generate_batch(ids, 6)))
+    for got in outs[1:]:
+        np.testing.assert_array_equal(outs[0][0], got[0])
+        assert outs[0][1] == got[1]
+    # the bundle writes the head's bytes once (its parts point into them): smaller than the full folder's data
+    # file, which it would exceed by the head's size if each part were written again
+    data = "model_int4.onnx.data"
+    assert (tmp_path / "bundle" / data).stat().st_size < (tmp_path / "parts" / data).stat().st_size

@@ -63,6 +63,11 @@ SIDE_BY_SIDE = "side_by_side"  # block-diagonal, what grouped graphs exported be
 # {"file", "data": {"name", "offset"} (uint8 [vocab, dim], q + 128), "scales": {"name", "offset", "type"} ([vocab,
 # dim/block]), "vocab", "dim", "block"}; graphs exported before it gather the rows in-graph (GatherBlockQuantized)
 EMBED_ROWS, EMBED_ROWS_PROP = "embed.rows", "edgeadapt.embed_rows"
+# the output head's rows per MatMulNBits: onnxruntime prepacks the graph's weights in the order of its nodes and
+# unmaps each original once packed; the head comes last, and a 28 MB head (SmolLM2's tied Q8_0 table) read whole
+# while every other packed weight is resident was the session build's peak (+27 MB). In parts of 8,192 rows (views
+# of the same bytes in the data file) only one part's original is mapped at a time
+HEAD_ROWS = 8192
 QUANT_FILES = {"int4": "model_int4.onnx", "int8": "model_int8.onnx"}
 ACCURACY_LEVEL = 4  # MatMulNBits: quantize activations to int8 per block, as llama.cpp's 4-bit dot products do
 GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
@@ -203,7 +208,9 @@ class _QLinears(_Linears):
 
     def head(self, g: _G, x: str) -> None:
         prefix = "token_embd" if self.cfg.tied_embeddings else "output"
-        y = self._matmul(g, x, prefix)
+        parts = sorted((p for p in self.meta if p.startswith(prefix + ".part")), key=lambda p: int(p.rsplit("part", 1)[1]))
+        # the head in parts over its rows (HEAD_ROWS), their logits side by side: the same products, column by column
+        y = g.op("Concat", *[self._matmul(g, x, p) for p in parts], axis=-1) if parts else self._matmul(g, x, prefix)
         if prefix == "output" and "output.weight" in self.slots:
             y = self._slot(g, x, y, "output.weight")
         g.op("Identity", y, out="logits")
@@ -338,11 +345,13 @@ def quantize_base(cfg: ArchConfig, weights: dict[str, np.ndarray], kind: str, so
 
 def build_quant_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: Path, kind: str, *,
                      source: Source | None = None, progress: Progress | None = None, slots: bool = True,
-                     accuracy_level: int = ACCURACY_LEVEL, embed_rows: bool = True) -> dict:
+                     accuracy_level: int = ACCURACY_LEVEL, embed_rows: bool = True,
+                     head_rows: int | None = HEAD_ROWS) -> dict:
     """Write ``model_<kind>.onnx`` + its data file; returns {"file", "data", "exact", "quantized"}: how many
     weight groups were repacked bit for bit from ``source`` and how many were quantized from float32.
     ``embed_rows``: the graphs take the embedding rows as an input (EMBED_ROWS); False writes the in-graph lookup
-    of the graphs exported before it (which the runtime still runs)."""
+    of the graphs exported before it (which the runtime still runs). ``head_rows``: the output head's rows per
+    MatMulNBits (HEAD_ROWS; None: one product, as graphs exported before)."""
     if cfg.arch not in FUSED_ARCHES:
         raise UnsupportedError(f"quantized ONNX ({kind}) is not supported for the {cfg.arch} architecture yet "
                                f"(only {sorted(FUSED_ARCHES)}); export fp32 ONNX, or run model.gguf on the numpy engine")
@@ -353,12 +362,22 @@ def build_quant_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: P
     path = out_dir / QUANT_FILES[kind]
     writer = _DataWriter(path.with_name(path.name + ".data"))
     inits: list[TensorProto] = []
+    meta = dict(q)
+    head = "token_embd" if cfg.tied_embeddings else "output"
     try:
         for prefix, w in q.items():
-            data = writer.add(f"{prefix}.qweight", w.blocks)  # uint8 [N, K/32, blob]
-            inits += [data, writer.add(f"{prefix}.scales", w.scales)]
+            data, scales = writer.add(f"{prefix}.qweight", w.blocks), writer.add(f"{prefix}.scales", w.scales)
+            inits += [data, scales]  # blocks uint8 [N, K/32, blob]
             if w.offsets is not None:
                 inits.append(writer.add(f"{prefix}.offsets", w.offsets))
+            if prefix == head and head_rows and w.shape[0] > head_rows and w.offsets is None:
+                for j, r0 in enumerate(range(0, w.shape[0], head_rows)):  # the head in parts: views of its bytes
+                    part = QWeight(w.bits, w.blocks[r0:r0 + head_rows], w.scales[r0:r0 + head_rows], None, w.exact)
+                    meta[f"{prefix}.part{j}"] = part
+                    inits += [_DataWriter.part(f"{prefix}.part{j}.{n}", t, r0 * a[0].nbytes, a[r0:r0 + head_rows].shape)
+                              for n, t, a in (("qweight", data, w.blocks), ("scales", scales, w.scales))]
+                if prefix != "token_embd":  # nothing reads the whole head then (the embedding's rows are token_embd's)
+                    inits.remove(data), inits.remove(scales)
             if prefix == "token_embd" and not embed_rows:  # the [vocab, dim] table GatherBlockQuantized reads
                 inits.append(_DataWriter.alias("token_embd.data", data, (cfg.vocab_size, cfg.dim)))
         for name in cfg.tensor_shapes():
@@ -373,7 +392,7 @@ def build_quant_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: P
     finally:
         writer.close()
     rows = _rows_spec(cfg, inits) if embed_rows else None
-    lin = _QLinears(cfg, cfg.linear_shapes() if slots else None, q, accuracy_level, rows)
+    lin = _QLinears(cfg, cfg.linear_shapes() if slots else None, meta, accuracy_level, rows)
     # slots without defaults: onnxruntime's IOBinding cannot bind an input that has an initializer, and the
     # engine binds every slot (idle ones to rank-0 arrays) so that the kv cache is updated in place
     save_fused(fused_decoder(cfg, lin, inits, f"edgeadapt_{cfg.arch}_{kind}", slot_defaults=False, logits_from=True),
@@ -381,7 +400,7 @@ def build_quant_onnx(cfg: ArchConfig, weights: dict[str, np.ndarray], out_dir: P
     info = {"file": path.name, "data": path.name + ".data"}
     if slots:  # the same weights without slots: the bare base at full speed (the runtime switches at first use)
         plain = path.with_name(path.stem + "_base.onnx")
-        bare = _QLinears(cfg, None, q, accuracy_level, rows)
+        bare = _QLinears(cfg, None, meta, accuracy_level, rows)
         save_fused(fused_decoder(cfg, bare, inits, f"edgeadapt_{cfg.arch}_{kind}_base", logits_from=True), plain,
                    bare.props())
         info["base_file"] = plain.name

@@ -66,6 +66,18 @@ class _DataWriter:
         a.external_data.extend(t.external_data)
         return a
 
+    @staticmethod
+    def part(name: str, t: TensorProto, start: int, shape: tuple[int, ...]) -> TensorProto:
+        """Bytes [start, start + size) of an initializer already written, as an initializer of its own (no copy)."""
+        ext = {e.key: e.value for e in t.external_data}
+        length = int(np.prod(shape)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if start + length > int(ext["length"]):
+            raise ValueError(f"{name}: bytes [{start}, {start + length}) lie outside {t.name} ({ext['length']} bytes)")
+        a = TensorProto(name=name, data_type=t.data_type, dims=shape, data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", ext["location"]), ("offset", str(int(ext["offset"]) + start)), ("length", str(length))):
+            a.external_data.add(key=k, value=v)
+        return a
+
     def close(self) -> None:
         self.f.close()
 
