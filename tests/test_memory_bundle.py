@@ -123,6 +123,19 @@ def test_memory_policies_compute_the_same(tiny, qbase, ids, load):
         assert ref[1] == got[1]
 
 
+def test_only_fast_keeps_a_memory_pattern_per_length(qbase, tiny):
+    """onnxruntime plans and keeps a memory pattern for every new set of input shapes, and every decode step's mask
+    is one column wider: resident memory would grow with the conversation (docs/PERFORMANCE.md, "Memory")."""
+    for policy, arena, pattern in (("low", False, False), ("balanced", True, False), ("fast", True, True)):
+        m = edgeadapt.load(qbase, engine="ort", weights="int4", memory=policy)
+        m.add_adapter(tiny["a"], name="a")
+        for spec in (None, "a"):  # the plain session, then the slotted one
+            m.use(spec)
+            m.generate_ids([5, 6, 7], max_new_tokens=2)
+            so = m._engine._current().sess.get_session_options()
+            assert (so.enable_cpu_mem_arena, so.enable_mem_pattern) == (arena, pattern), (policy, spec)
+
+
 def test_memory_policy_is_checked(qbase):
     from edgeadapt.errors import UsageError
 

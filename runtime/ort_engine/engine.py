@@ -36,9 +36,11 @@ PastKV = list[tuple[np.ndarray, np.ndarray]]
 WEIGHTS = {"fp32": None, "int4": "onnx_int4", "int8": "onnx_int8"}  # weights= -> manifest file kind (None: onnx)
 # memory= -> (enable_cpu_mem_arena, enable_mem_pattern); "low" and "balanced" also fix glibc's mmap threshold
 # (_return_large_buffers). Without the arena every run's buffers go back to the system and are faulted in again
-# next run (SmolLM2 int4: −8 MB, but a first token 0.7 -> 1.4 s): only "low" pays that. Measured:
-# docs/PERFORMANCE.md, "Memory".
-MEMORY = {"low": (False, False), "balanced": (True, True), "fast": (True, True)}
+# next run (SmolLM2 int4: −8 MB, but a first token 0.7 -> 1.4 s): only "low" pays that. A memory pattern is
+# planned and kept for every new set of input shapes, and each decode step's mask is one column wider: with it
+# resident memory grows with the conversation (SmolLM2 int4: +20 MB over 700 decode steps), for no measurable
+# speed: only "fast" keeps it. Measured: docs/PERFORMANCE.md, "Memory".
+MEMORY = {"low": (False, False), "balanced": (True, False), "fast": (True, True)}
 
 
 class OverrideNotAppliedError(EdgeAdaptError, RuntimeError):
