@@ -137,6 +137,7 @@ def test_bad_rows_are_refused_by_name(tiny, bases, tmp_path):
         rows(np.array([[1, rows.vocab]]))
     with pytest.raises(FormatError, match=r"token ids must lie in \[0, \d+\); found -1"):
         rows(np.array([[-1, 2]]))
+    assert rows(np.zeros((2, 0), np.int64)).shape == (2, 0, rows.dim)
     with pytest.raises(FormatError, match="edgeadapt.embed_rows property is not the expected JSON"):
         EmbedRows(new, json.dumps({"file": spec["file"]}), arch)
     with pytest.raises(FormatError, match=r"expected an embedding of \[\d+, \d+\]"):

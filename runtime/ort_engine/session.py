@@ -172,6 +172,8 @@ class EmbedRows:
         flat = np.asarray(ids).ravel()
         if flat.size and (flat.min() < 0 or flat.max() >= self.vocab):
             raise FormatError(f"token ids must lie in [0, {self.vocab}); found {flat.min()}…{flat.max()}")
+        if not flat.size:
+            return np.zeros((*np.shape(ids), self.dim), np.float32)
         uniq, inv = np.unique(flat, return_inverse=True)
         q = np.frombuffer(b"".join(self._read(self._data + int(t) * self.dim, self.dim) for t in uniq), np.uint8)
         d = np.frombuffer(b"".join(self._read(self._scales + int(t) * self._srow, self._srow) for t in uniq), self._stype)
