@@ -151,7 +151,9 @@ class Scheduler:
     # a prompt starting with at least this many tokens of the last prompt of its adapter set (a chat template's
     # system part, a shared instruction) reuses their keys / values and prefills only the rest; 0: never. None:
     # 16 on float arithmetic, 0 on an engine that quantizes its matmuls' inputs (int4 / int8 on onnxruntime),
-    # where a prompt prefilled in two pieces would no longer give m.generate's answer (its logits move by ~0.8)
+    # where a prompt prefilled in two pieces would no longer give m.generate's answer (its logits move by ~0.8: an
+    # adapter's float products round otherwise at another row count, and the next layer's int8 inputs magnify it;
+    # the bare base's pieces of two or more tokens are bit for bit, a last piece of one token is not)
     prefix_min: int | None = None
     prefix_sets = 8  # sets whose last prompt is kept (SmolLM2-135M: 46 KB per token, ≤ 128 tokens each)
 
