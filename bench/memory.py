@@ -10,7 +10,8 @@ file-backed parts, and the peak VmHWM, which is what bench/compare.py reports) a
 step took. The prompt is bench/compare.py's first one (69 token ids of a chat, encoded here, so the measured
 processes load no tokenizer): which embedding rows a prompt gathers decides how much of the weights file is
 mapped (docs/PERFORMANCE.md, "Memory"). Numbers in docs/PERFORMANCE.md ("Memory", "Cold start") come from this
-script.
+script. edgeadapt's modules are compiled to bytecode first, as an installed package's are (``--no-compile``: the
+checkout as it is; see bench/cold_start.py, which also alternates variants of the session options).
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def main() -> None:
     ap.add_argument("--memory", action="append", help="policies to measure (default: low, balanced, fast)")
     ap.add_argument("--llamacpp", action="store_true", help="also llama.cpp's C API on --gguf")
     ap.add_argument("--gguf", default=None, help="the GGUF llama.cpp runs (default: BASE/model.gguf)")
+    ap.add_argument("--no-compile", action="store_true", help="leave the checkout's bytecode as it is")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     adapters = a.adapter or [str(CACHE / f"{k}.gguf") for k in "abcdefghij"]
@@ -159,6 +161,11 @@ def main() -> None:
                 else run_edgeadapt(a.base, adapters, cfg["weights"], cfg["memory"], cfg["engine"], prompt))
         print("@@rows " + json.dumps(rows))
         return
+    if not a.no_compile:
+        sys.path.insert(0, str(HERE))
+        from cold_start import compile_edgeadapt
+
+        compile_edgeadapt()  # a second launch of an installed package reads its .pyc (see bench/cold_start.py)
     prompt = compare_prompt(a.base)
     configs = [{"system": "edgeadapt", "engine": a.engine, "weights": a.weights, "memory": p, "prompt": prompt}
                for p in (a.memory or ["low", "balanced", "fast"])]

@@ -101,6 +101,13 @@ MANIFEST_CASES = [
     (lambda d: {**d, "arch": {**d["arch"], "arch": []}}, "arch.arch: expected one of ['gemma3', 'gpt2', 'llama', 'qwen2', 'qwen3', 'smollm3'], found []"),
     (lambda d: {**d, "tensors": {**d["tensors"], "token_embd.weight": {"onnx": {
         **d["tensors"]["token_embd.weight"]["onnx"], "dtype": {}}}}}, "tensors['token_embd.weight'].onnx: bad or missing dtype"),
+    # a tensor's data file is checked once per file name: one outside the folder, or not a name, is still refused
+    (lambda d: {**d, "tensors": {**d["tensors"], "output_norm.weight": {"onnx": {
+        **d["tensors"]["output_norm.weight"]["onnx"], "file": "../model.onnx.data"}}}},
+     "tensors['output_norm.weight'].onnx: bad or missing file"),
+    (lambda d: {**d, "tensors": {**d["tensors"], "output_norm.weight": {"onnx": {
+        **d["tensors"]["output_norm.weight"]["onnx"], "file": ["model.onnx.data"]}}}},
+     "tensors['output_norm.weight'].onnx: bad or missing file"),
 ]
 
 

@@ -119,6 +119,15 @@ def _inside(root: Path, rel: Any) -> bool:
     return not target.exists() or target.resolve().is_relative_to(root.resolve())
 
 
+def _inside_once(root: Path, rel: Any, seen: dict[str, bool]) -> bool:
+    """:func:`_inside`, resolved once per file name (``seen``): a base's ~280 tensors name one or two files."""
+    if not isinstance(rel, str):
+        return False
+    if rel not in seen:
+        seen[rel] = _inside(root, rel)
+    return seen[rel]
+
+
 def _check_card(d: Any, problems: list[str]) -> None:
     if not isinstance(d, dict):
         problems.append(f"arch: expected an object, found {type(d).__name__}")
@@ -149,6 +158,7 @@ def _check_card(d: Any, problems: list[str]) -> None:
 def _check_tensors(root: Path, arch: ArchConfig, tensors: dict[str, Any], problems: list[str]) -> None:
     expected = arch.tensor_shapes()
     sizes: dict[str, int | None] = {}
+    inside: dict[str, bool] = {}  # file name -> _inside (see _inside_once)
     for name, e in tensors.items():
         if name not in expected:
             problems.append(f"tensors[{name!r}]: not a tensor of this {arch.arch} architecture card")
@@ -164,7 +174,7 @@ def _check_tensors(root: Path, arch: ArchConfig, tensors: dict[str, Any], proble
             continue
         bad = [k for k, ok in (("onnx", isinstance(o.get("onnx"), str)), ("layout", o.get("layout") in LAYOUTS),
                                ("dtype", isinstance(o.get("dtype"), str) and o["dtype"] in DTYPES),
-                               ("file", _inside(root, o.get("file"))),
+                               ("file", _inside_once(root, o.get("file"), inside)),
                                ("offset", _uint(o.get("offset"))), ("length", _uint(o.get("length"))),
                                ("shape", isinstance(o.get("shape"), list) and 1 <= len(o["shape"]) <= 4
                                 and all(_uint(x) and x > 0 for x in o["shape"]))) if not ok]
