@@ -30,7 +30,15 @@ class Sampler:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise SamplingError(f"expected temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0; found "
                                 f"{self.temperature}, {self.top_p}, {self.top_k}")
-        self.rng = np.random.default_rng(self.seed)
+        self._rng: np.random.Generator | None = None  # made at the first sampled token (see rng)
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The seeded generator, made when a token is first sampled: greedy decoding never draws, and does not
+        import numpy.random (~15 ms of a cold start) nor read the system's entropy."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        return self._rng
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         """logits [batch, vocab] -> token ids [batch]."""

@@ -151,15 +151,19 @@ def test_automatic_merges_and_swaps_never_mix(tiny, engine):
     m, prompt, expected = _contenders(tiny, engine, "auto")
     m.auto_merge_tokens = 4
     seen, errors, merged, stop = [], [], [], threading.Event()
+    run = threading.Event()  # the generators run while it is set
+    run.set()
 
     def swapper():
         rng = random.Random(0)
         for i in range(120):
             m.use([None, "a", "b"][i % 3])
-            if i % 15 == 1:  # now and then hold "a" until the generators have merged it
-                deadline = time.monotonic() + 10
+            if i % 15 == 1:  # now and then hold "a", the generators paused, and run it alone until it is merged
+                run.clear()  # (merges wait for an idle scheduler: generators back to back on a fast machine never
+                deadline = time.monotonic() + 10  # leave one, whatever the timing)
                 while m.mode != "merge" and time.monotonic() < deadline and not errors:
-                    time.sleep(0.001)
+                    seen.append(tuple(m.generate_ids(prompt, 6)))
+                run.set()
             else:
                 time.sleep(rng.random() * 0.02)  # long enough, at times, for a merge
             merged.append(m.mode == "merge")
@@ -168,6 +172,7 @@ def test_automatic_merges_and_swaps_never_mix(tiny, engine):
     def generator(rows):
         try:
             while not stop.is_set():
+                run.wait()
                 if rows:  # rows of their own: the pure base under them, whatever the active set
                     out = m.generate_batch([prompt, prompt], 6, adapters=["b", None])
                     assert (tuple(out[0]), tuple(out[1])) == (expected["b"], expected[None])

@@ -135,6 +135,21 @@ def test_sampling_is_seeded(tiny):
     assert m.generate_ids([5, 6, 7], 10, Sampler(temperature=1.0, top_k=1, seed=3)) == m.generate_ids([5, 6, 7], 10)
 
 
+def test_sampler_draws_from_its_seed_and_greedy_never_draws():
+    from edgeadapt.runtime.sampling import Sampler
+
+    logits = np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32)
+    s = Sampler(temperature=1.0, seed=11)
+    got = [s(logits) for _ in range(4)]
+    ref = np.random.default_rng(11)  # the seed's own draws, one [batch, 1] per step
+    p = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = [np.minimum((np.cumsum(p, -1) < ref.random((3, 1))).sum(-1), 49) for _ in range(4)]
+    assert [g.tolist() for g in got] == [w.tolist() for w in want]
+    greedy = Sampler()
+    assert greedy(logits).tolist() == logits.argmax(-1).tolist() and greedy._rng is None  # no generator made
+
+
 # ---- refusals leave the model as it was
 def _other_base_delta(tiny, tmp_path):
     d = read_delta(tiny["a"])
