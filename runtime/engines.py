@@ -10,7 +10,7 @@ onnxruntime never loads the onnxruntime engine.
 from __future__ import annotations
 
 import importlib
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Collection, Iterable
 
 import numpy as np
 
@@ -77,6 +77,18 @@ class Engine:
         forward then takes as they are (the scheduler keeps each adapter set's one-row plan in this form and stacks
         rows of it); by default the factors themselves."""
         return lora
+
+    def adopt_cache(self, past: Any, plan: Any, length: int) -> Any:
+        """A batch-1 prefill's own cache (its keys at [0, ``length``)) to decode ``plan`` on as it is, where it is
+        what :meth:`cache_from` would make of its layers; None: make one with cache_from."""
+        return None
+
+    def slot_form_from(self, parts: Iterable[tuple[str, np.ndarray, np.ndarray]], targets: Collection[str]
+                       ) -> dict[str, Any]:
+        """:meth:`slot_form` of one set's factors arriving one weight at a time, (weight, A [1, in, r],
+        B [1, r, out]): an engine that ``copies_factors`` copies each as it comes. The result only once ``parts``
+        ends (a verified stream raises there instead)."""
+        return self.slot_form({w: (a, b) for w, a, b in parts})
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Any = None,
                 **live: Any) -> tuple[np.ndarray, Any]:

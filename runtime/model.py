@@ -255,8 +255,11 @@ class Model:
         return known
 
     def _has_live_form(self, name: str) -> bool:
-        if not self.adapters[name].low_rank:  # declared by the adapter (edgeadapt.formats.delta_kinds.AdapterBase)
+        ad = self.adapters[name]
+        if not ad.low_rank:  # declared by the adapter (edgeadapt.formats.delta_kinds.AdapterBase)
             return False
+        if isinstance(ad, LoraDelta):  # A·B, plus a bias term for lora_bias: known without reading the factors
+            return not ad.biases or self._engine.kind_slots
         try:
             terms = self._adapter_factors(name)
         except (AdapterMismatchError, FormatError):  # e.g. no unquantized base weight to compute DoRA's norm from
@@ -328,18 +331,41 @@ class Model:
             raise UnsupportedError("bottleneck adapters run live on onnxruntime through model_bottleneck.onnx, in live "
                                    f"or auto mode on the fp32 graph; this base folder ({self.manifest.root}) has none: "
                                    "export the base again, or use engine='numpy'")
-        plan = bn_slots.attach(self._seq.plan(self._factors(rows), rows), bn)
+        plan = None if bn else self._streamed(rows)
+        if plan is None:
+            plan = bn_slots.attach(self._seq.plan(self._factors(rows), rows), bn)
         if self._engine.copies_factors and plan and type(plan) is dict and all(len(v) == 2 for v in plan.values()):
             if self._merged:  # merged weights run on a graph without slots: not kept, use() asks again after unmerging
                 return plan
             self._slots_ready()
-            plan = self._engine.slot_form(plan)
+            plan = self._engine.slot_form(plan)  # a streamed plan is in that form already: returned as it is
             self._release({n for r in rows for n in r})
         if key is not None:
             for old in list(self._set_plans)[: max(0, len(self._set_plans) - 15)]:  # the oldest, 16 kept
                 self._set_plans.pop(old, None)
             self._set_plans[key] = plan
         return plan
+
+    def _streamed(self, rows: Sequence[Mapping[str, float]]) -> Live | None:
+        """The plan of one adapter of plain LoRA factors in a version-2 delta file, on an engine that
+        ``copies_factors``, made while the file is read: each weight's factors read privately, copied into the
+        engine's slots and dropped, the file verified as a whole before the plan is returned (a file changed
+        since loading is refused by name, nothing of it kept). What :meth:`_factors` then ``slot_form`` make,
+        holding the slots and a group's factors rather than a private copy of the whole file beside the slots.
+        None where another path applies (a stack, several rows, merged weights, a kind or terms beyond A·B)."""
+        if len(rows) != 1 or len(rows[0]) != 1 or self._merged or not self._engine.copies_factors:
+            return None
+        (name, weight), = rows[0].items()
+        ad = self.adapters.get(name)
+        factors = getattr(ad, "factors", None)
+        if (not isinstance(ad, LoraDelta) or ad.biases or ad.embed_lora is not None or ad.changes_embedding
+                or ad.changes_head or ad.n_virtual
+                or name in self._factor_cache or not getattr(factors, "streams", False)):
+            return None
+        w = np.float32(weight)
+        parts = ((t, a.T[None], (b.T if weight == 1.0 else b.T * w)[None]) for t, a, b in factors.stream())
+        self._slots_ready()
+        return self._engine.slot_form_from(parts, set(factors))
 
     def _release(self, names: Iterable[str]) -> None:
         """Drop the driver's and the adapters' copies of these adapters' factors where the file can give them

@@ -153,3 +153,118 @@ def test_a_file_rewritten_after_use_runs_as_verified_and_is_refused_when_read_ag
         m.use({"a": 1.0, "b": 1.0})  # a stack reads "a" again: refused, by name
     assert m.active == {"a": 1.0}  # nothing changed
     np.testing.assert_array_equal(m.logits(ids), before)
+
+
+# ---- streamed: one adapter's factors copied into the engine's slots as the file is read
+def test_a_stream_gives_the_files_factors_and_checks_the_whole_file(tiny, tmp_path):
+    d = read_delta(tiny["a"])
+    ref = delta_from_bytes(tiny["a"].read_bytes(), tiny["a"])
+    assert d.factors.streams
+    got = {t: (a, b) for t, a, b in d.factors.stream()}
+    assert sorted(got) == sorted(ref.factors)  # every target once
+    for t, (a, b) in got.items():
+        np.testing.assert_array_equal(a, ref.factors[t][0])
+        np.testing.assert_array_equal(b, ref.factors[t][1])
+        assert a.flags.owndata and b.flags.owndata  # private copies, not views of the mapping
+    path = tmp_path / "x.gguf"
+    shutil.copy(tiny["a"], path)
+    d = read_delta(path)
+    with open(path, "r+b") as f:  # in place, the last bytes: every target has been yielded before the check
+        f.seek(-4, 2)
+        f.write(np.float32(0.125).tobytes())
+    seen = []
+    with pytest.raises(IntegrityError, match="changed after it was loaded"):
+        for t, _, _ in d.factors.stream():
+            seen.append(t)
+    assert sorted(seen) == sorted(ref.factors)  # the check comes after the last one, before the loop ends
+
+
+def test_a_stream_refuses_a_changed_header(tiny, tmp_path):
+    path = tmp_path / "x.gguf"
+    shutil.copy(tiny["a"], path)
+    d = read_delta(path)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"edgeadapt.adapter.name")
+    data[at:at + 4] = b"EDGE"  # a key renamed: the same size, another header
+    with open(path, "r+b") as f:
+        f.write(data)
+    with pytest.raises(IntegrityError, match="changed after it was loaded"):
+        list(d.factors.stream())
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5, -2.0])
+def test_a_streamed_plan_is_the_plan_made_from_the_whole_file(tiny, qbase, weight, monkeypatch):
+    """use() of one mapped adapter builds its slots while reading the file: the same arrays, bit for bit, as the
+    plan made from every factor at once (the path stacks and in-memory adapters take)."""
+    m = edgeadapt.load(qbase, engine="ort", weights="int4")
+    m.add_adapter(tiny["a"], name="a")
+    calls = []
+    stream = MappedFactors.stream
+    monkeypatch.setattr(MappedFactors, "stream", lambda self: calls.append(1) or stream(self))
+    got = m._live_plan([{"a": weight}])
+    assert calls == [1] and _released(m, "a")
+    ref = m._engine.slot_form(m._factors([{"a": weight}]))
+    assert calls == [1]  # the whole-file path read it privately
+    assert sorted(got) == sorted(ref)
+    for n in ref:
+        assert len(got[n]) == len(ref[n]) == 2
+        for x, y in zip(got[n], ref[n]):
+            assert x.dtype == y.dtype and x.shape == y.shape and x.flags.c_contiguous
+            np.testing.assert_array_equal(x, y)
+
+
+def test_use_of_a_file_changed_since_loading_is_refused_and_changes_nothing(tiny, qbase, ids, tmp_path):
+    path = tmp_path / "x.gguf"
+    shutil.copy(tiny["a"], path)
+    m = edgeadapt.load(qbase, engine="ort", weights="int4")
+    m.add_adapter(path, name="a")
+    m.add_adapter(tiny["b"], name="b")
+    m.use("b")
+    before = m.logits(ids)
+    with open(path, "r+b") as f:
+        f.seek(-64, 2)
+        f.write(bytes(64))
+    with pytest.raises(IntegrityError, match="changed after it was loaded"):
+        m.use("a")
+    assert m.active == {"b": 1.0}
+    np.testing.assert_array_equal(m.logits(ids), before)
+    with pytest.raises(IntegrityError, match="changed after it was loaded"):
+        m.generate_batch(ids, 2, adapters=["a", "b"])  # a batch row's one-row plan: refused the same way
+
+
+def test_a_streamed_use_holds_the_slots_and_not_a_second_copy(tiny, qbase, tmp_path):
+    """Python-side allocations while use() builds one adapter's plan (the session built before): the slot
+    arrays and about one group's factors, where the whole-file path held a private copy of every factor too."""
+    import tracemalloc
+
+    from edgeadapt.formats.delta import write_delta
+
+    ref = read_delta(tiny["a"])
+    rng = np.random.default_rng(0)
+    shapes = edgeadapt.load(qbase, engine="ort", weights="int4").config.linear_shapes()
+    r = 128  # every linear layer: factors of a few MB, beside which Python's own allocations do not count
+    path = tmp_path / "wide.gguf"
+    write_delta(path, arch=ref.arch, fingerprint=ref.fingerprint, name="a",
+                factors={w: (rng.standard_normal((r, n_in), np.float32), rng.standard_normal((n_out, r), np.float32))
+                         for w, (n_out, n_in) in shapes.items()})
+
+    def peak_over_slots(stream: bool) -> tuple[int, int]:
+        m = edgeadapt.load(qbase, engine="ort", weights="int4")
+        m.add_adapter(path, name="a")
+        m._slots_ready()
+        if not stream:
+            m.adapters["a"].factors._head = None  # as a version-1 file: read whole
+        tracemalloc.start()
+        try:
+            m.use("a")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        slots = sum(x.nbytes for f in m._live.values() for x in f)
+        return peak - slots, slots
+
+    factors = sum(a.nbytes + b.nbytes for a, b in read_delta(path).factors.values())
+    streamed, slots = peak_over_slots(True)
+    whole, _ = peak_over_slots(False)
+    assert whole >= factors  # the test can fail: the whole-file path holds every factor beside the slots
+    assert streamed < factors / 2, (streamed, factors, slots)  # the factors of one layer's largest group, ~1/3 here

@@ -64,6 +64,7 @@ This module imports only numpy, gguf and the standard library: it is used on dev
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import threading
@@ -336,7 +337,8 @@ def read_delta(path: str | os.PathLike) -> LoraDelta | KindAdapter:
     pages = _map(path)
     out = delta_from_bytes(pages, path)
     if isinstance(out, LoraDelta) and out.quant == "F32":  # else decoded into arrays of their own
-        out.factors = MappedFactors(pages, path, out.integrity, out.factors)
+        head = parse_gguf(pages, str(path)).data_start if out.format_version >= 2 else None
+        out.factors = MappedFactors(pages, path, out.integrity, out.factors, head)
     _release(pages)
     return out
 
@@ -361,8 +363,10 @@ class MappedFactors(Mapping):
     file is rewritten in place after loading. :meth:`release` drops the copy once an engine holds its own (the
     model driver does, see ``Engine.copies_factors``); a later read makes and verifies another."""
 
-    def __init__(self, pages: Any, path: Path, integrity: str, views: dict[str, tuple[np.ndarray, np.ndarray]]):
+    def __init__(self, pages: Any, path: Path, integrity: str, views: dict[str, tuple[np.ndarray, np.ndarray]],
+                 head: int | None = None):
         self._pages, self._path, self._integrity = pages, path, integrity
+        self._head = head  # where a version-2 file's tensor data starts: stream() reads such files
         self._shape = {w: (a.shape, b.shape) for w, (a, b) in views.items()}  # no view of the mapping is kept
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
         self._lock = threading.Lock()
@@ -406,9 +410,84 @@ class MappedFactors(Mapping):
                 self._arrays = dict(again.factors)
             return self._arrays
 
+    @property
+    def streams(self) -> bool:
+        """Whether :meth:`stream` reads this file (version 2) without a private copy of the whole of it."""
+        return self._head is not None
+
+    def stream(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """(target, A [r, in], B [out, r]) one target at a time, in file order: each factor a private copy of its
+        bytes, hashed as read with everything around it (the header parsed from its own private copy), the pages
+        read released as it goes. The file's integrity is checked after the last target, before the iterator
+        ends: a consumer may copy the factors as they come but must use nothing until the loop is over — a file
+        changed since loading raises there, named, and what was copied is to be dropped. A stream holds one
+        target's factors (and any whose other half comes later in the file), where :meth:`_read` holds a copy
+        of the whole file."""
+        if self._head is None:
+            raise UnsupportedError(f"{self._path}: a version-1 delta file is read whole, not streamed")
+        pages, where = self._pages, str(self._path)
+        head = bytes(pages[: self._head])
+        try:
+            c = parse_gguf(head, where, size=len(pages))
+            integ, _ = _slots(c, where)
+        except FormatError as e:
+            raise self._changed(f"its header now reads: {e}") from None
+        if c.data_start != self._head:
+            raise self._changed(f"its tensor data now starts at byte {c.data_start}, not {self._head}")
+        h = hashlib.sha256(INTEGRITY_TAG)
+        h.update(head[: integ[0]])
+        h.update(bytes(integ[1] - integ[0]))
+        h.update(head[integ[1]:])
+        del head
+        halves: dict[str, dict[str, np.ndarray]] = {}
+        pos, done = self._head, 0
+        left = set(self._shape)
+        step = 1 << 20  # read pages leave resident memory every MiB
+        for t in sorted(c.tensors, key=lambda t: t.start):
+            if t.start > pos:
+                h.update(bytes(pages[pos:t.start]))
+            w, role = _factor_role(t.name)
+            if w in left and t.ttype == _T.F32:
+                x = np.empty(t.shape, np.float32)
+                x.reshape(-1).view(np.uint8)[:] = np.frombuffer(pages, np.uint8, t.nbytes, t.start)
+                h.update(x)
+                want = self._shape[w][0 if role == "a" else 1]
+                if x.shape != want:
+                    raise self._changed(f"{t.name} is now {list(x.shape)}, loaded as {list(want)}")
+                if not np.isfinite(x).all():
+                    raise self._changed(f"{t.name} now holds NaN or Inf")
+                half = halves.setdefault(w, {})
+                half[role] = x
+                if len(half) == 2:
+                    del halves[w]
+                    left.discard(w)
+                    yield w, half["a"], half["b"]
+            else:  # biases, or anything else: hashed only
+                h.update(bytes(pages[t.start:t.start + t.nbytes]))
+            pos = t.start + t.nbytes
+            if pos - done >= step and hasattr(mmap, "MADV_DONTNEED"):
+                cut = pos // mmap.PAGESIZE * mmap.PAGESIZE
+                pages.madvise(mmap.MADV_DONTNEED, done, cut - done)
+                done = cut
+        h.update(bytes(pages[pos:]))
+        _release(pages)
+        got = "sha256:" + h.hexdigest()
+        if got != self._integrity:
+            raise self._changed(f"it now hashes to {got}")
+        if left:  # the verified file had them: unreachable unless the hash were broken
+            raise self._changed(f"{sorted(left)[0]} is missing")
+
     def _changed(self, found: str) -> IntegrityError:
         return IntegrityError(f"{self._path}: the file changed after it was loaded (verified as {self._integrity}; "
                               f"{found}); nothing of it runs: add the adapter again to load the new file")
+
+
+def _factor_role(name: str) -> tuple[str, str]:
+    """(target, "a" | "b") of a factor tensor's name, ("", "") for any other tensor."""
+    for suffix in FACTOR_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)], suffix[-1]
+    return "", ""
 
 
 def delta_from_bytes(data: bytes, path: str | os.PathLike | None = None) -> LoraDelta | KindAdapter:

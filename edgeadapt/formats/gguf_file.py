@@ -190,9 +190,11 @@ class _Cursor:
 
 
 def parse_gguf(buf: Any, where: str, *, max_items: int | None = None, max_tensors: int = MAX_TENSORS,
-               max_kv: int = MAX_KV) -> GGUFFile:
+               max_kv: int = MAX_KV, size: int | None = None) -> GGUFFile:
     """Parse the header, metadata and tensor infos of the GGUF bytes ``buf`` (bytes, memoryview or
-    uint8 array), checking every size against them; ``where`` names the file in messages."""
+    uint8 array), checking every size against them; ``where`` names the file in messages. ``size``: the
+    file's size when ``buf`` holds only its beginning (a private copy of the header; tensor extents are
+    checked against the file, the header must lie within ``buf``)."""
     mv = memoryview(buf).cast("B") if not isinstance(buf, np.ndarray) else memoryview(buf.reshape(-1).view(np.uint8))
     cur = _Cursor(mv, where, max_items)
     magic = bytes(cur.take(4, "the GGUF magic"))
@@ -205,7 +207,7 @@ def parse_gguf(buf: Any, where: str, *, max_items: int | None = None, max_tensor
         raise UnsupportedError(f"{where}: GGUF version {version}, {kind}; this reader takes little-endian "
                                f"versions {' and '.join(map(str, _VERSIONS))}")
     n_tensors, n_kv = cur.scalar("<Q", "the tensor count"), cur.scalar("<Q", "the key count")
-    size = len(mv)
+    size = len(mv) if size is None else size
     if n_tensors > max_tensors or n_tensors * 24 > size:
         raise FormatError(f"{where}: header claims {n_tensors} tensors; a {size}-byte file holds at most "
                           f"{min(max_tensors, size // 24)}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Iterable
 
 import numpy as np
 
@@ -318,15 +318,15 @@ class OrtEngine(Engine):
         side, or block-diagonal on graphs exported before), which the graph's slot_arrays passes through as they are."""
         return self._current().slot_arrays(lora, keep=False)
 
+    def slot_form_from(self, parts: Iterable[tuple[str, np.ndarray, np.ndarray]], targets: Collection[str]
+                       ) -> dict[str, Any]:
+        return self._current().slot_arrays_from(parts, targets)
+
     def cache_from(self, layers: list[tuple[np.ndarray, np.ndarray]], plan: Any = None) -> Any:
         """A KVCache bound in place (IOBinding) when ``plan`` runs on the in-place fused path: no embedding, head,
         bottleneck or scale / bias terms; otherwise the list, for the general path."""
-        from edgeadapt.runtime.seq import Plan
-
         g = self._current()
-        extras = isinstance(plan, Plan) and (plan.embed is not None or plan.head is not None or bool(plan.bn))
-        kinds = bool(plan) and any(type(v) is tuple and len(v) > 2 for v in plan.values())
-        if extras or kinds or not g.inplace or plan and not g.slots:
+        if not self._inplace(plan, g):
             return layers
         B, _, T, _ = layers[0][0].shape
         cache = KVCache(self, B, T, g)
@@ -335,6 +335,23 @@ class OrtEngine(Engine):
             cache._arrays[2 * i + 1][:, :, :T] = v
         cache.length = T
         return cache
+
+    def adopt_cache(self, past: Any, plan: Any, length: int) -> Any:
+        """The prefill's KVCache itself, when it runs on the current session and ``plan`` runs in place on it:
+        what cache_from would copy its keys into (a transient second cache: SmolLM2, 69 tokens, +6 MB)."""
+        if not isinstance(past, KVCache) or past.batch != 1 or past.length != length:
+            return None
+        g = self._current()
+        return past if past._g is g and self._inplace(plan, g) else None
+
+    def _inplace(self, plan: Any, g: "_Session") -> bool:
+        """Whether ``plan`` runs on the in-place fused path of ``g``: no embedding, head, bottleneck or scale /
+        bias terms, and slots for its factors."""
+        from edgeadapt.runtime.seq import Plan
+
+        extras = isinstance(plan, Plan) and (plan.embed is not None or plan.head is not None or bool(plan.bn))
+        kinds = bool(plan) and any(type(v) is tuple and len(v) > 2 for v in plan.values())
+        return not (extras or kinds or not g.inplace or plan and not g.slots)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: Any = None, lora: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,

@@ -8,7 +8,7 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Iterable
 
 import numpy as np
 
@@ -80,26 +80,54 @@ class _Session:
             return lora
         out = {n: tuple(np.ascontiguousarray(x) for x in f) for n, f in lora.items() if n not in grouped}
         for gname, ws in self.groups.items():
-            present = [w for w in ws if w in lora]
-            if not present:
-                continue
-            n = max(lora[w][0].shape[0] for w in present)
-            ranks = [lora[w][0].shape[2] if w in lora else 0 for w in ws]
-            if self.side_by_side:
-                out[gname] = self._side_by_side(gname, ws, lora, n, ranks)
-                continue
-            a = np.zeros((n, self.shapes[gname][1], sum(ranks)), np.float32)
-            b = np.zeros((n, sum(ranks), self.shapes[gname][0]), np.float32)
-            r0 = o0 = 0
-            for w, r in zip(ws, ranks):
-                o1 = o0 + self.shapes[w][0]
-                if r:
-                    a[:, :, r0:r0 + r] = lora[w][0]
-                    b[:, r0:r0 + r, o0:o1] = lora[w][1]
-                r0, o0 = r0 + r, o1
-            out[gname] = (a, b)
+            if any(w in lora for w in ws):
+                out[gname] = self._group(gname, lora)
         self._last = (lora if keep else out, out)
         return out
+
+    def slot_arrays_from(self, parts: Iterable[tuple[str, np.ndarray, np.ndarray]], targets: Collection[str]
+                         ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """:meth:`slot_arrays` of one set's factors arriving one weight at a time, (weight, A [1, in, r],
+        B [1, r, out]) for each of ``targets``: each copied into its slot as it comes and dropped, a group's once
+        all of its weights in ``targets`` are in. The same arrays as ``slot_arrays`` of them all at once, while
+        holding the slots and one group's factors instead of every factor besides the slots. The result is
+        returned only once ``parts`` ends (a verified stream raises there instead, and the slots are dropped)."""
+        group_of = {w: g for g, ws in self.groups.items() for w in ws}
+        waiting = {g: sum(w in targets for w in ws) for g, ws in self.groups.items()}
+        pending: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for w, a, b in parts:
+            g = group_of.get(w)
+            if g is None:
+                out[w] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
+                continue
+            ready = pending.setdefault(g, {})
+            ready[w] = (a, b)
+            if len(ready) == waiting[g]:
+                out[g] = self._group(g, pending.pop(g))
+        if pending:
+            raise FormatError(f"factors of {sorted(w for p in pending.values() for w in p)} arrived without the rest "
+                              "of their group")
+        self._last = (out, out)
+        return out
+
+    def _group(self, gname: str, lora: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """One group slot's (A, B) from the per-weight factors of its weights present in ``lora``."""
+        ws = self.groups[gname]
+        n = max(lora[w][0].shape[0] for w in ws if w in lora)
+        ranks = [lora[w][0].shape[2] if w in lora else 0 for w in ws]
+        if self.side_by_side:
+            return self._side_by_side(gname, ws, lora, n, ranks)
+        a = np.zeros((n, self.shapes[gname][1], sum(ranks)), np.float32)
+        b = np.zeros((n, sum(ranks), self.shapes[gname][0]), np.float32)
+        r0 = o0 = 0
+        for w, r in zip(ws, ranks):
+            o1 = o0 + self.shapes[w][0]
+            if r:
+                a[:, :, r0:r0 + r] = lora[w][0]
+                b[:, r0:r0 + r, o0:o1] = lora[w][1]
+            r0, o0 = r0 + r, o1
+        return a, b
 
     def _side_by_side(self, gname: str, ws: list[str], lora: dict[str, tuple[np.ndarray, np.ndarray]], n: int,
                       ranks: list[int]) -> tuple[np.ndarray, np.ndarray]:
