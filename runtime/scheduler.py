@@ -111,6 +111,7 @@ class _Row:
         self.done = 0  # prompt tokens prefilled so far (alone)
         self.pos_all: np.ndarray | None = None  # the prompt's positions (alone)
         self.kv: Any = None  # (cache layers, row index) of its prefill until the row is copied into the batch
+        self.cache: Any = None  # its batch-1 prefill's own cache (keys at [0, length)): a batch it starts decodes on it
         self.mask0: np.ndarray | None = None  # the prefill's mask [length]; every later token is real
         self.length = 0  # keys this row has in the cache
         self.pos = 0  # position of the next token
@@ -178,6 +179,7 @@ class Scheduler:
         self.steps = 0  # decode steps run (a counter for tests and benchmarks)
         self.prefills = 0  # prefill forwards run
         self.rebuilds = 0  # cache rebuilds (steps where rows joined or left)
+        self.adopted = 0  # batches started by one row on its prefill's own cache (no rebuild)
         self.peak = 0  # the most rows one step has run
         self.peak_prefill = 0  # the most prompts one prefill forward has run
         self.prefix_hits = 0  # prompts prefilled after kept keys / values of their start
@@ -414,6 +416,7 @@ class Scheduler:
         if b < S:
             return
         self._taken([row])
+        row.cache = row.kv
         row.kv, row.mask0, row.length = (m._engine.cache_layers(row.kv), 0), row.mask0[0], row.mask0.shape[1]
         row.pos = int(row.pos_all[0, -1]) + 1
         self._first(row, logits[:, -1])
@@ -470,7 +473,7 @@ class Scheduler:
         self.prefix_hits += n > 0
         self.peak_prefill = max(self.peak_prefill, 1)
         layers = m._engine.cache_layers(past)
-        r.kv, r.mask0, r.length, r.pos = (layers, 0), np.ones(S, np.int64), S, S
+        r.kv, r.mask0, r.length, r.pos, r.cache = (layers, 0), np.ones(S, np.int64), S, S, past
         self._keep_prefix(r, layers, 0)
         self._first(r, logits[:, -1])
 
@@ -497,6 +500,7 @@ class Scheduler:
         layers = m._engine.cache_layers(past)
         for b, r in enumerate(rows):
             r.kv, r.mask0, r.length, r.pos = (layers, b), np.ones(len(r.ids), np.int64), len(r.ids), len(r.ids)
+            r.cache = past if len(rows) == 1 and S == len(r.ids) else None
             self._keep_prefix(r, layers, b)
             self._first(r, logits[b:b + 1, -1])
 
@@ -508,7 +512,7 @@ class Scheduler:
         if r.count < r.max_new:
             self._joining.append(r)
         else:
-            r.kv = None
+            r.kv = r.cache = None
 
     def _prefill_plan(self, rows: list[_Row], offset: int = 0) -> Any:
         if rows[0].key[0] == "merged" or rows[0].alone:
@@ -532,7 +536,7 @@ class Scheduler:
         now = [j for j in joins if j.key == key]
         self._joining[:0] = [j for j in joins if j.key != key]  # (none: prefills take the batch's kind only)
         for r in gone:
-            r.kv = None
+            r.kv = r.cache = None
             self._finish(r)  # released here if its reader left, else by its reader at _END
         if not gone and not now:
             return
@@ -553,6 +557,19 @@ class Scheduler:
         rows = keep + new
         if rows[0].key[0] != "merged":
             rows = self.plans.order(rows)  # a row goes where the plan's buffers hold its set already
+        plan = rows[0].plan if rows[0].key[0] == "merged" else self.plans.decode(rows, self.max_rows)
+        if not keep and len(new) == 1 and new[0].cache is not None:  # one row starts the batch: on its own cache
+            r = new[0]
+            own = m._engine.adopt_cache(r.cache, plan, r.length)
+            if own is not None and r.mask0 is not None and len(r.mask0) <= r.length:
+                mask = np.ones((1, r.length), np.int64)
+                mask[0, :len(r.mask0)] = r.mask0
+                r.kv = r.cache = None
+                self._rows, self._mask, self._right = rows, mask, m._engine.pads_right
+                self.peak = max(self.peak, 1)
+                self._plan, self._past = plan, own
+                self.adopted += 1
+                return
         T = max(r.length for r in rows)
         right = m._engine.pads_right
         cfg = m.config
@@ -577,10 +594,10 @@ class Scheduler:
                 K[b, :, a:a + L] = k
                 V[b, :, a:a + L] = v
         for r in new:
-            r.kv = None
+            r.kv = r.cache = None
         self._rows, self._mask, self._right = rows, mask, right
         self.peak = max(self.peak, len(rows))
-        self._plan = rows[0].plan if rows[0].key[0] == "merged" else self.plans.decode(rows, self.max_rows)
+        self._plan = plan
         self._past = m._engine.cache_from(layers, self._plan)
         self.rebuilds += 1
 

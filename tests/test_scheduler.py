@@ -176,6 +176,30 @@ def test_int4_rows_bit_for_bit(tiny, int4_base, mode):
     assert sched.active == 0
 
 
+@pytest.mark.parametrize("engine,weights", [("ort", "fp32"), ("ort", "int4"), ("numpy", "fp32")])
+def test_a_request_alone_decodes_on_its_prefill_cache(tiny, int4_base, engine, weights):
+    """A request that finds the batch empty starts it on its own prefill's cache (onnxruntime's in-place KVCache)
+    instead of copying its keys into a new one, whether its prompt was prefilled whole or in chunks: the same
+    tokens and logits, bit for bit, as alone, and no rebuild. The numpy engine's caches are rebuilt as before."""
+    m = _model(tiny, int4_base, engine, mode="live", weights=weights)
+    reqs = [r[:3] + (0,) for r in REQUESTS]
+    ref = _alone(m, reqs)
+    sched = scheduler_of(m)
+    for chunk in (128, 4):  # 4: prompts over 4 tokens are prefilled alone, in chunks
+        sched.prefill_chunk = chunk
+        adopted0, rebuilds0 = sched.adopted, sched.rebuilds
+        got = []
+        for k, (ids, n, ad, _) in enumerate(reqs):  # one at a time: each finds the batch empty
+            s = Recording(temperature=0.0, seed=k)
+            got.append((m.generate_ids(ids, n, s, adapter=ad), s.seen))
+        _check(ref, got, 0 if engine == "ort" else 2e-5)
+        if engine == "ort":
+            assert sched.adopted - adopted0 == len(reqs) and sched.rebuilds == rebuilds0
+        else:
+            assert sched.adopted == adopted0 and sched.rebuilds - rebuilds0 == len(reqs)
+    assert sched.active == 0
+
+
 def test_graph_without_right_padding_keeps_left_padded_batches(tiny, int4_base, tmp_path):
     """A base folder exported before its graphs took right-padded rows (no edgeadapt.right_padded property): the
     scheduler keeps its left-padded batch there — the same tokens as alone, logits within MatMulNBits' int8 rounding
