@@ -7,7 +7,8 @@
   computes bit for bit what the full folder computes;
 - what a bundle left out is refused by name;
 - ``memory="low" | "balanced" | "fast"`` change what the engine holds, not what it computes (onnxruntime: bit
-  for bit; numpy: the same tokens, logits within float32 summation order).
+  for bit; numpy: the same tokens, logits within float32 summation order);
+- a device run (load, add, use, generate) does not import the gguf package, only its constants.
 """
 
 from __future__ import annotations
@@ -162,3 +163,22 @@ def test_quantized_bundle_names_what_needs_float_embedding_rows(qbase, tmp_path,
     with pytest.raises(FormatError, match=r"device bundle ships none\); load the full base folder"):
         m.use("t")
         m.logits(ids)
+
+
+@pytest.mark.parametrize("load", [dict(engine="ort", weights="int4"), dict(engine="numpy")])
+def test_a_device_run_imports_no_gguf_package(tiny, qbase, load):
+    """Loading a base, adding and using an adapter and generating read GGUF files with edgeadapt's own reader and
+    gguf's constants only: the gguf package (whose import brings its writer, sentencepiece and yaml, +4.4 MB) is
+    not imported. A fresh interpreter, so nothing else imported it first."""
+    import subprocess
+    import sys
+
+    code = ("import sys, edgeadapt\n"
+            f"m = edgeadapt.load({str(qbase)!r}, **{load!r})\n"
+            f"m.add_adapter({str(tiny['a'])!r}, name='a')\n"
+            "m.use('a')\n"
+            "assert len(m.generate_batch([[5, 6, 7]], 4)[0]) == 4\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('gguf', 'yaml', 'sentencepiece')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

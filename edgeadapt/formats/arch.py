@@ -337,8 +337,7 @@ class ArchConfig:
 
 def _gguf_rope_freqs(reader: Any, arch: str, head_dim: int) -> list[float] | None:
     """The per-frequency rope divisors of a GGUF (llama.cpp's rope_freqs.weight, Llama 3.x), checked."""
-    import gguf
-
+    from edgeadapt.formats.gguf_constants import C
     from edgeadapt.formats.names import ROPE_FREQS as name
 
     t = next((t for t in reader.tensors if t.name == name), None)
@@ -349,9 +348,9 @@ def _gguf_rope_freqs(reader: Any, arch: str, head_dim: int) -> list[float] | Non
                                "(Llama 3.x rope scaling on the llama family only)")
     strict = hasattr(reader, "view")  # edgeadapt.formats.gguf_file's reader, else gguf.GGUFReader
     ttype, shape = (t.ttype if strict else t.tensor_type), [int(x) for x in t.shape]
-    if ttype != gguf.GGMLQuantizationType.F32 or shape != [head_dim // 2]:
+    if ttype != C.GGMLQuantizationType.F32 or shape != [head_dim // 2]:
         raise FormatError(f"GGUF {name}: expected F32 [{head_dim // 2}] (head_dim / 2), found "
-                          f"{gguf.GGMLQuantizationType(ttype).name} {shape}")
+                          f"{C.GGMLQuantizationType(ttype).name} {shape}")
     freqs = np.asarray(reader.view(t) if strict else t.data, np.float32).reshape(-1)
     if not (np.isfinite(freqs).all() and (freqs > 0).all()):
         raise FormatError(f"GGUF {name}: expected positive finite divisors, found {freqs.tolist()}")

@@ -73,13 +73,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import gguf
 import numpy as np
 
 from edgeadapt.formats.delta_container import (INTEGRITY_LEN, INTEGRITY_TAG, MAX_DEPTH, MAX_KEY, MAX_KV, MAX_TENSORS,  # noqa: F401
                               SIGNATURE_LEN, SIGNATURE_TAG, UNSIGNED, _INTEGRITY_RE, _SIGNATURE_RE, _Container,
                               _T, _Tensor, _array, _digest_v1, _hash_zeroed, _slots, parse_gguf, signature_message,
                               with_signature)
+from edgeadapt.formats.gguf_constants import C
 from edgeadapt.formats.delta_kinds import KIND_QUANTS, AdapterBase, KindAdapter, LiveTerms, group_tensors, kind_class
 from edgeadapt.formats.delta_quant import (BITS, _decode_int, _encode, _role_name, dequantize_rows, quantize_rows,  # noqa: F401
                           _scale_dtype)
@@ -90,11 +90,11 @@ VERSION = 2
 READS = (1, 2)
 
 # ---- keys (gguf's own constants where gguf has them)
-K_TYPE = gguf.Keys.General.TYPE
-K_ARCH = gguf.Keys.General.ARCHITECTURE
-K_ALIGNMENT = gguf.Keys.General.ALIGNMENT
-K_ADAPTER_TYPE = gguf.Keys.Adapter.TYPE
-K_ALPHA = gguf.Keys.Adapter.LORA_ALPHA
+K_TYPE = C.Keys.General.TYPE
+K_ARCH = C.Keys.General.ARCHITECTURE
+K_ALIGNMENT = C.Keys.General.ALIGNMENT
+K_ADAPTER_TYPE = C.Keys.Adapter.TYPE
+K_ALPHA = C.Keys.Adapter.LORA_ALPHA
 K_FORMAT = "edgeadapt.format"
 K_VERSION = "edgeadapt.format_version"
 K_FINGERPRINT = "edgeadapt.base.fingerprint"
@@ -301,6 +301,8 @@ def _lora_type(quant: str, bias: bool) -> str:
 
 
 def _write_file(path: Path, arch: str, kv: list[tuple[str, str, object]], tensors: list[tuple[str, np.ndarray, Any]]) -> None:
+    import gguf  # the package's writer (writing only)
+
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), arch)  # writes general.architecture itself
     for key, vtype, value in kv:

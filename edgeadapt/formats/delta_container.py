@@ -14,7 +14,6 @@ import json
 import re
 from typing import Iterable
 
-import gguf
 import numpy as np
 
 from edgeadapt.errors import FormatError, collect
@@ -22,10 +21,11 @@ from edgeadapt.formats.gguf_file import K_ALIGNMENT, MAX_DEPTH, MAX_KEY, MAX_KV,
 from edgeadapt.formats.gguf_file import GGUFFile as _Container
 from edgeadapt.formats.gguf_file import TensorInfo as _Tensor
 from edgeadapt.formats.gguf_file import parse_gguf  # noqa: F401
+from edgeadapt.formats.gguf_constants import C
 
 K_INTEGRITY = "edgeadapt.integrity"
 K_SIGNATURE = "edgeadapt.signature"
-_T = gguf.GGMLQuantizationType
+_T = C.GGMLQuantizationType
 
 # ---- slots
 INTEGRITY_TAG = b"edgeadapt-delta-v2\0"
@@ -97,4 +97,6 @@ def _array(buf: memoryview, t: _Tensor) -> np.ndarray:
     v = tensor_view(buf, t)
     if v.dtype != np.uint8:
         return v
+    import gguf  # the package's quants, for the block types
+
     return gguf.quants.dequantize(v.reshape(t.shape[0], -1), t.ttype).reshape(t.shape)

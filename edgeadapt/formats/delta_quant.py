@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import gguf
 import numpy as np
 
 from edgeadapt.formats.delta_container import _T, _Tensor, _array
@@ -68,6 +67,8 @@ def _encode(w: str, a: np.ndarray, b: np.ndarray, quant: str, group: int) -> lis
         dt = np.float32 if quant == "F32" else np.float16
         return [(w + ".lora_a", np.ascontiguousarray(a, dt), None), (w + ".lora_b", np.ascontiguousarray(b, dt), None)]
     if quant == "Q8_0":
+        import gguf  # the package's quants (writing only)
+
         out = []
         for suffix, x in ((".lora_a", a), (".lora_b", b)):
             if x.shape[1] % 32 == 0:

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 
 from edgeadapt.errors import FormatError, UnsupportedError
+from edgeadapt.formats.gguf_constants import C
 
-_T = gguf.GGMLQuantizationType
-K_ALIGNMENT = gguf.Keys.General.ALIGNMENT
+_T = C.GGMLQuantizationType
+K_ALIGNMENT = C.Keys.General.ALIGNMENT
 
 # ---- limits
 MAX_TENSORS = 1 << 16  # a 100-layer model with every linear adapted needs ~1,400
@@ -51,7 +51,7 @@ _VERSIONS = (2, 3)
 
 _SCALARS = {"UINT8": "<B", "INT8": "<b", "UINT16": "<H", "INT16": "<h", "UINT32": "<I", "INT32": "<i",
             "FLOAT32": "<f", "BOOL": "<?", "UINT64": "<Q", "INT64": "<q", "FLOAT64": "<d"}
-_VTYPES = {int(v): v.name for v in gguf.GGUFValueType}
+_VTYPES = {int(v): v.name for v in C.GGUFValueType}
 # tensor types viewed as numpy items; every other type is viewed as rows of blocks (uint8)
 _ITEMS = {_T.F32: "<f4", _T.F16: "<f2", _T.F64: "<f8", _T.I8: "i1", _T.I16: "<i2", _T.I32: "<i4", _T.I64: "<i8"}
 
@@ -249,7 +249,7 @@ def parse_gguf(buf: Any, where: str, *, max_items: int | None = None, max_tensor
         seen.add(name)
         try:
             t = _T(ttype)
-            block, tsize = gguf.GGML_QUANT_SIZES[t]
+            block, tsize = C.GGML_QUANT_SIZES[t]
         except (ValueError, KeyError):
             raise FormatError(f"{where}: tensor {name!r} has type id {ttype}, which this reader does not know") from None
         if min(ne) < 1 or ne[0] % block:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Protocol
+from typing import Any, Protocol
 
-import gguf
-
+from edgeadapt.formats.gguf_constants import C
 
 
 class _Card(Protocol):  # what a name map needs of an architecture card (edgeadapt.formats.arch.ArchConfig)
@@ -14,12 +13,14 @@ class _Card(Protocol):  # what a name map needs of an architecture card (edgeada
     n_layers: int
 
 
-_ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
-ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"  # Llama 3.x rope divisors [head_dim/2]
+_ARCH_BY_NAME = {name: arch for arch, name in C.MODEL_ARCH_NAMES.items()}
+ROPE_FREQS = C.TENSOR_NAMES[C.MODEL_TENSOR.ROPE_FREQS] + ".weight"  # Llama 3.x rope divisors [head_dim/2]
 
 
 @lru_cache(maxsize=16)
-def _tensor_map(arch: str, n_layers: int) -> gguf.TensorNameMap:
+def _tensor_map(arch: str, n_layers: int) -> Any:  # a gguf.TensorNameMap
+    import gguf  # the package's name map (converting, importing)
+
     return gguf.get_tensor_name_map(_ARCH_BY_NAME[arch], n_layers)
 
 

@@ -3,19 +3,19 @@
 :class:`_Src` is one tensor of a memmapped base file (see :mod:`edgeadapt.formats.gguf_file`) in its stored
 type; :class:`_Lazy` a linear kept that way and used slab by slab. The kernels for F16 / Q8_0 /
 Q4_0 / Q4_1 give bit for bit what ``gguf.quants.dequantize`` gives; every other type goes through
-gguf. numpy and gguf only; nothing is computed at import time.
+gguf (imported only then). numpy and gguf only; nothing is computed at import time.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-import gguf
 import numpy as np
 
+from edgeadapt.formats.gguf_constants import C
 from edgeadapt.formats.gguf_file import TensorInfo
 
-_T = gguf.GGMLQuantizationType
+_T = C.GGMLQuantizationType
 _F32 = np.float32
 
 # one lazily dequantized slab is at most this many bytes of fp32 (bounds the scratch memory of "lazy")
@@ -73,6 +73,8 @@ def _dequantizer(qtype: Any) -> Callable[[np.ndarray], np.ndarray]:
     fast = _FAST_DEQ.get(qtype)
     if fast is not None:
         return fast
+    import gguf  # the package's quants: every other block type
+
     return lambda rows: gguf.quants.dequantize(rows, qtype)
 
 
