@@ -83,6 +83,12 @@ class Engine:
         what :meth:`cache_from` would make of its layers; None: make one with cache_from."""
         return None
 
+    def blank_cache(self, batch: int, tokens: int, plan: Any) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]]] | None:
+        """(a cache of ``batch`` rows and ``tokens`` keys, all zero, to decode ``plan`` on; its per-layer (key, value)
+        arrays [batch, n_kv_heads, ≥ tokens, head_dim] to write rows' keys into), where that is what
+        :meth:`cache_from` would make: no second copy of every key. None: fill arrays for cache_from."""
+        return None
+
     def slot_form_from(self, parts: Iterable[tuple[str, np.ndarray, np.ndarray]], targets: Collection[str]
                        ) -> dict[str, Any]:
         """:meth:`slot_form` of one set's factors arriving one weight at a time, (weight, A [1, in, r],

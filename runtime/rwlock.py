@@ -1,10 +1,10 @@
-"""The model's reader-writer lock: generations read, a weight change (merge) writes."""
+"""The model's reader-writer lock (generations read, a weight change writes) and the scheduler's turn lock."""
 
 from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 
 class RWLock:
@@ -50,3 +50,23 @@ class RWLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+
+class TurnLock:
+    """A first-come, first-served mutex around every forward (runtime.scheduler: tests hold it to
+    pause the worker)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next, self._serving = 0, 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            me, self._next = self._next, self._next + 1
+            while self._serving != me:
+                self._cond.wait()
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()

@@ -3,44 +3,34 @@
 Every ``generate()`` / ``generate_ids()`` of one prompt (from threads, or ``Model.agenerate`` from asyncio)
 runs here when ``Model.batching`` is on (the default):
 
-- the caller (its thread, or for asyncio one executor hop per request) reads the request's state under the
-  model's read lock (:meth:`Model._request`) and waits for a row: at most ``max_rows`` requests run at once,
-  ``max_waiting`` more may wait for one, a further one is refused with :class:`QueueFullError`;
+- the caller reads the request's state under the model's read lock (:meth:`Model._request`) and waits for a
+  row: at most ``max_rows`` requests run at once, ``max_waiting`` more may wait, a further one is refused with
+  :class:`QueueFullError`;
 - everything else runs in this module's worker thread, one forward at a time: prefills and decode steps
-  alternate. Prompts of up to ``prefill_chunk`` tokens that are waiting together are prefilled in one turn, at
-  most ``prefill_tokens`` (padded) tokens per turn: on an engine that takes right-padded rows (``pads_right``:
-  onnxruntime's fused graphs) each at batch 1, exactly as it runs alone; elsewhere in one left-padded forward,
-  each row with its own adapter set (what ``generate([...], adapters=[...])`` runs). A longer prompt (or one with
-  a KV prefix) is prefilled alone, one
-  chunk of ``prefill_chunk`` tokens per turn, so running rows wait for one chunk at a time. A prompt that starts
-  with at least ``prefix_min`` tokens of the last prompt of its adapter set (a chat template's system part) reuses
-  their kept keys / values and prefills only the rest (batch 1: GroupQueryAttention takes several new tokens after
-  a past only at batch 1);
-- the rows then join the decode batch: one forward per step for every running row, each row with its own
-  adapter set (per-row factors, :mod:`runtime.row_lora`), sampler, seed and token limit; a row leaves at EOS, at
-  its limit, or when its caller stops reading (a closed stream, a cancelled task);
-- each step's tokens go out once per step: a thread's request gets them through its queue, every asyncio
-  request of one event loop through one ``call_soon_threadsafe`` for all its rows (no thread hop per token).
+  alternate. Prompts of up to ``prefill_chunk`` tokens waiting together are prefilled in one turn (at most
+  ``prefill_tokens`` padded tokens): at batch 1 each where the engine takes right-padded rows (``pads_right``:
+  onnxruntime's fused graphs), exactly as alone; elsewhere in one left-padded forward, each row with its own
+  adapter set. A longer prompt (or one with a KV prefix) is prefilled alone, one chunk per turn. A prompt that
+  starts with at least ``prefix_min`` tokens of the last prompt of its set reuses their kept keys / values;
+- the rows then join the decode batch: one forward per step for every running row, each with its own adapter
+  set (per-row factors, :mod:`runtime.row_lora`), sampler, seed and token limit; a row leaves at EOS, at its
+  limit, or when its caller stops reading (a closed stream, a cancelled task). Each step's tokens go out once:
+  through a thread's queue, or one ``call_soon_threadsafe`` per event loop for all its rows.
 
-Weights: each request holds its read lock until its row has left the batch, so a merge (``use()`` in merge mode,
-an auto-mode merge) waits for every running row and never lands under one. While weights are merged only
-requests of the merged (active) set run — as one shared plan; otherwise every row runs beside the pure base
-with its own set, which is what a request alone runs: greedy tokens are the same, logits agree to ~1e-7 on numpy,
-and are bit for bit the alone ones on onnxruntime's fused graphs (int4 included, where MatMulNBits quantizes its
-inputs and any other rounding would move a logit by ~1e-2: docs/SERVING.md).
+Weights: each request holds its read lock until its row has left the batch, so a merge waits for every running
+row and never lands under one. While weights are merged only requests of the merged (active) set run, as one
+shared plan; otherwise every row runs beside the pure base with its own set, as it runs alone: greedy tokens
+the same, logits within ~1e-7 on numpy, bit for bit on onnxruntime's fused graphs (int4 included, where
+MatMulNBits quantizes its inputs: docs/SERVING.md). Each set's one-row factors are made once
+(:class:`runtime.row_lora.BatchPlans`); a joining row overwrites only the buffer rows whose set changed.
 
-Per-row plans (:class:`runtime.row_lora.BatchPlans`): each adapter set's one-row factors are made once; the decode batch
-runs views of buffers that outlast it, where a joining row overwrites only the rows whose set changed.
-
-KV cache: the batch's keys / values are one cache [rows, kv_heads, T, head_dim] per layer, updated in place by
-the engine while the rows stay the same (numpy: the engine's own buffers; onnxruntime's fused graph: a KVCache
-bound by IOBinding). Where the engine takes right-padded rows (``Engine.pads_right``) each row's keys are at
-[0, len) and each step's mask covers the row's own keys and its new token, which GroupQueryAttention writes
-after them: a row's attention sums over exactly the keys it has alone. Elsewhere (numpy, graphs exported before)
-the cache is left-padded, each row right-aligned (its last token at T-1). When rows join — at most once per step,
-all joins of that step together — the cache is rebuilt: the kept rows' windows and the new rows' prefill caches
-are copied into a new one as long as the longest row. Rows that only leave stay in place, masked, while computing
-them costs less than a rebuild (``idle_row_steps``: rows left × steps still to run).
+KV cache: one [rows, kv_heads, T, head_dim] per layer, updated in place while the rows stay (onnxruntime's fused
+graph: a KVCache bound by IOBinding). Where the engine ``pads_right`` each row's keys are at [0, len) and
+GroupQueryAttention writes its new one after them: its sums run over exactly its alone keys; elsewhere the cache
+is left-padded. When rows join (all joins of a step together) the cache is rebuilt as long as the longest row:
+the kept rows' windows and the new rows' prefill caches are copied straight into onnxruntime's new in-place
+cache (else into arrays for the engine). A row that finds the batch empty decodes on its prefill's own cache:
+no copy. Rows that only leave stay, masked, while that costs less than a rebuild (``idle_row_steps``).
 """
 
 from __future__ import annotations
@@ -54,6 +44,7 @@ import numpy as np
 
 from edgeadapt.errors import EdgeAdaptError
 from edgeadapt.runtime.row_lora import BatchPlans
+from edgeadapt.runtime.rwlock import TurnLock
 
 _END = object()
 _LOCK = threading.Lock()  # creates one scheduler per model
@@ -71,25 +62,6 @@ def scheduler_of(model: Any) -> "Scheduler":
             if s is None:
                 s = model.__dict__["_scheduler"] = Scheduler(model)
     return s
-
-
-class _TurnLock:
-    """A first-come, first-served mutex around every forward (tests hold it to pause the worker)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._next, self._serving = 0, 0
-
-    def __enter__(self) -> None:
-        with self._cond:
-            me, self._next = self._next, self._next + 1
-            while self._serving != me:
-                self._cond.wait()
-
-    def __exit__(self, *exc: Any) -> None:
-        with self._cond:
-            self._serving += 1
-            self._cond.notify_all()
 
 
 def _push_all(items: list[tuple[Any, Any]]) -> None:
@@ -161,7 +133,7 @@ class Scheduler:
     def __init__(self, model: Any) -> None:
         self.m = model
         self._eos = set(model.config.eos_token_ids)
-        self.turn = _TurnLock()
+        self.turn = TurnLock()
         self._cond = threading.Condition()
         self._running = 0  # requests holding a row slot
         self._waiting = 0
@@ -558,25 +530,18 @@ class Scheduler:
         if rows[0].key[0] != "merged":
             rows = self.plans.order(rows)  # a row goes where the plan's buffers hold its set already
         plan = rows[0].plan if rows[0].key[0] == "merged" else self.plans.decode(rows, self.max_rows)
-        if not keep and len(new) == 1 and new[0].cache is not None:  # one row starts the batch: on its own cache
-            r = new[0]
-            own = m._engine.adopt_cache(r.cache, plan, r.length)
-            if own is not None and r.mask0 is not None and len(r.mask0) <= r.length:
-                mask = np.ones((1, r.length), np.int64)
-                mask[0, :len(r.mask0)] = r.mask0
-                r.kv = r.cache = None
-                self._rows, self._mask, self._right = rows, mask, m._engine.pads_right
-                self.peak = max(self.peak, 1)
-                self._plan, self._past = plan, own
-                self.adopted += 1
-                return
         T = max(r.length for r in rows)
         right = m._engine.pads_right
         cfg = m.config
-        shape = (len(rows), cfg.n_kv_heads, T, cfg.head_dim)
-        layers = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(cfg.n_layers)]
-        mask = np.zeros((len(rows), T), np.int64)
         old = m._engine.cache_layers(self._past) if keep else None
+        # one row that starts the batch decodes on its prefill's own cache; else onnxruntime's in-place cache is
+        # made blank and the keys go straight in, or arrays are filled for the engine's cache_from
+        own = m._engine.adopt_cache(new[0].cache, plan, T) if not keep and len(new) == 1 and new[0].cache else None
+        made = None if own is not None else m._engine.blank_cache(len(rows), T, plan)
+        shape = (len(rows), cfg.n_kv_heads, T, cfg.head_dim)
+        layers = made[1] if made else [] if own is not None else [
+            (np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(cfg.n_layers)]
+        mask = np.zeros((len(rows), T), np.int64)
         for b, r in enumerate(rows):
             L = r.length
             a = 0 if right else T - L  # where its keys go
@@ -598,8 +563,9 @@ class Scheduler:
         self._rows, self._mask, self._right = rows, mask, right
         self.peak = max(self.peak, len(rows))
         self._plan = plan
-        self._past = m._engine.cache_from(layers, self._plan)
-        self.rebuilds += 1
+        self._past = own if own is not None else made[0] if made else m._engine.cache_from(layers, plan)
+        self.adopted += own is not None
+        self.rebuilds += own is None
 
     def _step(self) -> None:
         m = self.m

@@ -325,16 +325,22 @@ class OrtEngine(Engine):
     def cache_from(self, layers: list[tuple[np.ndarray, np.ndarray]], plan: Any = None) -> Any:
         """A KVCache bound in place (IOBinding) when ``plan`` runs on the in-place fused path: no embedding, head,
         bottleneck or scale / bias terms; otherwise the list, for the general path."""
+        B, _, T, _ = layers[0][0].shape
+        made = self.blank_cache(B, T, plan)
+        if made is None:
+            return layers
+        for (K, V), (k, v) in zip(made[1], layers):
+            K[:, :, :T] = k
+            V[:, :, :T] = v
+        return made[0]
+
+    def blank_cache(self, batch: int, tokens: int, plan: Any) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]]] | None:
         g = self._current()
         if not self._inplace(plan, g):
-            return layers
-        B, _, T, _ = layers[0][0].shape
-        cache = KVCache(self, B, T, g)
-        for i, (k, v) in enumerate(layers):
-            cache._arrays[2 * i][:, :, :T] = k
-            cache._arrays[2 * i + 1][:, :, :T] = v
-        cache.length = T
-        return cache
+            return None
+        cache = KVCache(self, batch, tokens, g)
+        cache.length = tokens
+        return cache, [(cache._arrays[2 * i], cache._arrays[2 * i + 1]) for i in range(self.cfg.n_layers)]
 
     def adopt_cache(self, past: Any, plan: Any, length: int) -> Any:
         """The prefill's KVCache itself, when it runs on the current session and ``plan`` runs in place on it:
