@@ -174,6 +174,53 @@ def test_stop_strings_and_seeded_sampling(client, ref):
     assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
 
 
+def test_the_request_forms_clients_send(client, ref, server):
+    """Text parts in chat content, token-id prompts, echo; fields that would change the answer and are not
+    served are refused by name, their defaults pass."""
+    chat = ref(PROMPTS[3], "b", 12, chat=True)
+    parts = [{"type": "text", "text": PROMPTS[3]}]
+    r = client.chat.completions.create(model="b", messages=[{"role": "user", "content": parts}], max_tokens=12,
+                                       temperature=0)
+    assert r.choices[0].message.content == chat
+    ids = ref.m.encode_prompt(PROMPTS[1], chat=False)
+    want = ref(PROMPTS[1], "a", 10)  # generate(text) runs exactly these ids
+    for prompt in (ids, [ids]):
+        r = client.completions.create(model="a", prompt=prompt, max_tokens=10, temperature=0)
+        assert r.choices[0].text == want and r.usage.prompt_tokens == len(ids)
+    r = client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=10, temperature=0, echo=True)
+    assert r.choices[0].text == PROMPTS[1] + want
+    streamed = client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=10, temperature=0, echo=True,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == PROMPTS[1] + want
+    r = client.chat.completions.create(model="b", messages=[{"role": "user", "content": PROMPTS[3]}], max_tokens=12,
+                                       temperature=0, logprobs=False, presence_penalty=0, frequency_penalty=0.0,
+                                       response_format={"type": "text"})
+    assert r.choices[0].message.content == chat
+    url = server[1]
+    msg = [{"role": "user", "content": "hi"}]
+    refused = [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages"),
+        ("/v1/chat/completions", {"messages": msg, "logprobs": True}, "logprobs"),
+        ("/v1/chat/completions", {"messages": msg, "presence_penalty": 0.5}, "presence_penalty"),
+        ("/v1/chat/completions", {"messages": msg, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/v1/chat/completions", {"messages": msg, "response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 0}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+        ("/v1/completions", {"prompt": "x", "best_of": 2}, "best_of"),
+        ("/v1/completions", {"prompt": [1, 10 ** 9]}, "prompt"),
+        ("/v1/completions", {"prompt": [1, True]}, "prompt"),
+        ("/v1/completions", {"prompt": [[1], [2]]}, "prompt"),
+        ("/v1/completions", {"prompt": []}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "echo": "yes"}, "echo"),
+    ]
+    for path, body, param in refused:
+        r = _post(url, path, {"model": "a", "max_tokens": 2, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    assert _health(url)["running"] == 0
+
+
 def test_concurrent_clients_get_their_own_adapter(client, ref):
     jobs = [(PROMPTS[i % 5], [None, "a", "b", {"a": 0.5, "b": 0.5}][i % 4], 12 + 3 * i) for i in range(8)]
     want = [ref(p, s, n) for p, s, n in jobs]

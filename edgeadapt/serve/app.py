@@ -66,7 +66,13 @@ class Service:
             tok = self.m.tokenizer
         except EdgeAdaptError as e:
             raise APIError(400, str(e)) from None
-        if req.messages is None:
+        if req.prompt_ids is not None:  # token ids as given: no BOS added, as llama.cpp's server and vLLM take them
+            vocab = self.m.config.vocab_size
+            bad = [t for t in req.prompt_ids if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"'prompt': expected token ids in [0, {vocab}), found {bad[0]}", "prompt")
+            ids = list(req.prompt_ids)
+        elif req.messages is None:
             ids = self.m.encode_prompt(req.prompt, chat=False)
         elif not tok.chat_template:
             raise APIError(400, f"the base '{self.base_id}' has no chat template; use /v1/completions", "messages")
@@ -139,6 +145,7 @@ def build_app(svc: Service, *, workers: int = 64) -> Any:
         spec = svc.spec(req)
         ids = svc.prompt_ids(req)
         rid = oa.new_id(chat)
+        echo = "" if chat or not req.echo else req.prompt if req.prompt is not None else svc.m.tokenizer.decode(ids)
         tokens = _tokens(svc, ids, req, spec)
         try:  # admission and prefill before the status line: a full queue is a 429, not a broken stream
             first = await tokens.__anext__()
@@ -176,7 +183,7 @@ def build_app(svc: Service, *, workers: int = 64) -> Any:
         if req.stream:
             async def sse() -> AsyncIterator[bytes]:
                 event = oa.SSEChunks(rid, req.model, chat)
-                yield event.first()
+                yield event.first() + (event.text(echo) if echo else b"")
                 n = 0
                 async for texts, finish, n in pieces():
                     out = b"".join(event.text(t) for t in texts)  # one write for what this step brought
@@ -192,7 +199,7 @@ def build_app(svc: Service, *, workers: int = 64) -> Any:
             return StreamingResponse(sse(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
         async def collect() -> tuple[str, str, int]:
-            text, finish, n = "", "stop", 0
+            text, finish, n = echo, "stop", 0
             async for texts, fin, n in pieces():
                 text += "".join(texts)
                 finish = fin or finish

@@ -1,12 +1,16 @@
 """The OpenAI API surface edgeadapt serves: request validation and response shapes, no I/O.
 
 Requests (``POST /v1/completions``, ``POST /v1/chat/completions``) MUST be JSON objects. Fields read:
-``model`` (the base's id or a loaded adapter's name), ``prompt`` (completions: one string) or ``messages``
-(chat: ``[{"role", "content"}]``), ``max_tokens`` (or ``max_completion_tokens``; default 16), ``temperature``
+``model`` (the base's id or a loaded adapter's name), ``prompt`` (completions: one string, or one list of token
+ids) or ``messages`` (chat: ``[{"role", "content"}]``, the content a string or a list of text parts), ``echo``
+(completions: the prompt's text before the completion), ``max_tokens`` (or ``max_completion_tokens``; default 16), ``temperature``
 (0–2, default 1), ``top_p`` (0 < p ≤ 1), ``seed``, ``stream``, ``stream_options.include_usage``, ``stop`` (a
 string or up to 4), ``n`` (1 only). Extension: ``adapters``, ``{name: weight}``, a weighted stack of loaded
-adapters (the ``model`` then names the base, or one of those adapters). Unknown fields are ignored, as OpenAI's
-own clients send some. Every refusal is an :class:`APIError` with OpenAI's error body.
+adapters (the ``model`` then names the base, or one of those adapters). Fields that would change the answer
+and are not served (``logprobs``, penalties, ``logit_bias``, ``tools``, a JSON ``response_format``, ``suffix``,
+``best_of`` > 1) are refused by name when set to anything but their default, never ignored; other unknown
+fields are ignored, as OpenAI's own clients send some. Every refusal is an :class:`APIError` with OpenAI's
+error body.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class APIError(Exception):
 class GenRequest:
     model: str
     prompt: str | None = None  # completions
+    prompt_ids: list[int] | None = None  # completions given token ids
+    echo: bool = False  # completions: the prompt's text first
     messages: list[dict[str, str]] | None = None  # chat
     max_tokens: int = 16
     temperature: float = 1.0
@@ -71,19 +77,14 @@ def parse(body: Any, chat: bool) -> GenRequest:
         raise APIError(400, f"'model': expected the id of the base or of a loaded adapter, found {model!r}", "model")
     req = GenRequest(model=model)
     if chat:
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in msgs):
-            raise APIError(400, "'messages': expected a non-empty list of {\"role\": str, \"content\": str}", "messages")
-        req.messages = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        req.messages = _messages(body.get("messages"))
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise APIError(400, f"'prompt': expected one non-empty string, found {type(prompt).__name__}", "prompt")
-        req.prompt = prompt
+        req.prompt, req.prompt_ids = _prompt(body.get("prompt"))
+        echo = body.get("echo", False)
+        if not isinstance(echo, bool) and echo is not None:
+            raise APIError(400, f"'echo': expected true or false, found {echo!r}", "echo")
+        req.echo = bool(echo)
+    _refuse_unserved(body)
     key = "max_completion_tokens" if body.get("max_tokens") is None and "max_completion_tokens" in body else "max_tokens"
     req.max_tokens = _num(body, key, 1, 1 << 20, 16, integer=True)
     req.temperature = float(_num(body, "temperature", 0, 2, 1.0))
@@ -115,6 +116,63 @@ def parse(body: Any, chat: bool) -> GenRequest:
             raise APIError(400, "'adapters': expected {adapter name: weight} with finite numbers", "adapters")
         req.adapters = {k: float(v) for k, v in ads.items()}
     return req
+
+
+# fields that change the answer and that this server does not compute: their defaults (what clients send when
+# the user set nothing) pass, anything else is refused by name rather than silently ignored
+_UNSERVED = {"logprobs": False, "top_logprobs": 0, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {},
+             "tools": [], "functions": [], "suffix": "", "best_of": 1, "response_format": {"type": "text"}}
+
+
+def _refuse_unserved(body: dict) -> None:
+    for key, default in _UNSERVED.items():
+        v = body.get(key)
+        if v is None or (v == default and isinstance(v, bool) == isinstance(default, bool)):
+            continue
+        raise APIError(400, f"'{key}': not served by edgeadapt (expected it absent or {default!r}, found {v!r:.80})", key)
+
+
+def _text_of(content: Any, where: str) -> str:
+    """A message's content: a string, or OpenAI's list of parts of which only text parts are read."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"'{where}.content[{j}]': expected a text part {{\"type\": \"text\", \"text\": str}}, "
+                                    f"found {kind or type(part).__name__!r}; this server reads text only", "messages")
+            texts.append(part["text"])
+        return "\n".join(texts)  # as vLLM joins a message's text parts
+    raise APIError(400, f"'{where}.content': expected a string or a non-empty list of text parts, found "
+                        f"{type(content).__name__}", "messages")
+
+
+def _messages(msgs: Any) -> list[dict[str, str]]:
+    if not isinstance(msgs, list) or not msgs:
+        raise APIError(400, "'messages': expected a non-empty list of {\"role\": str, \"content\": str}", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError(400, f"'messages[{i}]': expected {{\"role\": str, \"content\": str}}, found {m!r:.80}", "messages")
+        out.append({"role": m["role"], "content": _text_of(m.get("content"), f"messages[{i}]")})
+    return out
+
+
+def _prompt(prompt: Any) -> tuple[str | None, list[int] | None]:
+    """One prompt: a string, a list holding one string, a list of token ids, or a list holding one such list."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return prompt, None
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return None, list(prompt)
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise APIError(400, f"'prompt': expected one prompt per request, found a list of {len(prompt)}; send one "
+                            "request per prompt (they are batched together)", "prompt")
+    raise APIError(400, "'prompt': expected a non-empty string or a non-empty list of token ids, found "
+                        f"{type(prompt).__name__ if prompt != '' and prompt != [] else repr(prompt)}", "prompt")
 
 
 # ---- responses
