@@ -40,6 +40,15 @@ class Tokenizer:
         """Ids of text that already carries its special tokens (a rendered chat template)."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    @property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes a vocabulary entry is written with: an upper bound on the bytes of text one token
+        covers (a byte-level or SentencePiece entry is written with at least the bytes it stands for), so a text
+        of B bytes encodes to at least B / max_token_bytes tokens."""
+        if not hasattr(self, "_span"):
+            self._span = max((len(t.encode("utf-8")) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return self._span
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 

@@ -301,6 +301,33 @@ def test_every_error_is_openai_shaped(server, client):
         openai.OpenAI(base_url=url + "/v1", api_key="bad", max_retries=0).models.list()
 
 
+def test_a_body_or_prompt_far_too_large_is_refused_before_it_is_read_or_tokenized(server, client, ref):
+    url = server[1]
+    tok = ref.m.tokenizer
+    rng = random.Random(3)
+    for _ in range(20):  # the bound the early refusal rests on: B bytes of text are ≥ B / max_token_bytes tokens
+        text = "".join(rng.choice(["a", "é", " ", "ab ", "\n", "€", "xyz"]) for _ in range(rng.randrange(1, 400)))
+        assert len(tok.encode_raw(text)) * tok.max_token_bytes >= len(text.encode())
+    big = json.dumps({"model": "a", "prompt": "x " * (1 << 20), "max_tokens": 2}).encode()  # 2 MiB > the 1 MiB cap
+    r = _post(url, "/v1/completions", None, raw=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+
+    def chunks():  # no Content-Length: the cap holds while reading
+        for i in range(0, len(big), 1 << 16):
+            yield big[i:i + (1 << 16)]
+    r = httpx.post(url + "/v1/completions", content=chunks(),
+                   headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    r = _post(url, "/v1/completions", {"model": "a", "prompt": "word " * 150_000, "max_tokens": 2})  # 750 KB
+    assert r.status_code == 413 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert "bytes" in r.json()["error"]["message"]  # refused on its size, not after tokenizing it
+    chat = [{"role": "user", "content": "word " * 150_000}]
+    r = _post(url, "/v1/chat/completions", {"model": "a", "messages": chat, "max_tokens": 2})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=5, temperature=0).choices[0].text \
+        == ref(PROMPTS[0], "a", 5)
+
+
 def test_admin_loads_and_unloads_adapters(server, served, client, ref):
     url = server[1]
     assert httpx.get(url + "/admin/adapters").status_code == 401

@@ -35,6 +35,20 @@ class Service:
         self.api_key, self.admin_key = api_key, admin_key
         self.in_use: dict[str, int] = {}
         self.created = int(time.time())
+        self._max_body: int | None = None
+
+    @property
+    def max_body(self) -> int:
+        """The largest request body read: a prompt of the whole context written with the vocabulary's longest
+        entries, each byte JSON-escaped (≤ 6 bytes a byte), and 64 KiB for the rest; bases without a tokenizer
+        read up to 1 MiB. A larger body is refused (413) before it is read."""
+        if self._max_body is None:
+            try:
+                span = self.m.tokenizer.max_token_bytes
+            except EdgeAdaptError:
+                span = 0
+            self._max_body = max(1 << 20, self.m.config.context_length * span * 6 + (64 << 10))
+        return self._max_body
 
     # ---- checks
     def auth(self, request: Any, key: str | None) -> None:
@@ -66,6 +80,14 @@ class Service:
             tok = self.m.tokenizer
         except EdgeAdaptError as e:
             raise APIError(400, str(e)) from None
+        limit = self.m.config.context_length
+        text = req.prompt if req.messages is None else "".join(m["content"] for m in req.messages)
+        if text is not None and len(text) > limit:  # cheap bound first: no tokenizer run on a text far too long
+            n = len(text.encode("utf-8"))
+            if n > 2 * limit * tok.max_token_bytes:  # ≥ 2× the context in tokens, whatever a normalizer drops
+                raise APIError(413, f"expected prompt + max_tokens ≤ the context of {limit} tokens, found a prompt of "
+                                    f"{n} bytes, more than {2 * limit} tokens of this vocabulary", "prompt",
+                               "context_length_exceeded")
         if req.prompt_ids is not None:  # token ids as given: no BOS added, as llama.cpp's server and vLLM take them
             vocab = self.m.config.vocab_size
             bad = [t for t in req.prompt_ids if not 0 <= t < vocab]
@@ -78,7 +100,6 @@ class Service:
             raise APIError(400, f"the base '{self.base_id}' has no chat template; use /v1/completions", "messages")
         else:
             ids = tok.encode_raw(tok.render_chat(req.messages))
-        limit = self.m.config.context_length
         if not ids:
             raise APIError(400, "the prompt encodes to no tokens", "prompt")
         if len(ids) + req.max_tokens > limit:
@@ -88,8 +109,18 @@ class Service:
         return ids
 
 
-async def _json(request: Any) -> Any:
-    raw = await request.body()
+async def _json(request: Any, limit: int) -> Any:
+    """The request's JSON, read up to ``limit`` bytes: a larger body is a 413 before it is held in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"expected a request body of at most {limit} bytes, found {declared}", code="request_too_large")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise APIError(413, f"expected a request body of at most {limit} bytes, found more", code="request_too_large")
+        parts.append(part)
+    raw = b"".join(parts)
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -141,9 +172,9 @@ def build_app(svc: Service, *, workers: int = 64) -> Any:
 
     async def generate(request: Any, chat: bool) -> Any:
         svc.auth(request, svc.api_key)
-        req = oa.parse(await _json(request), chat)
+        req = oa.parse(await _json(request, svc.max_body), chat)
         spec = svc.spec(req)
-        ids = svc.prompt_ids(req)
+        ids = await asyncio.get_running_loop().run_in_executor(None, svc.prompt_ids, req)  # off the event loop
         rid = oa.new_id(chat)
         echo = "" if chat or not req.echo else req.prompt if req.prompt is not None else svc.m.tokenizer.decode(ids)
         tokens = _tokens(svc, ids, req, spec)
@@ -246,7 +277,7 @@ def build_app(svc: Service, *, workers: int = 64) -> Any:
 
     async def admin_load(request: Any) -> Any:
         admin_auth(request)
-        body = await _json(request)
+        body = await _json(request, 1 << 20)
         if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"] \
                 or not isinstance(body.get("file", body["name"]), str):
             raise APIError(400, "expected {\"name\": NAME} (an adapter installed in the store) or "
