@@ -182,6 +182,12 @@ def test_the_request_forms_clients_send(client, ref, server):
     r = client.chat.completions.create(model="b", messages=[{"role": "user", "content": parts}], max_tokens=12,
                                        temperature=0)
     assert r.choices[0].message.content == chat
+    # chat without max_tokens runs to EOS or the end of the context (OpenAI's chat default), not 16 tokens
+    room = ref.m.config.context_length - len(ref.m.encode_prompt(PROMPTS[3], chat=True))
+    r = client.chat.completions.create(model="b", messages=[{"role": "user", "content": PROMPTS[3]}], temperature=0)
+    assert r.choices[0].message.content == ref(PROMPTS[3], "b", room, chat=True)
+    assert 16 < r.usage.completion_tokens <= room, (r.usage, room)
+    assert r.choices[0].finish_reason == ("length" if r.usage.completion_tokens == room else "stop")
     ids = ref.m.encode_prompt(PROMPTS[1], chat=False)
     want = ref(PROMPTS[1], "a", 10)  # generate(text) runs exactly these ids
     for prompt in (ids, [ids]):

@@ -102,6 +102,8 @@ class Service:
             ids = tok.encode_raw(tok.render_chat(req.messages))
         if not ids:
             raise APIError(400, "the prompt encodes to no tokens", "prompt")
+        if req.max_tokens is None:  # chat without a limit: until EOS or the end of the context
+            req.max_tokens = max(1, limit - len(ids))
         if len(ids) + req.max_tokens > limit:
             raise APIError(413, f"expected prompt + max_tokens ≤ the context of {limit} tokens, found {len(ids)} + "
                                 f"{req.max_tokens}; shorten the prompt or lower max_tokens", "prompt",

@@ -3,7 +3,8 @@
 Requests (``POST /v1/completions``, ``POST /v1/chat/completions``) MUST be JSON objects. Fields read:
 ``model`` (the base's id or a loaded adapter's name), ``prompt`` (completions: one string, or one list of token
 ids) or ``messages`` (chat: ``[{"role", "content"}]``, the content a string or a list of text parts), ``echo``
-(completions: the prompt's text before the completion), ``max_tokens`` (or ``max_completion_tokens``; default 16), ``temperature``
+(completions: the prompt's text before the completion), ``max_tokens`` (or ``max_completion_tokens``; default
+16 for completions, as OpenAI's; the rest of the context for chat, as OpenAI's chat and vLLM), ``temperature``
 (0–2, default 1), ``top_p`` (0 < p ≤ 1), ``seed``, ``stream``, ``stream_options.include_usage``, ``stop`` (a
 string or up to 4), ``n`` (1 only). Extension: ``adapters``, ``{name: weight}``, a weighted stack of loaded
 adapters (the ``model`` then names the base, or one of those adapters). Fields that would change the answer
@@ -45,7 +46,7 @@ class GenRequest:
     prompt_ids: list[int] | None = None  # completions given token ids
     echo: bool = False  # completions: the prompt's text first
     messages: list[dict[str, str]] | None = None  # chat
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: the rest of the context (chat without a limit), set once the prompt is known
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
@@ -86,7 +87,7 @@ def parse(body: Any, chat: bool) -> GenRequest:
         req.echo = bool(echo)
     _refuse_unserved(body)
     key = "max_completion_tokens" if body.get("max_tokens") is None and "max_completion_tokens" in body else "max_tokens"
-    req.max_tokens = _num(body, key, 1, 1 << 20, 16, integer=True)
+    req.max_tokens = _num(body, key, 1, 1 << 20, None if chat else 16, integer=True)
     req.temperature = float(_num(body, "temperature", 0, 2, 1.0))
     req.top_p = float(_num(body, "top_p", 0, 1, 1.0, lo_open=True))
     req.seed = _num(body, "seed", -(1 << 63), (1 << 63) - 1, None, integer=True)
