@@ -130,6 +130,9 @@ def ref(served):
 def test_models_lists_the_base_and_each_adapter(client):
     ids = [m.id for m in client.models.list().data]
     assert ids == ["tinybase", "a", "b"]
+    assert client.models.retrieve("a").id == "a" and client.models.retrieve("tinybase").id == "tinybase"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("nope")
 
 
 @pytest.mark.parametrize("model,spec", [("tinybase", None), ("a", "a"), ("b", "b")])

@@ -255,12 +255,23 @@ def build_app(svc: Service, *, workers: int = 64) -> Any:
     async def chat_completions(request: Any) -> Any:
         return await generate(request, chat=True)
 
+    def model_cards() -> list[dict]:
+        data = [{"id": svc.base_id, "object": "model", "created": svc.created, "owned_by": "edgeadapt"}]
+        return data + [{"id": n, "object": "model", "created": svc.created, "owned_by": "edgeadapt",
+                        "parent": svc.base_id, "root": svc.base_id} for n in sorted(svc.m.adapters)]
+
     async def models(request: Any) -> Any:
         svc.auth(request, svc.api_key)
-        data = [{"id": svc.base_id, "object": "model", "created": svc.created, "owned_by": "edgeadapt"}]
-        data += [{"id": n, "object": "model", "created": svc.created, "owned_by": "edgeadapt", "parent": svc.base_id,
-                  "root": svc.base_id} for n in sorted(svc.m.adapters)]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": model_cards()})
+
+    async def model(request: Any) -> Any:  # GET /v1/models/{id}: the OpenAI client's models.retrieve
+        svc.auth(request, svc.api_key)
+        want = request.path_params["model"]
+        for card in model_cards():
+            if card["id"] == want:
+                return JSONResponse(card)
+        raise APIError(404, f"The model '{want}' does not exist: this server has the base '{svc.base_id}' and the "
+                            f"adapters {sorted(svc.m.adapters)}", "model", "model_not_found")
 
     async def health(request: Any) -> Any:
         from edgeadapt.runtime.scheduler import scheduler_of
@@ -333,7 +344,7 @@ def build_app(svc: Service, *, workers: int = 64) -> Any:
         yield
         pool.shutdown(wait=False, cancel_futures=True)
 
-    routes = [Route("/v1/models", models), Route("/v1/completions", completions, methods=["POST"]),
+    routes = [Route("/v1/models", models), Route("/v1/models/{model:path}", model), Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]), Route("/health", health),
               Route("/admin/adapters", admin_list), Route("/admin/adapters", admin_load, methods=["POST"]),
               Route("/admin/adapters/{name}", admin_unload, methods=["DELETE"])]
