@@ -306,3 +306,167 @@ def test_every_path_the_device_accepts_stays_inside_its_folder():
                 assert ".." not in parts and "." not in parts and "\\" not in path and len(parts) == 3
 
     check()
+
+
+def _serve(base, store, admin):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", "from edgeadapt.cli import main; main()", "serve", str(base),
+                             "--store", str(store), "--admin-key", admin, "--engine", "numpy", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stderr.read()}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not come up")
+
+
+def _served(url, admin):
+    import urllib.request
+
+    req = urllib.request.Request(url + "/admin/adapters", headers={"authorization": f"Bearer {admin}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return {a["id"]: a["version"] for a in json.loads(r.read())["data"]}
+
+
+def _complete(url, model):
+    import urllib.request
+
+    body = json.dumps({"model": model, "prompt": "hello there", "max_tokens": 8, "temperature": 0}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())["choices"][0]["text"]
+
+
+@pytest.fixture(scope="module")
+def texty(tmp_path_factory):
+    """A tiny llama with a byte-level tokenizer (a server answers in text), and two adapters for it."""
+    from arch_common import byte_tokenizer
+    from conftest import add_lora, make_model
+    from edgeadapt.converters.export_base import export_base
+    from edgeadapt.converters.peft.lora import convert_peft
+
+    root = tmp_path_factory.mktemp("texty")
+    model = make_model("llama", seed=4)
+    model.save_pretrained(root / "hf")
+    byte_tokenizer(root / "hf", bos=1, eos=2, pad=0)
+    man = export_base(root / "hf", root / "base", gguf_type="F32")
+    out = dict(base=root / "base", manifest=man)
+    for name, seed in (("a", 1), ("b", 2)):
+        add_lora(model, seed).save_pretrained(root / f"peft_{name}")
+        out[name] = convert_peft(root / f"peft_{name}", man, root / f"{name}.gguf", name=name)
+    return out
+
+
+def test_sync_feeds_a_running_server(texty, site, tmp_path):
+    """`edgeadapt sync --serve`: a running `edgeadapt serve --store` then serves what the store holds — new
+    adapters loaded, a new version swapped in (its answers change to the new version's), pruned ones unloaded;
+    a server left behind is caught up by a sync that downloads nothing."""
+    import signal
+
+    import edgeadapt
+    from edgeadapt.cli import main
+
+    admin = "feed-admin"
+    site["store"].mkdir()
+    r = _repo(site)
+    r.add([release(texty["a"], site["tmp"] / "a1.gguf", 1), texty["b"]])
+    r.publish()
+    proc, url = _serve(texty["base"], site["store"], admin)
+    try:
+        args = ["sync", site["url"], "--root", str(site["root"]), "--store", str(site["store"]),
+                "--base", str(texty["base"]), "--serve", url, "--admin-key", admin, "--prune", "--json"]
+        run = CliRunner().invoke
+        res = run(main, args)
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["served"] == {"loaded": ["a", "b"], "reloaded": [], "unloaded": [], "kept": [],
+                                                    "failed": []}
+        assert _served(url, admin) == {"a": 1, "b": 1}
+
+        def alone(path, name):
+            m = edgeadapt.load(texty["base"], engine="numpy")
+            m.add_adapter(str(path), name=name)
+            m.use(name)
+            return m.generate("hello there", max_new_tokens=8, temperature=0.0, chat=False)
+        assert _complete(url, "a") == alone(site["tmp"] / "a1.gguf", "a")
+
+        a2 = release(texty["a"], site["tmp"] / "a2.gguf", 2, scale=-3.0)
+        r.add([a2])
+        r.remove("b")
+        r.publish()
+        res = run(main, args[:-1])  # the text output
+        assert res.exit_code == 0 and f"server {url}: reloaded 1 (a), unloaded 1 (b)" in res.stdout, res.output
+        assert _served(url, admin) == {"a": 2}
+        assert _complete(url, "a") == alone(a2, "a") != alone(site["tmp"] / "a1.gguf", "a")
+
+        # a server that fell behind (here: its adapter unloaded by hand) is caught up by a sync with nothing new
+        req = __import__("urllib.request").request.Request(url + "/admin/adapters/a", method="DELETE",
+                                                            headers={"authorization": f"Bearer {admin}"})
+        __import__("urllib.request").request.urlopen(req, timeout=10)
+        res = run(main, args)
+        assert res.exit_code == 0 and json.loads(res.stdout)["updated"] == [], res.output
+        assert json.loads(res.stdout)["served"]["loaded"] == ["a"] and _served(url, admin) == {"a": 2}
+        res = run(main, [("wrong" if x == admin else x) for x in args])
+        assert res.exit_code == 2 and "expected the admin listing" in res.output and "HTTP 401" in res.output
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    res = CliRunner().invoke(main, args)  # the server is gone: the store syncs, the error says so
+    assert res.exit_code == 2 and "expected a running `edgeadapt serve`" in res.output, res.output
+
+
+def test_a_version_in_use_is_not_swapped_under_running_requests(tmp_path):
+    """The feed's retry and report when the server answers 409 (running requests use the name) for longer
+    than --serve-wait; a stand-in admin API on loopback counts the calls."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from edgeadapt.serve.feed import feed
+
+    calls = []
+
+    class Admin(BaseHTTPRequestHandler):
+        def _send(self, status, body):
+            raw = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("content-length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self):
+            self._send(200, {"data": [{"id": "a", "version": 1, "in_use": 1}, {"id": "b", "version": 1}]})
+
+        def do_DELETE(self):
+            calls.append(("DELETE", self.path))
+            self._send(409 if self.path.endswith("/a") else 200, {"error": {"message": "in use"}})
+
+        def do_POST(self):
+            n = int(self.headers["content-length"])
+            calls.append(("POST", json.loads(self.rfile.read(n))["name"]))
+            self._send(400, {"error": {"message": "fingerprint differs"}})
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Admin)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        got = feed(f"http://127.0.0.1:{srv.server_port}", "k", {"a": 2, "b": 2}, [], wait=0.3, poll=0.1)
+    finally:
+        srv.shutdown()
+    assert got.kept == ["a"] and got.reloaded == [] and len(got.failed) == 1 and "b: load HTTP 400" in got.failed[0]
+    assert 3 <= calls.count(("DELETE", "/admin/adapters/a")) <= 5  # retried every 0.1 s for 0.3 s
+    assert ("POST", "a") not in calls  # never loaded over a running version

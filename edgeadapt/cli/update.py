@@ -174,10 +174,22 @@ class _Bar:
               help="Also require delta files signed by these keys (see `edgeadapt keygen`). Repeatable.")
 @click.option("--timeout", default=20.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds without a byte before a connection is dropped.")
+@click.option("--serve", "serve_url", default=None, metavar="URL",
+              help="Then bring a running `edgeadapt serve --store STORE --admin-key KEY` at URL in line: load what "
+                   "it does not run at the store's version, unload what was pruned.")
+@click.option("--admin-key", default=None, envvar="EDGEADAPT_ADMIN_KEY", show_envvar=True,
+              help="The server's --admin-key (for --serve).")
+@click.option("--serve-wait", default=30.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds to wait for running requests to finish with a version before it is replaced.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def sync_cmd(url: str, root: Path, store: Path, base: Path, only: tuple[str, ...], prune: bool,
-             trust: tuple[Path, ...], timeout: float, as_json: bool) -> None:
-    """Update STORE from the TUF repository at URL: verified, resumable, atomic; refused updates change nothing."""
+             trust: tuple[Path, ...], timeout: float, serve_url: str | None, admin_key: str | None,
+             serve_wait: float, as_json: bool) -> None:
+    """Update STORE from the TUF repository at URL: verified, resumable, atomic; refused updates change nothing.
+    With --serve, a running server then serves what the store holds (exit status 1 while some of it could not
+    be swapped in yet: in use past --serve-wait, or refused)."""
+    if serve_url and not admin_key:
+        raise click.UsageError("--serve needs the server's --admin-key (or EDGEADAPT_ADMIN_KEY)")
     from edgeadapt.ship.sync import sync
 
     ts = None
@@ -187,12 +199,24 @@ def sync_cmd(url: str, root: Path, store: Path, base: Path, only: tuple[str, ...
     names = [n.strip() for spec in only for n in spec.split(",") if n.strip()]
     r = sync(url, root=root, store=store, base=base, only=names or None, prune=prune, trust=ts,
              require_signature=bool(trust), progress=None if as_json else _Bar(), timeout=timeout)
+    fed = None
+    if serve_url:
+        from edgeadapt.serve.feed import feed
+        from edgeadapt.ship.store import AdapterStore
+
+        want = {u["name"]: u["version"] for u in r.updated}
+        want.update({n: AdapterStore(store).info(n).version for n in r.unchanged})
+        fed = feed(serve_url, admin_key, want, r.removed, wait=serve_wait)
     if as_json:
         import json
 
-        click.echo(json.dumps(r.to_dict()))
+        click.echo(json.dumps({**r.to_dict(), **({"served": fed.to_dict()} if fed else {})}))
     else:
         click.echo(f"synced {store}: {r.summary()}")
+        if fed:
+            click.echo(f"server {serve_url}: {fed.summary()}")
+    if fed and (fed.kept or fed.failed):
+        raise SystemExit(1)
 
 
 COMMANDS = [repo_cmd, sync_cmd]

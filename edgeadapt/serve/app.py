@@ -286,7 +286,8 @@ def build_app(svc: Service, *, workers: int = 64) -> Any:
 
     async def admin_list(request: Any) -> Any:
         admin_auth(request)
-        return JSONResponse({"data": [{"id": n, "in_use": svc.in_use.get(n, 0)} for n in sorted(svc.m.adapters)]})
+        return JSONResponse({"data": [{"id": n, "version": getattr(svc.m.adapters[n], "version", None),
+                                       "in_use": svc.in_use.get(n, 0)} for n in sorted(svc.m.adapters)]})
 
     async def admin_load(request: Any) -> Any:
         admin_auth(request)
