@@ -159,7 +159,14 @@ class Model:
     def add_adapter(self, source: Any, name: str | None = None) -> str:
         """Read, verify (integrity, signature when required or trusted, base fingerprint, shapes) and keep an
         adapter, not yet active. ``source``: a delta file, a ``.onnx_adapter``, an adapter object, or the
-        name of an adapter installed in ``store``. Returns its name."""
+        name of an adapter installed in ``store``. Returns its name. A name already loaded (and not active) is
+        replaced in one step: no moment without it."""
+        delta, name = self.read_adapter(source, name)
+        return self._keep(delta, name)
+
+    def read_adapter(self, source: Any, name: str | None = None) -> tuple[Any, str]:
+        """What :meth:`add_adapter` reads and verifies, without keeping it: ``(adapter, name)``. Pass the adapter
+        to ``add_adapter`` later (a server reads a new version off its event loop, then swaps it in at once)."""
         args.adapter_source(source)
         args.adapter_name(name)
         if self.store is not None and isinstance(source, str) and not os.path.exists(source):
@@ -180,7 +187,9 @@ class Model:
             from edgeadapt.ship.signing import check_trust
             check_trust(delta, self.trust, self.require_signature)  # the bytes parsed: what is loaded is what is checked
         delta.check_base(self.config, self.fingerprint)
-        name = name or delta.name
+        return delta, name or delta.name
+
+    def _keep(self, delta: Any, name: str) -> str:
         with self._use_lock:
             if name in self.active:
                 raise AdapterMismatchError(f"adapter {name!r} is active; call use() without it before replacing it")

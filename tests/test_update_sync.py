@@ -376,6 +376,7 @@ def test_sync_feeds_a_running_server(texty, site, tmp_path):
     adapters loaded, a new version swapped in (its answers change to the new version's), pruned ones unloaded;
     a server left behind is caught up by a sync that downloads nothing."""
     import signal
+    import time
 
     import edgeadapt
     from edgeadapt.cli import main
@@ -407,10 +408,35 @@ def test_sync_feeds_a_running_server(texty, site, tmp_path):
         r.add([a2])
         r.remove("b")
         r.publish()
-        res = run(main, args[:-1])  # the text output
+        # clients keep asking for "a" while the sync swaps its version: never a moment without it, every answer
+        # one version's whole answer (a request runs on the version it started with)
+        import threading
+        import urllib.error
+        v1, v2 = alone(site["tmp"] / "a1.gguf", "a"), alone(a2, "a")
+        answers, stop = [], threading.Event()
+
+        def ask():
+            while not stop.is_set():
+                try:
+                    answers.append(_complete(url, "a"))
+                except urllib.error.HTTPError as e:
+                    answers.append(e.code)
+                time.sleep(0.01)
+        clients = [threading.Thread(target=ask) for _ in range(2)]
+        for c in clients:
+            c.start()
+        time.sleep(0.3)
+        try:
+            res = run(main, args[:-1])  # the text output
+        finally:
+            time.sleep(0.3)
+            stop.set()
+            for c in clients:
+                c.join(30)
         assert res.exit_code == 0 and f"server {url}: reloaded 1 (a), unloaded 1 (b)" in res.stdout, res.output
+        assert set(answers) <= {v1, v2} and answers[0] == v1 and answers[-1] == v2, set(answers) - {v1, v2}
         assert _served(url, admin) == {"a": 2}
-        assert _complete(url, "a") == alone(a2, "a") != alone(site["tmp"] / "a1.gguf", "a")
+        assert _complete(url, "a") == v2 != v1
 
         # a server that fell behind (here: its adapter unloaded by hand) is caught up by a sync with nothing new
         req = __import__("urllib.request").request.Request(url + "/admin/adapters/a", method="DELETE",
@@ -451,12 +477,12 @@ def test_a_version_in_use_is_not_swapped_under_running_requests(tmp_path):
 
         def do_DELETE(self):
             calls.append(("DELETE", self.path))
-            self._send(409 if self.path.endswith("/a") else 200, {"error": {"message": "in use"}})
+            self._send(409, {"error": {"message": "in use"}})
 
         def do_POST(self):
-            n = int(self.headers["content-length"])
-            calls.append(("POST", json.loads(self.rfile.read(n))["name"]))
-            self._send(400, {"error": {"message": "fingerprint differs"}})
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            calls.append(("POST", body["name"], body["replace"]))
+            self._send(409 if body["name"] == "a" else 400, {"error": {"message": "in use or refused"}})
 
         def log_message(self, *a):
             pass
@@ -464,9 +490,12 @@ def test_a_version_in_use_is_not_swapped_under_running_requests(tmp_path):
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Admin)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        got = feed(f"http://127.0.0.1:{srv.server_port}", "k", {"a": 2, "b": 2}, [], wait=0.3, poll=0.1)
+        got = feed(f"http://127.0.0.1:{srv.server_port}", "k", {"a": 2, "b": 2, "c": 1}, ["b"], wait=0.3, poll=0.1)
     finally:
         srv.shutdown()
-    assert got.kept == ["a"] and got.reloaded == [] and len(got.failed) == 1 and "b: load HTTP 400" in got.failed[0]
-    assert 3 <= calls.count(("DELETE", "/admin/adapters/a")) <= 5  # retried every 0.1 s for 0.3 s
-    assert ("POST", "a") not in calls  # never loaded over a running version
+    # a: swapped (replace) but in use → retried every 0.1 s for 0.3 s, then kept; b: removed but in use → kept;
+    # c: new, refused by the server → failed, not retried
+    assert sorted(got.kept) == ["a", "b"] and got.reloaded == got.loaded == got.unloaded == []
+    assert got.failed == ["c: load HTTP 400: in use or refused"]
+    assert 3 <= calls.count(("POST", "a", True)) <= 5 and 3 <= calls.count(("DELETE", "/admin/adapters/b")) <= 5
+    assert calls.count(("POST", "c", False)) == 1 and not any(c[:2] == ("POST", "b") for c in calls)

@@ -296,21 +296,33 @@ def build_app(svc: Service, *, workers: int = 64) -> Any:
                 or not isinstance(body.get("file", body["name"]), str):
             raise APIError(400, "expected {\"name\": NAME} (an adapter installed in the store) or "
                                 "{\"name\": NAME, \"file\": PATH}")
-        name = body["name"]
-        if name == svc.base_id or name in svc.m.adapters:
-            raise APIError(409, f"'{name}' is already loaded (or is the base's id); unload it first", "name")
+        name, replace = body["name"], body.get("replace", False)
+        if not isinstance(replace, bool):
+            raise APIError(400, f"'replace': expected true or false, found {replace!r}", "replace")
+        if name == svc.base_id or (name in svc.m.adapters and not replace):
+            raise APIError(409, f"'{name}' is already loaded (or is the base's id); unload it first, or send "
+                                "\"replace\": true to swap in another version", "name")
         source = body.get("file", name)
         if not os.path.exists(source) and ("file" in body or svc.m.store is None):
             raise APIError(404, f"no adapter file {source!r}" + ("" if "file" in body else
                                                                 " (and this server has no --store to load it from)"),
                            "file")
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, lambda: svc.m.add_adapter(source, name=name))
+        try:  # read and verified off the event loop; kept below, on it
+            delta, _ = await asyncio.get_running_loop().run_in_executor(None, svc.m.read_adapter, source, name)
         except FileNotFoundError as e:
             raise APIError(404, f"no adapter file or installed adapter {source!r} ({e.strerror or e})", "file") from None
         except EdgeAdaptError as e:
             raise APIError(404 if isinstance(e, AdapterNotFoundError) else 400, str(e), "file") from None
-        return JSONResponse({"id": name, "object": "model", "owned_by": "edgeadapt", "parent": svc.base_id})
+        # on the event loop, with no await between the check and the swap: no request is admitted in between, so
+        # none runs with the name missing, and none that runs sees its version change (a batch rebuilt later
+        # resolves a row's adapters by name)
+        if name in svc.m.adapters and not replace:
+            raise APIError(409, f"'{name}' was loaded meanwhile; send \"replace\": true to swap it", "name")
+        if svc.in_use.get(name):
+            raise APIError(409, f"'{name}' is used by {svc.in_use[name]} running requests; retry when they end", "name")
+        svc.m.add_adapter(delta, name=name)
+        return JSONResponse({"id": name, "object": "model", "owned_by": "edgeadapt", "parent": svc.base_id,
+                             "version": getattr(delta, "version", None)})
 
     async def admin_unload(request: Any) -> Any:
         admin_auth(request)

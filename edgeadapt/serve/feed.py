@@ -2,12 +2,12 @@
 
 The server must run with ``--store`` (the store the sync wrote) and ``--admin-key``. Every adapter the
 repository lists for this base (installed now or before) that the server does not run at the store's version
-is loaded, or unloaded and loaded again at that version; one the sync removed is unloaded. So a server left
+is loaded, or swapped for that version (``"replace": true``: the server reads it, then swaps it in at once, so
+no request finds the name missing); one the sync removed is unloaded. So a server left
 behind (busy, down, restarted with older files) is brought in line by the next sync, even one that downloads
 nothing. A name used by running requests is not
 unloaded under them (the server answers 409): it is retried every ``poll`` seconds for up to ``wait`` seconds,
-then left as it is (the server keeps the version it had) and reported. Between the unload and the load of an
-updated name, a request naming it gets 404; requests already running keep their version to the end.
+then left as it is (the server keeps the version it had) and reported.
 
 Standard library only (``urllib``): a device that syncs needs no HTTP client package for this.
 """
@@ -97,19 +97,18 @@ def feed(url: str, key: str, want: dict[str, int], removed: list[str], *, wait: 
     while pending:
         busy = []
         for name, action in pending:
-            if action != "load":
+            if action == "unload":
                 status, body = s.call("DELETE", "/admin/adapters/" + quote(name, safe=""))
-                if status == 409:  # running requests use it: not under them
-                    busy.append((name, action))
-                    continue
-                if status not in (200, 404):  # 404: already gone
-                    out.failed.append(f"{name}: unload {_why(status, body)}")
-                    continue
-                if action == "unload":
+            else:
+                status, body = s.call("POST", "/admin/adapters", {"name": name, "replace": action == "reload"})
+            if status == 409 and action != "load":  # running requests use it: not under them
+                busy.append((name, action))
+            elif action == "unload":
+                if status in (200, 404):  # 404: already gone
                     out.unloaded.append(name)
-                    continue
-            status, body = s.call("POST", "/admin/adapters", {"name": name})
-            if status == 200:
+                else:
+                    out.failed.append(f"{name}: unload {_why(status, body)}")
+            elif status == 200:
                 (out.reloaded if action == "reload" else out.loaded).append(name)
             else:
                 out.failed.append(f"{name}: load {_why(status, body)}")
