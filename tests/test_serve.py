@@ -337,6 +337,26 @@ def test_a_body_or_prompt_far_too_large_is_refused_before_it_is_read_or_tokenize
         == ref(PROMPTS[0], "a", 5)
 
 
+def test_browser_pages_reach_the_server_only_from_origins_it_names(server, served):
+    pre = {"origin": "https://chat.example", "access-control-request-method": "POST",
+           "access-control-request-headers": "authorization,content-type"}
+    r = httpx.options(server[1] + "/v1/chat/completions", headers=pre)  # default: no CORS at all
+    assert "access-control-allow-origin" not in r.headers and r.status_code == 405
+    proc, url = _start(served, "--cors-origin", "https://chat.example")
+    try:
+        r = httpx.options(url + "/v1/chat/completions", headers=pre)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://chat.example"
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = httpx.options(url + "/v1/chat/completions", headers={**pre, "origin": "https://evil.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = httpx.get(url + "/v1/models", headers={"origin": "https://chat.example", "authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://chat.example"
+        r = httpx.get(url + "/v1/models", headers={"origin": "https://chat.example"})  # the key is still required
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    finally:
+        _stop(proc)
+
+
 def test_admin_loads_and_unloads_adapters(server, served, client, ref):
     url = server[1]
     assert httpx.get(url + "/admin/adapters").status_code == 401

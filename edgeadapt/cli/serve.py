@@ -26,9 +26,12 @@ import click
 @click.option("--max-waiting", default=64, show_default=True, type=click.IntRange(0),
               help="Requests that may wait for a row; one more gets 429.")
 @click.option("--threads", default=None, type=click.IntRange(1), help="Compute threads (default: the engine's).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="A web origin (https://chat.example, or *) whose pages may call the server from a browser; "
+                   "repeatable. Off by default: a page the user visits cannot drive the local model.")
 def serve_cmd(base: Path, adapters: tuple[str, ...], store: Path | None, host: str, port: int, api_key: str | None,
               admin_key: str | None, engine: str, weights: str, base_id: str | None, max_rows: int, max_waiting: int,
-              threads: int | None) -> None:
+              threads: int | None, cors_origins: tuple[str, ...]) -> None:
     """Serve BASE and its adapters: GET /v1/models, POST /v1/completions and /v1/chat/completions (streaming
     too), each request with its own adapter, concurrent requests decoded in one batch. Stops on SIGTERM."""
     import edgeadapt
@@ -56,7 +59,8 @@ def serve_cmd(base: Path, adapters: tuple[str, ...], store: Path | None, host: s
     svc = Service(m, base_id or base.resolve().name, api_key=api_key, admin_key=admin_key)
     click.echo(f"serving {svc.base_id} ({m.engine}, {weights}) with {sorted(m.adapters) or 'no adapters'} "
                f"on http://{host}:{port}/v1", err=True)
-    serve(svc, host, port, workers=max_rows + max_waiting + 16)  # a thread per running or waiting request
+    # a thread per running or waiting request
+    serve(svc, host, port, workers=max_rows + max_waiting + 16, cors_origins=cors_origins)
 
 
 COMMANDS = [serve_cmd]

@@ -164,7 +164,9 @@ async def _until_disconnect(request: Any) -> None:
             return
 
 
-def build_app(svc: Service, *, workers: int = 64) -> Any:
+def build_app(svc: Service, *, workers: int = 64, cors_origins: tuple[str, ...] = ()) -> Any:
+    """The ASGI app. ``cors_origins``: web origins (``https://chat.example``, or ``*``) whose pages may call this
+    server from a browser (CORS); none by default, so a page the user visits cannot drive a local model."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse, StreamingResponse
@@ -361,11 +363,19 @@ def build_app(svc: Service, *, workers: int = 64) -> Any:
               Route("/v1/chat/completions", chat_completions, methods=["POST"]), Route("/health", health),
               Route("/admin/adapters", admin_list), Route("/admin/adapters", admin_load, methods=["POST"]),
               Route("/admin/adapters/{name}", admin_unload, methods=["DELETE"])]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    middleware = []
+    if cors_origins:
+        from starlette.middleware import Middleware
+        from starlette.middleware.cors import CORSMiddleware
+
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), max_age=600,
+                                     allow_methods=["GET", "POST", "DELETE"], allow_headers=["authorization", "content-type"]))
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers={
         APIError: api_error, HTTPException: http_error, EdgeAdaptError: edge_error, Exception: internal})
 
 
-def serve(svc: Service, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning", workers: int = 96) -> None:
+def serve(svc: Service, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning", workers: int = 96,
+          cors_origins: tuple[str, ...] = ()) -> None:
     """Serve until SIGINT / SIGTERM (uvicorn's handlers: running requests get a few seconds, then it exits)."""
     import uvicorn
 
@@ -382,6 +392,6 @@ def serve(svc: Service, host: str = "127.0.0.1", port: int = 8000, log_level: st
                 for s, h in old.items():
                     signal.signal(s, h)
 
-    config = uvicorn.Config(build_app(svc, workers=workers), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+    config = uvicorn.Config(build_app(svc, workers=workers, cors_origins=cors_origins), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
                             access_log=False)
     Server(config).run()
