@@ -204,8 +204,8 @@ def sync_cmd(url: str, root: Path, store: Path, base: Path, only: tuple[str, ...
         from edgeadapt.serve.feed import feed
         from edgeadapt.ship.store import AdapterStore
 
-        want = {u["name"]: u["version"] for u in r.updated}
-        want.update({n: AdapterStore(store).info(n).version for n in r.unchanged})
+        st = AdapterStore(store)
+        want = {u["name"]: u["version"] for u in r.updated} | {n: st.version(n) for n in r.unchanged}
         fed = feed(serve_url, admin_key, want, r.removed, wait=serve_wait)
     if as_json:
         import json

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import os
@@ -35,20 +36,17 @@ class Service:
         self.api_key, self.admin_key = api_key, admin_key
         self.in_use: dict[str, int] = {}
         self.created = int(time.time())
-        self._max_body: int | None = None
 
-    @property
+    @functools.cached_property
     def max_body(self) -> int:
         """The largest request body read: a prompt of the whole context written with the vocabulary's longest
         entries, each byte JSON-escaped (≤ 6 bytes a byte), and 64 KiB for the rest; bases without a tokenizer
         read up to 1 MiB. A larger body is refused (413) before it is read."""
-        if self._max_body is None:
-            try:
-                span = self.m.tokenizer.max_token_bytes
-            except EdgeAdaptError:
-                span = 0
-            self._max_body = max(1 << 20, self.m.config.context_length * span * 6 + (64 << 10))
-        return self._max_body
+        try:
+            span = self.m.tokenizer.max_token_bytes
+        except EdgeAdaptError:
+            span = 0
+        return max(1 << 20, self.m.config.context_length * span * 6 + (64 << 10))
 
     # ---- checks
     def auth(self, request: Any, key: str | None) -> None:
@@ -359,7 +357,8 @@ def build_app(svc: Service, *, workers: int = 64, cors_origins: tuple[str, ...] 
         yield
         pool.shutdown(wait=False, cancel_futures=True)
 
-    routes = [Route("/v1/models", models), Route("/v1/models/{model:path}", model), Route("/v1/completions", completions, methods=["POST"]),
+    routes = [Route("/v1/models", models), Route("/v1/models/{model:path}", model),
+              Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]), Route("/health", health),
               Route("/admin/adapters", admin_list), Route("/admin/adapters", admin_load, methods=["POST"]),
               Route("/admin/adapters/{name}", admin_unload, methods=["DELETE"])]

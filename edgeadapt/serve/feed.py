@@ -3,11 +3,11 @@
 The server must run with ``--store`` (the store the sync wrote) and ``--admin-key``. Every adapter the
 repository lists for this base (installed now or before) that the server does not run at the store's version
 is loaded, or swapped for that version (``"replace": true``: the server reads it, then swaps it in at once, so
-no request finds the name missing); one the sync removed is unloaded. So a server left
-behind (busy, down, restarted with older files) is brought in line by the next sync, even one that downloads
-nothing. A name used by running requests is not
-unloaded under them (the server answers 409): it is retried every ``poll`` seconds for up to ``wait`` seconds,
-then left as it is (the server keeps the version it had) and reported.
+no request finds the name missing); one the sync removed is unloaded. So a server left behind (busy, down,
+restarted with older files) is brought in line by the next sync, even one that downloads nothing. A name used
+by running requests is not swapped or unloaded under them (the server answers 409): it is retried every
+``poll`` seconds for up to ``wait`` seconds, then left as it is (the server keeps the version it had) and
+reported.
 
 Standard library only (``urllib``): a device that syncs needs no HTTP client package for this.
 """
@@ -18,7 +18,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -43,8 +43,7 @@ class FeedResult:
         return ", ".join(parts) or "nothing to change"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loaded": self.loaded, "reloaded": self.reloaded, "unloaded": self.unloaded, "kept": self.kept,
-                "failed": self.failed}
+        return asdict(self)
 
 
 class _Server:

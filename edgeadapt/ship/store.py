@@ -133,6 +133,10 @@ class AdapterStore:
         check_trust(delta, trust, require_signature)
         return delta
 
+    def version(self, name: str) -> int:
+        """The installed version of ``name``, from its blob's name (the file is not read)."""
+        return int(BLOB_RE.fullmatch(self.resolve(name).name).group(1))  # type: ignore[union-attr]
+
     def info(self, name: str) -> Installed:
         path = self.resolve(name)
         st = self._state(name)
