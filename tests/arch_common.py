@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import edgeadapt
 from edgeadapt.cli import main
 
-from conftest import add_lora as conftest_add_lora, torch, torch_logits
+from conftest import add_lora as conftest_add_lora, make_model as conftest_make_model, torch, torch_logits
 
 TOL = 1e-4
 
@@ -158,3 +158,28 @@ def byte_tokenizer(folder: Path, bos: int, eos: int, pad: int) -> None:
     inv = {i: ch for ch, i in vocab.items()}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=inv[bos], eos_token=inv[eos], pad_token=inv[pad])
     fast.save_pretrained(folder)
+
+
+def text_base(root: Path, loras: dict[str, tuple[int, dict]], chat_template: str | None = None,
+              base: str = "base") -> dict:
+    """A tiny llama that answers in text (byte-level tokenizer, optional chat template) exported to
+    ``root / base``, and a converted PEFT LoRA per ``loras`` entry (name -> (seed, LoraConfig overrides)):
+    {"base", "manifest", name: delta path} — what a server or a sync test serves."""
+    import json
+
+    from edgeadapt.converters.export_base import export_base
+    from edgeadapt.converters.peft.lora import convert_peft
+
+    model = conftest_make_model("llama", seed=4)
+    model.save_pretrained(root / "hf")
+    byte_tokenizer(root / "hf", bos=1, eos=2, pad=0)
+    if chat_template:
+        cfg = json.loads((root / "hf" / "tokenizer_config.json").read_text())
+        cfg["chat_template"] = chat_template
+        (root / "hf" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    man = export_base(root / "hf", root / base, gguf_type="F32")
+    out = dict(base=root / base, manifest=man)
+    for name, (seed, kw) in loras.items():
+        conftest_add_lora(model, seed, **kw).save_pretrained(root / f"peft_{name}")
+        out[name] = convert_peft(root / f"peft_{name}", man, root / f"{name}.gguf", name=name)
+    return out

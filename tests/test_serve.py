@@ -28,8 +28,7 @@ pytest.importorskip("starlette")
 
 import edgeadapt  # noqa: E402
 
-from arch_common import byte_tokenizer  # noqa: E402
-from conftest import add_lora, make_model  # noqa: E402
+from arch_common import text_base  # noqa: E402
 
 KEY, ADMIN = "sk-test", "admin-test"
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -40,20 +39,9 @@ SOAK = int(os.environ.get("EDGEADAPT_SOAK", "40"))
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from edgeadapt.converters.export_base import export_base
-    from edgeadapt.converters.peft.lora import convert_peft
-
     root = tmp_path_factory.mktemp("serve")
-    model = make_model("llama", seed=4)
-    model.save_pretrained(root / "hf")
-    byte_tokenizer(root / "hf", bos=1, eos=2, pad=0)
-    cfg = json.loads((root / "hf" / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = TEMPLATE
-    (root / "hf" / "tokenizer_config.json").write_text(json.dumps(cfg))
-    man = export_base(root / "hf", root / "tinybase", gguf_type="F32")
-    for name, seed, kw in (("a", 1, {}), ("b", 2, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))):
-        add_lora(model, seed, **kw).save_pretrained(root / f"peft_{name}")
-        convert_peft(root / f"peft_{name}", man, root / f"{name}.gguf", name=name)
+    text_base(root, {"a": (1, {}), "b": (2, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))},
+              chat_template=TEMPLATE, base="tinybase")
     return root
 
 

@@ -354,21 +354,9 @@ def _complete(url, model):
 @pytest.fixture(scope="module")
 def texty(tmp_path_factory):
     """A tiny llama with a byte-level tokenizer (a server answers in text), and two adapters for it."""
-    from arch_common import byte_tokenizer
-    from conftest import add_lora, make_model
-    from edgeadapt.converters.export_base import export_base
-    from edgeadapt.converters.peft.lora import convert_peft
+    from arch_common import text_base
 
-    root = tmp_path_factory.mktemp("texty")
-    model = make_model("llama", seed=4)
-    model.save_pretrained(root / "hf")
-    byte_tokenizer(root / "hf", bos=1, eos=2, pad=0)
-    man = export_base(root / "hf", root / "base", gguf_type="F32")
-    out = dict(base=root / "base", manifest=man)
-    for name, seed in (("a", 1), ("b", 2)):
-        add_lora(model, seed).save_pretrained(root / f"peft_{name}")
-        out[name] = convert_peft(root / f"peft_{name}", man, root / f"{name}.gguf", name=name)
-    return out
+    return text_base(tmp_path_factory.mktemp("texty"), {"a": (1, {}), "b": (2, {})})
 
 
 def test_sync_feeds_a_running_server(texty, site, tmp_path):
