@@ -83,11 +83,19 @@ class Engine:
         what :meth:`cache_from` would make of its layers; None: make one with cache_from."""
         return None
 
-    def blank_cache(self, batch: int, tokens: int, plan: Any) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]]] | None:
+    def blank_cache(self, batch: int, tokens: int, plan: Any, rows: int | None = None
+                    ) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]]] | None:
         """(a cache of ``batch`` rows and ``tokens`` keys, all zero, to decode ``plan`` on; its per-layer (key, value)
-        arrays [batch, n_kv_heads, ≥ tokens, head_dim] to write rows' keys into), where that is what
-        :meth:`cache_from` would make: no second copy of every key. None: fill arrays for cache_from."""
+        arrays [≥ batch, n_kv_heads, ≥ tokens, head_dim] to write rows' keys into), where that is what
+        :meth:`cache_from` would make: no second copy of every key. ``rows``: room for that many rows, for rows
+        that join later (:meth:`reserve_rows`). None: fill arrays for cache_from."""
         return None
+
+    def reserve_rows(self, past: Any, batch: int, length: int, plan: Any) -> bool:
+        """Make a cache from :meth:`blank_cache` decode its first ``batch`` rows in place, running ``plan``, under a
+        mask ``length`` keys wide: kept rows where they are, new rows' keys written by the caller into
+        :meth:`cache_layers` at [0, len), len ≤ length. False: it cannot (make a new cache)."""
+        return False
 
     def slot_form_from(self, parts: Iterable[tuple[str, np.ndarray, np.ndarray]], targets: Collection[str]
                        ) -> dict[str, Any]:

@@ -334,13 +334,18 @@ class OrtEngine(Engine):
             V[:, :, :T] = v
         return made[0]
 
-    def blank_cache(self, batch: int, tokens: int, plan: Any) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]]] | None:
+    def blank_cache(self, batch: int, tokens: int, plan: Any, rows: int | None = None
+                    ) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]]] | None:
         g = self._current()
         if not self._inplace(plan, g):
             return None
-        cache = KVCache(self, batch, tokens, g)
+        cache = KVCache(self, batch, tokens, g, rows)
         cache.length = tokens
         return cache, [(cache._arrays[2 * i], cache._arrays[2 * i + 1]) for i in range(self.cfg.n_layers)]
+
+    def reserve_rows(self, past: Any, batch: int, length: int, plan: Any) -> bool:
+        return (isinstance(past, KVCache) and past._g is self._current() and self._inplace(plan, past._g)
+                and past.reserve(batch, length))
 
     def adopt_cache(self, past: Any, plan: Any, length: int) -> Any:
         """The prefill's KVCache itself, when it runs on the current session and ``plan`` runs in place on it:

@@ -222,18 +222,21 @@ class KVCache:
     keys at index seqlens_k[b] − S + 1, seqlens_k[b] being the index of its last 1 in attention_mask — T − S for
     left-padded rows, the row's own length on a graph that takes right-padded rows (``_Session.right_padded``).
     ``length`` is the mask's width T, whatever each row holds. Grows by doubling. Bound LoRA inputs stay bound until
-    the plan (the ``lora`` dict) changes."""
+    the plan (the ``lora`` dict) changes.
 
-    def __init__(self, engine: Any, batch: int, tokens: int, g: "_Session"):
+    ``rows`` (≥ batch): room for rows that join later in place (:meth:`reserve`): the buffers are
+    [rows, n_kv_heads, capacity, head_dim], the first ``batch`` rows bound; rows not yet written take no memory."""
+
+    def __init__(self, engine: Any, batch: int, tokens: int, g: "_Session", rows: int | None = None):
         cfg = engine.cfg
         self._g = g  # this session and its slots, whatever the engine switches to later
         self._engine, self.sess, self.batch, self.length = engine, g.sess, batch, 0
+        self.rows = max(batch, rows or batch)
         self._slots, self._empty_slot = g.slots, g.empty_slot
         self.io = self.sess.io_binding()
         self.io.bind_output("logits", "cpu")
         vocab = self.sess.get_outputs()[0].shape[-1]
         self._vocab = vocab if isinstance(vocab, int) else cfg.vocab_size
-        self._shape = (batch, cfg.n_kv_heads, 0, cfg.head_dim)
         self._arrays: list[np.ndarray] = []
         self.capacity = 0
         self._grow(tokens + 64)
@@ -243,18 +246,36 @@ class KVCache:
     def _grow(self, tokens: int) -> None:
         cap = max(tokens, 2 * self.capacity)
         cap = -(-cap // 64) * 64
+        cfg = self._engine.cfg
+        # one allocation for every layer: large enough to be mapped zero pages, untouched (no memory) until written
+        whole = np.zeros((2 * cfg.n_layers, self.rows, cfg.n_kv_heads, cap, cfg.head_dim), np.float32)
+        for a, old in zip(whole, self._arrays):
+            a[: self.batch, :, : self.length] = old[: self.batch, :, : self.length]
+        self._arrays, self.capacity = list(whole), cap
+        self._bind()
+
+    def _bind(self) -> None:
+        """Bind the first ``batch`` rows of every buffer as that layer's past and present (views: no copy)."""
         ort = self._engine._ort
-        arrays = []
-        for i, old in enumerate(self._arrays or [None] * (2 * self._engine.cfg.n_layers)):
-            a = np.zeros(self._shape[:2] + (cap,) + self._shape[3:], np.float32)  # pages stay untouched until written
-            if old is not None:
-                a[:, :, : self.length] = old[:, :, : self.length]
-            arrays.append(a)
-            v = ort.OrtValue.ortvalue_from_numpy(a)  # shares a's memory
+        for i, a in enumerate(self._arrays):
+            v = ort.OrtValue.ortvalue_from_numpy(a[: self.batch])  # shares a's memory
             name = f"{i // 2}.{('key', 'value')[i % 2]}"
             self.io.bind_ortvalue_input(f"past.{name}", v)
             self.io.bind_ortvalue_output(f"present.{name}", v)
-        self._arrays, self.capacity = arrays, cap
+
+    def reserve(self, batch: int, length: int) -> bool:
+        """Bind the first ``batch`` rows, the mask ``length`` keys wide, in place: rows kept where they are, the new
+        ones' keys to be written at [0, len) of their row (right-padded, len ≤ length). False: more rows than the
+        buffers hold (make a new cache)."""
+        if batch > self.rows:
+            return False
+        if length + 1 > self.capacity:
+            self._grow(length + 1)
+        if batch != self.batch:
+            self.batch = batch
+            self._bind()
+        self.length = length
+        return True
 
     def _bind_lora(self, lora: Any) -> None:
         arrays = self._g.slot_arrays(lora)
