@@ -9,7 +9,7 @@ Clients: C threads, each sending ``--requests`` streamed /v1/completions one aft
 i mod 4 (edgeadapt: ``model`` = the adapter; llama-server: ``"lora": [{"id": i, "scale": 1}]``, the others at 0).
 Systems alternate within each client count (every server is up, idle ones take no CPU). Measured per request:
 time to first token (first streamed text), per-token latency ((end - first) / (tokens - 1)); per cell: aggregate
-completion tokens / wall time. Writes bench/results/serve.{json,md,png}.
+completion tokens / wall time. Writes bench/results/serve.{json,md,png} (``--name``: another name).
 """
 
 from __future__ import annotations
@@ -273,6 +273,7 @@ def report(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", default="1,4,8,16")
+    ap.add_argument("--name", default="serve", help="results file name: bench/results/NAME.{json,md,png}")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=2, help="requests per client per cell")
     ap.add_argument("--rounds", type=int, default=1)
@@ -339,10 +340,10 @@ def main() -> None:
     res["agree"] = agreement(res)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(res, indent=1))
-    (out / "serve.md").write_text(report(res))
+    (out / f"{a.name}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{a.name}.md").write_text(report(res))
     try:
-        chart(medians(res["cells"]), out / "serve.png")
+        chart(medians(res["cells"]), out / f"{a.name}.png")
     except ImportError:
         print("matplotlib missing: no chart", file=sys.stderr)
     print(report(res))
