@@ -12,6 +12,7 @@ bit for bit the alone one; a graph exported without that (no right-padding prope
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -260,6 +261,26 @@ def test_rows_join_the_running_batch_in_place(tiny, int4_base, weights):
     # 48 requests over ~150 steps: a mask that only grew would have doubled the cache's 128 keys
     assert 0 < widest[0] <= 128
     assert sched.active == 0
+
+
+def test_room_for_rows_not_yet_written_takes_no_memory():
+    """The in-place cache's buffers (session.mapped_zeros): with SmolLM2's layout and room for 16 rows of 192 keys
+    (142 MB), writing 2 rows × 100 keys maps about what was written (9 MB), not the room."""
+    pytest.importorskip("onnxruntime")
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("resident memory is read from /proc (Linux)")
+    from edgeadapt.runtime.ort_engine.session import mapped_zeros
+
+    def resident() -> float:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = resident()
+    a = mapped_zeros((60, 16, 3, 192, 64))
+    assert a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+    assert a[0, 0, 0, 0, 0] == a[-1, -1, -1, -1, -1] == 0  # (reading every page would map them all)
+    a[:, :2, :, :100] = 1.0
+    grew = resident() - before
+    assert grew < 2 * 60 * 2 * 3 * 100 * 64 * 4 + (4 << 20), grew / 1e6
 
 
 def test_graph_without_right_padding_keeps_left_padded_batches(tiny, int4_base, tmp_path):
