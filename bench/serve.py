@@ -9,7 +9,9 @@ Clients: C threads, each sending ``--requests`` streamed /v1/completions one aft
 i mod 4 (edgeadapt: ``model`` = the adapter; llama-server: ``"lora": [{"id": i, "scale": 1}]``, the others at 0).
 Systems alternate within each client count (every server is up, idle ones take no CPU). Measured per request:
 time to first token (first streamed text), per-token latency ((end - first) / (tokens - 1)); per cell: aggregate
-completion tokens / wall time. Writes bench/results/serve.{json,md,png} (``--name``: another name).
+completion tokens / wall time. The one-client target is measured in pairs, after each round's cells: a request to
+the server, then the same request to ``m.generate`` alone in this process (``--pairs`` per round). Writes
+bench/results/serve.{json,md,png} (``--name``: another name).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -67,8 +70,19 @@ class System:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        _wait(self.url, self.proc)
+        # the server's log goes to a file: a pipe nobody reads fills after ~64 KB of log lines, and the server then
+        # blocks on its next write (llama-server logs every request: it stalled in the third round of a first run)
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=self.log)
+        try:
+            _wait(self.url, self.proc)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; its log ends: {self.log_tail()}") from None
+
+    def log_tail(self, size: int = 2000) -> str:
+        self.log.seek(0, os.SEEK_END)
+        self.log.seek(max(0, self.log.tell() - size))
+        return self.log.read().decode(errors="replace")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -77,6 +91,8 @@ class System:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        if self.proc:
+            self.log.close()
 
 
 def edgeadapt_system(base: Path, adapters: dict[str, str], weights: str, threads: int, prefix: bool = False) -> System:
@@ -139,7 +155,7 @@ def cell(system: System, clients: int, requests: int, n: int) -> dict:
     errors: list[str] = []
 
     def client_loop(c: int) -> None:
-        with httpx.Client(timeout=600) as cl:
+        with httpx.Client(timeout=180) as cl:
             for r in range(requests):
                 try:
                     out.append(one_request(cl, system, PROMPTS[(c + r) % len(PROMPTS)], c, n))
@@ -169,30 +185,51 @@ def _completion_tokens(system: System, out: list[dict]) -> int:
     return sum(o["chunks"] for o in out)
 
 
-def alone(base: Path, adapters: dict[str, str], weights: str, threads: int, n: int, requests: int, rounds: int,
-          texts: set[tuple[int, int]]) -> dict:
-    """The references, in this process with the servers stopped. One client, like for like: the requests the
-    one-client cell sends (client 0: adapter a, prompts 0, 1, … one after another, the same text tokenized the
-    same way, wall time from the call to the last token, prefill included), with ``m.generate`` alone (batching
-    off: the plain decode loop), tok/s = tokens / summed wall time, median over ``rounds``. Texts: ``m.generate``
-    with temperature 0 for every (prompt, adapter) a server answered, to count the served answers that equal it."""
-    import edgeadapt
+class Alone:
+    """``m.generate`` alone in this process (batching off: the plain decode loop): the one-client target's reference.
+    Like for like: the requests the one-client cell sends (adapter a, prompts 0, 1, ... one after another, the same
+    text tokenized the same way), wall time from the call to the last token, prefill included."""
 
-    m = edgeadapt.load(base, engine="ort", weights=weights, mode="live", threads=threads)
-    for k in ADAPTERS:
-        m.add_adapter(adapters[k], name=k)
-    m.batching = False
-    m.generate(PROMPTS[0], 8, chat=False, adapters=["a"])  # warm-up, as the servers had
-    runs = []
-    for _ in range(rounds):
-        tokens, wall = 0, 0.0
-        for r in range(requests):
-            t0 = time.perf_counter()
-            tokens += len(m.generate_ids(m.encode_prompt(PROMPTS[r % len(PROMPTS)], chat=False), n, adapter="a"))
-            wall += time.perf_counter() - t0
-        runs.append(tokens / wall)
-    ref = {f"{p},{a}": m.generate(PROMPTS[p], n, chat=False, adapters=[ADAPTERS[a]]) for p, a in sorted(texts)}
-    return {"tok_s": float(np.median(runs)), "runs": runs, "texts": ref}
+    def __init__(self, base: Path, adapters: dict[str, str], weights: str, threads: int):
+        import edgeadapt
+
+        self.weights = weights
+        self.m = edgeadapt.load(base, engine="ort", weights=weights, mode="live", threads=threads)
+        for k in ADAPTERS:
+            self.m.add_adapter(adapters[k], name=k)
+        self.m.batching = False
+        self.m.generate(PROMPTS[0], 8, chat=False, adapters=["a"])  # warm-up, as the servers had
+
+    def request(self, prompt: str, n: int) -> tuple[int, float]:
+        """(tokens, seconds) of one request."""
+        t0 = time.perf_counter()
+        got = self.m.generate_ids(self.m.encode_prompt(prompt, chat=False), n, adapter="a")
+        return len(got), time.perf_counter() - t0
+
+    def texts(self, texts: set[tuple[int, int]], n: int) -> dict[str, str]:
+        """``m.generate`` with temperature 0 for every (prompt, adapter) a server answered, to count the served
+        answers that equal it."""
+        return {f"{p},{a}": self.m.generate(PROMPTS[p], n, chat=False, adapters=[ADAPTERS[a]]) for p, a in sorted(texts)}
+
+
+def pairs(system: System, ref: Alone, count: int, n: int) -> dict:
+    """The one-client target: ``count`` requests, each sent to the server and then run by ``m.generate`` alone, one
+    after the other (a host whose speed drifts over minutes, as this benchmark's VM does, moves both sides of each
+    pair together). tok/s of each side = its tokens / its summed wall time."""
+    import httpx
+
+    served, alone = [0, 0.0], [0, 0.0]
+    with httpx.Client(timeout=600) as cl:
+        for r in range(count):
+            prompt = PROMPTS[r % len(PROMPTS)]
+            o = one_request(cl, system, prompt, 0, n)
+            served[0] += o["chunks"]
+            served[1] += o["total"]
+            got, wall = ref.request(prompt, n)
+            alone[0] += got
+            alone[1] += wall
+    return {"system": system.name, "requests": count, "served_tok_s": served[0] / served[1],
+            "alone_tok_s": alone[0] / alone[1], "ratio": served[0] / served[1] / (alone[0] / alone[1])}
 
 
 def agreement(res: dict) -> dict[str, str]:
@@ -253,12 +290,21 @@ def report(res: dict) -> str:
                      f"{c['ttft_p50'] * 1000:.0f} / {c['ttft_p95'] * 1000:.0f} | "
                      f"{c['tpot_p50'] * 1000:.1f} / {c['tpot_p95'] * 1000:.1f} | {len(c['errors'])} |")
     lines.append("")
-    for w, v in res["alone"].items():
-        one = [c for c in medians(res["cells"]) if c["system"] == f"edgeadapt-{w}" and c["clients"] == 1]
-        one = one or [c for c in medians(res["cells"]) if c["system"].startswith(f"edgeadapt-{w}") and c["clients"] == 1]
-        ratio = f" — the one-client cell: {one[0]['tok_s']:.1f} tok/s = {one[0]['tok_s'] / v['tok_s']:.2f}x" if one else ""
-        lines.append(f"- `m.generate` alone, {w}, the one-client cell's requests in order (adapter a): "
-                     f"{v['tok_s']:.1f} tok/s (median of {len(v['runs'])}){ratio}")
+    for w in sorted({p["system"] for p in res.get("pairs", [])}):
+        ps = [p for p in res["pairs"] if p["system"] == w]
+        med = {k: float(np.median([p[k] for p in ps])) for k in ("served_tok_s", "alone_tok_s", "ratio")}
+        ratios = ", ".join(f"{p['ratio']:.2f}" for p in ps)
+        lines.append(f"- one client against `m.generate` alone ({w}; {len(ps)} rounds of {ps[0]['requests']} requests, "
+                     f"each sent to the server and then run alone): {med['served_tok_s']:.1f} / {med['alone_tok_s']:.1f} "
+                     f"tok/s, {med['ratio']:.2f}x (median of the rounds' ratios: {ratios})")
+    runs: dict[tuple[str, int], list[float]] = {}  # (system, clients) -> tok/s of each round, in order
+    for c in res["cells"]:
+        runs.setdefault((c["system"], c["clients"]), []).append(c["tok_s"])
+    for name in sorted({c["system"] for c in res["cells"] if c["system"].startswith("edgeadapt-")}):
+        per = [f"{n} clients {', '.join(f'{x / y:.2f}' for x, y in zip(runs[(name, n)], runs[('llama-server', n)]))}"
+               for n in sorted({n for _, n in runs}) if (name, n) in runs and ("llama-server", n) in runs]
+        if per:
+            lines.append(f"- {name} / llama-server tok/s, round by round: {'; '.join(per)}")
     for k, v in res.get("agree", {}).items():
         lines.append(f"- greedy answers equal to `m.generate` alone: {k}: {v}")
     lines.append(f"- machine: {res['machine']}; load average {res.get('load', '?')}")
@@ -277,6 +323,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=2, help="requests per client per cell")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--pairs", type=int, default=8, help="one-client target: requests per round sent to each edgeadapt "
+                    "server and then run by m.generate alone (0: none)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--systems", default="edgeadapt-int4,edgeadapt-fp32,llama-server",
                     help="also: edgeadapt-int4-prefix (int4 with prompt starts reused, off by default on int4)")
@@ -316,6 +364,8 @@ def main() -> None:
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {a.threads} threads each",
            "llama_server_args": a.llama_server_args}
     before = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    alone = {w: Alone(base, adapters, w, a.threads) for w in ("int4", "fp32") if f"edgeadapt-{w}" in want}
+    res["pairs"] = []
     try:
         for s in systems:
             s.start()
@@ -329,14 +379,20 @@ def main() -> None:
                     print(f"{s.name:16s} {c:3d} clients  {r['tok_s']:7.1f} tok/s  TTFT p95 {r['ttft_p95'] * 1000:6.0f} ms  "
                           f"per-token p50 {r['tpot_p50'] * 1000:5.1f} ms  errors {len(r['errors'])}", file=sys.stderr)
                     res["cells"].append(r)
+            for s in systems:
+                ref = alone.get(s.name.removeprefix("edgeadapt-"))
+                if ref is not None and a.pairs:
+                    p = pairs(s, ref, a.pairs, a.tokens)
+                    print(f"{s.name:16s} one client {p['served_tok_s']:5.1f} tok/s, m.generate alone "
+                          f"{p['alone_tok_s']:5.1f}: {p['ratio']:.2f}x", file=sys.stderr)
+                    res["pairs"].append(p)
     finally:
         for s in systems:
             s.stop()
     res["load"] = f"{before} before, {' / '.join(f'{x:.1f}' for x in os.getloadavg())} after"
-    for w in ("int4", "fp32"):
-        if any(s.startswith(f"edgeadapt-{w}") for s in want):
-            texts = {(p, ad) for c in res["cells"] if c["system"].startswith(f"edgeadapt-{w}") for p, ad, _ in c["texts"]}
-            res["alone"][w] = alone(base, adapters, w, a.threads, a.tokens, a.requests, max(3, a.rounds), texts)
+    for w, ref in alone.items():
+        texts = {(p, ad) for c in res["cells"] if c["system"].startswith(f"edgeadapt-{w}") for p, ad, _ in c["texts"]}
+        res["alone"][w] = {"texts": ref.texts(texts, a.tokens)}
     res["agree"] = agreement(res)
     out = HERE / "results"
     out.mkdir(exist_ok=True)

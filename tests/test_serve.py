@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -56,11 +57,14 @@ def _start(root: Path, *extra: str):
     cmd = [sys.executable, "-c", "from edgeadapt.cli import main; main()", "serve", str(root / "tinybase"),
            "--adapter", f"a={root / 'a.gguf'}", "--adapter", f"b={root / 'b.gguf'}", "--engine", "numpy",
            "--port", str(port), "--api-key", KEY, *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # its output goes to a file: a pipe nobody reads while it runs would block the server once ~64 KB are written
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stderr.read()}")
+            raise AssertionError(f"server exited: {_log(proc)}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
@@ -70,10 +74,15 @@ def _start(root: Path, *extra: str):
     raise AssertionError("server did not come up")
 
 
+def _log(proc) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
 def _stop(proc) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
-        assert proc.wait(15) == 0, proc.stderr.read()
+        assert proc.wait(15) == 0, _log(proc)
     finally:
         if proc.poll() is None:
             proc.kill()

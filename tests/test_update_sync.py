@@ -312,19 +312,22 @@ def _serve(base, store, admin):
     import socket
     import subprocess
     import sys
+    import tempfile
     import time
     import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-c", "from edgeadapt.cli import main; main()", "serve", str(base),
                              "--store", str(store), "--admin-key", admin, "--engine", "numpy", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)  # a file: an unread pipe fills and blocks
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stderr.read()}")
+            log.seek(0)
+            raise AssertionError(f"server exited: {log.read()}")
         try:
             urllib.request.urlopen(url + "/health", timeout=1)
             return proc, url
