@@ -263,6 +263,24 @@ def test_rows_join_the_running_batch_in_place(tiny, int4_base, weights):
     assert sched.active == 0
 
 
+def test_merged_rows_join_the_running_batch_in_place(tiny, int4_base):
+    """Merge mode (onnxruntime, fp32: merging needs float weights): requests under the merged set arrive while a
+    longer one decodes; each takes a slot of the running batch in place (their rows share the merged weights: no
+    adapter set to place) and gets its alone tokens and logits within 1e-5."""
+    m = _model(tiny, int4_base, "ort", mode="merge", weights="fp32")
+    m.use("a")
+    assert m._merged
+    reqs = [([50] * 6, 24, None, 0), ([9, 10, 11], 6, None, 2), ([3, 4], 8, None, 3), ([77], 5, None, 9),
+            ([40, 41, 42, 43], 4, None, 12)]
+    ref = _alone(m, reqs)
+    sched = scheduler_of(m)
+    joined0, rebuilds0 = sched.joined, sched.rebuilds
+    got = _together(m, reqs)
+    _check(ref, got, 1e-5)
+    assert sched.joined - joined0 >= 2 and sched.rebuilds - rebuilds0 < len(reqs)
+    assert sched.active == 0
+
+
 def test_room_for_rows_not_yet_written_takes_no_memory():
     """The in-place cache's buffers (session.mapped_zeros): with SmolLM2's layout and room for 16 rows of 192 keys
     (142 MB), writing 2 rows × 100 keys maps about what was written (9 MB), not the room."""
@@ -350,6 +368,50 @@ def test_queue_full_and_merge_waits(tiny, int4_base):
         assert [first[0][1]] + rest == m.generate_ids([5, 6, 7], 30)
     finally:
         sched.max_rows, sched.max_waiting = 16, 64
+
+
+@pytest.mark.parametrize("engine", ["numpy", "ort"])
+def test_a_failure_in_the_worker_reaches_every_row_it_holds(tiny, int4_base, engine):
+    """An error in the worker's own code after a prefill ran (here: keeping a prompt's keys) reaches every request
+    the worker held — the batch's rows, rows joining it, rows whose prefill was under way — as that error; none
+    waits forever for a token, every slot comes back, and the requests after it run as alone."""
+    m = _model(tiny, int4_base, engine, mode="live")
+    sched = scheduler_of(m)
+    reqs = REQUESTS[:4]
+    ref = _alone(m, reqs)
+    keep, calls = sched._keep_prefix, []
+
+    def failing(r, layers, b):
+        calls.append(r)
+        if len(calls) == 2:
+            raise RuntimeError("keeping a prompt's keys failed")
+        keep(r, layers, b)
+
+    sched._keep_prefix = failing
+    out: dict = {}
+
+    def go(k):
+        ids, n, ad, _ = reqs[k]
+        try:
+            out[k] = m.generate_ids(ids, n, adapter=ad)
+        except RuntimeError as e:
+            out[k] = e
+
+    threads = [threading.Thread(target=go, args=(k,)) for k in range(len(reqs))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a request waits for a row the worker dropped"
+    finally:
+        del sched._keep_prefix
+    failed = [k for k, o in out.items() if isinstance(o, RuntimeError)]
+    assert failed and all("keeping a prompt's keys failed" in str(out[k]) for k in failed)
+    assert all(out[k] == ref[k][0] for k in out if k not in failed)
+    assert sched.active == 0
+    _check(ref, _together(m, reqs), 1e-5 if engine == "ort" else 2e-5)
+    assert sched.active == 0
 
 
 def test_agenerate_joins_and_cancels(tiny, int4_base):

@@ -66,6 +66,7 @@ class Scheduler(Prefills):
         self._running = 0  # requests holding a row slot
         self._waiting = 0
         self._pending: list[_Row] = []  # admitted, waiting for (or in) their prefill
+        self._held: set[_Row] = set()  # taken from _pending by a prefill, not yet finished (worker thread only)
         self._joining: list[_Row] = []  # prefilled, waiting to join the batch
         self._thread: threading.Thread | None = None
         # batch state, worker thread only
@@ -192,14 +193,16 @@ class Scheduler(Prefills):
                         self._thread = None  # idle: the next request starts a new worker
                         self._past = None
                         return
+            joins: list[_Row] = []
             try:
                 self._prefill_turn()
                 joins, self._joining = self._joining, []
                 self._update(joins)
                 if self._rows:
                     self._step()
-            except BaseException as e:  # the engine failed: every row gets the error, the batch starts over
-                failed = self._rows + [j for j in self._joining if j not in self._rows]
+            except BaseException as e:  # the engine failed: every row it held gets the error, the batch starts over
+                # (the batch's rows, the rows joining it, and rows taken from the queue whose prefill did not end)
+                failed = list(dict.fromkeys(self._rows + joins + self._joining + list(self._held)))
                 self._rows, self._past, self._plan, self._joining = [], None, None, []
                 for r in failed:
                     self._finish(r, e)
@@ -208,6 +211,7 @@ class Scheduler(Prefills):
     def _finish(self, r: _Row, item: Any = _END) -> None:
         """The row gets nothing more: its reader learns (_END or the error) and releases the row when it reads it
         (a slot is held, and a merge waits, until then); a reader that already left: released here."""
+        self._held.discard(r)
         with r._state:
             first, gone = not r.ended, r.cancelled
             r.ended = True
@@ -287,10 +291,10 @@ class Scheduler(Prefills):
             return False
         rows: list[Any] = [r if r in keep else None for r in self._rows]  # None: a slot free to take
         held = self.plans.buffers.keys
-        for r in new:
+        for r in new:  # merged rows share one plan: any free slot; a row of a set: where the buffers hold it
             free = [b for b, x in enumerate(rows) if x is None]
-            key = self.plans.key(r.row_set)
-            b = next((b for b in free if b < len(held) and held[b] == key), free[0] if free else len(rows))
+            key = self.plans.key(r.row_set) if r.key[0] == "rows" else None
+            b = next((b for b in free if key and b < len(held) and held[b] == key), free[0] if free else len(rows))
             rows[b:b + 1] = [r]
         while None in rows:  # the last row fills the first free slot
             last = rows.pop()

@@ -59,8 +59,10 @@ class Prefills:
             self._prefill_group(group, len(hits))
 
     def _taken(self, rows: list[_Row]) -> None:
+        """Rows out of the queue: the worker holds them until they finish (an error then reaches them too)."""
         with self._cond:
             self._pending = [r for r in self._pending if r not in rows]
+        self._held.update(rows)
 
     def _prefill_alone(self, row: _Row) -> None:
         m = self.m
