@@ -265,19 +265,55 @@ def test_rows_join_the_running_batch_in_place(tiny, int4_base, weights):
 
 def test_merged_rows_join_the_running_batch_in_place(tiny, int4_base):
     """Merge mode (onnxruntime, fp32: merging needs float weights): requests under the merged set arrive while a
-    longer one decodes; each takes a slot of the running batch in place (their rows share the merged weights: no
-    adapter set to place) and gets its alone tokens and logits within 1e-5."""
+    longer one decodes (its sampler holds the worker until they wait in the queue); the first makes the batch's
+    cache, the next two take slots of it in place (their rows share the merged weights: no adapter set to place).
+    Each gets its alone tokens and logits within 1e-5."""
     m = _model(tiny, int4_base, "ort", mode="merge", weights="fp32")
     m.use("a")
     assert m._merged
-    reqs = [([50] * 6, 24, None, 0), ([9, 10, 11], 6, None, 2), ([3, 4], 8, None, 3), ([77], 5, None, 9),
-            ([40, 41, 42, 43], 4, None, 12)]
-    ref = _alone(m, reqs)
+    reqs = [([50] * 6, 30, None), ([9, 10, 11], 20, None), ([3, 4], 8, None), ([77], 5, None)]
+    ref = _alone(m, [(ids, n, ad, 0) for ids, n, ad in reqs])
     sched = scheduler_of(m)
-    joined0, rebuilds0 = sched.joined, sched.rebuilds
-    got = _together(m, reqs)
-    _check(ref, got, 1e-5)
-    assert sched.joined - joined0 >= 2 and sched.rebuilds - rebuilds0 < len(reqs)
+    gates = {3: (threading.Event(), threading.Event()), 8: (threading.Event(), threading.Event())}  # (there, go)
+
+    class Gated(Recording):
+        def __call__(self, logits):
+            if len(self.seen) in gates:  # row 0's sampler holds the worker here until requests wait in the queue
+                there, go = gates[len(self.seen)]
+                there.set()
+                assert go.wait(30)
+            return super().__call__(logits)
+
+    got: dict = {}
+
+    def ask(k):
+        ids, n, ad = reqs[k]
+        s = (Gated if k == 0 else Recording)(temperature=0.0, seed=k)
+        try:
+            got[k] = (m.generate_ids(ids, n, s, adapter=ad), s.seen)
+        except BaseException as e:  # surfaced below
+            got[k] = e
+
+    def queued(n):
+        deadline = time.monotonic() + 30
+        while len(sched._pending) < n:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+    joined0 = sched.joined
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(reqs))]
+    threads[0].start()
+    for (there, go), new in zip(gates.values(), (threads[1:2], threads[2:])):
+        assert there.wait(30), got
+        for t in new:
+            t.start()
+        queued(len(new))
+        go.set()
+    for t in threads:
+        t.join(60)
+    assert all(isinstance(got.get(k), tuple) for k in range(len(reqs))), got
+    _check(ref, [got[k] for k in range(len(reqs))], 1e-5)
+    assert sched.joined - joined0 == 2  # the last two, in place, beside rows 0 and 1
     assert sched.active == 0
 
 
