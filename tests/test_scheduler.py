@@ -99,6 +99,14 @@ def _rows_of(sched, tag):
     return rows
 
 
+def _run_all(threads, timeout):
+    """Start every thread, then wait for each (``timeout`` seconds at most)."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+
+
 def _together(m, reqs, temperature=0.0, close_after=None):
     """Every request in its own thread, sent once the batch has run its number of steps (or the requests before
     it have ended); the worker runs that step only once the request is in its queue, so the request joins the
@@ -137,10 +145,7 @@ def _together(m, reqs, temperature=0.0, close_after=None):
 
     threads = [threading.Thread(target=go, args=(k,)) for k in range(len(reqs))]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        _run_all(threads, 120)
     finally:
         del sched._step, sched.submit
     assert not errors, errors
@@ -478,10 +483,7 @@ def test_a_failure_in_the_worker_reaches_every_row_it_holds(tiny, int4_base, eng
 
     threads = [threading.Thread(target=go, args=(k,)) for k in range(len(reqs))]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        _run_all(threads, 60)
         assert not any(t.is_alive() for t in threads), "a request waits for a row the worker dropped"
     finally:
         del sched._keep_prefix
