@@ -74,15 +74,21 @@ def _alone(m, reqs, temperature=0.0):
         m.batching = True
 
 
+def _until(ready, timeout=30.0):
+    """Wait until ``ready()`` (``timeout`` seconds at most); what it last returned."""
+    deadline = time.monotonic() + timeout
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.0002)
+    return ready()
+
+
 def _hold(sched, point, ready):
     """Hold the worker before each call of its method ``point`` until ``ready()`` (30 s at most): requests then
     meet the batch where a test puts them, however loaded the host is. Undo with ``del sched.<point>``."""
     call = getattr(sched, point)
 
     def held(*a, **kw):
-        deadline = time.monotonic() + 30
-        while not ready() and time.monotonic() < deadline:
-            time.sleep(0.0002)
+        _until(ready)
         return call(*a, **kw)
     setattr(sched, point, held)
 
@@ -342,12 +348,6 @@ def test_merged_rows_join_the_running_batch_in_place(tiny, int4_base):
         except BaseException as e:  # surfaced below
             got[k] = e
 
-    def queued(n):
-        deadline = time.monotonic() + 30
-        while len(sched._pending) < n:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-
     joined0 = sched.joined
     threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(reqs))]
     threads[0].start()
@@ -355,7 +355,7 @@ def test_merged_rows_join_the_running_batch_in_place(tiny, int4_base):
         assert there.wait(30), got
         for t in new:
             t.start()
-        queued(len(new))
+        assert _until(lambda: len(sched._pending) >= len(new))
         go.set()
     for t in threads:
         t.join(60)

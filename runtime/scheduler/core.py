@@ -66,7 +66,9 @@ class Scheduler(Prefills):
         self._running = 0  # requests holding a row slot
         self._waiting = 0
         self._pending: list[_Row] = []  # admitted, waiting for (or in) their prefill
-        self._held: set[_Row] = set()  # taken from _pending by a prefill, not yet finished (worker thread only)
+        # rows a prefill took from _pending and not yet finished — prefilling, joining or in the batch — in the order
+        # taken (worker thread only): what an error in the worker reaches
+        self._held: dict[_Row, None] = {}
         self._joining: list[_Row] = []  # prefilled, waiting to join the batch
         self._thread: threading.Thread | None = None
         # batch state, worker thread only
@@ -193,16 +195,14 @@ class Scheduler(Prefills):
                         self._thread = None  # idle: the next request starts a new worker
                         self._past = None
                         return
-            joins: list[_Row] = []
             try:
                 self._prefill_turn()
                 joins, self._joining = self._joining, []
                 self._update(joins)
                 if self._rows:
                     self._step()
-            except BaseException as e:  # the engine failed: every row it held gets the error, the batch starts over
-                # (the batch's rows, the rows joining it, and rows taken from the queue whose prefill did not end)
-                failed = list(dict.fromkeys(self._rows + joins + self._joining + list(self._held)))
+            except BaseException as e:  # the engine failed: every row it holds gets the error, the batch starts over
+                failed = list(self._held)
                 self._rows, self._past, self._plan, self._joining = [], None, None, []
                 for r in failed:
                     self._finish(r, e)
@@ -211,7 +211,7 @@ class Scheduler(Prefills):
     def _finish(self, r: _Row, item: Any = _END) -> None:
         """The row gets nothing more: its reader learns (_END or the error) and releases the row when it reads it
         (a slot is held, and a merge waits, until then); a reader that already left: released here."""
-        self._held.discard(r)
+        self._held.pop(r, None)
         with r._state:
             first, gone = not r.ended, r.cancelled
             r.ended = True

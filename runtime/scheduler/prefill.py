@@ -62,7 +62,7 @@ class Prefills:
         """Rows out of the queue: the worker holds them until they finish (an error then reaches them too)."""
         with self._cond:
             self._pending = [r for r in self._pending if r not in rows]
-        self._held.update(rows)
+        self._held.update(dict.fromkeys(rows))
 
     def _prefill_alone(self, row: _Row) -> None:
         m = self.m
