@@ -259,7 +259,7 @@ def test_row_buffers_write_only_rows_whose_set_changed():
 @pytest.mark.parametrize("engine,weights", [("numpy", "fp32"), ("ort", "fp32"), ("ort", "int4")])
 def test_prompts_sharing_a_start_reuse_its_keys(tiny, int4_base, engine, weights):
     """A prompt that starts like the last prompt of its adapter set (a chat template's system part) is prefilled
-    after that prompt's kept keys / values: the same greedy tokens as alone, logits within 1e-5 (numpy: 2e-5)."""
+    after that prompt's kept keys / values: the same greedy tokens as alone, logits within 1e-4."""
     m = _model(tiny, int4_base, engine, mode="live", weights=weights)
     start = [30, 31, 32, 33, 34, 35, 36]
     reqs = [(start + [40, 41], 10, "a", 0), (start + [50], 12, "b", 0), (start + [60, 61, 62], 9, "a", 0),
@@ -275,9 +275,11 @@ def test_prompts_sharing_a_start_reuse_its_keys(tiny, int4_base, engine, weights
     finally:
         sched.prefix_min = None
     got = got[0] + got[1]
-    # numpy: the kept start came out of another prompt's (left-padded) forward, and the rest attends to it in a
-    # second one — float32 sums in another order, up to ~1.1e-5 on a logit a few steps later
-    _close(ref, got, 2e-5 if engine == "numpy" else 1e-5 if weights == "fp32" else 5e-2)
+    # the kept start came out of another prompt's forward, and the rest attends to it in a second one: float32 sums
+    # in another order. Measured here 1.4e-5 on both engines a few steps later; with other prompt tokens up to 6.2e-5
+    # on onnxruntime fp32 (with either group slot layout of onnx_graphs.fast). Not the 1e-5 of a request alone,
+    # which is why docs/SERVING.md states this bound for prompt starts reused
+    _close(ref, got, 1e-4 if weights == "fp32" else 5e-2)
     # the 2nd, 4th, 5th (its first 5 tokens) and 6th (all but its last token) reuse a start; the 7th shares 2 tokens
     assert sched.prefix_hits - hits0 == 4
     assert sched.active == 0

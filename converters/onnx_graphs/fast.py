@@ -32,6 +32,7 @@ biases and rope tables stay float32. There is nothing to override: adapters run 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,8 +56,9 @@ SLOT_GROUPS = "edgeadapt.slot_groups"  # model property: JSON {slot: [weights]} 
 # graph also takes RIGHT-padded rows (each row's keys at [0, len)); fused graphs exported before it lack it and take
 # left-padded rows only
 RIGHT_PADDED = "edgeadapt.right_padded"
-SLOT_GROUP_B = "edgeadapt.slot_groups.b"  # model property: how a group slot's b is laid out (SIDE_BY_SIDE; absent:
-SIDE_BY_SIDE = "side_by_side"  # block-diagonal, what grouped graphs exported before it take)
+SLOT_GROUP_B = "edgeadapt.slot_groups.b"  # model property: how a group slot's b is laid out (CHUNKED, SIDE_BY_SIDE;
+SIDE_BY_SIDE = "side_by_side"  # absent: block-diagonal, what grouped graphs exported before either take)
+CHUNKED = "chunked"
 # the int4 / int8 graphs' embedding: the runtime reads each token's Q8_0 row from the data file and feeds the float32
 # rows as the input EMBED_ROWS [B, S, dim] — a lookup through onnxruntime's memory map of the file made every 2 MB
 # region of the table a token falls in resident (the page cache's large folios). The property (JSON) says where:
@@ -74,6 +76,12 @@ GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up
 Source = Callable[[str], "tuple[gguf.GGMLQuantizationType, np.ndarray] | None"]  # GGUF name -> (type, raw blocks)
 
 
+def group_chunks(sizes: list[int]) -> list[int]:
+    """A CHUNKED group slot's chunks: its outputs cut into pieces of gcd(sizes), each the index of its weight."""
+    g = math.gcd(*sizes)
+    return [j for j, o in enumerate(sizes) for _ in range(o // g)]
+
+
 def _group_name(parts: tuple[str, ...]) -> str:
     return {("attn_q", "attn_k", "attn_v"): "attn_qkv", ("ffn_gate", "ffn_up"): "ffn_gate_up"}.get(parts, parts[0])
 
@@ -83,14 +91,18 @@ class _Linears:
     """``grouped``: one slot per group of weights that read the same input (q|k|v, gate|up), added to the fused
     product before its split: fewer slot operators than one slot per weight, which is what idle and active slots
     cost per token. A = [A_q | A_k | A_v], each weight's A [in, r] at the group's rank r (the largest of its
-    weights'; zero columns pad a smaller one), and B = [B_q | B_k | B_v] [n, 1, r, Σout], the weights' B side by side
-    over that rank (no block-diagonal zeros): u = x·A viewed [.., k, r], u·B [.., k, Σout], and weight j's columns
-    of row j gathered — each weight's x·A_j·B_j exactly. The groups are saved as the SLOT_GROUPS model property and
-    the layout as SLOT_GROUP_B; the runtime builds the group arrays from per-weight factors. ``group_b = None``
-    writes the block-diagonal B of the graphs exported before (A = [A_q | A_k | A_v] with the ranks side by side,
-    B [n, Σr, Σout]), which the runtime still reads."""
+    weights'; zero columns pad a smaller one), and B the weights' B over that rank without block-diagonal zeros, in
+    chunks (CHUNKED): the group's Σout columns cut into C chunks of g = gcd of its weights' outputs (q|k|v of a
+    GQA model: q in H/KV chunks, k and v one each; gate|up: two), B [n, 1, C, r, g]. u = x·A viewed [.., k, 1, r],
+    each chunk takes its weight's u (a Gather over k, left out where C = k), and u_c·B_c [.., C, 1, g] read as
+    [.., Σout] is every weight's x·A_j·B_j at its columns: no product is computed that is thrown away.
+    ``group_b = SIDE_BY_SIDE`` writes the form before it: B [n, 1, r, Σout], u·B [.., k, Σout] for every part and
+    weight j's columns of row j gathered (k times the products, then a copy). The groups are saved as the
+    SLOT_GROUPS model property and the layout as SLOT_GROUP_B; the runtime builds the group arrays from per-weight
+    factors. ``group_b = None`` writes the block-diagonal B of the graphs exported before both (A = [A_q | A_k |
+    A_v] with the ranks side by side, B [n, Σr, Σout]). The runtime reads all three."""
 
-    group_b: str | None = SIDE_BY_SIDE
+    group_b: str | None = CHUNKED
 
     def __init__(self, cfg: ArchConfig, slots: dict[str, tuple[int, int]] | None, grouped: bool = False):
         self.cfg, self.slots = cfg, dict(slots or {})
@@ -119,10 +131,17 @@ class _Linears:
         return [self._slot(g, x, yp, f"blk.{i}.{p}.weight") for yp, p in zip(ys, parts)]
 
     def _group_slot(self, g: _G, x: str, y: str, group: str, sizes: list[int]) -> str:
-        """y [B,S,Σout] + each weight's x·A_j·B_j at its columns, from a = [A_1 | … | A_k] [n, in, k·r] and
-        b = [B_1 | … | B_k] [n, 1, r, Σout]."""
+        """y [B,S,Σout] + each weight's x·A_j·B_j at its columns, from a = [A_1 | … | A_k] [n, in, k·r] and b in
+        chunks [n, 1, C, r, g] (CHUNKED) or side by side [n, 1, r, Σout]."""
         a, b = lora_input_names(group)
         k, total = len(sizes), sum(sizes)
+        if self.group_b == CHUNKED:
+            part = group_chunks(sizes)  # chunk c -> the part whose columns it holds
+            u = g.op("Reshape", g.op("MatMul", x, a), g.const([0, 0, k, 1, -1]))  # [B,S,k,1,r]
+            if len(part) != k:
+                u = g.op("Gather", u, g.const(np.array(part, np.int64)), axis=2)  # [B,S,C,1,r]
+            p = g.op("Reshape", g.op("MatMul", u, b), g.const([0, 0, total]))  # [B,S,C,1,g] -> [B,S,Σout]
+            return g.op("Add", y, p)
         u = g.op("Reshape", g.op("MatMul", x, a), g.const([0, 0, k, -1]))  # [B,S,k·r] -> [B,S,k,r]
         p = g.op("Reshape", g.op("MatMul", u, b), g.const([0, 0, k * total]))  # [B,S,k,Σout] -> [B,S,k·Σout]
         cols = np.concatenate([j * total + np.arange(o0, o0 + o) for j, (o0, o) in  # row j, weight j's columns

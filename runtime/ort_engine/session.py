@@ -5,6 +5,7 @@ running batch's keys and values bound to it in place (:class:`KVCache`). Used by
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import threading
@@ -36,12 +37,14 @@ class _Session:
         for gname, ws in self.groups.items():
             shapes[gname] = (sum(shapes[w][0] for w in ws), shapes[ws[0]][1])
         self.shapes = shapes
-        # a group slot's b: the weights' B side by side [n, 1, r, Σout] (graphs since issue #17's third pass), or
-        # block-diagonal [n, Σr, Σout] (graphs exported before, which have no such property)
-        self.side_by_side = bool(self.groups) and meta.get("edgeadapt.slot_groups.b") == "side_by_side"
-        self.empty_slot = {n: (np.zeros((1, shapes[n][1], 0), np.float32),
-                               np.zeros((1, 1, 0, shapes[n][0]) if self.side_by_side and n in self.groups
-                                        else (1, 0, shapes[n][0]), np.float32))
+        # a group slot's b: the weights' B in chunks of gcd(outputs) [n, 1, C, r, g] ("chunked"), side by side
+        # [n, 1, r, Σout] ("side_by_side", graphs of issue #17's third pass), or block-diagonal [n, Σr, Σout] (graphs
+        # exported before, which have no such property). A is [A_1 | … | A_k] in the first two, each at the group's rank
+        layout = meta.get("edgeadapt.slot_groups.b") if self.groups else None
+        self.side_by_side = layout in ("side_by_side", "chunked")
+        self.chunks = {g: math.gcd(*(shapes[w][0] for w in ws)) for g, ws in self.groups.items()
+                       } if layout == "chunked" else {}  # group -> chunk width g
+        self.empty_slot = {n: (np.zeros((1, shapes[n][1], 0), np.float32), np.zeros(self._b_shape(n, 1, 0), np.float32))
                            for n in self.slots}  # what an idle slot is bound to (the graph's own defaults)
         self._last: tuple[Any, Any] = (None, None)  # (per-weight factors, their slot arrays): one request's plan
         self.required = [n for n in self.slots if f"lora.{n}.a" not in defaults]  # model_live / quantized: no defaults
@@ -130,18 +133,31 @@ class _Session:
             r0, o0 = r0 + r, o1
         return a, b
 
+    def _b_shape(self, slot: str, n: int, r: int) -> tuple[int, ...]:
+        """A slot's B at rank r for n rows: [n, r, out], or a group's [n, 1, C, r, g] (chunked) | [n, 1, r, Σout]."""
+        out = self.shapes[slot][0]
+        if slot in self.chunks:
+            return n, 1, out // self.chunks[slot], r, self.chunks[slot]
+        return (n, 1, r, out) if self.side_by_side and slot in self.groups else (n, r, out)
+
     def _side_by_side(self, gname: str, ws: list[str], lora: dict[str, tuple[np.ndarray, np.ndarray]], n: int,
                       ranks: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """A [n, in, k·r] = [A_1 | … | A_k], B [n, 1, r, Σout] = [B_1 | … | B_k], r = the largest rank."""
+        """A [n, in, k·r] = [A_1 | … | A_k], r = the largest rank; B = [B_1 | … | B_k] over r, [n, 1, r, Σout], or
+        its columns in chunks of g, [n, 1, C, r, g] (chunk c: columns [c·g, (c + 1)·g) of that B)."""
         r = max(ranks)
         a = np.zeros((n, self.shapes[gname][1], len(ws) * r), np.float32)
-        b = np.zeros((n, 1, r, self.shapes[gname][0]), np.float32)
+        b = np.zeros(self._b_shape(gname, n, r), np.float32)
+        cols = b.reshape(n, r, self.shapes[gname][0]) if gname not in self.chunks else b.transpose(0, 1, 3, 2, 4)
         o0 = 0
         for j, (w, rw) in enumerate(zip(ws, ranks)):
             o1 = o0 + self.shapes[w][0]
             if rw:
                 a[:, :, j * r:j * r + rw] = lora[w][0]
-                b[:, 0, :rw, o0:o1] = lora[w][1]
+                if gname in self.chunks:
+                    g = self.chunks[gname]
+                    cols[:, 0, :rw, o0 // g:o1 // g] = lora[w][1].reshape(-1, rw, (o1 - o0) // g, g)
+                else:
+                    cols[:, :rw, o0:o1] = lora[w][1]
             o0 = o1
         return a, b
 
