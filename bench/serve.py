@@ -96,8 +96,8 @@ class System:
 
 
 def edgeadapt_system(base: Path, adapters: dict[str, str], weights: str, threads: int, prefix: bool = False) -> System:
-    """``prefix``: the scheduler reuses prompt starts (Scheduler.prefix_min = 16) also where it is off by default
-    (int4: it changes answers by the int8 rounding of a prompt prefilled in two pieces)."""
+    """``prefix``: the scheduler reuses prompt starts (Scheduler.prefix_min = 16), off by default (it moves answers:
+    float32 rounding of a prompt prefilled in two pieces, which int4's int8 inputs magnify)."""
     port = _port()
     code = ("from edgeadapt.runtime.scheduler import Scheduler; Scheduler.prefix_min = 16; " if prefix else "") + \
         "from edgeadapt.cli import main; main()"
@@ -327,7 +327,7 @@ def main() -> None:
                     "server and then run by m.generate alone (0: none)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--systems", default="edgeadapt-int4,edgeadapt-fp32,llama-server",
-                    help="also: edgeadapt-int4-prefix (int4 with prompt starts reused, off by default on int4)")
+                    help="also: edgeadapt-int4-prefix (int4 with prompt starts reused, off by default)")
     ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
                     or "/tmp/edgeadapt_llsrv/bin/llama-server")
     ap.add_argument("--llama-server-args", default="",

@@ -11,7 +11,8 @@ runs here when ``Model.batching`` is on (the default):
   ``prefill_tokens`` padded tokens): at batch 1 each where the engine takes right-padded rows (``pads_right``:
   onnxruntime's fused graphs), exactly as alone; elsewhere in one left-padded forward, each row with its own
   adapter set. A longer prompt (or one with a KV prefix) is prefilled alone, one chunk per turn. A prompt that
-  starts with at least ``prefix_min`` tokens of the last prompt of its set reuses their kept keys / values;
+  starts with at least ``prefix_min`` tokens (0 by default: off) of the last prompt of its set reuses their kept
+  keys / values;
 - the rows then join the decode batch: one forward per step for every running row, each with its own adapter
   set (per-row factors, :mod:`runtime.row_lora`), sampler, seed and token limit; a row leaves at EOS, at its
   limit, or when its caller stops reading (a closed stream, a cancelled task). Each step's tokens go out once:

@@ -50,12 +50,14 @@ class Scheduler(Prefills):
     # without them (SmolLM2-135M int4, 8 rows: a rebuild ~25 ms, a masked row ~2.5 ms per step)
     idle_row_steps = 16
     # a prompt starting with at least this many tokens of the last prompt of its adapter set (a chat template's
-    # system part, a shared instruction) reuses their keys / values and prefills only the rest; 0: never. None:
-    # 16 on float arithmetic, 0 on an engine that quantizes its matmuls' inputs (int4 / int8 on onnxruntime),
-    # where a prompt prefilled in two pieces would no longer give m.generate's answer (its logits move by ~0.8: an
-    # adapter's float products round otherwise at another row count, and the next layer's int8 inputs magnify it;
-    # the bare base's pieces of two or more tokens are bit for bit, a last piece of one token is not)
-    prefix_min: int | None = None
+    # system part, a shared instruction) reuses their keys / values and prefills only the rest; 0 (the default):
+    # never. Opt-in, because a prompt prefilled in two pieces is no longer exactly its alone prompt: on float
+    # arithmetic its logits move by float32 rounding (the rest attends to the kept keys in a second forward:
+    # SmolLM2-135M fp32 ~2.5e-5, the tiny test models up to 6e-5 with some tokens, over the 1e-5 a batched request
+    # keeps from its alone answer); on an engine that quantizes its matmuls' inputs (int4 / int8 on onnxruntime) by
+    # ~0.8 (an adapter's float products round otherwise at another row count, and the next layer's int8 inputs
+    # magnify it; the bare base's pieces of two or more tokens are bit for bit, a last piece of one token is not)
+    prefix_min: int | None = 0
     prefix_sets = 8  # sets whose last prompt is kept (SmolLM2-135M: 46 KB per token, ≤ 128 tokens each)
 
     def __init__(self, model: Any) -> None:

@@ -94,9 +94,7 @@ class Prefills:
     # ---- prompt starts kept per adapter set
     @property
     def _prefix_min(self) -> int:
-        if self.prefix_min is not None:
-            return self.prefix_min
-        return 0 if self.m._engine.quantizes_inputs else 16
+        return self.prefix_min or 0
 
     def _reusable(self, r: _Row) -> tuple[int, Any]:
         """How many of the row's first prompt tokens have their keys / values kept (0: fewer than prefix_min), and
