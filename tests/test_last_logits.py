@@ -49,3 +49,30 @@ def test_model_logits_keep_every_position_and_generation_its_argmax(tiny, qbase,
     lg = m.logits([ids[0]])
     assert lg.shape[1] == len(ids[0])
     assert m.generate_ids(ids[0], 1)[0] == int(lg[0, -1].argmax())
+
+
+@pytest.mark.parametrize("load", [dict(engine="ort", weights="int4"), dict(engine="ort", mode="live")])
+def test_decode_steps_write_one_kept_buffer(tiny, qbase, load):
+    """A cache's decode steps (last=True, one new token) write their logits into one buffer it keeps: each step's
+    values are those of the same step on a cache that returns fresh arrays, the buffer changes when the batch
+    does, and a run of every position still returns an array of its own."""
+    m = edgeadapt.load(qbase, **load)
+    e = m._engine
+    ids = np.random.default_rng(5).integers(3, 256, (2, 9)).astype(np.int64)
+    mask, pos = np.ones_like(ids), np.arange(9, dtype=np.int64)[None].repeat(2, 0)
+    lg, past = e.forward(ids, mask, pos, last=True)
+    ref, ref_past = e.forward(ids, mask, pos)
+    kept, steps = None, []
+    for k in range(4):
+        tok = lg[:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask, pos = np.ones((2, mask.shape[1] + 1), np.int64), pos[:, -1:] + 1
+        lg, past = e.forward(tok, mask, pos, past, last=True)
+        ref, ref_past = e.forward(tok, mask, pos, ref_past)  # last=False: a fresh array each step
+        assert kept is None or lg is kept
+        kept = lg
+        steps.append(ref)
+        np.testing.assert_array_equal(lg, ref)
+    assert all(a is not b for a, b in zip(steps, steps[1:]))
+    one, _ = e.forward(ids[:1], np.ones((1, 9), np.int64), np.arange(9, dtype=np.int64)[None], last=True)
+    again, _ = e.forward(ids[:1], np.ones((1, 9), np.int64), np.arange(9, dtype=np.int64)[None], last=True)
+    assert one is not again  # new caches, new buffers
