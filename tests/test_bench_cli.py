@@ -54,3 +54,23 @@ def test_bench_default_systems_follow_the_base_folder(tiny):
 def test_bench_refuses_an_unknown_system(tiny):
     code, text = _run(["bench", str(tiny["base"]), "--adapter", str(tiny["a"]), "--systems", "edgeadapt-numpy,vllm"])
     assert code == 2 and text.count("error:") == 1 and "vllm" in text and "edgeadapt-ort-int4" in text
+
+
+def test_a_worker_that_dies_is_reported_with_its_signal(tmp_path):
+    """A benchmarked system whose process dies (llama.cpp's AMX kernels on a VM that traps them) is reported as
+    failed with the signal by name and what to try, whether it dies during a command or before the next one."""
+    import os
+    import signal
+
+    from edgeadapt.benchmark.harness import Worker, _env, _exit
+
+    assert _exit(3) == "exit status 3"
+    assert "SIGSEGV" in _exit(-signal.SIGSEGV) and "EDGEADAPT_LLAMA_EXTRA_BUFTS=0" in _exit(-signal.SIGSEGV)
+    assert _exit(-signal.SIGTERM) == "killed by SIGTERM"
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"base": "b", "gguf": "g", "adapters": {}, "prompt": [1]}')  # the worker waits for commands
+    w = Worker("edgeadapt-numpy", spec, _env(1))
+    os.kill(w.p.pid, signal.SIGSEGV)
+    w.p.wait(timeout=30)
+    got = w.ask({"cmd": "setup"})
+    assert got["error"].startswith("failed: the worker exited (killed by SIGSEGV"), got

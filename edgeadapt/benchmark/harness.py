@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -165,12 +166,15 @@ class Worker:
                                   env=env)
 
     def ask(self, cmd: dict) -> dict:
-        self.p.stdin.write(json.dumps(cmd) + "\n")
-        self.p.stdin.flush()
+        try:
+            self.p.stdin.write(json.dumps(cmd) + "\n")
+            self.p.stdin.flush()
+        except (BrokenPipeError, OSError):  # it died before this command
+            return {"error": f"failed: the worker exited ({_exit(self.p.wait())})"}
         for line in self.p.stdout:
             if line.startswith(MARK):
                 return json.loads(line[len(MARK):])
-        return {"error": "failed: the worker exited"}
+        return {"error": f"failed: the worker exited ({_exit(self.p.wait())})"}
 
     def close(self) -> None:
         try:
@@ -178,6 +182,20 @@ class Worker:
         except (BrokenPipeError, OSError):
             pass
         self.p.wait(timeout=60)
+
+
+def _exit(code: int) -> str:
+    """A worker's exit status in words: a signal by name (llama.cpp's AMX kernels on a virtual machine that traps
+    them stop it with SIGILL or SIGSEGV: EDGEADAPT_LLAMA_EXTRA_BUFTS=0 runs it without them)."""
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    hint = "; for llama.cpp on a machine that reports AMX, try EDGEADAPT_LLAMA_EXTRA_BUFTS=0" if name in (
+        "SIGILL", "SIGSEGV") else ""
+    return f"killed by {name}{hint}"
 
 
 def _env(threads: int) -> dict[str, str]:
@@ -191,7 +209,7 @@ def _fresh(system: str, spec_path: Path, n_adapters: int, env: dict[str, str]) -
     """cold_start_s (n_adapters 1) or rss_10_mb from a fresh process; a failure becomes the figure's text."""
     p = subprocess.run([sys.executable, "-m", "edgeadapt.benchmark.harness", "cold", system, str(spec_path), str(n_adapters)],
                        capture_output=True, text=True, env=env, timeout=1800)
-    got = {"error": f"failed: exit {p.returncode}: {' '.join(p.stderr.strip().splitlines()[-1:])[:200]}"}
+    got = {"error": f"failed: {_exit(p.returncode)}: {' '.join(p.stderr.strip().splitlines()[-1:])[:200]}"}
     for line in p.stdout.splitlines():
         if line.startswith(MARK):
             got = json.loads(line[len(MARK):])
