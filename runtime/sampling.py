@@ -58,7 +58,7 @@ class Sampler:
         np.copyto(z, logits)
         z /= self.temperature
         if self.top_k and self.top_k < vocab:
-            for zi in z:  # exp(z − max) of the kept tokens; the others' exp(−inf) = 0 (an exp of −inf is 4× slower)
+            for zi in z:  # exp(z − max) of the kept tokens; the others' exp(−inf) = 0 (exp of −inf: 4× slower)
                 keep = np.flatnonzero(zi >= _kth_largest(zi, self.top_k))
                 e = np.exp(zi[keep] - zi.max())
                 zi[:] = 0

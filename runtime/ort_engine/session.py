@@ -253,10 +253,10 @@ class KVCache:
     ``rows`` (≥ batch): room for rows that join later in place (:meth:`reserve`): the buffers are
     [rows, n_kv_heads, capacity, head_dim], the first ``batch`` rows bound; rows not yet written take no memory.
 
-    :meth:`run` with ``last=True`` (a decode step) writes the logits [batch, 1, vocab] into one buffer the cache keeps
-    and returns it: they are valid until the next such run. A fresh array each step cost a page fault per 4 KB of it (glibc maps
-    blocks over 64 KiB anew, see ``memory.return_large_buffers``): SmolLM2 int4 bare decode +5.5 % with the buffer
-    kept (docs/PERFORMANCE.md)."""
+    :meth:`run` with ``last=True`` (a decode step) writes the logits [batch, 1, vocab] into one buffer the cache
+    keeps and returns it: they are valid until the next such run. A fresh array each step cost a page fault per
+    4 KB of it (glibc maps blocks over 64 KiB anew, see ``memory.return_large_buffers``): SmolLM2 int4 bare decode
+    1.05× with the buffer kept (docs/PERFORMANCE.md)."""
 
     def __init__(self, engine: Any, batch: int, tokens: int, g: "_Session", rows: int | None = None):
         cfg = engine.cfg
