@@ -39,9 +39,6 @@ class Engine:
     can_merge: bool = False  # folds adapters into its weights (set_weights) without re-quantizing them
     copies_factors: bool = False  # copies live factors into a layout of its own: takes Aᵀ / Bᵀ as strided views
     last_logits: bool = False  # forward(..., last=True) returns the last position's logits only, [B, 1, vocab]
-    # its matmuls quantize their inputs (int8 activations): any change of float summation order (padding, a kept
-    # prompt start) can move a logit by a quantization step, so batched answers are not kept equal to alone ones
-    quantizes_inputs: bool = False
     # takes RIGHT-padded batches: each row's keys at [0, len) of the cache, its key count read from its attention_mask
     # (the index of its last 1), pads after it never read — a row then computes exactly what it computes alone. The
     # scheduler keeps its decode batch so where this holds, and left-padded (rows right-aligned) elsewhere

@@ -59,8 +59,9 @@ class Sampler:
         z /= self.temperature
         if self.top_k and self.top_k < vocab:
             for zi in z:  # exp(z − max) of the kept tokens; the others' exp(−inf) = 0 (exp of −inf: 4× slower)
-                keep = np.flatnonzero(zi >= _kth_largest(zi, self.top_k))
-                e = np.exp(zi[keep] - zi.max())
+                top = float(zi.max())
+                keep = np.flatnonzero(zi >= _kth_largest(zi, self.top_k, top))
+                e = np.exp(zi[keep] - top)
                 zi[:] = 0
                 zi[keep] = e
         else:
@@ -93,10 +94,9 @@ def _at_least(x: np.ndarray, t: float) -> tuple[np.ndarray, int]:
     return mask, int(np.count_nonzero(mask))
 
 
-def _kth_largest(z: np.ndarray, k: int) -> float:
-    """The k-th largest value of the row z (1 ≤ k < len(z)): partitions only the values above a threshold that at
-    least k of them reach (every other value is lower than all of those), widening it 2× a try."""
-    top = float(z.max())
+def _kth_largest(z: np.ndarray, k: int, top: float) -> float:
+    """The k-th largest value of the row z (1 ≤ k < len(z), ``top`` its largest): partitions only the values above
+    a threshold that at least k of them reach (every other value is lower than all of those), widening it 2× a try."""
     gap = 1.0
     while np.isfinite(top):
         mask, n = _at_least(z, top - gap)

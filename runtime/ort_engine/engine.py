@@ -449,11 +449,6 @@ class OrtEngine(Engine):
         return self.live and self.weights == "fp32" and self._kinds_file is not None and self._kinds_file.is_file()
 
     @property
-    def quantizes_inputs(self) -> bool:
-        """The int4 / int8 graphs' MatMulNBits run at accuracy level 4: inputs quantized to int8 per block."""
-        return self.weights != "fp32"
-
-    @property
     def pads_right(self) -> bool:
         """The running graph takes right-padded rows (GroupQueryAttention gets each row's key count from its
         attention_mask): the fused graphs exported with that property; older ones, and the plain-operator graphs,
